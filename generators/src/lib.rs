@@ -1,0 +1,9 @@
+//! meduza-generators: the typed etcd model and one pure generator per tool.
+//!
+//! Owns: parsing a flat etcd snapshot (`{"/key": "value"}`) into typed, validated
+//! configuration, and rendering that configuration into files and plans.
+//! Must not: do I/O, spawn, sleep, read the clock or depend on tokio. Everything a
+//! generator needs (node id, generated secrets, environment such as `DEFAULT_GW`)
+//! comes in as an argument, so the same input always renders the same output.
+
+pub mod plan;

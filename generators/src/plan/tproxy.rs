@@ -1,0 +1,53 @@
+//! The TPROXY plan: which traffic the gateway intercepts for mihomo, and what bypasses it.
+//!
+//! Include-mode by source (DESIGN §7): only packets whose source is inside
+//! `proxy_src` are marked and sent to mihomo's TPROXY listener. Everything listed in
+//! the `exclude_*` fields returns early, before the TPROXY rule.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+
+/// mihomo's fixed TPROXY port (DESIGN §7).
+pub const TPROXY_PORT: u16 = 7893;
+/// fwmark set on intercepted packets.
+pub const TPROXY_MARK: u32 = 0x1;
+/// Routing table that holds `local default dev lo`.
+pub const TPROXY_TABLE: u32 = 100;
+/// Priority of our `fwmark 0x1 lookup 100` rule (below `main`'s 32766).
+pub const TPROXY_RULE_PRIORITY: u32 = 9000;
+
+/// What the data plane must install while TPROXY is on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TproxyPlan {
+    /// Sources whose traffic is proxied: the node's `lan` plus `private_lan`.
+    pub proxy_src: Vec<IpNet>,
+    /// Destinations never proxied because they are the node's own LANs
+    /// (traffic between LAN hosts stays local).
+    pub bypass_dst: Vec<IpNet>,
+    /// Sources never proxied (`DEFAULT_GW`).
+    pub exclude_src: Vec<IpAddr>,
+    /// Input interfaces whose traffic is never proxied (mesh and VPN devices).
+    pub exclude_ifaces: Vec<String>,
+    /// Destination/source ports never proxied: `clash/exclude_tproxy_port`, mesh and
+    /// VPN listener ports.
+    pub exclude_ports: Vec<u16>,
+    /// TPROXY listener port (always [`TPROXY_PORT`]).
+    pub port: u16,
+    /// Mark set on proxied packets (always [`TPROXY_MARK`]).
+    pub mark: u32,
+    /// Policy-routing table (always [`TPROXY_TABLE`]).
+    pub table: u32,
+}
+
+impl TproxyPlan {
+    /// A plan with the fixed port/mark/table and no addresses.
+    pub fn empty() -> Self {
+        Self {
+            port: TPROXY_PORT,
+            mark: TPROXY_MARK,
+            table: TPROXY_TABLE,
+            ..Self::default()
+        }
+    }
+}
