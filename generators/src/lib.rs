@@ -6,4 +6,12 @@
 //! generator needs (node id, generated secrets, environment such as `DEFAULT_GW`)
 //! comes in as an argument, so the same input always renders the same output.
 
+pub mod error;
+pub mod model;
+pub mod parse;
 pub mod plan;
+pub mod snapshot;
+
+pub use error::{ValidationError, ValidationErrors};
+pub use model::Config;
+pub use snapshot::Snapshot;

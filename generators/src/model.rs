@@ -1,0 +1,1233 @@
+//! The typed model of the whole etcd schema (DESIGN §3, the predecessor's schema).
+//!
+//! `Config::parse` turns a [`Snapshot`] into global settings plus one [`Node`] per
+//! `/nodes/<id>/`, validating every value. All errors of a snapshot are collected and
+//! returned together; a snapshot with any error is never rendered.
+//! Defaults live here, next to the key they belong to, and are listed in
+//! `docs/etcd-schema.md`.
+
+use crate::error::ValidationErrors;
+use crate::parse::{self, Reader};
+use crate::plan::dns::{Failover, HealthCheck, UpstreamGroup};
+use crate::snapshot::Snapshot;
+use ipnet::IpNet;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+/// Overlay network selected globally (`/global/mesh_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeshType {
+    Easytier,
+    Tinc,
+}
+
+/// `/global/internal_routing_system`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InternalRouting {
+    Ospf,
+    Bgp,
+}
+
+/// One line of `/global/bgp/filter/in|out`: `permit|deny <prefix> [ge N] [le N]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PrefixRule {
+    pub permit: bool,
+    pub prefix: IpNet,
+    pub ge: Option<u8>,
+    pub le: Option<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct EasytierGlobal {
+    pub network_name: Option<String>,
+    pub network_secret: Option<String>,
+    pub private_mode: bool,
+    pub dhcp: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TincGlobal {
+    pub netname: String,
+    pub cipher: Option<String>,
+    pub digest: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct ClashGlobal {
+    /// `/global/clash/base`: YAML mapping merged under every subscription.
+    pub base: Option<serde_yaml::Mapping>,
+    /// `/global/clash/subscriptions/<name>/url`.
+    pub subscriptions: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct MosdnsGlobal {
+    /// `/global/mosdns/rule_files`: relative path → URL.
+    pub rule_files: BTreeMap<String, String>,
+    /// `/global/mosdns/plugins`: YAML list of plugins.
+    pub plugins: Option<Vec<serde_yaml::Value>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Global {
+    pub mesh_type: Option<MeshType>,
+    pub internal_routing: InternalRouting,
+    pub easytier: EasytierGlobal,
+    pub tinc: TincGlobal,
+    pub bgp_filter_in: Vec<PrefixRule>,
+    pub bgp_filter_out: Vec<PrefixRule>,
+    pub clash: ClashGlobal,
+    pub mosdns: MosdnsGlobal,
+    pub dns_upstreams: BTreeMap<String, UpstreamGroup>,
+    /// `/fleet/proxy`: HTTP(S)/SOCKS proxy the fleet manager may fall back to.
+    pub fleet_proxy: Option<String>,
+    /// `/fleet/nodes/<id>/api_url`.
+    pub fleet_nodes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Easytier {
+    pub enable: bool,
+    pub dev_name: String,
+    /// `ipv4`: address with optional prefix (`10.144.144.1/24`).
+    pub ipv4: Option<IpNet>,
+    pub listeners: Vec<String>,
+    pub mapped_listeners: Vec<String>,
+    pub peers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tinc {
+    pub enable: bool,
+    /// Tinc node name (alphanumerics and `_`): default the node id with `-` → `_`.
+    pub name: String,
+    pub dev_name: String,
+    pub port: u16,
+    pub address: Option<String>,
+    pub ipv4: Option<IpNet>,
+    pub subnets: Vec<IpNet>,
+    pub public_key: Option<String>,
+    #[serde(skip)]
+    pub private_key: Option<String>,
+}
+
+/// OpenVPN transport (`proto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OvpnProto {
+    TcpServer,
+    TcpClient,
+    Udp,
+}
+
+/// eBGP over a VPN instance (`.../bgp/*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BgpPeer {
+    pub peer_asn: u32,
+    pub peer_ip: IpAddr,
+    pub update_source: Option<String>,
+    pub weight: Option<u32>,
+    pub no_transit: bool,
+    pub no_forward: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OpenVpn {
+    pub name: String,
+    pub enable: bool,
+    pub dev: String,
+    pub proto: OvpnProto,
+    pub port: u16,
+    /// `(host, port)`; port defaults to `port`.
+    pub remotes: Vec<(String, u16)>,
+    pub ifconfig: Option<(Ipv4Addr, Ipv4Addr)>,
+    pub keepalive: Option<(u32, u32)>,
+    pub cipher: Option<String>,
+    pub key_direction: Option<u8>,
+    #[serde(skip)]
+    pub secret: Option<String>,
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    #[serde(skip)]
+    pub key: Option<String>,
+    #[serde(skip)]
+    pub tls_auth: Option<String>,
+    #[serde(skip)]
+    pub tls_crypt: Option<String>,
+    pub bgp: Option<BgpPeer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WireguardPeer {
+    pub name: String,
+    pub public_key: String,
+    pub allowed_ips: Vec<IpNet>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<u16>,
+    #[serde(skip)]
+    pub preshared_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Wireguard {
+    pub name: String,
+    pub enable: bool,
+    pub dev: String,
+    #[serde(skip)]
+    pub private_key: String,
+    pub listen_port: Option<u16>,
+    pub addresses: Vec<IpNet>,
+    pub peers: Vec<WireguardPeer>,
+    pub bgp: Option<BgpPeer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct Bgp {
+    pub enable: bool,
+    pub asn: Option<u32>,
+    pub router_id: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct Ospf {
+    pub enable: bool,
+    pub router_id: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClashMode {
+    Mixed,
+    Tproxy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Clash {
+    pub enable: bool,
+    pub mode: ClashMode,
+    pub active_subscription: Option<String>,
+    pub refresh_enable: bool,
+    pub refresh_interval_minutes: u32,
+    pub exclude_tproxy_ports: Vec<u16>,
+    /// `clash/controller`: external-controller address (default `127.0.0.1:9090`).
+    pub controller: SocketAddr,
+    /// `clash/secret`: API secret; when absent the daemon generates one per node.
+    #[serde(skip)]
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mosdns {
+    pub enable: bool,
+    pub refresh_minutes: u32,
+}
+
+/// Probe kinds an operator may name in `.../health/kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeKind {
+    Process,
+    Tcp,
+    Http,
+    Socks5,
+    Dns,
+    Exec,
+    Log,
+}
+
+/// `.../health/*` and `.../restart/*` overrides for a service or tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct ServiceOverrides {
+    pub health_enable: Option<bool>,
+    pub health_kind: Option<ProbeKind>,
+    /// Address, URL or argv line depending on the kind.
+    pub health_target: Option<String>,
+    /// SOCKS5 proxy (`host:port`) for the `socks5` kind.
+    pub health_proxy: Option<String>,
+    /// Pattern for the `log` kind.
+    pub health_pattern: Option<String>,
+    pub health_interval_secs: Option<u64>,
+    pub cron_minutes: Option<u32>,
+    pub cooldown_secs: Option<u64>,
+    pub max_per_hour: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelKind {
+    Paqet,
+    Icmptunnel,
+    Waterwall,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelRole {
+    Client,
+    Server,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tunnel {
+    pub name: String,
+    pub enable: bool,
+    pub kind: TunnelKind,
+    pub role: TunnelRole,
+    /// Program to run (required for `generic`; presets have a default path).
+    pub command: Option<String>,
+    /// Arguments, one per line.
+    pub args: Vec<String>,
+    /// Local SOCKS5 port of a client tunnel (paqet/icmptunnel), default 1080.
+    pub socks_port: u16,
+    /// TCP listener of a waterwall client (`host:port`).
+    pub listen: Option<String>,
+    pub overrides: ServiceOverrides,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Node {
+    pub id: String,
+    pub lan: Vec<IpNet>,
+    pub private_lan: Vec<IpNet>,
+    pub easytier: Easytier,
+    pub tinc: Tinc,
+    pub openvpn: Vec<OpenVpn>,
+    pub wireguard: Vec<Wireguard>,
+    pub bgp: Bgp,
+    pub ospf: Ospf,
+    pub clash: Clash,
+    pub mosdns: Mosdns,
+    pub dns_upstreams: BTreeMap<String, UpstreamGroup>,
+    pub services: BTreeMap<String, ServiceOverrides>,
+    pub tunnels: Vec<Tunnel>,
+    #[serde(skip)]
+    pub api_token: Option<String>,
+}
+
+/// The whole validated snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub global: Global,
+    pub nodes: BTreeMap<String, Node>,
+    /// `/dns/hosts/<name>` → addresses.
+    pub dns_hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// Value of `/commit` (opaque).
+    pub commit: Option<String>,
+}
+
+impl Config {
+    /// Parse and validate every key; all errors are returned together.
+    pub fn parse(snap: &Snapshot) -> Result<Self, ValidationErrors> {
+        let mut r = Reader::new(snap);
+        let global = parse_global(&mut r);
+        let mut nodes = BTreeMap::new();
+        for id in snap.children("/nodes/") {
+            if let Err(reason) = parse::validate_name(&id) {
+                r.error(&format!("/nodes/{id}/"), &id, format!("node id: {reason}"));
+                continue;
+            }
+            let node = parse_node(&mut r, &id, &global);
+            nodes.insert(id, node);
+        }
+        let dns_hosts = parse_hosts(&mut r);
+        cross_checks(&mut r, &global, &nodes);
+        let commit = r.str("/commit").map(str::to_string);
+        let mut errors = r.errors;
+        if errors.is_empty() {
+            Ok(Self {
+                global,
+                nodes,
+                dns_hosts,
+                commit,
+            })
+        } else {
+            errors.sort_by(|a, b| a.key.cmp(&b.key).then(a.value.cmp(&b.value)));
+            errors.dedup();
+            Err(ValidationErrors(errors))
+        }
+    }
+
+    pub fn node(&self, id: &str) -> Option<&Node> {
+        self.nodes.get(id)
+    }
+
+    /// Upstream groups effective on `node`: global ones overridden by the node's of the
+    /// same name; the predecessor's defaults when none is configured at all.
+    pub fn dns_upstreams_for(&self, node: &Node) -> Vec<UpstreamGroup> {
+        let mut merged = self.global.dns_upstreams.clone();
+        for (name, g) in &node.dns_upstreams {
+            merged.insert(name.clone(), g.clone());
+        }
+        let mut groups: Vec<UpstreamGroup> = merged.into_values().collect();
+        if groups.is_empty() {
+            groups = default_upstreams();
+        }
+        groups.sort_by(|a, b| a.priority.cmp(&b.priority).then(a.name.cmp(&b.name)));
+        groups
+    }
+}
+
+/// `223.5.5.5` (priority 1) and `119.29.29.29` (priority 2), the predecessor's fallbacks.
+pub fn default_upstreams() -> Vec<UpstreamGroup> {
+    [("alidns", "223.5.5.5", 1), ("dnspod", "119.29.29.29", 2)]
+        .into_iter()
+        .map(|(name, ip, priority)| UpstreamGroup {
+            name: name.to_string(),
+            addresses: vec![SocketAddr::new(ip.parse().expect("literal address"), 53)],
+            priority,
+            enable: true,
+            health_check: HealthCheck::default(),
+            failover: Failover::default(),
+        })
+        .collect()
+}
+
+fn parse_global(r: &mut Reader<'_>) -> Global {
+    let mesh_type = r.choice(
+        "/global/mesh_type",
+        &[("easytier", MeshType::Easytier), ("tinc", MeshType::Tinc)],
+        None,
+    );
+    let internal_routing = r
+        .choice(
+            "/global/internal_routing_system",
+            &[
+                ("ospf", InternalRouting::Ospf),
+                ("bgp", InternalRouting::Bgp),
+            ],
+            Some(InternalRouting::Ospf),
+        )
+        .unwrap_or(InternalRouting::Ospf);
+    let easytier = EasytierGlobal {
+        network_name: r.parsed("/global/easytier/network_name", |v| {
+            parse::validate_name(v).map(|()| v.to_string())
+        }),
+        network_secret: r.str("/global/easytier/network_secret").map(str::to_string),
+        private_mode: r.bool("/global/easytier/private_mode", false),
+        dhcp: r.bool("/global/easytier/dhcp", false),
+    };
+    let tinc = TincGlobal {
+        netname: r
+            .parsed("/global/tinc/netname", |v| {
+                parse::validate_name(v).map(|()| v.to_string())
+            })
+            .unwrap_or_else(|| "mesh".into()),
+        cipher: r.parsed("/global/tinc/cipher", parse_token),
+        digest: r.parsed("/global/tinc/digest", parse_token),
+    };
+    let bgp_filter_in = r.list("/global/bgp/filter/in", parse_prefix_rule);
+    let bgp_filter_out = r.list("/global/bgp/filter/out", parse_prefix_rule);
+
+    let base = r.parsed("/global/clash/base", |v| {
+        match serde_yaml::from_str::<serde_yaml::Value>(v) {
+            Ok(serde_yaml::Value::Mapping(m)) => Ok(m),
+            Ok(_) => Err("must be a YAML mapping".into()),
+            Err(e) => Err(format!("YAML does not parse: {e}")),
+        }
+    });
+    let mut subscriptions = BTreeMap::new();
+    for name in r.snap.children("/global/clash/subscriptions/") {
+        let key = format!("/global/clash/subscriptions/{name}/url");
+        if let Err(reason) = parse::validate_name(&name) {
+            r.error(&key, &name, format!("subscription name: {reason}"));
+            continue;
+        }
+        match r.parsed(&key, parse::parse_http_url) {
+            Some(url) => {
+                subscriptions.insert(name, url);
+            }
+            None if r.str(&key).is_none() => r.error(&key, "", "subscription needs a url"),
+            None => {}
+        }
+    }
+    let rule_files = r
+        .parsed("/global/mosdns/rule_files", parse_rule_files)
+        .unwrap_or_default();
+    let plugins = r.parsed("/global/mosdns/plugins", |v| {
+        match serde_yaml::from_str::<serde_yaml::Value>(v) {
+            Ok(serde_yaml::Value::Sequence(s)) => {
+                for (i, p) in s.iter().enumerate() {
+                    let ok = p.get("tag").and_then(|t| t.as_str()).is_some()
+                        && p.get("type").and_then(|t| t.as_str()).is_some();
+                    if !ok {
+                        return Err(format!("plugin #{} needs string `tag` and `type`", i + 1));
+                    }
+                }
+                Ok(s)
+            }
+            Ok(_) => Err("must be a YAML list of plugins".into()),
+            Err(e) => Err(format!("YAML does not parse: {e}")),
+        }
+    });
+    let dns_upstreams = parse_upstreams(r, "/global/dns/upstreams/");
+    let fleet_proxy = r.parsed("/fleet/proxy", |v| {
+        if ["http://", "https://", "socks5://", "socks5h://"]
+            .iter()
+            .any(|p| v.starts_with(p))
+        {
+            Ok(v.to_string())
+        } else {
+            Err("proxy must be an http://, https:// or socks5:// URL".into())
+        }
+    });
+    let mut fleet_nodes = BTreeMap::new();
+    for id in r.snap.children("/fleet/nodes/") {
+        let key = format!("/fleet/nodes/{id}/api_url");
+        if let Some(url) = r.parsed(&key, parse::parse_http_url) {
+            fleet_nodes.insert(id, url);
+        }
+    }
+    Global {
+        mesh_type,
+        internal_routing,
+        easytier,
+        tinc,
+        bgp_filter_in,
+        bgp_filter_out,
+        clash: ClashGlobal {
+            base,
+            subscriptions,
+        },
+        mosdns: MosdnsGlobal {
+            rule_files,
+            plugins,
+        },
+        dns_upstreams,
+        fleet_proxy,
+        fleet_nodes,
+    }
+}
+
+/// Cipher/digest names: OpenSSL names such as `aes-256-cbc`, `sha256`.
+fn parse_token(v: &str) -> Result<String, String> {
+    if v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(v.to_string())
+    } else {
+        Err("must be a cipher/digest name of [A-Za-z0-9_-]".into())
+    }
+}
+
+fn parse_prefix_rule(line: &str) -> Result<PrefixRule, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let permit = match words.first() {
+        Some(&"permit") => true,
+        Some(&"deny") => false,
+        _ => return Err("rule must start with permit or deny".into()),
+    };
+    let prefix = words
+        .get(1)
+        .ok_or("rule needs a prefix")
+        .map_err(String::from)
+        .and_then(|p| parse::parse_cidr(p))?;
+    let max = if prefix.addr().is_ipv4() { 32 } else { 128 };
+    let mut ge = None;
+    let mut le = None;
+    let mut rest = words[2..].iter();
+    while let Some(w) = rest.next() {
+        let n = rest
+            .next()
+            .ok_or(format!("`{w}` needs a length"))?
+            .parse::<u8>()
+            .map_err(|_| format!("`{w}` length is not a number"))?;
+        if n < prefix.prefix_len() || n > max {
+            return Err(format!(
+                "`{w} {n}` must be between {} and {max}",
+                prefix.prefix_len()
+            ));
+        }
+        match *w {
+            "ge" => ge = Some(n),
+            "le" => le = Some(n),
+            _ => return Err(format!("unknown word `{w}` (expected ge or le)")),
+        }
+    }
+    if let (Some(g), Some(l)) = (ge, le) {
+        if g > l {
+            return Err("ge must not exceed le".into());
+        }
+    }
+    Ok(PrefixRule {
+        permit,
+        prefix,
+        ge,
+        le,
+    })
+}
+
+fn parse_rule_files(v: &str) -> Result<BTreeMap<String, String>, String> {
+    let map: BTreeMap<String, String> = serde_json::from_str(v)
+        .map_err(|e| format!("must be a JSON object {{\"path\": \"url\"}}: {e}"))?;
+    for (path, url) in &map {
+        let rel = path.trim_start_matches("/etc/mosdns/");
+        if rel.is_empty()
+            || rel.starts_with('/')
+            || rel.split('/').any(|seg| seg.is_empty() || seg == "..")
+            || !rel
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
+        {
+            return Err(format!(
+                "rule file path `{path}` must be relative to /etc/mosdns without .."
+            ));
+        }
+        parse::parse_http_url(url).map_err(|e| format!("rule file `{path}`: {e}"))?;
+    }
+    Ok(map)
+}
+
+fn parse_upstreams(r: &mut Reader<'_>, prefix: &str) -> BTreeMap<String, UpstreamGroup> {
+    let mut out = BTreeMap::new();
+    for name in r.snap.children(prefix) {
+        let k = |s: &str| format!("{prefix}{name}/{s}");
+        if let Err(reason) = parse::validate_name(&name) {
+            r.error(&k("addresses"), &name, format!("upstream name: {reason}"));
+            continue;
+        }
+        let addresses = r.list(&k("addresses"), parse::parse_dns_addr);
+        if addresses.is_empty() && r.str(&k("addresses")).is_none() {
+            r.error(
+                &k("addresses"),
+                "",
+                "an upstream group needs at least one address",
+            );
+        }
+        let group = UpstreamGroup {
+            name: name.clone(),
+            addresses,
+            priority: r.u32_in(&k("priority"), 1, 1000).unwrap_or(1),
+            enable: r.bool(&k("enable"), true),
+            health_check: HealthCheck {
+                enable: r.bool(&k("health_check/enable"), true),
+                interval_secs: r
+                    .u64_in(&k("health_check/interval"), 1, 86_400)
+                    .unwrap_or(30),
+                timeout_secs: r.u64_in(&k("health_check/timeout"), 1, 60).unwrap_or(5),
+            },
+            failover: Failover {
+                enable: r.bool(&k("failover/enable"), true),
+                threshold: r.u32_in(&k("failover/threshold"), 1, 100).unwrap_or(3),
+            },
+        };
+        out.insert(name, group);
+    }
+    out
+}
+
+fn parse_bgp_peer(r: &mut Reader<'_>, base: &str) -> Option<BgpPeer> {
+    let k = |s: &str| format!("{base}bgp/{s}");
+    if !r.bool(&k("enable"), false) {
+        return None;
+    }
+    let peer_asn = r.u32_in(&k("peer_asn"), 1, u32::MAX);
+    let peer_ip = r.ip(&k("peer_ip"));
+    if r.str(&k("peer_asn")).is_none() {
+        r.error(&k("peer_asn"), "", "required when bgp/enable is true");
+    }
+    if r.str(&k("peer_ip")).is_none() {
+        r.error(&k("peer_ip"), "", "required when bgp/enable is true");
+    }
+    let update_source = r.parsed(&k("update_source"), |v| {
+        parse::parse_iface(v).or_else(|_| {
+            v.parse::<IpAddr>()
+                .map(|a| a.to_string())
+                .map_err(|_| "must be an interface name or an IP address".to_string())
+        })
+    });
+    let weight = r.u32_in(&k("weight"), 0, 65_535);
+    let no_transit = r.bool(&k("no_transit"), false);
+    let no_forward = r.bool(&k("no_forward"), false);
+    Some(BgpPeer {
+        peer_asn: peer_asn?,
+        peer_ip: peer_ip?,
+        update_source,
+        weight,
+        no_transit,
+        no_forward,
+    })
+}
+
+fn parse_overrides(r: &mut Reader<'_>, base: &str) -> ServiceOverrides {
+    let k = |s: &str| format!("{base}{s}");
+    ServiceOverrides {
+        health_enable: r.parsed(&k("health/enable"), parse::parse_bool),
+        health_kind: r.choice(
+            &k("health/kind"),
+            &[
+                ("process", ProbeKind::Process),
+                ("tcp", ProbeKind::Tcp),
+                ("http", ProbeKind::Http),
+                ("socks5", ProbeKind::Socks5),
+                ("dns", ProbeKind::Dns),
+                ("exec", ProbeKind::Exec),
+                ("log", ProbeKind::Log),
+            ],
+            None,
+        ),
+        health_target: r.str(&k("health/target")).map(str::to_string),
+        health_proxy: r.parsed(&k("health/proxy"), |v| {
+            parse::parse_host_port(v).map(|_| v.to_string())
+        }),
+        health_pattern: r.str(&k("health/pattern")).map(str::to_string),
+        health_interval_secs: r.u64_in(&k("health/interval"), 10, 86_400),
+        cron_minutes: r.u32_in(&k("restart/cron_minutes"), 10, 1440),
+        cooldown_secs: r.u64_in(&k("restart/cooldown"), 0, 86_400),
+        max_per_hour: r.u32_in(&k("restart/max_per_hour"), 1, 60),
+    }
+}
+
+fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
+    let p = format!("/nodes/{id}/");
+    let k = |s: &str| format!("{p}{s}");
+    let lan = r.cidrs(&k("lan"));
+    let private_lan = r.cidrs(&k("private_lan"));
+
+    let easytier = Easytier {
+        enable: r.bool(&k("easytier/enable"), false),
+        dev_name: r
+            .iface(&k("easytier/dev_name"))
+            .unwrap_or_else(|| "et0".into()),
+        ipv4: r.parsed(&k("easytier/ipv4"), |v| {
+            if let Ok(a) = v.parse::<Ipv4Addr>() {
+                return Ok(IpNet::from(IpAddr::V4(a)));
+            }
+            match parse::parse_if_addr(v)? {
+                n @ IpNet::V4(_) => Ok(n),
+                IpNet::V6(_) => Err("easytier ipv4 must be IPv4".into()),
+            }
+        }),
+        listeners: r.list(&k("easytier/listeners"), parse_et_url),
+        mapped_listeners: r.list(&k("easytier/mapped_listeners"), parse_et_url),
+        peers: r.list(&k("easytier/peers"), parse_et_url),
+    };
+
+    let default_tinc_name: String = id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let tinc = Tinc {
+        enable: r.bool(&k("tinc/enable"), false),
+        name: r
+            .parsed(&k("tinc/name"), |v| {
+                if v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    Ok(v.to_string())
+                } else {
+                    Err("tinc names may only contain A-Z a-z 0-9 _".into())
+                }
+            })
+            .unwrap_or(default_tinc_name),
+        dev_name: r
+            .iface(&k("tinc/dev_name"))
+            .unwrap_or_else(|| "tnc0".into()),
+        port: r.port(&k("tinc/port")).unwrap_or(655),
+        address: r.parsed(&k("tinc/address"), |v| {
+            parse::validate_host(v).map(|()| v.to_string())
+        }),
+        ipv4: r.parsed(&k("tinc/ipv4"), parse::parse_if_addr),
+        subnets: r.cidrs(&k("tinc/subnet")),
+        public_key: r.parsed(&k("tinc/public_key"), |v| pem(v, "PUBLIC KEY")),
+        private_key: r.parsed(&k("tinc/private_key"), |v| pem(v, "PRIVATE KEY")),
+    };
+    if tinc.enable && tinc.private_key.is_none() && r.str(&k("tinc/private_key")).is_none() {
+        r.error(
+            &k("tinc/private_key"),
+            "",
+            "required when tinc/enable is true (RSA, PEM)",
+        );
+    }
+
+    let mut openvpn = Vec::new();
+    for name in r.snap.children(&k("openvpn/")) {
+        let b = k(&format!("openvpn/{name}/"));
+        if let Err(reason) = parse::validate_name(&name) {
+            r.error(
+                &format!("{b}enable"),
+                &name,
+                format!("instance name: {reason}"),
+            );
+            continue;
+        }
+        let proto = r
+            .choice(
+                &format!("{b}proto"),
+                &[
+                    ("tcp-server", OvpnProto::TcpServer),
+                    ("tcp-client", OvpnProto::TcpClient),
+                    ("udp", OvpnProto::Udp),
+                ],
+                Some(OvpnProto::Udp),
+            )
+            .unwrap_or(OvpnProto::Udp);
+        let port = r.port(&format!("{b}port")).unwrap_or(1194);
+        let dev = r
+            .iface(&format!("{b}dev"))
+            .or_else(|| parse::parse_iface(&format!("ovpn-{name}")).ok());
+        let Some(dev) = dev else {
+            r.error(
+                &format!("{b}dev"),
+                "",
+                "default ovpn-<name> is too long; set dev",
+            );
+            continue;
+        };
+        let remotes = r.list(&format!("{b}remote"), |line| {
+            let mut words = line.split_whitespace();
+            let host = words.next().ok_or("empty remote")?;
+            parse::validate_host(host)?;
+            let p = match words.next() {
+                Some(w) => parse::parse_port(w)?,
+                None => port,
+            };
+            if words.next().is_some() {
+                return Err("remote is `host [port]`".into());
+            }
+            Ok((host.to_string(), p))
+        });
+        let ifconfig = r.parsed(&format!("{b}ifconfig"), |v| {
+            let parts: Vec<&str> = v.split_whitespace().collect();
+            match parts.as_slice() {
+                [a, b] => Ok((
+                    a.parse().map_err(|_| "ifconfig local is not IPv4")?,
+                    b.parse().map_err(|_| "ifconfig remote is not IPv4")?,
+                )),
+                _ => Err("ifconfig is `local remote`".into()),
+            }
+        });
+        let keepalive = r.parsed(&format!("{b}keepalive"), |v| {
+            let parts: Vec<&str> = v.split_whitespace().collect();
+            match parts.as_slice() {
+                [a, b] => {
+                    let a = parse::parse_u32_in(a, 1, 3600)?;
+                    let b = parse::parse_u32_in(b, 1, 86_400)?;
+                    if b <= a {
+                        return Err("keepalive timeout must exceed the interval".into());
+                    }
+                    Ok((a, b))
+                }
+                _ => Err("keepalive is `interval timeout`".into()),
+            }
+        });
+        let inst = OpenVpn {
+            name: name.clone(),
+            enable: r.bool(&format!("{b}enable"), false),
+            dev,
+            proto,
+            port,
+            remotes,
+            ifconfig,
+            keepalive,
+            cipher: r.parsed(&format!("{b}cipher"), parse_token),
+            key_direction: r
+                .u32_in(&format!("{b}key_direction"), 0, 1)
+                .map(|d| d as u8),
+            secret: r.parsed(&format!("{b}secret"), |v| {
+                inline_block(v, "OpenVPN Static key V1")
+            }),
+            ca: r.parsed(&format!("{b}ca"), |v| pem(v, "CERTIFICATE")),
+            cert: r.parsed(&format!("{b}cert"), |v| pem(v, "CERTIFICATE")),
+            key: r.parsed(&format!("{b}key"), |v| pem(v, "PRIVATE KEY")),
+            tls_auth: r.parsed(&format!("{b}tls_auth"), |v| {
+                inline_block(v, "OpenVPN Static key V1")
+            }),
+            tls_crypt: r.parsed(&format!("{b}tls_crypt"), |v| {
+                inline_block(v, "OpenVPN Static key V1")
+            }),
+            bgp: parse_bgp_peer(r, &b),
+        };
+        if inst.enable {
+            if inst.proto == OvpnProto::TcpClient && inst.remotes.is_empty() {
+                r.error(
+                    &format!("{b}remote"),
+                    "",
+                    "tcp-client needs at least one remote",
+                );
+            }
+            let tls = inst.ca.is_some() && inst.cert.is_some() && inst.key.is_some();
+            if inst.secret.is_none() && !tls {
+                r.error(
+                    &format!("{b}secret"),
+                    "",
+                    "needs a static secret or ca+cert+key",
+                );
+            }
+        }
+        openvpn.push(inst);
+    }
+
+    let mut wireguard = Vec::new();
+    for name in r.snap.children(&k("wireguard/")) {
+        let b = k(&format!("wireguard/{name}/"));
+        if let Err(reason) = parse::validate_name(&name) {
+            r.error(
+                &format!("{b}enable"),
+                &name,
+                format!("instance name: {reason}"),
+            );
+            continue;
+        }
+        let dev = r
+            .iface(&format!("{b}dev"))
+            .or_else(|| parse::parse_iface(&format!("wg-{name}")).ok());
+        let Some(dev) = dev else {
+            r.error(
+                &format!("{b}dev"),
+                "",
+                "default wg-<name> is too long; set dev",
+            );
+            continue;
+        };
+        let enable = r.bool(&format!("{b}enable"), false);
+        let private_key = r.parsed(&format!("{b}private_key"), parse::parse_wg_key);
+        if enable && private_key.is_none() && r.str(&format!("{b}private_key")).is_none() {
+            r.error(
+                &format!("{b}private_key"),
+                "",
+                "required when enable is true",
+            );
+        }
+        let mut peers = Vec::new();
+        for peer in r.snap.children(&format!("{b}peer/")) {
+            let pb = format!("{b}peer/{peer}/");
+            let public_key = r.parsed(&format!("{pb}public_key"), parse::parse_wg_key);
+            if r.str(&format!("{pb}public_key")).is_none() {
+                r.error(
+                    &format!("{pb}public_key"),
+                    "",
+                    "every peer needs a public_key",
+                );
+            }
+            let endpoint = r.parsed(&format!("{pb}endpoint"), |v| {
+                v.parse::<SocketAddr>()
+                    .map_err(|_| "endpoint must be ip:port ([v6]:port)".to_string())
+            });
+            let peer_cfg = WireguardPeer {
+                name: peer.clone(),
+                public_key: public_key.unwrap_or_default(),
+                allowed_ips: r.cidrs(&format!("{pb}allowed_ips")),
+                endpoint,
+                persistent_keepalive: r
+                    .u32_in(&format!("{pb}persistent_keepalive"), 0, 65_535)
+                    .map(|n| n as u16),
+                preshared_key: r.parsed(&format!("{pb}preshared_key"), parse::parse_wg_key),
+            };
+            peers.push(peer_cfg);
+        }
+        wireguard.push(Wireguard {
+            name: name.clone(),
+            enable,
+            dev,
+            private_key: private_key.unwrap_or_default(),
+            listen_port: r.port(&format!("{b}listen_port")),
+            addresses: r.list(&format!("{b}address"), parse::parse_if_addr),
+            peers,
+            bgp: parse_bgp_peer(r, &b),
+        });
+    }
+
+    let bgp = Bgp {
+        enable: r.bool(&k("bgp/enable"), false),
+        asn: r.u32_in(&k("bgp/asn"), 1, u32::MAX),
+        router_id: r.ipv4(&k("bgp/router_id")),
+    };
+    if bgp.enable && r.str(&k("bgp/asn")).is_none() {
+        r.error(&k("bgp/asn"), "", "required when bgp/enable is true");
+    }
+    let ospf = Ospf {
+        enable: r.bool(&k("ospf/enable"), false),
+        router_id: r.ipv4(&k("ospf/router_id")),
+    };
+
+    let clash = Clash {
+        enable: r.bool(&k("clash/enable"), false),
+        mode: r
+            .choice(
+                &k("clash/mode"),
+                &[("mixed", ClashMode::Mixed), ("tproxy", ClashMode::Tproxy)],
+                Some(ClashMode::Mixed),
+            )
+            .unwrap_or(ClashMode::Mixed),
+        active_subscription: r.str(&k("clash/active_subscription")).map(str::to_string),
+        refresh_enable: r.bool(&k("clash/refresh/enable"), false),
+        refresh_interval_minutes: r
+            .u32_in(&k("clash/refresh/interval_minutes"), 5, 10_080)
+            .unwrap_or(60),
+        exclude_tproxy_ports: r.ports(&k("clash/exclude_tproxy_port")),
+        controller: r
+            .parsed(&k("clash/controller"), |v| {
+                v.parse::<SocketAddr>()
+                    .map_err(|_| "controller must be ip:port".to_string())
+            })
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+        secret: r.parsed(&k("clash/secret"), |v| {
+            if v.len() >= 16 && v.chars().all(|c| c.is_ascii_graphic()) {
+                Ok(v.to_string())
+            } else {
+                Err("secret must be at least 16 printable characters without spaces".into())
+            }
+        }),
+    };
+    if let Some(sub) = &clash.active_subscription {
+        if !global.clash.subscriptions.contains_key(sub) {
+            r.error(
+                &k("clash/active_subscription"),
+                sub,
+                "no /global/clash/subscriptions/<name>/url with this name",
+            );
+        }
+    }
+    let mosdns = Mosdns {
+        enable: r.bool(&k("mosdns/enable"), false),
+        refresh_minutes: r.u32_in(&k("mosdns/refresh"), 5, 43_200).unwrap_or(1440),
+    };
+    let dns_upstreams = parse_upstreams(r, &k("dns/upstreams/"));
+
+    let mut services = BTreeMap::new();
+    for svc in r.snap.children(&k("services/")) {
+        let b = k(&format!("services/{svc}/"));
+        if let Err(reason) = parse::validate_name(&svc) {
+            r.error(&b, &svc, format!("service name: {reason}"));
+            continue;
+        }
+        services.insert(svc, parse_overrides(r, &b));
+    }
+
+    let mut tunnels = Vec::new();
+    for name in r.snap.children(&k("tunnels/")) {
+        let b = k(&format!("tunnels/{name}/"));
+        if let Err(reason) = parse::validate_name(&name) {
+            r.error(&format!("{b}kind"), &name, format!("tunnel name: {reason}"));
+            continue;
+        }
+        let kind = r.choice(
+            &format!("{b}kind"),
+            &[
+                ("paqet", TunnelKind::Paqet),
+                ("icmptunnel", TunnelKind::Icmptunnel),
+                ("waterwall", TunnelKind::Waterwall),
+                ("generic", TunnelKind::Generic),
+            ],
+            None,
+        );
+        if r.str(&format!("{b}kind")).is_none() {
+            r.error(
+                &format!("{b}kind"),
+                "",
+                "required: paqet, icmptunnel, waterwall or generic",
+            );
+        }
+        let role = r
+            .choice(
+                &format!("{b}role"),
+                &[
+                    ("client", TunnelRole::Client),
+                    ("server", TunnelRole::Server),
+                ],
+                Some(TunnelRole::Client),
+            )
+            .unwrap_or(TunnelRole::Client);
+        let command = r.parsed(&format!("{b}command"), |v| {
+            if v.starts_with('/') && !v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                Ok(v.to_string())
+            } else {
+                Err("command must be an absolute path without spaces (arguments go in args)".into())
+            }
+        });
+        if kind == Some(TunnelKind::Generic)
+            && command.is_none()
+            && r.str(&format!("{b}command")).is_none()
+        {
+            r.error(
+                &format!("{b}command"),
+                "",
+                "a generic tunnel needs a command",
+            );
+        }
+        let args = r.list(&format!("{b}args"), |l| Ok(l.to_string()));
+        let Some(kind) = kind else { continue };
+        tunnels.push(Tunnel {
+            name: name.clone(),
+            enable: r.bool(&format!("{b}enable"), false),
+            kind,
+            role,
+            command,
+            args,
+            socks_port: r.port(&format!("{b}socks_port")).unwrap_or(1080),
+            listen: r.parsed(&format!("{b}listen"), |v| {
+                parse::parse_host_port(v).map(|_| v.to_string())
+            }),
+            overrides: parse_overrides(r, &b),
+        });
+    }
+
+    let api_token = r.parsed(&k("api/token"), |v| {
+        if v.len() >= 16 && v.chars().all(|c| c.is_ascii_graphic()) {
+            Ok(v.to_string())
+        } else {
+            Err("token must be at least 16 printable characters without spaces".into())
+        }
+    });
+
+    Node {
+        id: id.to_string(),
+        lan,
+        private_lan,
+        easytier,
+        tinc,
+        openvpn,
+        wireguard,
+        bgp,
+        ospf,
+        clash,
+        mosdns,
+        dns_upstreams,
+        services,
+        tunnels,
+        api_token,
+    }
+}
+
+fn parse_hosts(r: &mut Reader<'_>) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut out = BTreeMap::new();
+    let keys: Vec<(String, String)> = r
+        .snap
+        .prefix("/dns/hosts/")
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (key, _) in keys {
+        let name = &key["/dns/hosts/".len()..];
+        match parse_hostname(name) {
+            Ok(n) => {
+                let addrs = r.list(&key, |v| {
+                    v.parse::<IpAddr>()
+                        .map_err(|_| "not an IP address".to_string())
+                });
+                out.insert(n, addrs);
+            }
+            Err(reason) => r.error(&key, name, reason),
+        }
+    }
+    out
+}
+
+/// A DNS name for `/dns/hosts/<name>`: labels of `[A-Za-z0-9-_]`, 1-63 chars each.
+pub fn parse_hostname(name: &str) -> Result<String, String> {
+    let n = name.trim_end_matches('.').to_ascii_lowercase();
+    if n.is_empty() || n.len() > 253 {
+        return Err("host name must be 1-253 characters".into());
+    }
+    for label in n.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("each label must be 1-63 characters".into());
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err("host name may only contain letters, digits, - and _".into());
+        }
+    }
+    Ok(n)
+}
+
+fn parse_et_url(v: &str) -> Result<String, String> {
+    if v.parse::<u16>().is_ok() {
+        return parse::parse_port(v).map(|p| p.to_string());
+    }
+    let (scheme, rest) = v
+        .split_once("://")
+        .ok_or("expected proto://host:port or a port")?;
+    const PROTOS: [&str; 8] = ["tcp", "udp", "ring", "wg", "ws", "wss", "quic", "faketcp"];
+    if !PROTOS.contains(&scheme) {
+        return Err(format!("unknown EasyTier protocol `{scheme}`"));
+    }
+    let hostport = rest.split('/').next().unwrap_or_default();
+    parse::parse_host_port(hostport)?;
+    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("URL contains whitespace".into());
+    }
+    Ok(v.to_string())
+}
+
+/// Check a PEM block (`-----BEGIN ... <kind>-----`); the whole value is kept.
+fn pem(v: &str, kind: &str) -> Result<String, String> {
+    if v.contains("-----BEGIN") && v.contains(kind) && v.contains("-----END") {
+        Ok(format!("{}\n", v.trim_end()))
+    } else {
+        Err(format!(
+            "must be inline PEM content containing `{kind}` (not a file path)"
+        ))
+    }
+}
+
+fn inline_block(v: &str, marker: &str) -> Result<String, String> {
+    if v.contains(&format!("-----BEGIN {marker}-----")) {
+        Ok(format!("{}\n", v.trim_end()))
+    } else {
+        Err(format!(
+            "must be inline content starting with -----BEGIN {marker}-----"
+        ))
+    }
+}
+
+/// Checks that need more than one key.
+fn cross_checks(r: &mut Reader<'_>, global: &Global, nodes: &BTreeMap<String, Node>) {
+    if global.mesh_type == Some(MeshType::Easytier)
+        && nodes.values().any(|n| n.easytier.enable)
+        && global.easytier.network_name.is_none()
+    {
+        r.error(
+            "/global/easytier/network_name",
+            "",
+            "required when EasyTier is enabled on a node",
+        );
+    }
+    // Two nodes with the same tinc name would overwrite each other's hosts file.
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for n in nodes.values().filter(|n| n.tinc.enable) {
+        if let Some(other) = seen.insert(n.tinc.name.as_str(), n.id.as_str()) {
+            r.error(
+                &format!("/nodes/{}/tinc/name", n.id),
+                &n.tinc.name,
+                format!("tinc name already used by node {other}"),
+            );
+        }
+    }
+    for n in nodes.values() {
+        let mut devs: BTreeMap<&str, String> = BTreeMap::new();
+        let used = n
+            .openvpn
+            .iter()
+            .map(|o| {
+                (
+                    o.dev.as_str(),
+                    format!("/nodes/{}/openvpn/{}/dev", n.id, o.name),
+                )
+            })
+            .chain(n.wireguard.iter().map(|w| {
+                (
+                    w.dev.as_str(),
+                    format!("/nodes/{}/wireguard/{}/dev", n.id, w.name),
+                )
+            }));
+        for (dev, key) in used {
+            if let Some(prev) = devs.insert(dev, key.clone()) {
+                r.error(&key, dev, format!("interface already used by {prev}"));
+            }
+        }
+        let has_ebgp = n.openvpn.iter().any(|o| o.enable && o.bgp.is_some())
+            || n.wireguard.iter().any(|w| w.enable && w.bgp.is_some());
+        if has_ebgp && n.bgp.asn.is_none() {
+            r.error(
+                &format!("/nodes/{}/bgp/asn", n.id),
+                "",
+                "eBGP over a VPN needs this node's bgp/asn",
+            );
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! Typed readers for etcd values. Each reader records a [`ValidationError`] naming the
+//! key and value when the value does not parse, and returns `None`/the default so the
+//! rest of the snapshot is still checked (all errors are reported together).
+
+use crate::error::ValidationError;
+use crate::snapshot::{split_ml, Snapshot};
+use ipnet::IpNet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+
+/// Reads keys of one snapshot and collects every error.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    pub snap: &'a Snapshot,
+    pub errors: Vec<ValidationError>,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(snap: &'a Snapshot) -> Self {
+        Self {
+            snap,
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn error(&mut self, key: &str, value: &str, reason: impl Into<String>) {
+        self.errors.push(ValidationError::new(key, value, reason));
+    }
+
+    /// The raw value, trimmed; `None` when absent or blank.
+    pub fn str(&self, key: &str) -> Option<&'a str> {
+        self.snap.get(key).map(str::trim).filter(|v| !v.is_empty())
+    }
+
+    /// The raw value untrimmed (certificates, YAML), `None` when absent or blank.
+    pub fn text(&self, key: &str) -> Option<String> {
+        self.snap
+            .get(key)
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| {
+                let mut s = v.to_string();
+                if !s.ends_with('\n') {
+                    s.push('\n');
+                }
+                s
+            })
+    }
+
+    pub fn string_or(&self, key: &str, default: &str) -> String {
+        self.str(key).unwrap_or(default).to_string()
+    }
+
+    /// A parsed value via `parse`, which returns the reason on failure.
+    pub fn parsed<T>(
+        &mut self,
+        key: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let raw = self.str(key)?;
+        match parse(raw) {
+            Ok(v) => Some(v),
+            Err(reason) => {
+                self.error(key, raw, reason);
+                None
+            }
+        }
+    }
+
+    /// Each line parsed via `parse`; bad lines are reported and skipped.
+    pub fn list<T>(
+        &mut self,
+        key: &str,
+        mut parse: impl FnMut(&str) -> Result<T, String>,
+    ) -> Vec<T> {
+        let Some(raw) = self.snap.get(key) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for line in split_ml(raw) {
+            match parse(line) {
+                Ok(v) => out.push(v),
+                Err(reason) => self.error(key, line, reason),
+            }
+        }
+        out
+    }
+
+    pub fn bool(&mut self, key: &str, default: bool) -> bool {
+        self.parsed(key, parse_bool).unwrap_or(default)
+    }
+
+    pub fn port(&mut self, key: &str) -> Option<u16> {
+        self.parsed(key, parse_port)
+    }
+
+    pub fn u32_in(&mut self, key: &str, min: u32, max: u32) -> Option<u32> {
+        self.parsed(key, |v| parse_u32_in(v, min, max))
+    }
+
+    pub fn u64_in(&mut self, key: &str, min: u64, max: u64) -> Option<u64> {
+        self.parsed(key, |v| parse_u64_in(v, min, max))
+    }
+
+    pub fn iface(&mut self, key: &str) -> Option<String> {
+        self.parsed(key, parse_iface)
+    }
+
+    pub fn ipv4(&mut self, key: &str) -> Option<Ipv4Addr> {
+        self.parsed(key, |v| {
+            Ipv4Addr::from_str(v).map_err(|_| "not an IPv4 address".into())
+        })
+    }
+
+    pub fn ip(&mut self, key: &str) -> Option<IpAddr> {
+        self.parsed(key, |v| {
+            IpAddr::from_str(v).map_err(|_| "not an IP address".into())
+        })
+    }
+
+    pub fn cidrs(&mut self, key: &str) -> Vec<IpNet> {
+        self.list(key, parse_cidr)
+    }
+
+    pub fn ports(&mut self, key: &str) -> Vec<u16> {
+        // Accept newline-, comma- or space-separated ports.
+        let Some(raw) = self.snap.get(key) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for tok in raw
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|t| !t.is_empty())
+        {
+            match parse_port(tok) {
+                Ok(p) => out.push(p),
+                Err(reason) => self.error(key, tok, reason),
+            }
+        }
+        out
+    }
+
+    /// One of `choices`, or `default` when absent.
+    pub fn choice<T: Copy>(
+        &mut self,
+        key: &str,
+        choices: &[(&str, T)],
+        default: Option<T>,
+    ) -> Option<T> {
+        let Some(raw) = self.str(key) else {
+            return default;
+        };
+        if let Some((_, v)) = choices.iter().find(|(name, _)| *name == raw) {
+            return Some(*v);
+        }
+        let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+        self.error(key, raw, format!("must be one of: {}", names.join(", ")));
+        default
+    }
+}
+
+pub fn parse_bool(v: &str) -> Result<bool, String> {
+    match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("must be \"true\" or \"false\"".into()),
+    }
+}
+
+pub fn parse_port(v: &str) -> Result<u16, String> {
+    match v.parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        Ok(_) => Err("port out of range 1-65535".into()),
+        Err(_) => Err("not a port number".into()),
+    }
+}
+
+pub fn parse_u32_in(v: &str, min: u32, max: u32) -> Result<u32, String> {
+    match v.parse::<u32>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        Ok(_) => Err(format!("out of range {min}-{max}")),
+        Err(_) => Err("not a whole number".into()),
+    }
+}
+
+pub fn parse_u64_in(v: &str, min: u64, max: u64) -> Result<u64, String> {
+    match v.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        Ok(_) => Err(format!("out of range {min}-{max}")),
+        Err(_) => Err("not a whole number".into()),
+    }
+}
+
+/// Linux interface names: 1-15 bytes (IFNAMSIZ 16 with the NUL) of `[A-Za-z0-9_.-]`.
+pub fn parse_iface(v: &str) -> Result<String, String> {
+    if v.is_empty() || v.len() > 15 {
+        return Err("interface name must be 1-15 characters".into());
+    }
+    if !v
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        return Err("interface name may only contain A-Z a-z 0-9 _ . -".into());
+    }
+    if v == "." || v == ".." {
+        return Err("interface name cannot be . or ..".into());
+    }
+    Ok(v.to_string())
+}
+
+/// A network in CIDR form (`10.0.0.0/24`); host bits must be zero.
+pub fn parse_cidr(v: &str) -> Result<IpNet, String> {
+    let net = IpNet::from_str(v).map_err(|_| "not a CIDR (expected address/prefix)".to_string())?;
+    if net.trunc() != net {
+        return Err(format!("host bits set; the network is {}", net.trunc()));
+    }
+    Ok(net)
+}
+
+/// An interface address in CIDR form (`10.0.0.1/24`); host bits allowed.
+pub fn parse_if_addr(v: &str) -> Result<IpNet, String> {
+    IpNet::from_str(v).map_err(|_| "not an address/prefix (e.g. 10.0.0.1/24)".to_string())
+}
+
+/// `ip` or `ip:port` (`[v6]:port`), port 53 when absent.
+pub fn parse_dns_addr(v: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = IpAddr::from_str(v) {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    if let Some(rest) = v.strip_prefix("udp://") {
+        return parse_dns_addr(rest);
+    }
+    if v.contains("://") {
+        return Err("only plain DNS (ip or ip:port) is supported by the frontend".into());
+    }
+    let sa = SocketAddr::from_str(v).map_err(|_| "not ip or ip:port".to_string())?;
+    if sa.port() == 0 {
+        return Err("port out of range 1-65535".into());
+    }
+    Ok(sa)
+}
+
+/// `host:port` where host is a name or an address; returns (host, port).
+pub fn parse_host_port(v: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = v.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:").ok_or("expected [v6]:port")?;
+        (h, p)
+    } else {
+        v.rsplit_once(':').ok_or("expected host:port")?
+    };
+    validate_host(host)?;
+    Ok((host.to_string(), parse_port(port)?))
+}
+
+/// A DNS name or IP literal, without shell or whitespace characters.
+pub fn validate_host(h: &str) -> Result<(), String> {
+    if h.is_empty() || h.len() > 253 {
+        return Err("host must be 1-253 characters".into());
+    }
+    if IpAddr::from_str(h).is_ok() {
+        return Ok(());
+    }
+    if !h
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
+        return Err("host may only contain letters, digits, - . _".into());
+    }
+    Ok(())
+}
+
+/// A name used in file names and child arguments (instances, tunnels, services).
+pub fn validate_name(v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > 64 {
+        return Err("name must be 1-64 characters".into());
+    }
+    if !v
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        || v.starts_with('.')
+    {
+        return Err("name may only contain A-Z a-z 0-9 _ - . (not starting with .)".into());
+    }
+    Ok(())
+}
+
+/// A base64 WireGuard key (32 bytes).
+pub fn parse_wg_key(v: &str) -> Result<String, String> {
+    use base64::Engine as _;
+    match base64::engine::general_purpose::STANDARD.decode(v) {
+        Ok(b) if b.len() == 32 => Ok(v.to_string()),
+        Ok(_) => Err("WireGuard key must decode to 32 bytes".into()),
+        Err(_) => Err("WireGuard key must be base64".into()),
+    }
+}
+
+/// An absolute URL with http or https scheme.
+pub fn parse_http_url(v: &str) -> Result<String, String> {
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"))
+        .ok_or("URL must start with http:// or https://")?;
+    if rest.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("URL has no host or contains whitespace".into());
+    }
+    Ok(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iface_names() {
+        assert!(parse_iface("eth0").is_ok());
+        assert!(parse_iface("wg-office.1").is_ok());
+        assert!(parse_iface("abcdefghijklmnop").is_err()); // 16 chars
+        assert!(parse_iface("eth0;reboot").is_err());
+        assert!(parse_iface("").is_err());
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(parse_port("655"), Ok(655));
+        assert!(parse_port("0").is_err());
+        assert!(parse_port("70000").is_err());
+        assert!(parse_port("http").is_err());
+    }
+
+    #[test]
+    fn cidrs_need_network_address() {
+        assert!(parse_cidr("10.0.0.0/24").is_ok());
+        assert!(parse_cidr("fd00::/64").is_ok());
+        assert!(parse_cidr("10.0.0.1/24").is_err());
+        assert!(parse_cidr("10.0.0.0").is_err());
+        assert!(parse_cidr("banana").is_err());
+    }
+
+    #[test]
+    fn dns_addrs() {
+        assert_eq!(parse_dns_addr("1.1.1.1").unwrap().port(), 53);
+        assert_eq!(parse_dns_addr("127.0.0.1:5353").unwrap().port(), 5353);
+        assert_eq!(parse_dns_addr("[::1]:53").unwrap().port(), 53);
+        assert!(parse_dns_addr("tls://1.1.1.1").is_err());
+    }
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(parse_host_port("vpn.example.com:1194").unwrap().1, 1194);
+        assert!(parse_host_port("a b:1").is_err());
+        assert!(parse_host_port("$(reboot):1").is_err());
+    }
+}
