@@ -33,7 +33,11 @@ pub enum FsError {
 /// (`/etc/frr/frr.conf`).
 pub trait Fs: Send + Sync {
     /// Current content, `None` when absent or unreadable.
-    fn read(&self, path: &str) -> Option<Vec<u8>>;
+    fn read(&self, path: &str) -> Option<Vec<u8>> {
+        self.observe(path).map(|(content, _)| content)
+    }
+    /// Current content and permission bits, `None` when absent or unreadable.
+    fn observe(&self, path: &str) -> Option<(Vec<u8>, u32)>;
     /// Write atomically when content or mode differ; returns whether it wrote.
     fn write_if_changed(&self, path: &str, content: &[u8], mode: u32) -> Result<bool, FsError>;
     /// Remove a file; returns whether it existed.
@@ -106,8 +110,10 @@ impl ModeCompat for std::fs::OpenOptions {
 }
 
 impl Fs for RootFs {
-    fn read(&self, path: &str) -> Option<Vec<u8>> {
-        std::fs::read(self.resolve(path).ok()?).ok()
+    fn observe(&self, path: &str) -> Option<(Vec<u8>, u32)> {
+        let target = self.resolve(path).ok()?;
+        let mode = std::fs::metadata(&target).ok()?.permissions().mode() & 0o7777;
+        Some((std::fs::read(&target).ok()?, mode))
     }
 
     fn write_if_changed(&self, path: &str, content: &[u8], mode: u32) -> Result<bool, FsError> {
@@ -140,8 +146,8 @@ pub struct MemFs {
 }
 
 impl Fs for MemFs {
-    fn read(&self, path: &str) -> Option<Vec<u8>> {
-        self.files.lock().ok()?.get(path).map(|(c, _)| c.clone())
+    fn observe(&self, path: &str) -> Option<(Vec<u8>, u32)> {
+        self.files.lock().ok()?.get(path).cloned()
     }
 
     fn write_if_changed(&self, path: &str, content: &[u8], mode: u32) -> Result<bool, FsError> {
