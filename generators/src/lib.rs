@@ -7,11 +7,15 @@
 //! comes in as an argument, so the same input always renders the same output.
 
 pub mod error;
+pub mod gen;
+pub mod legacy;
 pub mod model;
 pub mod parse;
 pub mod plan;
+pub mod render;
 pub mod snapshot;
 
 pub use error::{ValidationError, ValidationErrors};
 pub use model::Config;
+pub use render::{render_node, Domain, DomainOutput, FileOut, RenderEnv, Rendered};
 pub use snapshot::Snapshot;

@@ -526,6 +526,10 @@ fn parse_prefix_rule(line: &str) -> Result<PrefixRule, String> {
         .ok_or("rule needs a prefix")
         .map_err(String::from)
         .and_then(|p| parse::parse_cidr(p))?;
+    if !prefix.addr().is_ipv4() {
+        // The BGP sessions carry IPv4 unicast only (see docs/etcd-schema.md).
+        return Err("only IPv4 prefixes are supported".into());
+    }
     let max = if prefix.addr().is_ipv4() { 32 } else { 128 };
     let mut ge = None;
     let mut le = None;
@@ -704,7 +708,12 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
         }),
         listeners: r.list(&k("easytier/listeners"), parse_et_url),
         mapped_listeners: r.list(&k("easytier/mapped_listeners"), parse_et_url),
-        peers: r.list(&k("easytier/peers"), parse_et_url),
+        peers: r.list(&k("easytier/peers"), |v| {
+            if v.parse::<u16>().is_ok() {
+                return Err("a peer is a URL (proto://host:port), not a port".into());
+            }
+            parse_et_url(v)
+        }),
     };
 
     let default_tinc_name: String = id
@@ -737,6 +746,14 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
     if tinc.enable && tinc.private_key.is_none() && r.str(&k("tinc/private_key")).is_none() {
         r.error(
             &k("tinc/private_key"),
+            "",
+            "required when tinc/enable is true (RSA, PEM)",
+        );
+    }
+    if tinc.enable && r.str(&k("tinc/public_key")).is_none() {
+        // Every node's hosts/<name> file carries it; peers cannot authenticate without.
+        r.error(
+            &k("tinc/public_key"),
             "",
             "required when tinc/enable is true (RSA, PEM)",
         );
@@ -1186,6 +1203,19 @@ fn cross_checks(r: &mut Reader<'_>, global: &Global, nodes: &BTreeMap<String, No
             "",
             "required when EasyTier is enabled on a node",
         );
+    }
+    if global.mesh_type.is_none() {
+        for n in nodes.values() {
+            for (on, what) in [(n.easytier.enable, "easytier"), (n.tinc.enable, "tinc")] {
+                if on {
+                    r.error(
+                        "/global/mesh_type",
+                        "",
+                        format!("required: node {} enables {what}", n.id),
+                    );
+                }
+            }
+        }
     }
     // Two nodes with the same tinc name would overwrite each other's hosts file.
     let mut seen: BTreeMap<&str, &str> = BTreeMap::new();

@@ -1,0 +1,218 @@
+//! mihomo (Clash Meta): `/etc/mihomo/config.yaml` and the `mihomo` service.
+//!
+//! The file is `/global/clash/base` (optional) with the active subscription added as an
+//! HTTP proxy provider stored inside mihomo's home (mihomo refuses provider paths
+//! outside `-d`), then the keys meduza depends on are enforced, whatever the base says:
+//! the ports (`mixed-port` 7890 for rule downloads, `tproxy-port` 7893 for the data
+//! plane), `allow-lan`, the controller and its secret (the health checks and the
+//! subscription refresh use them), `routing-mark` (so mihomo's own traffic can be told
+//! apart), the DNS listener `127.0.0.1:1053` (the DNS frontend's chain), and the three
+//! settings the predecessor always enforced (`find-process-mode: off`,
+//! `unified-delay: true`, `geodata-loader: standard`).
+//!
+//! When the base defines no `proxy-groups`/`rules`, a `PROXY` url-test group over the
+//! subscription and `MATCH,PROXY` are added, so a subscription alone gives a working
+//! proxy whose health (every URLTest group's `now`) can be checked.
+//!
+//! The file holds the API secret: mode 0600. The secret is `/nodes/<id>/clash/secret`,
+//! else the per-node secret the daemon generated ([`RenderEnv::clash_secret`]); there is
+//! no public default.
+
+use super::{apply_service_overrides, service, MODE_SECRET};
+use crate::error::ValidationError;
+use crate::model::{Config, Node};
+use crate::plan::dns::CLASH_DNS_ADDR;
+use crate::plan::service::ReloadStrategy;
+use crate::plan::tproxy::TPROXY_PORT;
+use crate::render::{ClashRuntime, DomainOutput, FileOut, RenderEnv};
+use serde_yaml::{Mapping, Value};
+
+pub const SERVICE: &str = "mihomo";
+pub const HOME_DIR: &str = "/etc/mihomo";
+pub const CONFIG_PATH: &str = "/etc/mihomo/config.yaml";
+/// mihomo's HTTP+SOCKS listener (rule downloads go through it, DESIGN §9).
+pub const MIXED_PORT: u16 = 7890;
+/// `routing-mark` of mihomo's own outbound sockets.
+pub const ROUTING_MARK: u32 = 255;
+/// URL of provider and group health checks.
+pub const HEALTH_URL: &str = "https://www.gstatic.com/generate_204";
+/// Seconds between mihomo's own health checks.
+pub const HEALTH_INTERVAL_SECS: u64 = 300;
+/// Name of the default group added when the base defines none.
+pub const DEFAULT_GROUP: &str = "PROXY";
+
+/// The secret in effect on `node`, or the error naming the key when there is none.
+pub fn secret(node: &Node, env: &RenderEnv) -> Result<String, ValidationError> {
+    match &node.clash.secret {
+        Some(s) => Ok(s.clone()),
+        None if !env.clash_secret.is_empty() => Ok(env.clash_secret.clone()),
+        None => Err(ValidationError::new(
+            format!("/nodes/{}/clash/secret", node.id),
+            "",
+            "no secret: set this key or let the daemon generate one",
+        )),
+    }
+}
+
+/// The active subscription `(name, url)`.
+pub fn subscription(cfg: &Config, node: &Node) -> Option<(String, String)> {
+    let name = node.clash.active_subscription.as_ref()?;
+    let url = cfg.global.clash.subscriptions.get(name)?;
+    Some((name.clone(), url.clone()))
+}
+
+fn provider_rel(name: &str) -> String {
+    format!("./providers/{name}.yaml")
+}
+
+fn s(v: &str) -> Value {
+    Value::String(v.to_string())
+}
+
+fn map(entries: Vec<(&str, Value)>) -> Value {
+    let mut m = Mapping::new();
+    for (k, v) in entries {
+        m.insert(s(k), v);
+    }
+    Value::Mapping(m)
+}
+
+/// The merged configuration as a YAML mapping.
+pub fn config_mapping(cfg: &Config, node: &Node, secret: &str) -> Mapping {
+    let mut m = cfg.global.clash.base.clone().unwrap_or_default();
+    for (k, v) in [("mode", "rule"), ("log-level", "info")] {
+        if !m.contains_key(k) {
+            m.insert(s(k), s(v));
+        }
+    }
+    if let Some((name, url)) = subscription(cfg, node) {
+        let mut provider = vec![
+            ("type", s("http")),
+            ("url", s(&url)),
+            ("path", s(&provider_rel(&name))),
+        ];
+        if node.clash.refresh_enable {
+            provider.push((
+                "interval",
+                Value::from(u64::from(node.clash.refresh_interval_minutes) * 60),
+            ));
+        }
+        provider.push((
+            "health-check",
+            map(vec![
+                ("enable", Value::Bool(true)),
+                ("url", s(HEALTH_URL)),
+                ("interval", Value::from(HEALTH_INTERVAL_SECS)),
+            ]),
+        ));
+        let mut providers = match m.get("proxy-providers") {
+            Some(Value::Mapping(p)) => p.clone(),
+            _ => Mapping::new(),
+        };
+        providers.insert(s(&name), map(provider));
+        m.insert(s("proxy-providers"), Value::Mapping(providers));
+        if !m.contains_key("proxy-groups") {
+            m.insert(
+                s("proxy-groups"),
+                Value::Sequence(vec![map(vec![
+                    ("name", s(DEFAULT_GROUP)),
+                    ("type", s("url-test")),
+                    ("use", Value::Sequence(vec![s(&name)])),
+                    ("url", s(HEALTH_URL)),
+                    ("interval", Value::from(HEALTH_INTERVAL_SECS)),
+                ])]),
+            );
+            if !m.contains_key("rules") {
+                m.insert(
+                    s("rules"),
+                    Value::Sequence(vec![s(&format!("MATCH,{DEFAULT_GROUP}"))]),
+                );
+            }
+        }
+    }
+    let enforced: Vec<(&str, Value)> = vec![
+        ("mixed-port", Value::from(MIXED_PORT)),
+        ("tproxy-port", Value::from(TPROXY_PORT)),
+        ("allow-lan", Value::Bool(true)),
+        ("find-process-mode", s("off")),
+        ("unified-delay", Value::Bool(true)),
+        ("geodata-loader", s("standard")),
+        ("routing-mark", Value::from(ROUTING_MARK)),
+        ("external-controller", s(&node.clash.controller.to_string())),
+        ("secret", s(secret)),
+    ];
+    for (k, v) in enforced {
+        m.insert(s(k), v);
+    }
+    let mut dns = match m.get("dns") {
+        Some(Value::Mapping(d)) => d.clone(),
+        _ => Mapping::new(),
+    };
+    dns.insert(s("enable"), Value::Bool(true));
+    dns.insert(s("listen"), s(CLASH_DNS_ADDR));
+    if !dns.contains_key("nameserver") {
+        let servers: Vec<Value> = cfg
+            .dns_upstreams_for(node)
+            .iter()
+            .filter(|g| g.enable)
+            .flat_map(|g| g.addresses.iter())
+            .map(|a| s(&format!("udp://{a}")))
+            .collect();
+        dns.insert(s("nameserver"), Value::Sequence(servers));
+    }
+    m.insert(s("dns"), Value::Mapping(dns));
+    m
+}
+
+/// The file, the `mihomo` service and the runtime facts of an enabled Clash.
+pub fn render(
+    cfg: &Config,
+    node: &Node,
+    env: &RenderEnv,
+) -> Result<(DomainOutput, ClashRuntime), ValidationError> {
+    let secret = secret(node, env)?;
+    let yaml = serde_yaml::to_string(&config_mapping(cfg, node, &secret)).map_err(|e| {
+        ValidationError::new("/global/clash/base", "", format!("cannot be re-encoded: {e}"))
+    })?;
+    let content = format!(
+        "# Generated by meduza for node {} (clash); rewritten on every /commit.\n{yaml}",
+        node.id
+    );
+    let svc = service(
+        SERVICE,
+        vec![
+            env.bins.mihomo.clone(),
+            "-d".into(),
+            HOME_DIR.into(),
+            "-f".into(),
+            CONFIG_PATH.into(),
+        ],
+        &["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"],
+        vec![CONFIG_PATH.into()],
+        ReloadStrategy::Sighup,
+    );
+    let sub = subscription(cfg, node);
+    let runtime = ClashRuntime {
+        mode: node.clash.mode,
+        controller: node.clash.controller,
+        secret,
+        provider_path: sub
+            .as_ref()
+            .map(|(name, _)| format!("{HOME_DIR}/providers/{name}.yaml"))
+            .unwrap_or_default(),
+        subscription: sub,
+        refresh_minutes: node
+            .clash
+            .refresh_enable
+            .then_some(node.clash.refresh_interval_minutes),
+        config_path: CONFIG_PATH.into(),
+        home_dir: HOME_DIR.into(),
+    };
+    Ok((
+        DomainOutput {
+            files: vec![FileOut::new(CONFIG_PATH, content, MODE_SECRET)],
+            services: vec![apply_service_overrides(node, svc)?],
+        },
+        runtime,
+    ))
+}

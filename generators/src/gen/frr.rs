@@ -1,0 +1,483 @@
+//! FRR: `/etc/frr/frr.conf` (integrated config), `/etc/frr/daemons` and
+//! `/etc/frr/vtysh.conf`. No services: the integrator starts FRR's daemons and reloads
+//! with `frr-reload.py` when `frr.conf` changes.
+//!
+//! Routing policy (seed "BGP Control Flags", DESIGN §3):
+//! - OSPF (`ospf/enable`): area 0 over the overlay interface (every other interface
+//!   passive), `network` for the overlay subnet and the node's LANs, `redistribute
+//!   connected`; when BGP also runs, BGP routes are redistributed tagged
+//!   [`OSPF_EBGP_TAG`] so that no other node feeds them back into BGP (their AS path is
+//!   lost in OSPF, so re-exporting them could loop).
+//! - BGP (`bgp/enable`): `bgp router-id` always explicit (a fresh zebra may have none).
+//!   iBGP to every other node with BGP enabled over the overlay when
+//!   `internal_routing_system` is `bgp` (neighbor = its overlay address,
+//!   `next-hop-self`); eBGP over each enabled OpenVPN/WireGuard instance with
+//!   `bgp/enable`. Every neighbor gets an inbound and an outbound route-map, which is
+//!   what FRR's default `bgp ebgp-requires-policy` (RFC 8212) asks for.
+//! - Inbound, every neighbor: the default route is refused; the global `filter/in`
+//!   applies. eBGP inbound also tags routes with `<asn>:9999` (a large community
+//!   `<asn>:9999:0` when the ASN does not fit 16 bits: FRR rejects a bare `9999` and
+//!   standard communities are two 16-bit halves), and `no_transit` adds an AS-path list
+//!   denying paths of three or more ASes.
+//! - Outbound, every neighbor: the global `filter/out` applies. eBGP outbound never
+//!   carries any node's `private_lan`; `no_forward` also denies routes carrying the
+//!   eBGP tag (learned from eBGP here or at another node of the same AS).
+//! - LANs (`lan` and `private_lan`) are announced with `network` statements. Only IPv4
+//!   is routed by FRR here (OSPFv2, IPv4 unicast BGP); IPv6 LANs are not announced.
+
+use super::{header_hash, MODE_PUBLIC};
+use crate::error::ValidationError;
+use crate::model::{BgpPeer, Config, InternalRouting, Node, PrefixRule};
+use crate::render::{mesh_addr, mesh_dev, DomainOutput, FileOut};
+use ipnet::IpNet;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+
+pub const FRR_CONF: &str = "/etc/frr/frr.conf";
+pub const DAEMONS: &str = "/etc/frr/daemons";
+pub const VTYSH_CONF: &str = "/etc/frr/vtysh.conf";
+/// Written as `frr version`: FRR keeps the defaults of the version that wrote a config.
+pub const FRR_VERSION: &str = "8.4";
+/// Community value (low half) marking routes learned over eBGP.
+pub const EBGP_COMMUNITY_VALUE: u32 = 9999;
+/// OSPF tag of BGP routes redistributed into OSPF.
+pub const OSPF_EBGP_TAG: u32 = 9999;
+
+const PL_DEFAULT: &str = "MEDUZA-DEFAULT-ROUTE";
+const PL_IN: &str = "MEDUZA-FILTER-IN";
+const PL_OUT: &str = "MEDUZA-FILTER-OUT";
+const PL_PRIVATE: &str = "MEDUZA-PRIVATE-LAN";
+const ASP_NO_TRANSIT: &str = "MEDUZA-NO-TRANSIT";
+const CL_EBGP: &str = "MEDUZA-EBGP-LEARNED";
+const RM_MESH_IN: &str = "MEDUZA-MESH-IN";
+const RM_MESH_OUT: &str = "MEDUZA-MESH-OUT";
+const RM_BGP_TO_OSPF: &str = "MEDUZA-BGP-TO-OSPF";
+const RM_OSPF_TO_BGP: &str = "MEDUZA-OSPF-TO-BGP";
+
+/// FRR must run on `node`.
+pub fn enabled(node: &Node) -> bool {
+    node.ospf.enable || node.bgp.enable
+}
+
+/// An eBGP session over a VPN instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EbgpNeighbor<'a> {
+    /// `openvpn` or `wireguard`.
+    pub kind: &'static str,
+    pub instance: &'a str,
+    pub peer: &'a BgpPeer,
+}
+
+impl EbgpNeighbor<'_> {
+    fn map(&self, dir: &str) -> String {
+        let k = if self.kind == "openvpn" { "OVPN" } else { "WG" };
+        format!("MEDUZA-EBGP-{k}-{}-{dir}", self.instance)
+    }
+}
+
+/// An iBGP session over the overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IbgpNeighbor {
+    pub node_id: String,
+    pub addr: IpAddr,
+    pub asn: u32,
+}
+
+/// eBGP sessions of `node`: enabled instances with `bgp/enable`.
+pub fn ebgp_neighbors(node: &Node) -> Vec<EbgpNeighbor<'_>> {
+    let ovpn = node.openvpn.iter().filter(|o| o.enable).filter_map(|o| {
+        o.bgp.as_ref().map(|peer| EbgpNeighbor {
+            kind: "openvpn",
+            instance: &o.name,
+            peer,
+        })
+    });
+    let wg = node.wireguard.iter().filter(|w| w.enable).filter_map(|w| {
+        w.bgp.as_ref().map(|peer| EbgpNeighbor {
+            kind: "wireguard",
+            instance: &w.name,
+            peer,
+        })
+    });
+    ovpn.chain(wg).collect()
+}
+
+/// iBGP sessions of `node`: with `internal_routing_system = bgp`, every other node that
+/// enables BGP and has an overlay address, if this node runs the overlay too.
+pub fn ibgp_neighbors(cfg: &Config, node: &Node) -> Vec<IbgpNeighbor> {
+    if cfg.global.internal_routing != InternalRouting::Bgp
+        || !node.bgp.enable
+        || mesh_addr(cfg, node).is_none()
+    {
+        return Vec::new();
+    }
+    cfg.nodes
+        .values()
+        .filter(|o| o.id != node.id && o.bgp.enable)
+        .filter_map(|o| {
+            Some(IbgpNeighbor {
+                node_id: o.id.clone(),
+                addr: mesh_addr(cfg, o)?.addr(),
+                asn: o.bgp.asn?,
+            })
+        })
+        .collect()
+}
+
+fn mesh_v4(cfg: &Config, node: &Node) -> Option<Ipv4Addr> {
+    match mesh_addr(cfg, node)?.addr() {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// BGP router id: `bgp/router_id`, else `ospf/router_id`, else the IPv4 overlay address.
+pub fn bgp_router_id(cfg: &Config, node: &Node) -> Option<Ipv4Addr> {
+    node.bgp
+        .router_id
+        .or(node.ospf.router_id)
+        .or_else(|| mesh_v4(cfg, node))
+}
+
+/// OSPF router id: `ospf/router_id`, else `bgp/router_id`, else the IPv4 overlay address.
+pub fn ospf_router_id(cfg: &Config, node: &Node) -> Option<Ipv4Addr> {
+    node.ospf
+        .router_id
+        .or(node.bgp.router_id)
+        .or_else(|| mesh_v4(cfg, node))
+}
+
+fn v4_lans(node: &Node) -> Vec<IpNet> {
+    node.lan
+        .iter()
+        .chain(&node.private_lan)
+        .filter(|n| matches!(n, IpNet::V4(_)))
+        .copied()
+        .collect()
+}
+
+fn prefix_line(name: &str, seq: usize, r: &PrefixRule) -> String {
+    let mut s = format!(
+        "ip prefix-list {name} seq {seq} {} {}",
+        if r.permit { "permit" } else { "deny" },
+        r.prefix
+    );
+    if let Some(ge) = r.ge {
+        let _ = write!(s, " ge {ge}");
+    }
+    if let Some(le) = r.le {
+        let _ = write!(s, " le {le}");
+    }
+    s.push('\n');
+    s
+}
+
+/// One route-map entry.
+fn rm(s: &mut String, name: &str, permit: bool, seq: u32, lines: &[String]) {
+    let _ = writeln!(
+        s,
+        "route-map {name} {} {seq}",
+        if permit { "permit" } else { "deny" }
+    );
+    for l in lines {
+        let _ = writeln!(s, " {l}");
+    }
+    s.push_str("exit\n!\n");
+}
+
+/// The `frr.conf` text.
+pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
+    let key = |s: &str| format!("/nodes/{}/{s}", node.id);
+    let mut s = String::new();
+    s.push_str(&header_hash(&node.id, "frr").replacen('#', "!", 1));
+    let _ = writeln!(s, "frr version {FRR_VERSION}");
+    s.push_str("frr defaults traditional\n");
+    let _ = writeln!(s, "hostname {}", node.id);
+    s.push_str("service integrated-vtysh-config\n!\n");
+
+    let ebgp = if node.bgp.enable {
+        ebgp_neighbors(node)
+    } else {
+        Vec::new()
+    };
+    let ibgp = ibgp_neighbors(cfg, node);
+    let filter_in = &cfg.global.bgp_filter_in;
+    let filter_out = &cfg.global.bgp_filter_out;
+    let private: Vec<IpNet> = cfg
+        .nodes
+        .values()
+        .flat_map(|n| n.private_lan.iter())
+        .filter(|n| matches!(n, IpNet::V4(_)))
+        .copied()
+        .collect();
+
+    if node.bgp.enable {
+        let Some(asn) = node.bgp.asn else {
+            return Err(ValidationError::new(
+                key("bgp/asn"),
+                "",
+                "required when bgp/enable is true",
+            ));
+        };
+        let mut seen = std::collections::BTreeMap::new();
+        for n in &ebgp {
+            let k = format!("/nodes/{}/{}/{}/bgp/peer_ip", node.id, n.kind, n.instance);
+            if let Some(prev) = seen.insert(n.peer.peer_ip, k.clone()) {
+                return Err(ValidationError::new(
+                    k,
+                    n.peer.peer_ip.to_string(),
+                    format!("peer_ip already used by {prev}"),
+                ));
+            }
+        }
+        for n in &ibgp {
+            if let Some(prev) = seen.get(&n.addr) {
+                return Err(ValidationError::new(
+                    prev.clone(),
+                    n.addr.to_string(),
+                    format!("peer_ip is the overlay address of node {}", n.node_id),
+                ));
+            }
+        }
+
+        // Prefix lists.
+        let _ = writeln!(s, "ip prefix-list {PL_DEFAULT} seq 5 permit 0.0.0.0/0");
+        for (i, r) in filter_in.iter().enumerate() {
+            s.push_str(&prefix_line(PL_IN, (i + 1) * 10, r));
+        }
+        for (i, r) in filter_out.iter().enumerate() {
+            s.push_str(&prefix_line(PL_OUT, (i + 1) * 10, r));
+        }
+        if !ebgp.is_empty() {
+            for (i, p) in private.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "ip prefix-list {PL_PRIVATE} seq {} permit {p} le 32",
+                    (i + 1) * 10
+                );
+            }
+        }
+        s.push_str("!\n");
+
+        // AS-path and community lists.
+        let large = asn > 65_535;
+        if ebgp.iter().any(|n| n.peer.no_transit) {
+            let _ = writeln!(
+                s,
+                "bgp as-path access-list {ASP_NO_TRANSIT} seq 10 deny ^.+ .+ .+"
+            );
+            let _ = writeln!(s, "bgp as-path access-list {ASP_NO_TRANSIT} seq 20 permit .*");
+        }
+        if ebgp.iter().any(|n| n.peer.no_forward) {
+            if large {
+                let _ = writeln!(
+                    s,
+                    "bgp large-community-list standard {CL_EBGP} seq 10 permit {asn}:{EBGP_COMMUNITY_VALUE}:0"
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "bgp community-list standard {CL_EBGP} seq 10 permit {asn}:{EBGP_COMMUNITY_VALUE}"
+                );
+            }
+        }
+        s.push_str("!\n");
+
+        // Route maps.
+        let match_in = format!("match ip address prefix-list {PL_IN}");
+        let match_out = format!("match ip address prefix-list {PL_OUT}");
+        let deny_default = vec![format!("match ip address prefix-list {PL_DEFAULT}")];
+        if !ibgp.is_empty() {
+            rm(&mut s, RM_MESH_IN, false, 5, &deny_default);
+            let lines: Vec<String> = (!filter_in.is_empty())
+                .then(|| match_in.clone())
+                .into_iter()
+                .collect();
+            rm(&mut s, RM_MESH_IN, true, 10, &lines);
+            let lines: Vec<String> = (!filter_out.is_empty())
+                .then(|| match_out.clone())
+                .into_iter()
+                .collect();
+            rm(&mut s, RM_MESH_OUT, true, 10, &lines);
+        }
+        for n in &ebgp {
+            let map_in = n.map("IN");
+            let map_out = n.map("OUT");
+            rm(&mut s, &map_in, false, 5, &deny_default);
+            let mut lines = Vec::new();
+            if !filter_in.is_empty() {
+                lines.push(match_in.clone());
+            }
+            if n.peer.no_transit {
+                lines.push(format!("match as-path {ASP_NO_TRANSIT}"));
+            }
+            if large {
+                lines.push(format!(
+                    "set large-community {asn}:{EBGP_COMMUNITY_VALUE}:0 additive"
+                ));
+            } else {
+                lines.push(format!(
+                    "set community {asn}:{EBGP_COMMUNITY_VALUE} additive"
+                ));
+            }
+            rm(&mut s, &map_in, true, 10, &lines);
+            if !private.is_empty() {
+                rm(
+                    &mut s,
+                    &map_out,
+                    false,
+                    5,
+                    &[format!("match ip address prefix-list {PL_PRIVATE}")],
+                );
+            }
+            if n.peer.no_forward {
+                let m = if large {
+                    format!("match large-community {CL_EBGP}")
+                } else {
+                    format!("match community {CL_EBGP}")
+                };
+                rm(&mut s, &map_out, false, 6, &[m]);
+            }
+            let lines: Vec<String> = (!filter_out.is_empty())
+                .then(|| match_out.clone())
+                .into_iter()
+                .collect();
+            rm(&mut s, &map_out, true, 10, &lines);
+        }
+        if node.ospf.enable {
+            rm(
+                &mut s,
+                RM_BGP_TO_OSPF,
+                true,
+                10,
+                &[format!("set tag {OSPF_EBGP_TAG}")],
+            );
+            rm(
+                &mut s,
+                RM_OSPF_TO_BGP,
+                false,
+                5,
+                &[format!("match tag {OSPF_EBGP_TAG}")],
+            );
+            rm(&mut s, RM_OSPF_TO_BGP, true, 10, &[]);
+        }
+    }
+
+    if node.ospf.enable {
+        let Some(rid) = ospf_router_id(cfg, node) else {
+            return Err(ValidationError::new(
+                key("ospf/router_id"),
+                "",
+                "required: no bgp/router_id or IPv4 overlay address to derive it from",
+            ));
+        };
+        if let Some(dev) = mesh_dev(cfg, node) {
+            let _ = write!(s, "interface {dev}\n no ip ospf passive\nexit\n!\n");
+        }
+        s.push_str("router ospf\n");
+        let _ = writeln!(s, " ospf router-id {rid}");
+        s.push_str(" passive-interface default\n redistribute connected\n");
+        if node.bgp.enable {
+            let _ = writeln!(s, " redistribute bgp route-map {RM_BGP_TO_OSPF}");
+        }
+        if let Some(IpNet::V4(m)) = mesh_addr(cfg, node) {
+            let _ = writeln!(s, " network {} area 0", m.trunc());
+        }
+        for lan in v4_lans(node) {
+            let _ = writeln!(s, " network {lan} area 0");
+        }
+        s.push_str("exit\n!\n");
+    }
+
+    if node.bgp.enable {
+        let asn = node.bgp.asn.unwrap_or_default();
+        let Some(rid) = bgp_router_id(cfg, node) else {
+            return Err(ValidationError::new(
+                key("bgp/router_id"),
+                "",
+                "required: no ospf/router_id or IPv4 overlay address to derive it from",
+            ));
+        };
+        let _ = writeln!(s, "router bgp {asn}");
+        let _ = writeln!(s, " bgp router-id {rid}");
+        for n in &ibgp {
+            let _ = writeln!(s, " neighbor {} remote-as {}", n.addr, n.asn);
+            let _ = writeln!(s, " neighbor {} description mesh {}", n.addr, n.node_id);
+        }
+        for n in &ebgp {
+            let ip = n.peer.peer_ip;
+            let _ = writeln!(s, " neighbor {ip} remote-as {}", n.peer.peer_asn);
+            let _ = writeln!(s, " neighbor {ip} description {} {}", n.kind, n.instance);
+            if let Some(src) = &n.peer.update_source {
+                let _ = writeln!(s, " neighbor {ip} update-source {src}");
+            }
+        }
+        s.push_str(" !\n address-family ipv4 unicast\n");
+        for lan in v4_lans(node) {
+            let _ = writeln!(s, "  network {lan}");
+        }
+        if node.ospf.enable {
+            let _ = writeln!(s, "  redistribute ospf route-map {RM_OSPF_TO_BGP}");
+        }
+        for n in &ibgp {
+            let a = n.addr;
+            let _ = writeln!(s, "  neighbor {a} activate");
+            let _ = writeln!(s, "  neighbor {a} next-hop-self");
+            let _ = writeln!(s, "  neighbor {a} route-map {RM_MESH_IN} in");
+            let _ = writeln!(s, "  neighbor {a} route-map {RM_MESH_OUT} out");
+        }
+        for n in &ebgp {
+            let a = n.peer.peer_ip;
+            let _ = writeln!(s, "  neighbor {a} activate");
+            if let Some(w) = n.peer.weight {
+                let _ = writeln!(s, "  neighbor {a} weight {w}");
+            }
+            let _ = writeln!(s, "  neighbor {a} route-map {} in", n.map("IN"));
+            let _ = writeln!(s, "  neighbor {a} route-map {} out", n.map("OUT"));
+        }
+        s.push_str(" exit-address-family\nexit\n!\n");
+    }
+    s.push_str("end\n");
+    // Sections that came out empty leave doubled separators.
+    while s.contains("!\n!\n") {
+        s = s.replace("!\n!\n", "!\n");
+    }
+    Ok(s)
+}
+
+/// `/etc/frr/daemons`: which daemons watchfrr starts (zebra, staticd and mgmtd always).
+pub fn daemons(node: &Node) -> String {
+    let yn = |b: bool| if b { "yes" } else { "no" };
+    let mut s = header_hash(&node.id, "frr daemons");
+    let _ = writeln!(s, "zebra=yes");
+    let _ = writeln!(s, "bgpd={}", yn(node.bgp.enable));
+    let _ = writeln!(s, "ospfd={}", yn(node.ospf.enable));
+    for d in [
+        "ospf6d", "ripd", "ripngd", "isisd", "pimd", "ldpd", "nhrpd", "eigrpd", "babeld",
+        "sharpd", "pbrd", "bfdd", "fabricd", "vrrpd", "pathd",
+    ] {
+        let _ = writeln!(s, "{d}=no");
+    }
+    s.push_str("staticd=yes\nvtysh_enable=yes\n");
+    s.push_str("zebra_options=\"  -A 127.0.0.1 -s 90000000\"\n");
+    s.push_str("bgpd_options=\"   -A 127.0.0.1\"\n");
+    s.push_str("ospfd_options=\"  -A 127.0.0.1\"\n");
+    s.push_str("staticd_options=\"-A 127.0.0.1\"\n");
+    s
+}
+
+/// The FRR files (no services: FRR's daemons are started by the integrator).
+pub fn render(cfg: &Config, node: &Node) -> Result<DomainOutput, ValidationError> {
+    Ok(DomainOutput {
+        files: vec![
+            FileOut::new(FRR_CONF, frr_conf(cfg, node)?, MODE_PUBLIC),
+            FileOut::new(DAEMONS, daemons(node), MODE_PUBLIC),
+            FileOut::new(
+                VTYSH_CONF,
+                "service integrated-vtysh-config\n",
+                MODE_PUBLIC,
+            ),
+        ],
+        services: Vec::new(),
+    })
+}

@@ -1,0 +1,312 @@
+//! Rendering one node: the typed [`Config`] → every file, service and plan the daemon
+//! applies on that node.
+//!
+//! Owns: the per-node composition of the generators in [`crate::gen`] (which domains are
+//! wanted on a node), the TPROXY plan and the DNS plan.
+//! Must not: do I/O, read the environment or the clock. Everything environmental
+//! (`DEFAULT_GW`, the per-node generated mihomo secret, program paths) comes in through
+//! [`RenderEnv`], so the same snapshot and environment always render the same bytes.
+//!
+//! A domain absent from [`Rendered::domains`] is not wanted on the node: the daemon
+//! stops its services and removes its files.
+
+use crate::error::ValidationError;
+use crate::gen;
+use crate::model::{ClashMode, Config, MeshType, Node};
+use crate::plan::dns::DnsPlan;
+use crate::plan::service::ServiceSpec;
+use crate::plan::tproxy::TproxyPlan;
+use crate::plan::wireguard::WgDevice;
+use ipnet::IpNet;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+/// Inputs that are not in etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderEnv {
+    /// `DEFAULT_GW`: never proxied by TPROXY.
+    pub default_gw: Option<IpAddr>,
+    /// Used when `/nodes/<id>/clash/secret` is absent: the daemon generates and persists
+    /// one per node. An empty string means "none": rendering Clash then fails naming
+    /// the key rather than falling back to a public default.
+    pub clash_secret: String,
+    pub bins: Bins,
+}
+
+/// Paths of the child programs (`MEDUZA_BIN_<TOOL>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bins {
+    pub mihomo: String,
+    pub mosdns: String,
+    pub easytier: String,
+    pub tincd: String,
+    pub openvpn: String,
+}
+
+impl Default for Bins {
+    /// The image's paths.
+    fn default() -> Self {
+        Self {
+            mihomo: "/usr/bin/mihomo".into(),
+            mosdns: "/usr/bin/mosdns".into(),
+            easytier: "/usr/bin/easytier-core".into(),
+            tincd: "/usr/sbin/tincd".into(),
+            openvpn: "/usr/sbin/openvpn".into(),
+        }
+    }
+}
+
+/// A unit of configuration that is compared, written and reloaded on its own.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Domain {
+    Easytier,
+    Tinc,
+    /// One OpenVPN instance (`/nodes/<id>/openvpn/<name>`).
+    Openvpn(String),
+    /// One WireGuard instance (`/nodes/<id>/wireguard/<name>`).
+    Wireguard(String),
+    Frr,
+    Clash,
+    Mosdns,
+    Hosts,
+}
+
+impl Domain {
+    /// `"easytier"`, `"openvpn/office"`, ...: used in logs, status and golden file names.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Easytier => "easytier".into(),
+            Self::Tinc => "tinc".into(),
+            Self::Openvpn(n) => format!("openvpn/{n}"),
+            Self::Wireguard(n) => format!("wireguard/{n}"),
+            Self::Frr => "frr".into(),
+            Self::Clash => "clash".into(),
+            Self::Mosdns => "mosdns".into(),
+            Self::Hosts => "hosts".into(),
+        }
+    }
+}
+
+/// One file to write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileOut {
+    /// Absolute, e.g. `/etc/frr/frr.conf`; the daemon prefixes `MEDUZA_ROOT`.
+    pub path: String,
+    pub content: String,
+    /// Permission bits (0o600 for anything holding a secret).
+    pub mode: u32,
+}
+
+impl FileOut {
+    pub fn new(path: impl Into<String>, content: impl Into<String>, mode: u32) -> Self {
+        Self {
+            path: path.into(),
+            content: content.into(),
+            mode,
+        }
+    }
+}
+
+/// Files and services of one domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct DomainOutput {
+    pub files: Vec<FileOut>,
+    pub services: Vec<ServiceSpec>,
+}
+
+/// What the mihomo orchestration (health, subscription refresh, TPROXY gating) needs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClashRuntime {
+    pub mode: ClashMode,
+    /// `external-controller` (REST API).
+    pub controller: SocketAddr,
+    /// API secret (`Authorization: Bearer`); never serialized.
+    #[serde(skip)]
+    pub secret: String,
+    /// Active subscription `(name, url)`.
+    pub subscription: Option<(String, String)>,
+    /// Refresh interval when `clash/refresh/enable` is true.
+    pub refresh_minutes: Option<u32>,
+    /// `/etc/mihomo/config.yaml`.
+    pub config_path: String,
+    /// `/etc/mihomo` (mihomo's `-d`; every provider file must stay inside it).
+    pub home_dir: String,
+    /// Where the subscription is stored (`/etc/mihomo/providers/<name>.yaml`); empty
+    /// when no subscription is active.
+    pub provider_path: String,
+}
+
+/// What the MosDNS orchestration needs: rule files to download before start.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MosdnsRuntime {
+    /// Absolute path (under `/etc/mosdns/`) → URL.
+    pub rule_files: BTreeMap<String, String>,
+    /// `mosdns/refresh`: minutes between rule-file refreshes.
+    pub refresh_minutes: u32,
+}
+
+/// Everything rendered for one node.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rendered {
+    pub domains: BTreeMap<Domain, DomainOutput>,
+    /// `Some` iff Clash is enabled in TPROXY mode.
+    pub tproxy: Option<TproxyPlan>,
+    pub dns: DnsPlan,
+    /// Enabled WireGuard instances.
+    pub wireguard: Vec<WgDevice>,
+    pub clash: Option<ClashRuntime>,
+    pub mosdns: Option<MosdnsRuntime>,
+    /// FRR must run (OSPF or BGP enabled on the node).
+    pub frr_enabled: bool,
+}
+
+/// The overlay that runs on `node`: the global `mesh_type`, if the node enables it.
+/// The other overlay's keys are ignored (they may stay in etcd while a fleet switches).
+pub fn active_mesh(cfg: &Config, node: &Node) -> Option<MeshType> {
+    match cfg.global.mesh_type? {
+        MeshType::Easytier if node.easytier.enable => Some(MeshType::Easytier),
+        MeshType::Tinc if node.tinc.enable => Some(MeshType::Tinc),
+        _ => None,
+    }
+}
+
+/// The node's address on the active overlay, if configured.
+pub fn mesh_addr(cfg: &Config, node: &Node) -> Option<IpNet> {
+    match active_mesh(cfg, node)? {
+        MeshType::Easytier => node.easytier.ipv4,
+        MeshType::Tinc => node.tinc.ipv4,
+    }
+}
+
+/// The node's overlay interface, if an overlay runs on it.
+pub fn mesh_dev<'a>(cfg: &Config, node: &'a Node) -> Option<&'a str> {
+    match active_mesh(cfg, node)? {
+        MeshType::Easytier => Some(&node.easytier.dev_name),
+        MeshType::Tinc => Some(&node.tinc.dev_name),
+    }
+}
+
+/// Render every domain of node `node_id`.
+pub fn render_node(
+    cfg: &Config,
+    node_id: &str,
+    env: &RenderEnv,
+) -> Result<Rendered, ValidationError> {
+    let node = cfg.node(node_id).ok_or_else(|| {
+        ValidationError::new(
+            format!("/nodes/{node_id}/"),
+            node_id,
+            "no keys under /nodes/<id>/ for this node",
+        )
+    })?;
+    let mut domains = BTreeMap::new();
+    match active_mesh(cfg, node) {
+        Some(MeshType::Easytier) => {
+            domains.insert(Domain::Easytier, gen::easytier::render(cfg, node, env)?);
+        }
+        Some(MeshType::Tinc) => {
+            domains.insert(Domain::Tinc, gen::tinc::render(cfg, node, env)?);
+        }
+        None => {}
+    }
+    for inst in node.openvpn.iter().filter(|o| o.enable) {
+        domains.insert(
+            Domain::Openvpn(inst.name.clone()),
+            gen::openvpn::render(node, inst, env)?,
+        );
+    }
+    let mut wireguard = Vec::new();
+    for inst in node.wireguard.iter().filter(|w| w.enable) {
+        domains.insert(
+            Domain::Wireguard(inst.name.clone()),
+            gen::wireguard::render(node, inst),
+        );
+        wireguard.push(gen::wireguard::device(inst));
+    }
+    let frr_enabled = gen::frr::enabled(node);
+    if frr_enabled {
+        domains.insert(Domain::Frr, gen::frr::render(cfg, node)?);
+    }
+    let mut clash = None;
+    if node.clash.enable {
+        let (out, runtime) = gen::clash::render(cfg, node, env)?;
+        domains.insert(Domain::Clash, out);
+        clash = Some(runtime);
+    }
+    let mut mosdns = None;
+    if node.mosdns.enable {
+        let (out, runtime) = gen::mosdns::render(cfg, node, env)?;
+        domains.insert(Domain::Mosdns, out);
+        mosdns = Some(runtime);
+    }
+    domains.insert(Domain::Hosts, gen::hosts::render(cfg));
+    let tproxy = (node.clash.enable && node.clash.mode == ClashMode::Tproxy)
+        .then(|| tproxy_plan(cfg, node, env));
+    Ok(Rendered {
+        domains,
+        tproxy,
+        dns: dns_plan(cfg, node),
+        wireguard,
+        clash,
+        mosdns,
+        frr_enabled,
+    })
+}
+
+/// The TPROXY plan of `node` (whether or not Clash runs in TPROXY mode).
+///
+/// Lists are sorted and deduplicated so equal configurations give equal plans.
+pub fn tproxy_plan(cfg: &Config, node: &Node, env: &RenderEnv) -> TproxyPlan {
+    let lans: BTreeSet<IpNet> = node
+        .lan
+        .iter()
+        .chain(&node.private_lan)
+        .copied()
+        .collect();
+    let mut ifaces = BTreeSet::new();
+    let mut ports: BTreeSet<u16> = node.clash.exclude_tproxy_ports.iter().copied().collect();
+    match active_mesh(cfg, node) {
+        Some(MeshType::Tinc) => {
+            ifaces.insert(node.tinc.dev_name.clone());
+            ports.insert(node.tinc.port);
+        }
+        Some(MeshType::Easytier) => {
+            ifaces.insert(node.easytier.dev_name.clone());
+            ports.extend(
+                node.easytier
+                    .listeners
+                    .iter()
+                    .filter_map(|l| gen::easytier::listener_port(l)),
+            );
+        }
+        None => {}
+    }
+    for o in node.openvpn.iter().filter(|o| o.enable) {
+        ifaces.insert(o.dev.clone());
+        ports.insert(o.port);
+        ports.extend(o.remotes.iter().map(|(_, p)| *p));
+    }
+    for w in node.wireguard.iter().filter(|w| w.enable) {
+        ifaces.insert(w.dev.clone());
+        ports.extend(w.listen_port);
+    }
+    TproxyPlan {
+        proxy_src: lans.iter().copied().collect(),
+        bypass_dst: lans.into_iter().collect(),
+        exclude_src: env.default_gw.into_iter().collect(),
+        exclude_ifaces: ifaces.into_iter().collect(),
+        exclude_ports: ports.into_iter().collect(),
+        ..TproxyPlan::empty()
+    }
+}
+
+/// The DNS frontend's plan for `node`.
+pub fn dns_plan(cfg: &Config, node: &Node) -> DnsPlan {
+    DnsPlan {
+        hosts: cfg.dns_hosts.clone(),
+        mosdns_enabled: node.mosdns.enable,
+        clash_enabled: node.clash.enable,
+        upstreams: cfg.dns_upstreams_for(node),
+    }
+}
