@@ -62,9 +62,13 @@ impl RootFs {
     /// Map an absolute in-root path to the host path, refusing `..` and relative paths.
     pub fn resolve(&self, path: &str) -> Result<PathBuf, FsError> {
         let p = Path::new(path);
-        let ok = p.is_absolute() && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        let ok = p.is_absolute()
+            && p.components()
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
         if !ok {
-            return Err(FsError::BadPath { path: path.to_string() });
+            return Err(FsError::BadPath {
+                path: path.to_string(),
+            });
         }
         Ok(self.root.join(p.strip_prefix("/").unwrap_or(p)))
     }
@@ -76,7 +80,10 @@ impl RootFs {
 pub fn write_atomic(target: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = target.parent().unwrap_or_else(|| Path::new("/"));
     std::fs::create_dir_all(dir)?;
-    let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file");
     let tmp = dir.join(format!(".{name}.meduza-tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
@@ -120,11 +127,18 @@ impl Fs for RootFs {
         let target = self.resolve(path)?;
         if let Ok(meta) = std::fs::metadata(&target) {
             let same_mode = meta.permissions().mode() & 0o7777 == mode;
-            if same_mode && std::fs::read(&target).map(|c| c == content).unwrap_or(false) {
+            if same_mode
+                && std::fs::read(&target)
+                    .map(|c| c == content)
+                    .unwrap_or(false)
+            {
                 return Ok(false);
             }
         }
-        write_atomic(&target, content, mode).map_err(|source| FsError::Write { path: target, source })?;
+        write_atomic(&target, content, mode).map_err(|source| FsError::Write {
+            path: target,
+            source,
+        })?;
         Ok(true)
     }
 
@@ -133,7 +147,10 @@ impl Fs for RootFs {
         match std::fs::remove_file(&target) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(FsError::Remove { path: target, source }),
+            Err(source) => Err(FsError::Remove {
+                path: target,
+                source,
+            }),
         }
     }
 }
@@ -151,7 +168,10 @@ impl Fs for MemFs {
     }
 
     fn write_if_changed(&self, path: &str, content: &[u8], mode: u32) -> Result<bool, FsError> {
-        let mut files = self.files.lock().map_err(|_| FsError::BadPath { path: path.into() })?;
+        let mut files = self
+            .files
+            .lock()
+            .map_err(|_| FsError::BadPath { path: path.into() })?;
         if files.get(path) == Some(&(content.to_vec(), mode)) {
             return Ok(false);
         }
@@ -163,7 +183,10 @@ impl Fs for MemFs {
     }
 
     fn remove(&self, path: &str) -> Result<bool, FsError> {
-        let mut files = self.files.lock().map_err(|_| FsError::BadPath { path: path.into() })?;
+        let mut files = self
+            .files
+            .lock()
+            .map_err(|_| FsError::BadPath { path: path.into() })?;
         Ok(files.remove(path).is_some())
     }
 }
@@ -192,6 +215,9 @@ mod tests {
         let fs = RootFs::new("/tmp/root");
         assert!(fs.resolve("/etc/../../x").is_err());
         assert!(fs.resolve("etc/x").is_err());
-        assert_eq!(fs.resolve("/etc/x").unwrap(), PathBuf::from("/tmp/root/etc/x"));
+        assert_eq!(
+            fs.resolve("/etc/x").unwrap(),
+            PathBuf::from("/tmp/root/etc/x")
+        );
     }
 }

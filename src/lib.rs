@@ -1,1 +1,6 @@
+//! The meduza daemon and CLI as a library (the binary wires these modules; integration
+//! tests use them directly).
+
 pub mod files;
+pub mod offline;
+pub mod reconcile;

@@ -1,1 +1,122 @@
-fn main() {}
+//! `meduza`: the gateway agent and its operator CLI. This file only wires modules.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use meduza::offline;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "meduza",
+    version,
+    about = "Edge-gateway agent: etcd → configs, children, TPROXY, DNS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Validate a snapshot; prints every error as `key: value: reason` (exit 2).
+    Validate {
+        #[arg(long)]
+        snapshot: PathBuf,
+    },
+    /// Render the files one node would get into DIR (as if DIR were MEDUZA_ROOT).
+    Render {
+        #[arg(long)]
+        snapshot: PathBuf,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Print a unified diff against the files already in DIR.
+        #[arg(long)]
+        diff: bool,
+    },
+    /// The predecessor's generator interface: JSON {node_id, node, global, all_nodes} on stdin.
+    Gen {
+        /// easytier, tinc, openvpn, wireguard, frr, clash, mosdns or hosts
+        tool: String,
+    },
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("meduza: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MEDUZA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn invalid(errors: &[meduza_generators::ValidationError]) -> ExitCode {
+    offline::print_errors(errors);
+    eprintln!("meduza: {} invalid key(s); nothing applied", errors.len());
+    ExitCode::from(offline::EXIT_INVALID as u8)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Validate { snapshot } => match offline::validate(&snapshot) {
+            Ok(cfg) => {
+                println!(
+                    "ok: {} node(s): {}",
+                    cfg.nodes.len(),
+                    cfg.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errors) => Ok(invalid(&errors)),
+        },
+        Cmd::Render {
+            snapshot,
+            node,
+            out,
+            diff,
+        } => {
+            let cfg = match offline::validate(&snapshot) {
+                Ok(cfg) => cfg,
+                Err(errors) => return Ok(invalid(&errors)),
+            };
+            match offline::render_to_dir(&cfg, &node, &out, diff) {
+                Ok(summary) => {
+                    if diff {
+                        print!("{}", summary.diff);
+                    }
+                    for l in &summary.written {
+                        println!("wrote     {l}");
+                    }
+                    for l in &summary.unchanged {
+                        println!("unchanged {l}");
+                    }
+                    println!("plans     {}", out.join("plans.json").display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(errors) => Ok(invalid(&errors)),
+            }
+        }
+        Cmd::Gen { tool } => {
+            let out = offline::gen_legacy(&tool)
+                .map_err(anyhow::Error::msg)
+                .context("gen")?;
+            println!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

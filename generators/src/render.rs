@@ -258,12 +258,7 @@ pub fn render_node(
 ///
 /// Lists are sorted and deduplicated so equal configurations give equal plans.
 pub fn tproxy_plan(cfg: &Config, node: &Node, env: &RenderEnv) -> TproxyPlan {
-    let lans: BTreeSet<IpNet> = node
-        .lan
-        .iter()
-        .chain(&node.private_lan)
-        .copied()
-        .collect();
+    let lans: BTreeSet<IpNet> = node.lan.iter().chain(&node.private_lan).copied().collect();
     let mut ifaces = BTreeSet::new();
     let mut ports: BTreeSet<u16> = node.clash.exclude_tproxy_ports.iter().copied().collect();
     match active_mesh(cfg, node) {

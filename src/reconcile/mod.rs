@@ -14,7 +14,9 @@ use meduza_generators::plan::dns::DnsPlan;
 use meduza_generators::plan::service::ServiceSpec;
 use meduza_generators::plan::tproxy::TproxyPlan;
 use meduza_generators::plan::wireguard::WgDevice;
-use meduza_generators::render::{self, ClashRuntime, Domain, DomainOutput, MosdnsRuntime, RenderEnv};
+use meduza_generators::render::{
+    self, ClashRuntime, Domain, DomainOutput, MosdnsRuntime, RenderEnv,
+};
 use meduza_generators::{Config, Snapshot, ValidationError};
 use plan::Op;
 use std::collections::{BTreeMap, BTreeSet};
@@ -59,7 +61,10 @@ pub trait Effects: Send {
     /// `enabled` false stops it.
     fn apply_frr(&mut self, enabled: bool) -> impl Future<Output = Result<(), String>> + Send;
     /// Desired WireGuard devices (enabled instances).
-    fn apply_wireguard(&mut self, devices: Vec<WgDevice>) -> impl Future<Output = Result<(), String>> + Send;
+    fn apply_wireguard(
+        &mut self,
+        devices: Vec<WgDevice>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
     /// Clash/MosDNS runtime settings and the TPROXY plan to apply once mihomo is healthy.
     fn apply_clash(
         &mut self,
@@ -97,11 +102,21 @@ pub struct Reconciler<S, E> {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
-    pub fn new(node_id: String, source: S, effects: E, fs: Arc<dyn Fs>, state_dir: PathBuf, env: RenderEnv) -> Self {
+    pub fn new(
+        node_id: String,
+        source: S,
+        effects: E,
+        fs: Arc<dyn Fs>,
+        state_dir: PathBuf,
+        env: RenderEnv,
+    ) -> Self {
         Self {
             node_id,
             source,
@@ -144,7 +159,8 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             Err(err) => {
                 if self.first_pass_done {
                     warn!(%err, "etcd unreachable; keeping the running configuration");
-                    self.effects.publish("last", format!("{} etcd unreachable", unix_now()));
+                    self.effects
+                        .publish("last", format!("{} etcd unreachable", unix_now()));
                     return PassReport::default();
                 }
                 match self.load_last_good() {
@@ -160,7 +176,10 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             }
         };
         let span = info_span!("reconcile", revision, trigger = ?why);
-        let mut report = self.apply_snapshot(&snapshot, revision).instrument(span).await;
+        let mut report = self
+            .apply_snapshot(&snapshot, revision)
+            .instrument(span)
+            .await;
         report.from_last_good = from_last_good;
         if report.applied && !from_last_good {
             self.save_last_good(&snapshot, revision);
@@ -180,18 +199,24 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             revision,
             ..PassReport::default()
         };
-        let rendered = Config::parse(snapshot)
-            .map_err(|e| e.0)
-            .and_then(|cfg| render::render_node(&cfg, &self.node_id, &self.env).map_err(|e| vec![e]));
+        let rendered = Config::parse(snapshot).map_err(|e| e.0).and_then(|cfg| {
+            render::render_node(&cfg, &self.node_id, &self.env).map_err(|e| vec![e])
+        });
         let rendered = match rendered {
             Ok(r) => r,
             Err(errors) => {
-                warn!(count = errors.len(), "snapshot refused; the last good configuration keeps running");
+                warn!(
+                    count = errors.len(),
+                    "snapshot refused; the last good configuration keeps running"
+                );
                 for e in &errors {
                     warn!(key = %e.key, reason = %e.reason, "invalid key");
                 }
                 self.effects.publish("errors", errors_json(&errors));
-                self.effects.publish("last", format!("{} refused revision {revision}", unix_now()));
+                self.effects.publish(
+                    "last",
+                    format!("{} refused revision {revision}", unix_now()),
+                );
                 report.errors = errors;
                 self.first_pass_done = true;
                 return report;
@@ -233,8 +258,16 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             info!(domain = %d.label(), "domain changed");
         }
 
-        let specs: Vec<ServiceSpec> = rendered.domains.values().flat_map(|d| d.services.clone()).collect();
-        if let Err(e) = self.effects.apply_services(specs, changed_files.clone()).await {
+        let specs: Vec<ServiceSpec> = rendered
+            .domains
+            .values()
+            .flat_map(|d| d.services.clone())
+            .collect();
+        if let Err(e) = self
+            .effects
+            .apply_services(specs, changed_files.clone())
+            .await
+        {
             failures.push(format!("services: {e}"));
         }
         let frr_changed = changed.contains(&Domain::Frr);
@@ -243,12 +276,20 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
                 failures.push(format!("frr: {e}"));
             }
         }
-        if let Err(e) = self.effects.apply_wireguard(rendered.wireguard.clone()).await {
+        if let Err(e) = self
+            .effects
+            .apply_wireguard(rendered.wireguard.clone())
+            .await
+        {
             failures.push(format!("wireguard: {e}"));
         }
         if let Err(e) = self
             .effects
-            .apply_clash(rendered.clash.clone(), rendered.mosdns.clone(), rendered.tproxy.clone())
+            .apply_clash(
+                rendered.clash.clone(),
+                rendered.mosdns.clone(),
+                rendered.tproxy.clone(),
+            )
             .await
         {
             failures.push(format!("clash: {e}"));
@@ -263,8 +304,12 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         if failures.is_empty() {
             self.applied_revision = Some(revision);
             self.effects.publish("errors", "[]".into());
-            self.effects.publish("applied", format!("{revision} {}", unix_now()));
-            self.effects.publish("last", format!("{} applied revision {revision}", unix_now()));
+            self.effects
+                .publish("applied", format!("{revision} {}", unix_now()));
+            self.effects.publish(
+                "last",
+                format!("{} applied revision {revision}", unix_now()),
+            );
             report.applied = true;
         } else {
             let errors: Vec<ValidationError> = failures
@@ -275,7 +320,10 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
                 warn!(failure = %f, "apply step failed; will retry on the next pass");
             }
             self.effects.publish("errors", errors_json(&errors));
-            self.effects.publish("last", format!("{} apply failed for revision {revision}", unix_now()));
+            self.effects.publish(
+                "last",
+                format!("{} apply failed for revision {revision}", unix_now()),
+            );
             report.errors = errors;
         }
         report

@@ -15,7 +15,11 @@ use std::collections::{BTreeMap, BTreeSet};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// Write a file (content differs on disk or the file is missing).
-    WriteFile { domain: Domain, path: String, mode: u32 },
+    WriteFile {
+        domain: Domain,
+        path: String,
+        mode: u32,
+    },
     /// Remove a file the domain rendered before and no longer does.
     RemoveFile { domain: Domain, path: String },
     /// A domain that is new on this node: write, then start its services.
@@ -63,17 +67,23 @@ pub fn plan(
                 changed = true;
             }
             if changed {
-                ops.push(Op::Reload { domain: domain.clone() });
+                ops.push(Op::Reload {
+                    domain: domain.clone(),
+                });
             }
         } else {
-            ops.push(Op::Start { domain: domain.clone() });
+            ops.push(Op::Start {
+                domain: domain.clone(),
+            });
         }
     }
     for (domain, prev) in applied {
         if desired.contains_key(domain) {
             continue;
         }
-        ops.push(Op::Stop { domain: domain.clone() });
+        ops.push(Op::Stop {
+            domain: domain.clone(),
+        });
         for f in &prev.files {
             ops.push(Op::RemoveFile {
                 domain: domain.clone(),
@@ -127,12 +137,17 @@ mod tests {
     #[test]
     fn unchanged_domain_produces_nothing_and_changed_one_reloads() {
         let disk: RefCell<BTreeMap<String, (Vec<u8>, u32)>> = RefCell::default();
-        disk.borrow_mut().insert("/etc/frr/frr.conf".into(), (b"a".to_vec(), 0o644));
-        disk.borrow_mut().insert("/etc/tinc/mesh/tinc.conf".into(), (b"t".to_vec(), 0o644));
+        disk.borrow_mut()
+            .insert("/etc/frr/frr.conf".into(), (b"a".to_vec(), 0o644));
+        disk.borrow_mut()
+            .insert("/etc/tinc/mesh/tinc.conf".into(), (b"t".to_vec(), 0o644));
         let observed = |p: &str| disk.borrow().get(p).cloned();
         let applied = BTreeMap::from([
             (Domain::Frr, out(vec![file("/etc/frr/frr.conf", "a")])),
-            (Domain::Tinc, out(vec![file("/etc/tinc/mesh/tinc.conf", "t")])),
+            (
+                Domain::Tinc,
+                out(vec![file("/etc/tinc/mesh/tinc.conf", "t")]),
+            ),
         ]);
         let mut desired = applied.clone();
         assert!(plan(&applied, &desired, &observed).is_empty());
@@ -146,7 +161,9 @@ mod tests {
                     path: "/etc/frr/frr.conf".into(),
                     mode: 0o644
                 },
-                Op::Reload { domain: Domain::Frr },
+                Op::Reload {
+                    domain: Domain::Frr
+                },
             ]
         );
     }
@@ -154,8 +171,14 @@ mod tests {
     #[test]
     fn hand_edited_file_is_repaired_new_domain_started_gone_domain_stopped() {
         let observed = |_: &str| Some((b"edited".to_vec(), 0o644));
-        let applied = BTreeMap::from([(Domain::Tinc, out(vec![file("/etc/tinc/mesh/tinc.conf", "t")]))]);
-        let desired = BTreeMap::from([(Domain::Openvpn("office".into()), out(vec![file("/etc/openvpn/office.conf", "o")]))]);
+        let applied = BTreeMap::from([(
+            Domain::Tinc,
+            out(vec![file("/etc/tinc/mesh/tinc.conf", "t")]),
+        )]);
+        let desired = BTreeMap::from([(
+            Domain::Openvpn("office".into()),
+            out(vec![file("/etc/openvpn/office.conf", "o")]),
+        )]);
         let ops = plan(&applied, &desired, &observed);
         assert_eq!(
             ops,
@@ -168,7 +191,9 @@ mod tests {
                 Op::Start {
                     domain: Domain::Openvpn("office".into())
                 },
-                Op::Stop { domain: Domain::Tinc },
+                Op::Stop {
+                    domain: Domain::Tinc
+                },
                 Op::RemoveFile {
                     domain: Domain::Tinc,
                     path: "/etc/tinc/mesh/tinc.conf".into()

@@ -266,7 +266,10 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
                 s,
                 "bgp as-path access-list {ASP_NO_TRANSIT} seq 10 deny ^.+ .+ .+"
             );
-            let _ = writeln!(s, "bgp as-path access-list {ASP_NO_TRANSIT} seq 20 permit .*");
+            let _ = writeln!(
+                s,
+                "bgp as-path access-list {ASP_NO_TRANSIT} seq 20 permit .*"
+            );
         }
         if ebgp.iter().any(|n| n.peer.no_forward) {
             if large {
@@ -453,8 +456,8 @@ pub fn daemons(node: &Node) -> String {
     let _ = writeln!(s, "bgpd={}", yn(node.bgp.enable));
     let _ = writeln!(s, "ospfd={}", yn(node.ospf.enable));
     for d in [
-        "ospf6d", "ripd", "ripngd", "isisd", "pimd", "ldpd", "nhrpd", "eigrpd", "babeld",
-        "sharpd", "pbrd", "bfdd", "fabricd", "vrrpd", "pathd",
+        "ospf6d", "ripd", "ripngd", "isisd", "pimd", "ldpd", "nhrpd", "eigrpd", "babeld", "sharpd",
+        "pbrd", "bfdd", "fabricd", "vrrpd", "pathd",
     ] {
         let _ = writeln!(s, "{d}=no");
     }
@@ -472,11 +475,7 @@ pub fn render(cfg: &Config, node: &Node) -> Result<DomainOutput, ValidationError
         files: vec![
             FileOut::new(FRR_CONF, frr_conf(cfg, node)?, MODE_PUBLIC),
             FileOut::new(DAEMONS, daemons(node), MODE_PUBLIC),
-            FileOut::new(
-                VTYSH_CONF,
-                "service integrated-vtysh-config\n",
-                MODE_PUBLIC,
-            ),
+            FileOut::new(VTYSH_CONF, "service integrated-vtysh-config\n", MODE_PUBLIC),
         ],
         services: Vec::new(),
     })
