@@ -351,3 +351,147 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
 pub fn errors_json(errors: &[ValidationError]) -> String {
     serde_json::to_string(errors).unwrap_or_else(|_| "[]".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::MemFs;
+
+    struct FakeSource {
+        next: Result<(Snapshot, i64), String>,
+    }
+
+    impl ConfigSource for FakeSource {
+        async fn load(&mut self) -> Result<(Snapshot, i64), String> {
+            self.next.clone()
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeEffects {
+        service_calls: Vec<(Vec<String>, BTreeSet<String>)>,
+        frr_calls: Vec<bool>,
+        tproxy: Vec<Option<TproxyPlan>>,
+        published: BTreeMap<String, String>,
+    }
+
+    impl Effects for FakeEffects {
+        async fn apply_services(&mut self, specs: Vec<ServiceSpec>, changed: BTreeSet<String>) -> Result<(), String> {
+            self.service_calls.push((specs.into_iter().map(|s| s.name).collect(), changed));
+            Ok(())
+        }
+        async fn apply_frr(&mut self, enabled: bool) -> Result<(), String> {
+            self.frr_calls.push(enabled);
+            Ok(())
+        }
+        async fn apply_wireguard(&mut self, _d: Vec<WgDevice>) -> Result<(), String> {
+            Ok(())
+        }
+        async fn apply_clash(
+            &mut self,
+            _c: Option<ClashRuntime>,
+            _m: Option<MosdnsRuntime>,
+            t: Option<TproxyPlan>,
+        ) -> Result<(), String> {
+            self.tproxy.push(t);
+            Ok(())
+        }
+        async fn apply_dns(&mut self, _p: DnsPlan) -> Result<(), String> {
+            Ok(())
+        }
+        fn publish(&mut self, suffix: &str, value: String) {
+            self.published.insert(suffix.to_string(), value);
+        }
+    }
+
+    fn example() -> Snapshot {
+        let text = include_str!("../../docs/examples/three-nodes.json");
+        Snapshot::from_json(text).expect("example parses")
+    }
+
+    fn reconciler(state: &Path, snap: Result<(Snapshot, i64), String>) -> (Reconciler<FakeSource, FakeEffects>, Arc<MemFs>) {
+        let fs = Arc::new(MemFs::default());
+        let env = RenderEnv {
+            default_gw: None,
+            clash_secret: "test-secret-0123456789".into(),
+            bins: Default::default(),
+        };
+        let r = Reconciler::new(
+            "gw-a".into(),
+            FakeSource { next: snap },
+            FakeEffects::default(),
+            fs.clone() as Arc<dyn Fs>,
+            state.to_path_buf(),
+            env,
+        );
+        (r, fs)
+    }
+
+    use std::path::Path;
+
+    #[tokio::test]
+    async fn second_pass_of_the_same_snapshot_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, fs) = reconciler(dir.path(), Ok((example(), 7)));
+        let first = r.pass(&Trigger::Boot).await;
+        assert!(first.applied, "{:?}", first.errors);
+        assert!(first.changed.contains("frr") && first.changed.contains("tinc"));
+        let writes = fs.writes.lock().unwrap().len();
+        assert!(writes > 5);
+        let second = r.pass(&Trigger::Commit(8)).await;
+        assert!(second.applied);
+        assert!(second.changed.is_empty(), "{:?}", second.changed);
+        assert_eq!(fs.writes.lock().unwrap().len(), writes, "no file rewritten");
+        let (_, changed) = r.effects().service_calls.last().unwrap().clone();
+        assert!(changed.is_empty());
+        assert_eq!(r.effects().frr_calls, vec![true], "FRR reloaded only on the first pass");
+        assert!(r.effects().published["applied"].starts_with("7 ") || r.effects().published["applied"].starts_with("8 "));
+    }
+
+    #[tokio::test]
+    async fn a_changed_key_touches_only_its_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, _fs) = reconciler(dir.path(), Ok((example(), 1)));
+        assert!(r.pass(&Trigger::Boot).await.applied);
+        let mut snap = example();
+        snap.0.insert("/dns/hosts/new.internal".into(), "10.1.2.3".into());
+        r.source.next = Ok((snap, 2));
+        let report = r.pass(&Trigger::Commit(2)).await;
+        assert_eq!(report.changed, BTreeSet::from(["hosts".to_string()]));
+        assert_eq!(r.effects().frr_calls.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn invalid_snapshot_is_refused_and_errors_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, fs) = reconciler(dir.path(), Ok((example(), 1)));
+        assert!(r.pass(&Trigger::Boot).await.applied);
+        let writes = fs.writes.lock().unwrap().len();
+        let mut bad = example();
+        bad.0.insert("/nodes/gw-a/lan".into(), "not-a-cidr".into());
+        r.source.next = Ok((bad, 2));
+        let report = r.pass(&Trigger::Commit(2)).await;
+        assert!(!report.applied);
+        assert_eq!(report.errors[0].key, "/nodes/gw-a/lan");
+        assert!(r.effects().published["errors"].contains("/nodes/gw-a/lan"));
+        assert!(r.effects().published["applied"].starts_with("1 "), "applied stays at the last good revision");
+        assert_eq!(fs.writes.lock().unwrap().len(), writes, "nothing written for a refused snapshot");
+    }
+
+    #[tokio::test]
+    async fn boot_without_etcd_uses_the_last_good_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, _) = reconciler(dir.path(), Ok((example(), 5)));
+        assert!(r.pass(&Trigger::Boot).await.applied);
+        // A new meduza process: etcd unreachable.
+        let (mut r2, fs2) = reconciler(dir.path(), Err("connection refused".into()));
+        let report = r2.pass(&Trigger::Boot).await;
+        assert!(report.applied && report.from_last_good);
+        assert_eq!(report.revision, 5);
+        assert!(fs2.read("/etc/frr/frr.conf").is_some());
+        // Later failures keep the running configuration and do nothing.
+        let later = r2.pass(&Trigger::Periodic).await;
+        assert!(!later.applied);
+        assert!(r2.effects().published["last"].ends_with("etcd unreachable"));
+    }
+}
