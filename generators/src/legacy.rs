@@ -123,7 +123,11 @@ fn single(r: &Rendered, domain: &Domain, text_field: &str) -> Value {
     o.insert("enabled".into(), Value::Bool(true));
     o.insert(
         text_field.into(),
-        json!(d.files.first().map(|f| f.content.clone()).unwrap_or_default()),
+        json!(d
+            .files
+            .first()
+            .map(|f| f.content.clone())
+            .unwrap_or_default()),
     );
     o.insert("args".into(), args_json(d));
     o.insert("files".into(), files_json(d));
@@ -146,7 +150,11 @@ fn instances(
         o.insert("name".into(), json!(name));
         o.insert(
             "config_text".into(),
-            json!(d.files.first().map(|f| f.content.clone()).unwrap_or_default()),
+            json!(d
+                .files
+                .first()
+                .map(|f| f.content.clone())
+                .unwrap_or_default()),
         );
         o.insert("args".into(), args_json(d));
         o.insert("files".into(), files_json(d));
@@ -208,7 +216,9 @@ mod tests {
 
     #[test]
     fn unknown_tool_is_refused() {
-        assert!(gen_legacy("dnsmasq", "{}").unwrap_err().contains("unknown tool"));
+        assert!(gen_legacy("dnsmasq", "{}")
+            .unwrap_err()
+            .contains("unknown tool"));
     }
 
     #[test]

@@ -18,7 +18,11 @@ fn golden_root() -> PathBuf {
 fn domain_text(d: &DomainOutput) -> String {
     let mut s = String::new();
     for f in &d.files {
-        let _ = write!(s, "===== {} (mode {:04o}) =====\n{}", f.path, f.mode, f.content);
+        let _ = write!(
+            s,
+            "===== {} (mode {:04o}) =====\n{}",
+            f.path, f.mode, f.content
+        );
         if !f.content.ends_with('\n') {
             s.push_str("\n<no newline at end of file>\n");
         }
@@ -68,7 +72,11 @@ fn existing(dir: &Path) -> BTreeMap<String, String> {
         return out;
     };
     for node in nodes.flatten() {
-        for f in std::fs::read_dir(node.path()).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(node.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let rel = format!(
                 "{}/{}",
                 node.file_name().to_string_lossy(),
@@ -109,7 +117,9 @@ fn check(scenario: &str, snap: &Snapshot) {
         }
     }
     for rel in on_disk.keys().filter(|k| !rendered.contains_key(*k)) {
-        problems.push(format!("stale golden {scenario}/{rel} (no longer rendered)"));
+        problems.push(format!(
+            "stale golden {scenario}/{rel} (no longer rendered)"
+        ));
     }
     assert!(
         problems.is_empty(),
@@ -131,7 +141,10 @@ fn example_with_easytier_matches_golden() {
 #[test]
 fn every_generator_is_exercised_by_the_goldens() {
     let mut labels = std::collections::BTreeSet::new();
-    for snap in [common::example_snapshot(), common::example_easytier_snapshot()] {
+    for snap in [
+        common::example_snapshot(),
+        common::example_easytier_snapshot(),
+    ] {
         let cfg = common::parse(&snap);
         for id in cfg.nodes.keys() {
             let r = render_node(&cfg, id, &common::env()).expect("renders");
@@ -141,9 +154,19 @@ fn every_generator_is_exercised_by_the_goldens() {
         }
     }
     let want = [
-        "clash", "easytier", "frr", "hosts", "mosdns", "openvpn", "tinc", "wireguard",
+        "clash",
+        "easytier",
+        "frr",
+        "hosts",
+        "mosdns",
+        "openvpn",
+        "tinc",
+        "wireguard",
     ];
     for w in want {
-        assert!(labels.contains(w), "no example node renders {w}: {labels:?}");
+        assert!(
+            labels.contains(w),
+            "no example node renders {w}: {labels:?}"
+        );
     }
 }

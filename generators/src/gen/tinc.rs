@@ -104,7 +104,11 @@ pub fn tinc_up(node: &Node) -> String {
 pub fn render(cfg: &Config, node: &Node, env: &RenderEnv) -> Result<DomainOutput, ValidationError> {
     let dir = conf_dir(cfg);
     let mut files = vec![
-        FileOut::new(format!("{dir}/tinc.conf"), tinc_conf(cfg, node), MODE_PUBLIC),
+        FileOut::new(
+            format!("{dir}/tinc.conf"),
+            tinc_conf(cfg, node),
+            MODE_PUBLIC,
+        ),
         FileOut::new(format!("{dir}/tinc-up"), tinc_up(node), MODE_EXEC),
     ];
     if let Some(key) = &node.tinc.private_key {

@@ -43,7 +43,10 @@ pub fn device(inst: &Wireguard) -> WgDevice {
 pub fn config_text(node: &Node, inst: &Wireguard) -> String {
     let mut s = header_hash(&node.id, &format!("wireguard/{}", inst.name));
     for a in &inst.addresses {
-        let _ = writeln!(s, "# Address = {a} (assigned by meduza; wg setconf has no Address)");
+        let _ = writeln!(
+            s,
+            "# Address = {a} (assigned by meduza; wg setconf has no Address)"
+        );
     }
     s.push_str("[Interface]\n");
     let _ = writeln!(s, "PrivateKey = {}", inst.private_key);
