@@ -219,3 +219,60 @@ fn openvpn_static_key_pair_comes_up() {
         "management socket"
     );
 }
+
+const WIREGUARD_GO: &str = "/usr/bin/wireguard-go";
+const WG: &str = "/usr/bin/wg";
+
+/// Removes wireguard-go's UAPI socket (left behind when the process is killed).
+struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn wg_setconf_accepts_generated_config() {
+    // This kernel may lack WireGuard: use the userspace implementation's device.
+    let cfg = common::parse(&common::example_snapshot());
+    let d = render(&cfg, "gw-b", &Domain::Wireguard("partner".into()));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write_files(tmp.path(), &d, str::to_string);
+    let conf = tmp.path().join("etc/wireguard/wg-partner.conf");
+    let mut ns = Netns::new("w");
+    let dev = format!("wgt{}", std::process::id());
+    let sock = SocketGuard(PathBuf::from(format!("/var/run/wireguard/{dev}.sock")));
+    ns.spawn(
+        &ns.a.clone(),
+        &[WIREGUARD_GO.into(), "-f".into(), dev.clone()],
+        &tmp.path().join("wg.log"),
+    );
+    let start = Instant::now();
+    while !sock.0.exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let setconf = Command::new(IP)
+        .args(["netns", "exec", &ns.a, WG, "setconf", &dev])
+        .arg(&conf)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {WG}: {e}"));
+    assert!(
+        setconf.status.success(),
+        "wg setconf refused the file: {}\n{}",
+        String::from_utf8_lossy(&setconf.stderr),
+        std::fs::read_to_string(&conf).unwrap_or_default()
+    );
+    let show = Command::new(IP)
+        .args(["netns", "exec", &ns.a, WG, "show", &dev, "dump"])
+        .output()
+        .expect("wg show");
+    let dump = String::from_utf8_lossy(&show.stdout);
+    let plan = &render_node(&cfg, "gw-b", &common::env())
+        .expect("renders")
+        .wireguard[0];
+    assert!(dump.contains(&plan.peers[0].public_key), "{dump}");
+    assert!(dump.contains("51820"), "{dump}");
+    assert!(dump.contains("172.30.0.0/30,10.77.0.0/16"), "{dump}");
+    assert!(dump.contains("192.0.2.50:51820"), "{dump}");
+}
