@@ -305,3 +305,162 @@ pub fn dns_plan(cfg: &Config, node: &Node) -> DnsPlan {
         upstreams: cfg.dns_upstreams_for(node),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::Snapshot;
+
+    const EXAMPLE: &str = include_str!("../../docs/examples/three-nodes.json");
+
+    fn example(overrides: &[(&str, &str)]) -> Config {
+        let mut s = Snapshot::from_json(EXAMPLE).expect("example is JSON");
+        for (k, v) in overrides {
+            s.0.insert((*k).to_string(), (*v).to_string());
+        }
+        Config::parse(&s).expect("example validates")
+    }
+
+    fn env() -> RenderEnv {
+        RenderEnv {
+            default_gw: Some("192.168.0.1".parse().expect("literal")),
+            clash_secret: "generated-secret-0123456789".into(),
+            bins: Bins::default(),
+        }
+    }
+
+    fn nets(v: &[&str]) -> Vec<IpNet> {
+        v.iter().map(|n| n.parse().expect("literal")).collect()
+    }
+
+    #[test]
+    fn tproxy_plan_lists_sources_and_every_exclusion() {
+        let cfg = example(&[]);
+        let r = render_node(&cfg, "gw-a", &env()).expect("renders");
+        let t = r.tproxy.expect("gw-a runs clash in tproxy mode");
+        assert_eq!(t.proxy_src, nets(&["10.42.1.0/24", "10.99.1.0/24"]));
+        assert_eq!(t.bypass_dst, t.proxy_src);
+        assert_eq!(
+            t.exclude_src,
+            vec!["192.168.0.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(t.exclude_ifaces, vec!["ovpn-isp1", "tnc0"]);
+        // clash/exclude_tproxy_port 22 9100, tinc 655, openvpn 1194 (sorted, unique).
+        assert_eq!(t.exclude_ports, vec![22, 655, 1194, 9100]);
+        assert_eq!((t.port, t.mark, t.table), (7893, 1, 100));
+    }
+
+    #[test]
+    fn tproxy_plan_follows_the_active_mesh() {
+        let cfg = example(&[("/global/mesh_type", "easytier")]);
+        let node = cfg.node("gw-b").expect("gw-b");
+        let t = tproxy_plan(&cfg, node, &env());
+        assert_eq!(t.exclude_ifaces, vec!["et0", "wg-partner"]);
+        // easytier listener 11010 and wireguard 51820; no tinc port.
+        assert_eq!(t.exclude_ports, vec![11010, 51820]);
+        assert!(t.exclude_src.len() == 1);
+    }
+
+    #[test]
+    fn mixed_mode_has_no_tproxy_plan() {
+        let cfg = example(&[]);
+        let r = render_node(&cfg, "gw-b", &env()).expect("renders");
+        assert!(r.tproxy.is_none());
+        let c = r.clash.expect("clash enabled");
+        assert_eq!(c.mode, ClashMode::Mixed);
+        assert_eq!(c.secret, "generated-secret-0123456789");
+        assert_eq!(c.provider_path, "/etc/mihomo/providers/backup.yaml");
+        assert_eq!(c.refresh_minutes, None);
+    }
+
+    #[test]
+    fn only_enabled_things_render() {
+        let cfg = example(&[]);
+        let r = render_node(&cfg, "gw-a", &env()).expect("renders");
+        let labels: Vec<String> = r.domains.keys().map(Domain::label).collect();
+        assert_eq!(
+            labels,
+            vec!["tinc", "openvpn/isp1", "frr", "clash", "mosdns", "hosts"]
+        );
+        // The disabled openvpn/lab instance is absent; easytier is not the mesh.
+        let r = render_node(&cfg, "gw-c", &env()).expect("renders");
+        assert!(r.clash.is_none() && r.tproxy.is_none() && r.wireguard.is_empty());
+        assert!(r.mosdns.is_some());
+        let cfg = example(&[
+            ("/nodes/gw-c/bgp/enable", "false"),
+            ("/nodes/gw-c/mosdns/enable", "false"),
+            ("/nodes/gw-c/tinc/enable", "false"),
+        ]);
+        let r = render_node(&cfg, "gw-c", &env()).expect("renders");
+        let labels: Vec<String> = r.domains.keys().map(Domain::label).collect();
+        assert_eq!(labels, vec!["hosts"]);
+        assert!(!r.frr_enabled);
+    }
+
+    #[test]
+    fn dns_plan_merges_node_upstreams_over_global_ones() {
+        let cfg = example(&[]);
+        let node = cfg.node("gw-c").expect("gw-c");
+        let d = dns_plan(&cfg, node);
+        assert!(d.mosdns_enabled && !d.clash_enabled);
+        let names: Vec<&str> = d.upstreams.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, vec!["alidns", "cloudflare"]);
+        assert_eq!(d.upstreams[0].addresses[0].to_string(), "10.42.3.53:53");
+        assert_eq!(d.hosts["db.example.com"].len(), 3);
+    }
+
+    #[test]
+    fn wireguard_plan_carries_the_instance() {
+        let cfg = example(&[]);
+        let r = render_node(&cfg, "gw-b", &env()).expect("renders");
+        assert_eq!(r.wireguard.len(), 1);
+        let w = &r.wireguard[0];
+        assert_eq!((w.dev.as_str(), w.listen_port), ("wg-partner", Some(51820)));
+        assert_eq!(
+            w.peers[0].allowed_ips,
+            nets(&["172.30.0.0/30", "10.77.0.0/16"])
+        );
+        let f = &r.domains[&Domain::Wireguard("partner".into())].files[0];
+        assert_eq!(
+            (f.path.as_str(), f.mode),
+            ("/etc/wireguard/wg-partner.conf", 0o600)
+        );
+        assert!(!f.content.lines().any(|l| l.starts_with("Address")));
+    }
+
+    #[test]
+    fn rendering_is_deterministic() {
+        let cfg = example(&[]);
+        for id in ["gw-a", "gw-b", "gw-c"] {
+            assert_eq!(
+                render_node(&cfg, id, &env()).expect("renders"),
+                render_node(&cfg, id, &env()).expect("renders")
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_are_mode_0600() {
+        let cfg = example(&[]);
+        for id in ["gw-a", "gw-b", "gw-c"] {
+            let r = render_node(&cfg, id, &env()).expect("renders");
+            for f in r.domains.values().flat_map(|d| &d.files) {
+                let secret = f.content.contains("PRIVATE KEY")
+                    || f.content.contains("<secret>")
+                    || f.content.contains("PrivateKey")
+                    || f.content.contains("secret:")
+                    || f.content.contains("network_secret");
+                if secret {
+                    assert_eq!(f.mode, 0o600, "{} holds a secret", f.path);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn domain_labels() {
+        assert_eq!(Domain::Openvpn("office".into()).label(), "openvpn/office");
+        assert_eq!(Domain::Wireguard("x".into()).label(), "wireguard/x");
+        assert_eq!(Domain::Hosts.label(), "hosts");
+    }
+}

@@ -140,3 +140,44 @@ mod tests {
         assert_eq!(listener_urls("11010").len(), 2);
     }
 }
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+    use crate::snapshot::Snapshot;
+
+    #[test]
+    fn config_is_valid_toml_with_easytier_keys() {
+        let mut s = Snapshot::from_json(include_str!("../../../docs/examples/three-nodes.json"))
+            .expect("example is JSON");
+        s.0.insert("/global/mesh_type".into(), "easytier".into());
+        s.0.insert(
+            "/global/easytier/network_secret".into(),
+            "quote\" back\\slash".into(),
+        );
+        let cfg = Config::parse(&s).expect("validates");
+        let text = config_toml(&cfg, cfg.node("gw-b").expect("gw-b"));
+        let v: toml::Table = toml::from_str(&text).expect("valid TOML");
+        assert_eq!(v["ipv4"].as_str(), Some("10.144.144.2/24"));
+        assert_eq!(
+            v["network_identity"]["network_secret"].as_str(),
+            Some("quote\" back\\slash")
+        );
+        assert_eq!(v["flags"]["private_mode"].as_bool(), Some(true));
+        assert_eq!(v["flags"]["dev_name"].as_str(), Some("et0"));
+        let listeners: Vec<&str> = v["listeners"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|l| l.as_str())
+            .collect();
+        assert_eq!(
+            listeners,
+            vec!["tcp://0.0.0.0:11010", "udp://0.0.0.0:11010"]
+        );
+        assert_eq!(
+            v["peer"][0]["uri"].as_str(),
+            Some("tcp://203.0.113.10:11010")
+        );
+    }
+}

@@ -480,3 +480,133 @@ pub fn render(cfg: &Config, node: &Node) -> Result<DomainOutput, ValidationError
         services: Vec::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::Snapshot;
+
+    const EXAMPLE: &str = include_str!("../../../docs/examples/three-nodes.json");
+
+    fn conf(overrides: &[(&str, &str)], node: &str) -> String {
+        let mut s = Snapshot::from_json(EXAMPLE).expect("example is JSON");
+        for (k, v) in overrides {
+            s.0.insert((*k).to_string(), (*v).to_string());
+        }
+        let cfg = Config::parse(&s).expect("validates");
+        frr_conf(&cfg, cfg.node(node).expect("node")).expect("renders")
+    }
+
+    #[test]
+    fn no_forward_uses_a_valid_standard_community_for_16_bit_asns() {
+        let c = conf(&[], "gw-a");
+        assert!(c.contains("set community 65010:9999 additive"));
+        assert!(
+            c.contains("bgp community-list standard MEDUZA-EBGP-LEARNED seq 10 permit 65010:9999")
+        );
+        assert!(c.contains(" match community MEDUZA-EBGP-LEARNED"));
+        // Never a bare community (FRR >= 8 rejects `9999`).
+        assert!(!c.lines().any(|l| l.trim() == "set community 9999 additive"));
+    }
+
+    #[test]
+    fn no_forward_uses_a_large_community_for_32_bit_asns() {
+        let big = [
+            ("/nodes/gw-a/bgp/asn", "4200000000"),
+            ("/nodes/gw-b/bgp/asn", "4200000000"),
+            ("/nodes/gw-c/bgp/asn", "4200000000"),
+        ];
+        let c = conf(&big, "gw-a");
+        assert!(c.contains("router bgp 4200000000"));
+        assert!(c.contains("set large-community 4200000000:9999:0 additive"));
+        assert!(c.contains(
+            "bgp large-community-list standard MEDUZA-EBGP-LEARNED seq 10 permit 4200000000:9999:0"
+        ));
+        assert!(c.contains(" match large-community MEDUZA-EBGP-LEARNED"));
+        assert!(!c.contains("set community 4200000000"));
+    }
+
+    #[test]
+    fn no_transit_only_where_asked() {
+        assert!(conf(&[], "gw-a").contains(" match as-path MEDUZA-NO-TRANSIT"));
+        let c = conf(&[], "gw-b");
+        assert!(!c.contains("as-path"), "gw-b's peer has no_transit false");
+        // Every eBGP neighbor still gets both route-maps (ebgp-requires-policy).
+        assert!(c.contains("neighbor 172.30.0.2 route-map MEDUZA-EBGP-WG-partner-IN in"));
+        assert!(c.contains("neighbor 172.30.0.2 route-map MEDUZA-EBGP-WG-partner-OUT out"));
+        assert!(c.contains("neighbor 172.30.0.2 update-source wg-partner"));
+    }
+
+    #[test]
+    fn private_lans_of_every_node_are_kept_from_ebgp() {
+        // gw-b has no private_lan of its own; gw-a's must still not leave through gw-b.
+        let c = conf(&[], "gw-b");
+        assert!(c.contains("ip prefix-list MEDUZA-PRIVATE-LAN seq 10 permit 10.99.1.0/24 le 32"));
+        assert!(c.contains("route-map MEDUZA-EBGP-WG-partner-OUT deny 5\n match ip address prefix-list MEDUZA-PRIVATE-LAN"));
+    }
+
+    #[test]
+    fn ibgp_only_with_bgp_as_internal_routing() {
+        let c = conf(&[], "gw-c");
+        assert!(c.contains(" neighbor 10.200.0.1 remote-as 65010"));
+        assert!(c.contains("  neighbor 10.200.0.1 next-hop-self"));
+        assert!(!c.contains("router ospf"));
+        let c = conf(&[("/global/internal_routing_system", "ospf")], "gw-c");
+        assert!(
+            !c.contains("10.200.0.1"),
+            "no iBGP neighbors with ospf internally"
+        );
+        assert!(c.contains(" bgp router-id 10.255.0.3"));
+    }
+
+    #[test]
+    fn ospf_networks_and_router_id() {
+        let c = conf(&[], "gw-a");
+        assert!(c.contains("router ospf\n ospf router-id 10.255.0.1\n"));
+        for n in ["10.200.0.0/24", "10.42.1.0/24", "10.99.1.0/24"] {
+            assert!(c.contains(&format!(" network {n} area 0\n")), "{n}");
+        }
+        assert!(c.contains("interface tnc0\n no ip ospf passive\n"));
+        // Router id derived from the overlay address when none is configured.
+        let c = conf(
+            &[
+                ("/nodes/gw-a/ospf/router_id", ""),
+                ("/nodes/gw-a/bgp/router_id", ""),
+            ],
+            "gw-a",
+        );
+        assert!(c.contains(" ospf router-id 10.200.0.1\n"));
+        assert!(c.contains(" bgp router-id 10.200.0.1\n"));
+    }
+
+    #[test]
+    fn duplicate_peer_ip_is_refused() {
+        let mut s = Snapshot::from_json(EXAMPLE).expect("example is JSON");
+        for (k, v) in [
+            ("/nodes/gw-a/wireguard/w2/enable", "true"),
+            (
+                "/nodes/gw-a/wireguard/w2/private_key",
+                "YAnz3Pnh6Kc7Xd9xUIpVvf6n7XUqCo3qAwU6qhOb0W8=",
+            ),
+            ("/nodes/gw-a/wireguard/w2/bgp/enable", "true"),
+            ("/nodes/gw-a/wireguard/w2/bgp/peer_asn", "65100"),
+            ("/nodes/gw-a/wireguard/w2/bgp/peer_ip", "172.31.0.2"),
+        ] {
+            s.0.insert(k.into(), v.into());
+        }
+        let cfg = Config::parse(&s).expect("validates");
+        let e = frr_conf(&cfg, cfg.node("gw-a").expect("gw-a")).expect_err("same peer twice");
+        assert_eq!(e.key, "/nodes/gw-a/wireguard/w2/bgp/peer_ip");
+    }
+
+    #[test]
+    fn daemons_follow_the_protocols() {
+        let mut s = Snapshot::from_json(EXAMPLE).expect("example is JSON");
+        s.0.insert("/nodes/gw-c/bgp/enable".into(), "false".into());
+        s.0.insert("/nodes/gw-c/ospf/enable".into(), "true".into());
+        let cfg = Config::parse(&s).expect("validates");
+        let d = daemons(cfg.node("gw-c").expect("gw-c"));
+        assert!(d.contains("\nbgpd=no\n") && d.contains("\nospfd=yes\n"));
+        assert!(d.contains("\nvtysh_enable=yes\n") && d.contains("\nzebra=yes\n"));
+    }
+}
