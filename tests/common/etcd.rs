@@ -18,6 +18,18 @@ use std::time::{Duration, Instant};
 
 use meduza::etcd::{EtcdConfig, EtcdTimeouts};
 
+/// Sends the code's tracing output to the test's captured output (shown on failure
+/// or with `--nocapture`); `RUST_LOG` filters it (default `meduza=debug`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("meduza=debug"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
+}
+
 /// How to start the server.
 #[derive(Debug, Clone, Default)]
 pub struct EtcdOptions {
@@ -85,6 +97,7 @@ impl TestEtcd {
     }
 
     pub fn start_with(opts: EtcdOptions) -> Self {
+        init_tracing();
         require("etcd");
         require("etcdctl");
         let dir = tempfile::Builder::new()
