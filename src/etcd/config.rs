@@ -241,14 +241,17 @@ impl EtcdConfig {
     }
 
     /// etcd-client options: timeouts, HTTP/2 keep-alive, TLS files read now, user with
-    /// automatic refresh of an expired token.
+    /// automatic refresh of an expired token, and "require leader": a member cut off
+    /// from its leader cancels our streams (after 3 election timeouts) instead of
+    /// leaving a watch hanging forever (etcd#8980, kubernetes PR #89881).
     pub fn connect_options(&self) -> Result<ConnectOptions, EtcdError> {
         let t = &self.timeouts;
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(t.connect)
             .with_timeout(t.request)
             .with_keep_alive(t.keep_alive_interval, t.keep_alive_timeout)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
         if let Some(ca) = &self.ca {
             let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
             if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
