@@ -2,6 +2,7 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use meduza::etcd::{run_command, EtcdArgs, EtcdCommand, EtcdConfig, EtcdKv};
 use meduza::offline;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +14,8 @@ use std::process::ExitCode;
     about = "Edge-gateway agent: etcd → configs, children, TPROXY, DNS"
 )]
 struct Cli {
+    #[command(flatten)]
+    etcd: EtcdArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -41,12 +44,15 @@ enum Cmd {
         /// easytier, tinc, openvpn, wireguard, frr, clash, mosdns or hosts
         tool: String,
     },
+    #[command(flatten)]
+    Etcd(EtcdCommand),
 }
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
-    match run(cli) {
+    match run(cli).await {
         Ok(code) => code,
         Err(err) => {
             eprintln!("meduza: {err:#}");
@@ -71,7 +77,7 @@ fn invalid(errors: &[meduza_generators::ValidationError]) -> ExitCode {
     ExitCode::from(offline::EXIT_INVALID as u8)
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Validate { snapshot } => match offline::validate(&snapshot) {
             Ok(cfg) => {
@@ -116,6 +122,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(anyhow::Error::msg)
                 .context("gen")?;
             println!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Etcd(cmd) => {
+            let kv = EtcdKv::new(EtcdConfig::from_args(&cli.etcd)?);
+            print!("{}", run_command(&cmd, &kv).await?);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -376,8 +376,13 @@ mod tests {
     }
 
     impl Effects for FakeEffects {
-        async fn apply_services(&mut self, specs: Vec<ServiceSpec>, changed: BTreeSet<String>) -> Result<(), String> {
-            self.service_calls.push((specs.into_iter().map(|s| s.name).collect(), changed));
+        async fn apply_services(
+            &mut self,
+            specs: Vec<ServiceSpec>,
+            changed: BTreeSet<String>,
+        ) -> Result<(), String> {
+            self.service_calls
+                .push((specs.into_iter().map(|s| s.name).collect(), changed));
             Ok(())
         }
         async fn apply_frr(&mut self, enabled: bool) -> Result<(), String> {
@@ -409,7 +414,10 @@ mod tests {
         Snapshot::from_json(text).expect("example parses")
     }
 
-    fn reconciler(state: &Path, snap: Result<(Snapshot, i64), String>) -> (Reconciler<FakeSource, FakeEffects>, Arc<MemFs>) {
+    fn reconciler(
+        state: &Path,
+        snap: Result<(Snapshot, i64), String>,
+    ) -> (Reconciler<FakeSource, FakeEffects>, Arc<MemFs>) {
         let fs = Arc::new(MemFs::default());
         let env = RenderEnv {
             default_gw: None,
@@ -444,8 +452,15 @@ mod tests {
         assert_eq!(fs.writes.lock().unwrap().len(), writes, "no file rewritten");
         let (_, changed) = r.effects().service_calls.last().unwrap().clone();
         assert!(changed.is_empty());
-        assert_eq!(r.effects().frr_calls, vec![true], "FRR reloaded only on the first pass");
-        assert!(r.effects().published["applied"].starts_with("7 ") || r.effects().published["applied"].starts_with("8 "));
+        assert_eq!(
+            r.effects().frr_calls,
+            vec![true],
+            "FRR reloaded only on the first pass"
+        );
+        assert!(
+            r.effects().published["applied"].starts_with("7 ")
+                || r.effects().published["applied"].starts_with("8 ")
+        );
     }
 
     #[tokio::test]
@@ -454,7 +469,8 @@ mod tests {
         let (mut r, _fs) = reconciler(dir.path(), Ok((example(), 1)));
         assert!(r.pass(&Trigger::Boot).await.applied);
         let mut snap = example();
-        snap.0.insert("/dns/hosts/new.internal".into(), "10.1.2.3".into());
+        snap.0
+            .insert("/dns/hosts/new.internal".into(), "10.1.2.3".into());
         r.source.next = Ok((snap, 2));
         let report = r.pass(&Trigger::Commit(2)).await;
         assert_eq!(report.changed, BTreeSet::from(["hosts".to_string()]));
@@ -474,8 +490,15 @@ mod tests {
         assert!(!report.applied);
         assert_eq!(report.errors[0].key, "/nodes/gw-a/lan");
         assert!(r.effects().published["errors"].contains("/nodes/gw-a/lan"));
-        assert!(r.effects().published["applied"].starts_with("1 "), "applied stays at the last good revision");
-        assert_eq!(fs.writes.lock().unwrap().len(), writes, "nothing written for a refused snapshot");
+        assert!(
+            r.effects().published["applied"].starts_with("1 "),
+            "applied stays at the last good revision"
+        );
+        assert_eq!(
+            fs.writes.lock().unwrap().len(),
+            writes,
+            "nothing written for a refused snapshot"
+        );
     }
 
     #[tokio::test]
