@@ -5,3 +5,4 @@ pub mod etcd;
 pub mod files;
 pub mod offline;
 pub mod reconcile;
+pub mod supervise;

@@ -46,13 +46,32 @@ enum Cmd {
     },
     #[command(flatten)]
     Etcd(EtcdCommand),
+    /// Run only the supervisor with services from a JSON file (benchmarks, debugging).
+    #[command(hide = true)]
+    Supervise(meduza::supervise::cli::SuperviseArgs),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
-    match run(cli).await {
+    // The supervisor alone needs no worker threads (smaller footprint); everything
+    // else gets the multi-threaded runtime (the DNS frontend uses both cores).
+    let rt = match cli.cmd {
+        Cmd::Supervise(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("meduza: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("meduza: {err:#}");
@@ -122,6 +141,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(anyhow::Error::msg)
                 .context("gen")?;
             println!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Supervise(args) => {
+            meduza::supervise::cli::run(args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Etcd(cmd) => {

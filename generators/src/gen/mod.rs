@@ -51,6 +51,7 @@ pub fn service(
         user: None,
         caps: caps.iter().map(|c| (*c).to_string()).collect(),
         after: Vec::new(),
+        workdir: None,
         config_files,
         reload,
         health: None,

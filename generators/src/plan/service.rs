@@ -1,14 +1,20 @@
 //! Services as data (DESIGN §6): what the supervisor runs, how it probes it and how
 //! restarts are protected. Built by generators; executed by `meduza::supervise`.
+//!
+//! Owns: the `ServiceSpec` family of plain data types and the tunnel presets
+//! ([`tunnel_preset`]), which are pure functions of plain arguments.
+//! Must not: do I/O, look up users, parse capabilities against the running kernel or
+//! read the clock. The supervisor validates a spec when it applies it.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// How a changed configuration reaches a running child.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReloadStrategy {
     /// Stop and start again (EasyTier, Tinc, MosDNS, OpenVPN/tunnel instances).
+    #[default]
     Restart,
     /// Send SIGHUP (mihomo re-reads its `-f` file).
     Sighup,
@@ -17,27 +23,82 @@ pub enum ReloadStrategy {
 }
 
 /// One supervised child.
+///
+/// Every field but `name` and `argv` has a serde default, so a services file for
+/// `meduza supervise --services FILE.json` can stay short.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
-    /// Unique name, also the log prefix `[name]` and the status key.
+    /// Unique name, also the log prefix `[name]`, the status key and the restart
+    /// state file name: 1–64 chars of `[A-Za-z0-9_.@-]`.
     pub name: String,
     /// argv[0] is the program; never run through a shell.
     pub argv: Vec<String>,
+    /// The child's whole environment besides `PATH` and `HOME` (the supervisor does
+    /// not pass its own environment on: it holds etcd credentials).
+    #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Run as this user (name); `None` keeps root.
+    /// Run as this user (name); `None` keeps root. The group is the user's primary group.
+    #[serde(default)]
     pub user: Option<String>,
-    /// Capabilities kept (e.g. `CAP_NET_ADMIN`); every other one is dropped.
+    /// Capabilities kept (e.g. `CAP_NET_ADMIN`); every other one is dropped, from the
+    /// bounding set too. Empty = no capabilities at all.
+    #[serde(default)]
     pub caps: Vec<String>,
-    /// Services that must be started before this one.
+    /// Services that must be started before this one (and stopped after it).
+    #[serde(default)]
     pub after: Vec<String>,
+    /// Working directory of the child; `None` = `/`.
+    #[serde(default)]
+    pub workdir: Option<String>,
     /// Files whose content, when changed, requires the reload strategy.
+    #[serde(default)]
     pub config_files: Vec<String>,
+    #[serde(default)]
     pub reload: ReloadStrategy,
+    #[serde(default)]
     pub health: Option<HealthSpec>,
     /// Scheduled restart every N minutes (10 min .. 24 h).
+    #[serde(default)]
     pub scheduled_restart_minutes: Option<u32>,
+    #[serde(default)]
     pub protection: RestartProtection,
 }
+
+impl ServiceSpec {
+    /// A spec with every optional field at its default: root, no capabilities,
+    /// no dependencies, restart on change, no health check, seed protection numbers.
+    pub fn new(name: impl Into<String>, argv: Vec<String>) -> Self {
+        Self {
+            name: name.into(),
+            argv,
+            env: BTreeMap::new(),
+            user: None,
+            caps: Vec::new(),
+            after: Vec::new(),
+            workdir: None,
+            config_files: Vec::new(),
+            reload: ReloadStrategy::Restart,
+            health: None,
+            scheduled_restart_minutes: None,
+            protection: RestartProtection::default(),
+        }
+    }
+
+    /// True when `other` differs only in what can change without touching the
+    /// process (health probe, scheduled restart, protection, reload strategy,
+    /// config file list).
+    pub fn same_process(&self, other: &ServiceSpec) -> bool {
+        self.name == other.name
+            && self.argv == other.argv
+            && self.env == other.env
+            && self.user == other.user
+            && self.caps == other.caps
+            && self.workdir == other.workdir
+    }
+}
+
+/// Shortest and longest scheduled-restart period (seed: 10 minutes to 24 hours).
+pub const SCHEDULED_RESTART_MINUTES: std::ops::RangeInclusive<u32> = 10..=1440;
 
 /// A health probe (the predecessor's tunnel watchdog, generalised).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,15 +111,19 @@ pub enum Probe {
     /// HTTP GET `url` answers with a status in 200..400 (or `expect_status`).
     Http {
         url: String,
+        #[serde(default)]
         expect_status: Option<u16>,
     },
-    /// A fetch of `url` through the SOCKS5 proxy at `proxy` (`host:port`) succeeds.
+    /// A GET of `url` through the SOCKS5 proxy at `proxy` (`host:port`) answers with a
+    /// status in 200..400 (names are resolved by the proxy, `socks5h`).
     Socks5 { proxy: String, url: String },
-    /// A DNS query for `name` (type A) at `server` (`ip:port`) gets an answer.
+    /// A DNS query for `name` (type A) at `server` (`ip:port`) gets a NOERROR or
+    /// NXDOMAIN answer.
     Dns { server: String, name: String },
     /// `argv` exits 0 (no shell).
     Exec { argv: Vec<String> },
-    /// None of the child's recent log lines matches `pattern` (a substring, case-insensitive).
+    /// None of the current process's last `lines` log lines contains `pattern`
+    /// (a substring, case-insensitive).
     LogScan { pattern: String, lines: usize },
 }
 
@@ -96,7 +161,7 @@ impl HealthSpec {
 pub struct RestartProtection {
     /// Seconds that must pass after any restart before the next one (120).
     pub cooldown_secs: u64,
-    /// Restarts allowed in any rolling hour (5).
+    /// Health and scheduled restarts allowed in any rolling hour (5).
     pub max_per_hour: u32,
 }
 
@@ -106,5 +171,200 @@ impl Default for RestartProtection {
             cooldown_secs: 120,
             max_per_hour: 5,
         }
+    }
+}
+
+/// `/nodes/<id>/tunnels/<name>/kind` (DESIGN §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelKind {
+    Paqet,
+    Icmptunnel,
+    Waterwall,
+    /// No preset: command, args and health come from the keys.
+    Generic,
+}
+
+/// `/nodes/<id>/tunnels/<name>/role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelRole {
+    Client,
+    Server,
+}
+
+/// Default health-check interval of a tunnel (DESIGN §6: 5 min).
+pub const TUNNEL_HEALTH_INTERVAL_SECS: u64 = 300;
+/// URL fetched through a client tunnel's SOCKS5 port (the predecessor used httpbin).
+pub const TUNNEL_TEST_URL: &str = "https://httpbin.org/ip";
+
+/// The plain values a tunnel preset is built from; the model fills them from
+/// `/nodes/<id>/tunnels/<name>/...`. `None` means "the preset's default".
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TunnelParams {
+    /// Tunnel name; the service is called `tunnel-<name>`.
+    pub name: String,
+    /// Program path (`command` key); default: the kind's binary name.
+    pub command: Option<String>,
+    /// Full argument list (`args` key, newline-separated there); default: the
+    /// kind's `config_file` arguments.
+    pub args: Option<Vec<String>>,
+    /// The tunnel's config file as written by its generator.
+    pub config_file: Option<String>,
+    /// Client SOCKS5 port (paqet, icmptunnel); default 1080.
+    pub socks_port: Option<u16>,
+    /// Client TCP listener `host:port` (waterwall).
+    pub listen_addr: Option<String>,
+    /// Override of the whole probe (`health/*` keys); `None` = the preset's probe.
+    pub probe: Option<Probe>,
+    /// Override of the probe interval in seconds.
+    pub health_interval_secs: Option<u64>,
+    /// Scheduled restart period in minutes (`restart/*` keys).
+    pub scheduled_restart_minutes: Option<u32>,
+    /// Override of the restart protection (`restart/*` keys).
+    pub protection: Option<RestartProtection>,
+}
+
+/// The service spec of one tunnel: argv and health probe from the kind's preset
+/// (client: SOCKS5 fetch through the tunnel, waterwall client: TCP listener check,
+/// server: log scan), with every override in `p` applied.
+pub fn tunnel_preset(kind: TunnelKind, role: TunnelRole, p: &TunnelParams) -> ServiceSpec {
+    let config = p.config_file.clone().unwrap_or_default();
+    let (program, default_args, log_pattern): (&str, Vec<String>, &str) = match kind {
+        TunnelKind::Paqet => ("paqet", vec!["run".into(), "-c".into(), config], "error"),
+        TunnelKind::Icmptunnel => ("icmptunnel", vec!["-c".into(), config], "error"),
+        // WaterWall reads core.json from its working directory (set below).
+        TunnelKind::Waterwall => ("Waterwall", Vec::new(), "error"),
+        TunnelKind::Generic => ("", Vec::new(), "error"),
+    };
+    let program = p.command.clone().unwrap_or_else(|| program.to_string());
+    let mut argv = vec![program];
+    argv.extend(p.args.clone().unwrap_or(default_args));
+
+    let socks = format!("127.0.0.1:{}", p.socks_port.unwrap_or(1080));
+    let preset_probe = match (kind, role) {
+        (TunnelKind::Generic, _) => None,
+        (TunnelKind::Waterwall, TunnelRole::Client) => p
+            .listen_addr
+            .clone()
+            .map(|addr| Probe::Tcp { addr })
+            .or(Some(Probe::Process)),
+        (_, TunnelRole::Client) => Some(Probe::Socks5 {
+            proxy: socks,
+            url: TUNNEL_TEST_URL.to_string(),
+        }),
+        (_, TunnelRole::Server) => Some(Probe::LogScan {
+            pattern: log_pattern.to_string(),
+            lines: 50,
+        }),
+    };
+    let interval = p
+        .health_interval_secs
+        .unwrap_or(TUNNEL_HEALTH_INTERVAL_SECS);
+    let health = p
+        .probe
+        .clone()
+        .or(preset_probe)
+        .map(|probe| HealthSpec::with_defaults(probe, interval));
+
+    let mut spec = ServiceSpec::new(format!("tunnel-{}", p.name), argv);
+    if kind == TunnelKind::Waterwall {
+        spec.workdir = p
+            .config_file
+            .as_deref()
+            .and_then(|f| f.rsplit_once('/'))
+            .map(|(dir, _)| if dir.is_empty() { "/" } else { dir }.to_string());
+    }
+    // Raw sockets (icmptunnel, paqet's pcap) and TUN devices need these two.
+    spec.caps = match kind {
+        TunnelKind::Generic => Vec::new(),
+        _ => vec!["CAP_NET_ADMIN".into(), "CAP_NET_RAW".into()],
+    };
+    spec.config_files = p.config_file.iter().cloned().collect();
+    spec.health = health;
+    spec.scheduled_restart_minutes = p.scheduled_restart_minutes;
+    spec.protection = p.protection.unwrap_or_default();
+    spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> TunnelParams {
+        TunnelParams {
+            name: "t1".into(),
+            config_file: Some("/etc/meduza/tunnels/t1/config.yaml".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn paqet_client_probes_socks() {
+        let s = tunnel_preset(TunnelKind::Paqet, TunnelRole::Client, &params());
+        assert_eq!(s.name, "tunnel-t1");
+        assert_eq!(
+            s.argv,
+            ["paqet", "run", "-c", "/etc/meduza/tunnels/t1/config.yaml"]
+        );
+        let h = s.health.expect("health");
+        assert_eq!(h.interval_secs, 300);
+        assert_eq!((h.attempts, h.retry_delay_secs, h.grace_secs), (3, 5, 30));
+        assert_eq!(
+            h.probe,
+            Probe::Socks5 {
+                proxy: "127.0.0.1:1080".into(),
+                url: TUNNEL_TEST_URL.into()
+            }
+        );
+    }
+
+    #[test]
+    fn server_roles_scan_logs_and_overrides_win() {
+        let mut p = params();
+        p.command = Some("/opt/icmp".into());
+        p.args = Some(vec!["-s".into()]);
+        p.health_interval_secs = Some(120);
+        let s = tunnel_preset(TunnelKind::Icmptunnel, TunnelRole::Server, &p);
+        assert_eq!(s.argv, ["/opt/icmp", "-s"]);
+        let h = s.health.expect("health");
+        assert!(matches!(h.probe, Probe::LogScan { .. }));
+        assert_eq!(h.interval_secs, 120);
+    }
+
+    #[test]
+    fn waterwall_client_checks_listener_in_config_dir() {
+        let mut p = params();
+        p.config_file = Some("/etc/meduza/tunnels/t1/core.json".into());
+        p.listen_addr = Some("127.0.0.1:4443".into());
+        let s = tunnel_preset(TunnelKind::Waterwall, TunnelRole::Client, &p);
+        assert_eq!(s.argv, ["Waterwall"]);
+        assert_eq!(s.workdir.as_deref(), Some("/etc/meduza/tunnels/t1"));
+        assert_eq!(
+            s.health.expect("health").probe,
+            Probe::Tcp {
+                addr: "127.0.0.1:4443".into()
+            }
+        );
+    }
+
+    #[test]
+    fn generic_has_no_preset_probe() {
+        let mut p = params();
+        p.command = Some("/usr/bin/mytun".into());
+        let s = tunnel_preset(TunnelKind::Generic, TunnelRole::Client, &p);
+        assert_eq!(s.argv, ["/usr/bin/mytun"]);
+        assert!(s.health.is_none());
+        assert!(s.caps.is_empty());
+    }
+
+    #[test]
+    fn short_json_spec_gets_defaults() {
+        let s: ServiceSpec =
+            serde_json::from_str(r#"{"name":"a","argv":["/bin/sleep","1"]}"#).expect("json");
+        assert_eq!(
+            s,
+            ServiceSpec::new("a", vec!["/bin/sleep".into(), "1".into()])
+        );
     }
 }
