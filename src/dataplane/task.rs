@@ -196,7 +196,7 @@ mod tests {
             .expect("task alive");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn task_applies_repairs_and_removes() {
         let dp = Arc::new(Dataplane::new(FakeNft::new(), FakeRouting::new()));
         let (trig_tx, trig_rx) = futures::channel::mpsc::unbounded::<()>();

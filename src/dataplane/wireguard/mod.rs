@@ -766,7 +766,8 @@ mod tests {
     fn converged_device_needs_nothing() {
         let cfg = WgConfig::from_device(&device(vec![peer(2, "10.9.0.2/32")])).unwrap();
         let mut st = WgState::default();
-        apply_set(&mut st, &plan_device(&cfg, &st.clone()));
+        let set = plan_device(&cfg, &st);
+        apply_set(&mut st, &set);
         assert!(plan_device(&cfg, &st).is_empty());
     }
 
@@ -778,7 +779,8 @@ mod tests {
         ]))
         .unwrap();
         let mut st = WgState::default();
-        apply_set(&mut st, &plan_device(&cfg1, &st.clone()));
+        let set = plan_device(&cfg1, &st);
+        apply_set(&mut st, &set);
         let cfg2 = WgConfig::from_device(&device(vec![
             peer(3, "10.9.0.33/32"),
             peer(4, "10.9.0.4/32"),
@@ -803,7 +805,8 @@ mod tests {
         p.endpoint = None;
         let cfg = WgConfig::from_device(&device(vec![p])).unwrap();
         let mut st = WgState::default();
-        apply_set(&mut st, &plan_device(&cfg, &st.clone()));
+        let set = plan_device(&cfg, &st);
+        apply_set(&mut st, &set);
         st.peers[0].endpoint = Some("198.51.100.7:4000".parse().unwrap());
         assert!(plan_device(&cfg, &st).is_empty());
     }
@@ -832,7 +835,8 @@ mod tests {
         assert_eq!(status_of(None, now), WgLinkStatus::Down);
         assert_eq!(status_of(Some(&st), now), WgLinkStatus::Down);
         let cfg = WgConfig::from_device(&device(vec![peer(2, "10.9.0.2/32"), peer(3, "10.9.0.3/32")])).unwrap();
-        apply_set(&mut st, &plan_device(&cfg, &st.clone()));
+        let set = plan_device(&cfg, &st);
+        apply_set(&mut st, &set);
         assert_eq!(status_of(Some(&st), now), WgLinkStatus::Connecting);
         st.peers[1].last_handshake = Some(now - Duration::from_secs(30));
         assert_eq!(status_of(Some(&st), now), WgLinkStatus::Up);
