@@ -231,6 +231,8 @@ impl UserspaceWg {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
+            // Our devices end with us: an orderly shutdown drops the manager.
+            .kill_on_drop(true)
             .spawn()
             .map_err(|source| WgError::Spawn {
                 dev: dev.to_string(),
