@@ -50,7 +50,12 @@ impl Recorder {
         self.0.lock().unwrap().push(h);
     }
     fn find(&self, token: &str) -> Option<Hit> {
-        self.0.lock().unwrap().iter().find(|h| h.token == token).cloned()
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|h| h.token == token)
+            .cloned()
     }
     fn wait(&self, token: &str) -> Option<Hit> {
         let deadline = Instant::now() + WAIT;
@@ -80,12 +85,21 @@ fn set_int(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_i
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "setsockopt {level}/{name}: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt {level}/{name}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 fn new_socket(v6: bool, stream: bool) -> OwnedFd {
     let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-    let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
+    let ty = if stream {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
     // SAFETY: plain socket(2) call; the result is checked before being wrapped.
     let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0) };
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
@@ -174,14 +188,21 @@ fn serve_udp_transparent(fd: OwnedFd, rec: Recorder) {
         let mut buf = [0u8; 512];
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
-        let Ok(msg) = recvmsg::<SockaddrStorage>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
-        else {
+        let Ok(msg) = recvmsg::<SockaddrStorage>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        ) else {
             return;
         };
         let peer = msg.address.and_then(|a| {
             a.as_sockaddr_in()
                 .map(|s| SocketAddr::from(std::net::SocketAddrV4::from(*s)))
-                .or_else(|| a.as_sockaddr_in6().map(|s| SocketAddr::from(std::net::SocketAddrV6::from(*s))))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|s| SocketAddr::from(std::net::SocketAddrV6::from(*s)))
+                })
         });
         let mut orig = None;
         for c in msg.cmsgs().unwrap() {
@@ -232,7 +253,8 @@ fn record_servers(ns: &Netns, ports: &[u16], rec: &Recorder) {
 /// The mihomo stand-in: transparent TCP and UDP listeners on 7893, IPv4 and IPv6.
 fn transparent_listener(gw: &Netns, rec: &Recorder) {
     for v6 in [false, true] {
-        let (tcp, udp) = gw.run_in(move || (transparent_socket(v6, true), transparent_socket(v6, false)));
+        let (tcp, udp) =
+            gw.run_in(move || (transparent_socket(v6, true), transparent_socket(v6, false)));
         serve_tcp(TcpListener::from(tcp), rec.clone());
         serve_udp_transparent(udp, rec.clone());
     }
@@ -255,7 +277,9 @@ fn send(ns: &Netns, proto: &'static str, src: IpAddr, dst: SocketAddr, token: &s
             // connect(2) honours SO_SNDTIMEO, so a dropped SYN fails in WAIT.
             nix::sys::socket::connect(stream.as_raw_fd(), &ss)
                 .unwrap_or_else(|e| panic!("tcp connect {src} -> {dst}: {e}"));
-            (&stream).write_all(format!("{token}\n").as_bytes()).unwrap();
+            (&stream)
+                .write_all(format!("{token}\n").as_bytes())
+                .unwrap();
             let mut reply = String::new();
             let _ = (&stream).read_to_string(&mut reply);
             assert_eq!(reply, "ack\n", "tcp {src} -> {dst}: no ack");
@@ -276,7 +300,11 @@ struct Env {
 
 fn env(tag: &str) -> Env {
     let topo = Topology::new(tag);
-    let (tproxy, server, gw_local) = (Recorder::default(), Recorder::default(), Recorder::default());
+    let (tproxy, server, gw_local) = (
+        Recorder::default(),
+        Recorder::default(),
+        Recorder::default(),
+    );
     record_servers(&topo.inet, &[APP_PORT, EXCLUDED_PORT], &server);
     record_servers(&topo.gw, &[GW_LOCAL_PORT], &gw_local);
     transparent_listener(&topo.gw, &tproxy);
@@ -303,7 +331,10 @@ fn expect_intercepted(e: &Env, proto: &'static str, src: IpAddr, dst: SocketAddr
         .wait(&t)
         .unwrap_or_else(|| panic!("{proto} {src} -> {dst} did not reach the transparent listener"));
     assert_eq!(hit.proto, proto);
-    assert_eq!(hit.local, dst, "original destination of {proto} {src} -> {dst}");
+    assert_eq!(
+        hit.local, dst,
+        "original destination of {proto} {src} -> {dst}"
+    );
     assert_eq!(hit.peer.ip(), src);
     assert!(e.server.find(&t).is_none() && e.gw_local.find(&t).is_none());
 }
@@ -324,11 +355,19 @@ fn expect_direct(e: &Env, rec: &Recorder, proto: &'static str, src: IpAddr, dst:
 
 fn plan() -> TproxyPlan {
     let mut p = TproxyPlan::empty();
-    p.proxy_src = [Topology::LAN4, Topology::LAN6, Topology::MESH4, Topology::MESH6]
-        .iter()
-        .map(|c| c.parse().unwrap())
-        .collect();
-    p.bypass_dst = vec![Topology::LAN4.parse().unwrap(), Topology::LAN6.parse().unwrap()];
+    p.proxy_src = [
+        Topology::LAN4,
+        Topology::LAN6,
+        Topology::MESH4,
+        Topology::MESH6,
+    ]
+    .iter()
+    .map(|c| c.parse().unwrap())
+    .collect();
+    p.bypass_dst = vec![
+        Topology::LAN4.parse().unwrap(),
+        Topology::LAN6.parse().unwrap(),
+    ];
     p.exclude_src = vec!["192.168.50.254".parse().unwrap()];
     p.exclude_ifaces = vec![Topology::GW_MESH_IF.to_string()];
     p.exclude_ports = vec![EXCLUDED_PORT];
@@ -402,7 +441,11 @@ fn tproxy_intercepts_lan_traffic_and_everything_else_goes_direct() {
     let (first, second, g1, g2) = gw_apply_twice(gw, plan());
     assert_eq!(first.nft, NftChange::Created);
     assert_eq!(first.routing.len(), 4);
-    assert_eq!(second.nft, NftChange::Unchanged, "second apply must change nothing");
+    assert_eq!(
+        second.nft,
+        NftChange::Unchanged,
+        "second apply must change nothing"
+    );
     assert!(second.routing.is_empty());
     assert_eq!(g1, g2, "second apply bumped the ruleset generation");
 
@@ -437,7 +480,10 @@ fn tproxy_intercepts_lan_traffic_and_everything_else_goes_direct() {
         }
     }
     let forwarded_before = foreign_table_packets(gw);
-    assert!(forwarded_before > 0, "foreign table counted no forwarded packets");
+    assert!(
+        forwarded_before > 0,
+        "foreign table counted no forwarded packets"
+    );
 
     let removed = gw_remove(gw);
     assert_eq!(removed.nft, NftChange::Deleted);
@@ -449,11 +495,24 @@ fn tproxy_intercepts_lan_traffic_and_everything_else_goes_direct() {
     assert_eq!(gw.ip(&["-6", "route", "show", "table", "100"]).trim(), "");
     for proto in ["tcp", "udp"] {
         for v6 in [false, true] {
-            let client: IpAddr = if v6 { Topology::CLIENT6.into() } else { Topology::CLIENT4.into() };
-            expect_direct(&e, &e.server, proto, client, addr(Topology::server(v6), APP_PORT));
+            let client: IpAddr = if v6 {
+                Topology::CLIENT6.into()
+            } else {
+                Topology::CLIENT4.into()
+            };
+            expect_direct(
+                &e,
+                &e.server,
+                proto,
+                client,
+                addr(Topology::server(v6), APP_PORT),
+            );
         }
     }
-    assert!(foreign_table_packets(gw) > forwarded_before, "foreign table stopped counting");
+    assert!(
+        foreign_table_packets(gw) > forwarded_before,
+        "foreign table stopped counting"
+    );
     assert_eq!(gw_remove(gw).nft, NftChange::Absent);
 }
 
@@ -497,31 +556,57 @@ fn drift_is_repaired_within_two_seconds() {
     wait_until("initial apply", Duration::from_secs(5), || {
         table_present() && rule_present("-4") && rule_present("-6")
     });
-    expect_intercepted(&e, "tcp", Topology::CLIENT4.into(), addr(Topology::SERVER4, APP_PORT));
+    expect_intercepted(
+        &e,
+        "tcp",
+        Topology::CLIENT4.into(),
+        addr(Topology::SERVER4, APP_PORT),
+    );
 
     gw.exec(&["nft", "delete", "table", "inet", "meduza"]);
     let took = wait_until("table repaired", Duration::from_secs(2), table_present);
     eprintln!("table repaired after {took:?}");
-    gw.ip(&["-4", "rule", "del", "pref", "9000", "fwmark", "0x1", "lookup", "100"]);
-    let took = wait_until("ip rule repaired", Duration::from_secs(2), || rule_present("-4"));
-    eprintln!("ip rule repaired after {took:?}");
-    gw.ip(&["-6", "route", "del", "local", "::/0", "dev", "lo", "table", "100"]);
-    wait_until("ipv6 local route repaired", Duration::from_secs(2), || {
-        gw.ip(&["-6", "route", "show", "table", "100"]).contains("local default dev lo")
+    gw.ip(&[
+        "-4", "rule", "del", "pref", "9000", "fwmark", "0x1", "lookup", "100",
+    ]);
+    let took = wait_until("ip rule repaired", Duration::from_secs(2), || {
+        rule_present("-4")
     });
-    expect_intercepted(&e, "udp", Topology::CLIENT6.into(), addr(Topology::SERVER6, APP_PORT));
+    eprintln!("ip rule repaired after {took:?}");
+    gw.ip(&[
+        "-6", "route", "del", "local", "::/0", "dev", "lo", "table", "100",
+    ]);
+    wait_until("ipv6 local route repaired", Duration::from_secs(2), || {
+        gw.ip(&["-6", "route", "show", "table", "100"])
+            .contains("local default dev lo")
+    });
+    expect_intercepted(
+        &e,
+        "udp",
+        Topology::CLIENT6.into(),
+        addr(Topology::SERVER6, APP_PORT),
+    );
 
     // A foreign change is no reason to touch our table.
     let handle_before = gw.exec(&["nft", "-a", "list", "table", "inet", "meduza"]);
     gw.exec(&["nft", "add", "chain", "inet", "fw4_standin", "extra"]);
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(handle_before, gw.exec(&["nft", "-a", "list", "table", "inet", "meduza"]));
+    assert_eq!(
+        handle_before,
+        gw.exec(&["nft", "-a", "list", "table", "inet", "meduza"])
+    );
 
     cmd_tx.send(None).unwrap();
     wait_until("removal", Duration::from_secs(2), || {
         !table_present() && !rule_present("-4") && !rule_present("-6")
     });
-    expect_direct(&e, &e.server, "tcp", Topology::CLIENT4.into(), addr(Topology::SERVER4, APP_PORT));
+    expect_direct(
+        &e,
+        &e.server,
+        "tcp",
+        Topology::CLIENT4.into(),
+        addr(Topology::SERVER4, APP_PORT),
+    );
     // Stays removed: the checks keep it absent rather than re-adding it.
     std::thread::sleep(Duration::from_millis(1200));
     assert!(!table_present());
@@ -536,7 +621,8 @@ fn drift_is_repaired_within_two_seconds() {
 fn cli_applies_shows_and_off_mode_touches_nothing() {
     let gw = Netns::new("cli");
     let mut f = tempfile::NamedTempFile::new().unwrap();
-    f.write_all(serde_json::to_string(&plan()).unwrap().as_bytes()).unwrap();
+    f.write_all(serde_json::to_string(&plan()).unwrap().as_bytes())
+        .unwrap();
     let plan_path = f.path().to_str().unwrap().to_string();
     let bin = env!("CARGO_BIN_EXE_meduza");
     let run = |extra_env: Option<(&str, &str)>, args: &[&str]| -> String {
@@ -552,18 +638,30 @@ fn cli_applies_shows_and_off_mode_touches_nothing() {
     };
     let shown = run(None, &["dataplane", "show", "--plan", &plan_path]);
     assert!(shown.contains("tproxy ip to 127.0.0.1:7893 meta mark set 0x1 accept"));
-    let off = run(Some(("MEDUZA_DATAPLANE", "off")), &["dataplane", "apply", "--plan", &plan_path]);
+    let off = run(
+        Some(("MEDUZA_DATAPLANE", "off")),
+        &["dataplane", "apply", "--plan", &plan_path],
+    );
     assert!(off.contains("created"), "{off}");
     assert!(!gw.try_exec(&["nft", "list", "table", "inet", "meduza"]));
     assert!(!gw.ip(&["rule"]).contains("fwmark"));
     let applied = run(None, &["dataplane", "apply", "--plan", &plan_path]);
-    assert!(applied.starts_with("table inet meduza created"), "{applied}");
+    assert!(
+        applied.starts_with("table inet meduza created"),
+        "{applied}"
+    );
     let again = run(None, &["dataplane", "apply", "--plan", &plan_path]);
-    assert_eq!(again.trim(), "table inet meduza unchanged; routing: unchanged");
+    assert_eq!(
+        again.trim(),
+        "table inet meduza unchanged; routing: unchanged"
+    );
     // The ruleset text loads with plain `nft -f` and lists the same table.
     let text = run(None, &["dataplane", "ruleset", "--plan", &plan_path]);
     let removed = run(None, &["dataplane", "remove"]);
-    assert!(removed.starts_with("table inet meduza deleted"), "{removed}");
+    assert!(
+        removed.starts_with("table inet meduza deleted"),
+        "{removed}"
+    );
     let mut rf = tempfile::NamedTempFile::new().unwrap();
     rf.write_all(text.as_bytes()).unwrap();
     gw.exec(&["nft", "-f", rf.path().to_str().unwrap()]);
@@ -593,10 +691,20 @@ fn wg_keypair() -> (String, String) {
         .write_all(private.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    (private, String::from_utf8(out.stdout).unwrap().trim().to_string())
+    (
+        private,
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+    )
 }
 
-fn wg_device(dev: &str, key: &str, addr: &str, peer_key: &str, peer_ip: &str, endpoint: &str) -> WgDevice {
+fn wg_device(
+    dev: &str,
+    key: &str,
+    addr: &str,
+    peer_key: &str,
+    peer_ip: &str,
+    endpoint: &str,
+) -> WgDevice {
     WgDevice {
         name: dev.to_string(),
         dev: dev.to_string(),
@@ -617,7 +725,10 @@ fn wg_device(dev: &str, key: &str, addr: &str, peer_key: &str, peer_ip: &str, en
 /// A WireGuard agent living in a namespace: a runtime thread applying devices on
 /// request.
 enum WgCmd {
-    Apply(Vec<WgDevice>, std::sync::mpsc::Sender<Result<(usize, usize, bool), String>>),
+    Apply(
+        Vec<WgDevice>,
+        std::sync::mpsc::Sender<Result<(usize, usize, bool), String>>,
+    ),
     Status(String, std::sync::mpsc::Sender<(WgLinkStatus, WgImpl)>),
 }
 
@@ -636,7 +747,9 @@ fn wg_agent(ns: &Netns) -> WgAgent {
                             .apply_all(&devs)
                             .await
                             .map(|r| {
-                                r.first().map_or((0, 0, false), |d| (d.peers_upserted, d.peers_removed, d.created))
+                                r.first().map_or((0, 0, false), |d| {
+                                    (d.peers_upserted, d.peers_removed, d.created)
+                                })
                             })
                             .map_err(|e| e.to_string());
                         let _ = reply.send(r);
@@ -678,8 +791,22 @@ fn wireguard_gateways_handshake_and_ping() {
     let (kb, pb) = wg_keypair();
     let agent_a = wg_agent(&a);
     let agent_b = wg_agent(&b);
-    let dev_a_cfg = wg_device(&dev_a, &ka, "10.9.0.1/24", &pb, "10.9.0.2/32", "10.0.0.2:51820");
-    let dev_b_cfg = wg_device(&dev_b, &kb, "10.9.0.2/24", &pa, "10.9.0.1/32", "10.0.0.1:51820");
+    let dev_a_cfg = wg_device(
+        &dev_a,
+        &ka,
+        "10.9.0.1/24",
+        &pb,
+        "10.9.0.2/32",
+        "10.0.0.2:51820",
+    );
+    let dev_b_cfg = wg_device(
+        &dev_b,
+        &kb,
+        "10.9.0.2/24",
+        &pa,
+        "10.9.0.1/32",
+        "10.0.0.1:51820",
+    );
     assert_eq!(wg_apply(&agent_a, vec![dev_a_cfg.clone()]), (1, 0, true));
     assert_eq!(wg_apply(&agent_b, vec![dev_b_cfg.clone()]), (1, 0, true));
     // Converged: nothing sent again.
@@ -690,7 +817,11 @@ fn wireguard_gateways_handshake_and_ping() {
     });
     let (status, imp) = wg_status(&agent_a, &dev_a);
     assert_eq!(status, WgLinkStatus::Up);
-    assert_eq!(imp, WgImpl::Userspace, "this kernel has no wireguard module");
+    assert_eq!(
+        imp,
+        WgImpl::Userspace,
+        "this kernel has no wireguard module"
+    );
 
     // Peers change in place: same interface index before and after.
     let index_before = a.ip(&["-o", "link", "show", &dev_a]);
@@ -717,7 +848,14 @@ fn wireguard_gateways_handshake_and_ping() {
     // Removing the device from the plan deletes it.
     wg_apply(&agent_a, vec![]);
     wg_apply(&agent_b, vec![]);
-    assert!(!netns::try_run(&["ip", "-n", a.name(), "link", "show", &dev_a]));
+    assert!(!netns::try_run(&[
+        "ip",
+        "-n",
+        a.name(),
+        "link",
+        "show",
+        &dev_a
+    ]));
     assert!(!std::path::Path::new(&format!("/var/run/wireguard/{dev_a}.sock")).exists());
     assert_eq!(wg_status(&agent_a, &dev_a).0, WgLinkStatus::Down);
 }

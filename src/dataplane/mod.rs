@@ -557,6 +557,9 @@ mod tests {
             nft: NftChange::Created,
             routing: vec![RoutingOp::Add(RouteItem::RuleV4)],
         };
-        assert_eq!(r.to_string(), "table inet meduza created; routing: added RuleV4");
+        assert_eq!(
+            r.to_string(),
+            "table inet meduza created; routing: added RuleV4"
+        );
     }
 }

@@ -26,8 +26,10 @@ pub trait Nft: Send + Sync + 'static {
     /// `nft -j list table inet meduza`; `None` when the table does not exist.
     fn list_table(&self) -> impl Future<Output = Result<Option<Value>, DataplaneError>> + Send;
     /// Run one batch as one transaction.
-    fn apply(&self, batch: &Nftables<'static>)
-        -> impl Future<Output = Result<(), DataplaneError>> + Send;
+    fn apply(
+        &self,
+        batch: &Nftables<'static>,
+    ) -> impl Future<Output = Result<(), DataplaneError>> + Send;
     /// The ruleset generation: it changes on every committed transaction, of anyone.
     fn generation(&self) -> impl Future<Output = Result<u32, DataplaneError>> + Send;
 }
@@ -74,11 +76,13 @@ impl Nft for CliNft {
         }
         let args = ["list", "table", "inet", TABLE];
         match helper::get_current_ruleset_raw_async(Some(&self.program), args).await {
-            Ok(out) => serde_json::from_str(&out)
-                .map(Some)
-                .map_err(|e| DataplaneError::NftOutput {
-                    reason: e.to_string(),
-                }),
+            Ok(out) => {
+                serde_json::from_str(&out)
+                    .map(Some)
+                    .map_err(|e| DataplaneError::NftOutput {
+                        reason: e.to_string(),
+                    })
+            }
             Err(NftablesError::NftFailed { stderr, .. })
                 if stderr.contains("No such file or directory") =>
             {
@@ -185,7 +189,9 @@ impl Nft for FakeNft {
         ];
         for (i, o) in objs.iter().enumerate() {
             let mut o = o.clone();
-            if let Some(Value::Object(inner)) = o.as_object_mut().and_then(|m| m.values_mut().next()) {
+            if let Some(Value::Object(inner)) =
+                o.as_object_mut().and_then(|m| m.values_mut().next())
+            {
                 inner.insert("handle".into(), Value::from(i + 2));
             }
             out.push(o);
@@ -220,7 +226,9 @@ impl Nft for FakeNft {
             }
             .unwrap_or_default();
             if table_name != TABLE || inner["family"] != "inet" {
-                return Err(fake_err(format!("batch touches foreign table {table_name}")));
+                return Err(fake_err(format!(
+                    "batch touches foreign table {table_name}"
+                )));
             }
             match (verb.as_str(), kind.as_str()) {
                 ("add", "table") => {
@@ -280,7 +288,7 @@ pub mod nfnl {
         m.extend_from_slice(&flags.to_ne_bytes());
         m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
         m.extend_from_slice(&0u32.to_ne_bytes()); // port id: kernel fills in
-        // struct nfgenmsg { nfgen_family, version = NFNETLINK_V0, res_id (be16) }
+                                                  // struct nfgenmsg { nfgen_family, version = NFNETLINK_V0, res_id (be16) }
         m.extend_from_slice(&[family, 0, 0, 0]);
         m.extend_from_slice(attrs);
         m
@@ -319,7 +327,10 @@ pub mod nfnl {
                 let len = u32::from_ne_bytes(read4(&buf, off)) as usize;
                 let msg_type = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
                 if len < 16 || off + len > n {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "short netlink message"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "short netlink message",
+                    ));
                 }
                 let body = buf[off + 16..off + len].to_vec();
                 if msg_type == NLMSG_ERROR {
@@ -370,7 +381,10 @@ pub mod nfnl {
                 }
             }
         }
-        Err(io::Error::new(io::ErrorKind::InvalidData, "no NFTA_GEN_ID in reply"))
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no NFTA_GEN_ID in reply",
+        ))
     }
 
     /// Whether table `inet <name>` exists in the calling thread's network namespace.

@@ -123,7 +123,11 @@ impl RtnlRouting {
         Ok(Self { handle })
     }
 
-    async fn rules(&self, v: IpVersion, spec: RoutingSpec) -> Result<Vec<RuleMessage>, DataplaneError> {
+    async fn rules(
+        &self,
+        v: IpVersion,
+        spec: RoutingSpec,
+    ) -> Result<Vec<RuleMessage>, DataplaneError> {
         let all: Vec<RuleMessage> = self
             .handle
             .rule()
@@ -135,10 +139,18 @@ impl RtnlRouting {
         Ok(all.into_iter().filter(|r| is_our_rule(r, spec)).collect())
     }
 
-    async fn routes(&self, v: IpVersion, spec: RoutingSpec) -> Result<Vec<RouteMessage>, DataplaneError> {
+    async fn routes(
+        &self,
+        v: IpVersion,
+        spec: RoutingSpec,
+    ) -> Result<Vec<RouteMessage>, DataplaneError> {
         let filter = match v {
-            IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().table_id(spec.table).build(),
-            IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().table_id(spec.table).build(),
+            IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(spec.table)
+                .build(),
+            IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+                .table_id(spec.table)
+                .build(),
         };
         let lo = self.lo_index().await?;
         let all: Vec<RouteMessage> = self
@@ -205,7 +217,7 @@ fn is_our_route(r: &RouteMessage, spec: RoutingSpec, lo: u32) -> bool {
     r.header.kind == RouteType::Local
         && r.header.destination_prefix_length == 0
         && route_table(r) == spec.table
-        && r.attributes.iter().any(|a| *a == RouteAttribute::Oif(lo))
+        && r.attributes.contains(&RouteAttribute::Oif(lo))
 }
 
 impl Routing for RtnlRouting {
@@ -378,7 +390,11 @@ impl Routing for FakeRouting {
 
     async fn delete(&self, spec: RoutingSpec, item: RouteItem) -> Result<(), DataplaneError> {
         if self.log_ops {
-            tracing::info!(?item, ?spec, "dataplane off: would delete policy routing item");
+            tracing::info!(
+                ?item,
+                ?spec,
+                "dataplane off: would delete policy routing item"
+            );
         }
         let mut st = self.lock();
         st.items.retain(|x| *x != (spec, item));

@@ -156,7 +156,12 @@ pub struct Ruleset {
 fn nets_of(family: Family, nets: impl IntoIterator<Item = IpNet>) -> Vec<SetElem> {
     let picked: Vec<IpNet> = nets
         .into_iter()
-        .filter(|n| matches!((family, n), (Family::V4, IpNet::V4(_)) | (Family::V6, IpNet::V6(_))))
+        .filter(|n| {
+            matches!(
+                (family, n),
+                (Family::V4, IpNet::V4(_)) | (Family::V6, IpNet::V6(_))
+            )
+        })
         .collect();
     // nft refuses overlapping intervals in a set without `auto-merge`
     // ("conflicting intervals specified"), and `lan` may contain `private_lan`:
@@ -436,7 +441,10 @@ pub fn objects(rs: &Ruleset) -> Vec<NfListObject<'static>> {
             handle: None,
             set_type: SetTypeValue::Single(set_type(set.kind)),
             policy: None,
-            flags: set.kind.interval().then(|| HashSet::from([SetFlag::Interval])),
+            flags: set
+                .kind
+                .interval()
+                .then(|| HashSet::from([SetFlag::Interval])),
             elem: (!elem.is_empty()).then(|| Cow::Owned(elem)),
             timeout: None,
             gc_interval: None,
@@ -675,7 +683,10 @@ fn merge_ranges(mut r: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
 fn set_view(o: &serde_json::Map<String, Value>) -> Option<SetView> {
     let set_type = o.get("type")?.as_str()?.to_string();
     let flags: BTreeSet<String> = match o.get("flags") {
-        Some(Value::Array(a)) => a.iter().filter_map(|f| f.as_str().map(String::from)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|f| f.as_str().map(String::from))
+            .collect(),
         Some(Value::String(f)) => BTreeSet::from([f.clone()]),
         _ => BTreeSet::new(),
     };
@@ -965,7 +976,9 @@ mod tests {
             })
             .collect();
         // Every other /24 so aggregation cannot merge them.
-        big_plan.proxy_src.retain(|n| (addr_bits(n.addr()) >> 8) % 2 == 0);
+        big_plan
+            .proxy_src
+            .retain(|n| (addr_bits(n.addr()) >> 8) % 2 == 0);
         let big = build(&big_plan);
         assert_eq!(big.rules.len(), small.rules.len());
         assert_eq!(big.sets.len(), small.sets.len());
@@ -996,8 +1009,14 @@ mod tests {
     fn replace_batch_deletes_and_recreates_only_our_table() {
         let batch = serde_json::to_value(replace_batch(&build(&plan()))).unwrap();
         let objs = batch["nftables"].as_array().unwrap();
-        assert_eq!(objs[0], serde_json::json!({"add": {"table": {"family": "inet", "name": "meduza"}}}));
-        assert_eq!(objs[1], serde_json::json!({"delete": {"table": {"family": "inet", "name": "meduza"}}}));
+        assert_eq!(
+            objs[0],
+            serde_json::json!({"add": {"table": {"family": "inet", "name": "meduza"}}})
+        );
+        assert_eq!(
+            objs[1],
+            serde_json::json!({"delete": {"table": {"family": "inet", "name": "meduza"}}})
+        );
         for o in objs {
             let (cmd, inner) = o.as_object().unwrap().iter().next().unwrap();
             assert!(cmd == "add" || cmd == "delete");
@@ -1014,13 +1033,12 @@ mod tests {
     /// text of a small plan: sets come back sorted, /32 as a bare address, adjacent
     /// prefixes separate, handles added.
     fn listing_like_nft(rs: &Ruleset) -> Value {
-        let mut objs = vec![serde_json::json!({"metainfo": {"version": "1.0.6", "json_schema_version": 1}})];
-        let mut handle = 1;
-        for o in objects(rs) {
+        let mut objs =
+            vec![serde_json::json!({"metainfo": {"version": "1.0.6", "json_schema_version": 1}})];
+        for (handle, o) in (1u32..).zip(objects(rs)) {
             let mut v = serde_json::to_value(&o).unwrap();
             let (_, inner) = v.as_object_mut().unwrap().iter_mut().next().unwrap();
             inner["handle"] = handle.into();
-            handle += 1;
             if let Some(Value::Array(elems)) = inner.get_mut("elem") {
                 for e in elems.iter_mut() {
                     if e["prefix"]["len"] == 32 {
@@ -1098,6 +1116,9 @@ mod tests {
             "ip6 saddr @proxy_src6 meta l4proto { tcp, udp } tproxy ip6 to [::1]:7893 meta mark set 0x1 accept"
         ));
         assert!(text.contains("ct direction reply return"));
-        assert_eq!(text.matches(" comment ").count(), build(&plan()).rules.len());
+        assert_eq!(
+            text.matches(" comment ").count(),
+            build(&plan()).rules.len()
+        );
     }
 }

@@ -91,7 +91,13 @@ impl Netns {
         // SAFETY: setns(2) on a valid, open namespace fd affects only the calling
         // thread's network namespace; no memory is shared with the kernel.
         let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {}: {}", self.name, std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "setns {}: {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Run `f` on a new thread inside this namespace and wait for it. Sockets it
@@ -132,7 +138,16 @@ impl Drop for Netns {
 /// namespaces (never in the host namespace), both ends up.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     a.ip(&[
-        "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name(),
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
     ]);
     a.ip(&["link", "set", a_if, "up"]);
     b.ip(&["link", "set", b_if, "up"]);
@@ -201,13 +216,23 @@ impl Topology {
         veth(&lan, "eth0", &gw, Self::GW_LAN_IF);
         veth(&lan, "eth1", &gw, Self::GW_MESH_IF);
         veth(&gw, "wan0", &inet, "eth0");
-        for c in ["192.168.50.2/24", "fd00:50::2/64", "192.168.60.2/24", "fd00:60::2/64"] {
+        for c in [
+            "192.168.50.2/24",
+            "fd00:50::2/64",
+            "192.168.60.2/24",
+            "fd00:60::2/64",
+        ] {
             addr(&lan, "eth0", c);
         }
         for c in ["192.168.70.2/24", "fd00:70::2/64"] {
             addr(&lan, "eth1", c);
         }
-        for c in ["192.168.50.1/24", "fd00:50::1/64", "192.168.60.1/24", "fd00:60::1/64"] {
+        for c in [
+            "192.168.50.1/24",
+            "fd00:50::1/64",
+            "192.168.60.1/24",
+            "fd00:60::1/64",
+        ] {
             addr(&gw, Self::GW_LAN_IF, c);
         }
         for c in ["192.168.70.1/24", "fd00:70::1/64"] {
@@ -223,9 +248,30 @@ impl Topology {
         lan.ip(&["-6", "route", "add", "default", "via", "fd00:50::1"]);
         // Sources of the mesh subnet leave over eth1.
         lan.ip(&["rule", "add", "from", "192.168.70.2", "lookup", "170"]);
-        lan.ip(&["route", "add", "default", "via", "192.168.70.1", "dev", "eth1", "table", "170"]);
+        lan.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.70.1",
+            "dev",
+            "eth1",
+            "table",
+            "170",
+        ]);
         lan.ip(&["-6", "rule", "add", "from", "fd00:70::2", "lookup", "170"]);
-        lan.ip(&["-6", "route", "add", "default", "via", "fd00:70::1", "dev", "eth1", "table", "170"]);
+        lan.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd00:70::1",
+            "dev",
+            "eth1",
+            "table",
+            "170",
+        ]);
         inet.ip(&["route", "add", "default", "via", "203.0.113.1"]);
         inet.ip(&["-6", "route", "add", "default", "via", "2001:db8:1::1"]);
         gw.sysctl("net.ipv4.ip_forward", "1");

@@ -17,7 +17,9 @@ use netlink_packet_wireguard::{
     WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute,
     WireguardCmd, WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
 };
-use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+use rtnetlink::packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
 use tokio::sync::OnceCell;
 
 use super::{LinkOps, PeerChange, WgBackend, WgError, WgPeerState, WgSet, WgState};
@@ -151,7 +153,11 @@ pub fn absorb_reply(state: &mut WgState, attrs: &[WireguardAttribute]) {
                         }
                     }
                     // A peer continued from the previous message has the same key.
-                    match state.peers.iter_mut().find(|q| q.public_key == p.public_key) {
+                    match state
+                        .peers
+                        .iter_mut()
+                        .find(|q| q.public_key == p.public_key)
+                    {
                         Some(q) => q.allowed_ips.extend(p.allowed_ips),
                         None => state.peers.push(p),
                     }
@@ -301,9 +307,9 @@ mod tests {
         let WireguardAttribute::Peers(peers) = &attrs[2] else {
             panic!("no peers attribute: {attrs:?}");
         };
-        assert!(peers[0]
-            .0
-            .contains(&WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps)));
+        assert!(peers[0].0.contains(&WireguardPeerAttribute::Flags(
+            WireguardPeerFlags::ReplaceAllowedIps
+        )));
         assert_eq!(
             peers[1].0,
             vec![
@@ -311,7 +317,9 @@ mod tests {
                 WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe)
             ]
         );
-        assert!(!attrs.iter().any(|a| matches!(a, WireguardAttribute::Flags(_))));
+        assert!(!attrs
+            .iter()
+            .any(|a| matches!(a, WireguardAttribute::Flags(_))));
     }
 
     #[test]
@@ -350,7 +358,10 @@ mod tests {
         assert_eq!(st.peers.len(), 1);
         assert_eq!(
             st.peers[0].allowed_ips,
-            vec!["10.9.0.0/24".parse::<IpNet>().unwrap(), "10.9.1.0/24".parse().unwrap()]
+            vec![
+                "10.9.0.0/24".parse::<IpNet>().unwrap(),
+                "10.9.1.0/24".parse().unwrap()
+            ]
         );
         assert_eq!(
             st.peers[0].last_handshake,

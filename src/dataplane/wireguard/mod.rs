@@ -148,7 +148,11 @@ impl WgConfig {
             .iter()
             .map(|p| {
                 Ok(WgPeerConfig {
-                    public_key: decode_key(&d.dev, &format!("peer/{}/public_key", p.name), &p.public_key)?,
+                    public_key: decode_key(
+                        &d.dev,
+                        &format!("peer/{}/public_key", p.name),
+                        &p.public_key,
+                    )?,
                     preshared_key: p
                         .preshared_key
                         .as_deref()
@@ -223,7 +227,8 @@ pub fn plan_device(desired: &WgConfig, current: &WgState) -> WgSet {
             .map(|p| PeerChange::Remove(p.public_key)),
     );
     WgSet {
-        private_key: (current.private_key != Some(desired.private_key)).then_some(desired.private_key),
+        private_key: (current.private_key != Some(desired.private_key))
+            .then_some(desired.private_key),
         listen_port: desired.listen_port.filter(|p| *p != current.listen_port),
         peers,
     }
@@ -322,9 +327,17 @@ impl LinkOps {
 
     /// Interface index and whether the link is administratively up.
     pub async fn link(&self, dev: &str) -> Result<Option<(u32, bool)>, WgError> {
-        let mut s = self.handle.link().get().match_name(dev.to_string()).execute();
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(dev.to_string())
+            .execute();
         match s.try_next().await {
-            Ok(Some(l)) => Ok(Some((l.header.index, l.header.flags.contains(LinkFlags::Up)))),
+            Ok(Some(l)) => Ok(Some((
+                l.header.index,
+                l.header.flags.contains(LinkFlags::Up),
+            ))),
             Ok(None) => Ok(None),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(link_err(dev, "get link", e)),
@@ -372,7 +385,8 @@ impl LinkOps {
             .collect();
         for (net, msg) in &have {
             // IPv6 link-local addresses are the kernel's own.
-            let link_local = matches!(net, IpNet::V6(v6) if v6.addr().segments()[0] & 0xffc0 == 0xfe80);
+            let link_local =
+                matches!(net, IpNet::V6(v6) if v6.addr().segments()[0] & 0xffc0 == 0xfe80);
             if !want.contains(net) && !link_local {
                 self.handle
                     .address()
@@ -397,11 +411,7 @@ impl LinkOps {
         if !up {
             self.handle
                 .link()
-                .set(
-                    rtnetlink::LinkUnspec::new_with_index(index)
-                        .up()
-                        .build(),
-                )
+                .set(rtnetlink::LinkUnspec::new_with_index(index).up().build())
                 .execute()
                 .await
                 .map_err(|e| link_err(dev, "set link up", e))?;
@@ -439,7 +449,9 @@ impl AutoWg {
 
     fn kernel_unavailable(&self) -> MutexGuard<'_, bool> {
         // A plain flag; poisoning cannot leave it inconsistent.
-        self.kernel_unavailable.lock().unwrap_or_else(|p| p.into_inner())
+        self.kernel_unavailable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Which implementation serves `dev` now.
@@ -665,7 +677,11 @@ pub fn apply_set(state: &mut WgState, set: &WgSet) {
         match change {
             PeerChange::Remove(k) => state.peers.retain(|p| &p.public_key != k),
             PeerChange::Upsert(cfg) => {
-                let idx = match state.peers.iter().position(|p| p.public_key == cfg.public_key) {
+                let idx = match state
+                    .peers
+                    .iter()
+                    .position(|p| p.public_key == cfg.public_key)
+                {
                     Some(i) => i,
                     None => {
                         state.peers.push(WgPeerState {
@@ -704,7 +720,11 @@ impl WgBackend for FakeWg {
     }
 
     async fn get(&self, dev: &str) -> Result<WgState, WgError> {
-        self.lock().devices.get(dev).cloned().ok_or_else(|| missing(dev))
+        self.lock()
+            .devices
+            .get(dev)
+            .cloned()
+            .ok_or_else(|| missing(dev))
     }
 
     async fn set(&self, dev: &str, set: &WgSet) -> Result<(), WgError> {
@@ -822,10 +842,19 @@ mod tests {
 
     #[test]
     fn status_follows_peer_count_and_handshake_age() {
-        assert_eq!(decide_status(0, Some(Duration::from_secs(1))), WgLinkStatus::Down);
+        assert_eq!(
+            decide_status(0, Some(Duration::from_secs(1))),
+            WgLinkStatus::Down
+        );
         assert_eq!(decide_status(1, None), WgLinkStatus::Connecting);
-        assert_eq!(decide_status(2, Some(Duration::from_secs(5))), WgLinkStatus::Up);
-        assert_eq!(decide_status(2, Some(HANDSHAKE_FRESH_FOR)), WgLinkStatus::Up);
+        assert_eq!(
+            decide_status(2, Some(Duration::from_secs(5))),
+            WgLinkStatus::Up
+        );
+        assert_eq!(
+            decide_status(2, Some(HANDSHAKE_FRESH_FOR)),
+            WgLinkStatus::Up
+        );
         assert_eq!(
             decide_status(2, Some(HANDSHAKE_FRESH_FOR + Duration::from_secs(1))),
             WgLinkStatus::Connecting
@@ -834,13 +863,20 @@ mod tests {
         let mut st = WgState::default();
         assert_eq!(status_of(None, now), WgLinkStatus::Down);
         assert_eq!(status_of(Some(&st), now), WgLinkStatus::Down);
-        let cfg = WgConfig::from_device(&device(vec![peer(2, "10.9.0.2/32"), peer(3, "10.9.0.3/32")])).unwrap();
+        let cfg = WgConfig::from_device(&device(vec![
+            peer(2, "10.9.0.2/32"),
+            peer(3, "10.9.0.3/32"),
+        ]))
+        .unwrap();
         let set = plan_device(&cfg, &st);
         apply_set(&mut st, &set);
         assert_eq!(status_of(Some(&st), now), WgLinkStatus::Connecting);
         st.peers[1].last_handshake = Some(now - Duration::from_secs(30));
         assert_eq!(status_of(Some(&st), now), WgLinkStatus::Up);
-        assert_eq!(status_of(Some(&st), now + Duration::from_secs(300)), WgLinkStatus::Connecting);
+        assert_eq!(
+            status_of(Some(&st), now + Duration::from_secs(300)),
+            WgLinkStatus::Connecting
+        );
     }
 
     #[tokio::test]

@@ -66,11 +66,19 @@ pub fn render_set(set: &WgSet) -> String {
             PeerChange::Upsert(p) => {
                 let _ = writeln!(s, "public_key={}", hex(&p.public_key));
                 // All zeros clears a preshared key.
-                let _ = writeln!(s, "preshared_key={}", hex(&p.preshared_key.unwrap_or([0; 32])));
+                let _ = writeln!(
+                    s,
+                    "preshared_key={}",
+                    hex(&p.preshared_key.unwrap_or([0; 32]))
+                );
                 if let Some(e) = p.endpoint {
                     let _ = writeln!(s, "endpoint={e}");
                 }
-                let _ = writeln!(s, "persistent_keepalive_interval={}", p.persistent_keepalive);
+                let _ = writeln!(
+                    s,
+                    "persistent_keepalive_interval={}",
+                    p.persistent_keepalive
+                );
                 let _ = writeln!(s, "replace_allowed_ips=true");
                 for ip in &p.allowed_ips {
                     let _ = writeln!(s, "allowed_ip={ip}");
@@ -104,8 +112,13 @@ pub fn parse_get(text: &str) -> Result<WgState, String> {
         if line.is_empty() {
             break;
         }
-        let (k, v) = line.split_once('=').ok_or_else(|| format!("bad line {line:?}"))?;
-        let num = || v.parse::<i64>().map_err(|_| format!("bad number in {line:?}"));
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| format!("bad line {line:?}"))?;
+        let num = || {
+            v.parse::<i64>()
+                .map_err(|_| format!("bad number in {line:?}"))
+        };
         match k {
             "private_key" => {
                 st.private_key = unhex(v).filter(|k| *k != [0; 32]);
@@ -141,11 +154,13 @@ pub fn parse_get(text: &str) -> Result<WgState, String> {
                         )
                     }
                     "persistent_keepalive_interval" => {
-                        p.persistent_keepalive = v.parse().map_err(|_| format!("bad keepalive {v:?}"))?
+                        p.persistent_keepalive =
+                            v.parse().map_err(|_| format!("bad keepalive {v:?}"))?
                     }
-                    "allowed_ip" => p
-                        .allowed_ips
-                        .push(v.parse::<IpNet>().map_err(|_| format!("bad allowed_ip {v:?}"))?),
+                    "allowed_ip" => p.allowed_ips.push(
+                        v.parse::<IpNet>()
+                            .map_err(|_| format!("bad allowed_ip {v:?}"))?,
+                    ),
                     "last_handshake_time_sec" => hs_sec = num()?,
                     "last_handshake_time_nsec" => hs_nsec = num()?,
                     "rx_bytes" => p.rx_bytes = num()?.unsigned_abs(),
@@ -204,7 +219,9 @@ impl UserspaceWg {
     /// Send one request and read the reply up to its terminating blank line.
     async fn exchange(&self, dev: &str, request: &str) -> Result<String, WgError> {
         let io = |e: std::io::Error| self.uapi_err(dev, e.to_string());
-        let mut sock = UnixStream::connect(self.socket_path(dev)).await.map_err(io)?;
+        let mut sock = UnixStream::connect(self.socket_path(dev))
+            .await
+            .map_err(io)?;
         sock.write_all(request.as_bytes()).await.map_err(io)?;
         let mut reader = BufReader::new(sock);
         let mut reply = String::new();
@@ -305,7 +322,10 @@ impl WgBackend for UserspaceWg {
             match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
                 Ok(_) => {}
                 Err(_) => {
-                    tracing::warn!(dev, "wireguard-go did not exit after link deletion, killing");
+                    tracing::warn!(
+                        dev,
+                        "wireguard-go did not exit after link deletion, killing"
+                    );
                     // Best effort: kill then reap; errors mean it is already gone.
                     let _ = child.kill().await;
                 }
@@ -331,7 +351,10 @@ mod tests {
             preshared_key: None,
             endpoint: Some("[2001:db8::1]:51820".parse().unwrap()),
             persistent_keepalive: 25,
-            allowed_ips: vec!["10.9.0.2/32".parse().unwrap(), "fd09::2/128".parse().unwrap()],
+            allowed_ips: vec![
+                "10.9.0.2/32".parse().unwrap(),
+                "fd09::2/128".parse().unwrap(),
+            ],
         }
     }
 
@@ -388,7 +411,11 @@ mod tests {
         assert_eq!(p.allowed_ips, vec!["10.9.0.2/32".parse::<IpNet>().unwrap()]);
         assert_eq!(
             p.last_handshake,
-            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_nanos(5))
+            Some(
+                SystemTime::UNIX_EPOCH
+                    + Duration::from_secs(1_700_000_000)
+                    + Duration::from_nanos(5)
+            )
         );
         assert_eq!((p.rx_bytes, p.tx_bytes), (20, 10));
         assert_eq!(st.peers[1].last_handshake, None);
