@@ -46,9 +46,40 @@ enum Cmd {
     },
     #[command(flatten)]
     Etcd(EtcdCommand),
+    /// The TPROXY data plane: show, apply or remove the plan of a node (from a snapshot
+    /// file, or from etcd when --snapshot is not given).
+    Dataplane(DataplaneCli),
     /// Run only the supervisor with services from a JSON file (benchmarks, debugging).
     #[command(hide = true)]
     Supervise(meduza::supervise::cli::SuperviseArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DataplaneCli {
+    /// Snapshot file (`meduza snapshot` output); without it the snapshot is read from etcd.
+    #[arg(long, global = true)]
+    snapshot: Option<PathBuf>,
+    /// Node id whose plan to use.
+    #[arg(long, global = true, env = "NODE_ID")]
+    node: Option<String>,
+    #[command(flatten)]
+    inner: meduza::dataplane::DataplaneArgs,
+}
+
+/// Load and validate a snapshot from a file or, without one, from etcd.
+async fn load_config(
+    snapshot: Option<&std::path::Path>,
+    etcd: &EtcdArgs,
+) -> anyhow::Result<Result<meduza_generators::Config, Vec<meduza_generators::ValidationError>>> {
+    match snapshot {
+        Some(path) => Ok(offline::validate(path)),
+        None => {
+            let kv = EtcdKv::new(EtcdConfig::from_args(etcd)?);
+            let keys = meduza::etcd::dump_snapshot(&kv).await?;
+            let snap = meduza_generators::Snapshot(keys);
+            Ok(meduza_generators::Config::parse(&snap).map_err(|e| e.0))
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -141,6 +172,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(anyhow::Error::msg)
                 .context("gen")?;
             println!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Dataplane(dp) => {
+            let plan = match &dp.inner.plan {
+                Some(file) => meduza::dataplane::cli::load_plan_file(file)?,
+                None => {
+                    let node_id = dp.node.clone().context("--node (or NODE_ID) is required")?;
+                    let cfg = match load_config(dp.snapshot.as_deref(), &cli.etcd).await? {
+                        Ok(cfg) => cfg,
+                        Err(errors) => return Ok(invalid(&errors)),
+                    };
+                    let node = cfg
+                        .node(&node_id)
+                        .with_context(|| format!("no node {node_id} in the snapshot"))?;
+                    let env = offline::env_from_process(offline::OFFLINE_CLASH_SECRET.into());
+                    meduza_generators::render::tproxy_plan(&cfg, node, &env)
+                }
+            };
+            meduza::dataplane::cli::cli(dp.inner.cmd, plan).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Supervise(args) => {

@@ -1,0 +1,72 @@
+//! `meduza dataplane show|apply|remove`: the data plane from the command line.
+//!
+//! Owns: the clap definitions of the subcommand and its output. Must not: build a
+//! plan from etcd or a snapshot (the integrator passes the plan in; the hidden
+//! `--plan FILE` reads a `TproxyPlan` as JSON, for tests and the benchmark).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use meduza_generators::plan::tproxy::TproxyPlan;
+
+use super::{ruleset, show, SystemDataplane};
+
+/// `meduza dataplane ...`
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataplaneArgs {
+    #[command(subcommand)]
+    pub cmd: DataplaneCmd,
+    /// Read the plan from a JSON file (a `TproxyPlan`) instead of a snapshot.
+    #[arg(long, global = true, hide = true, value_name = "FILE")]
+    pub plan: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum DataplaneCmd {
+    /// Print the plan, the nftables ruleset and the policy routing it means.
+    Show,
+    /// Apply the plan (one nftables transaction; nothing when already applied).
+    Apply,
+    /// Remove table inet meduza and our policy routing.
+    Remove,
+    /// Print only the ruleset in nft syntax (for `nft -f`; used by the benchmark).
+    #[command(hide = true)]
+    Ruleset,
+}
+
+/// Read a `TproxyPlan` from a JSON file.
+pub fn load_plan_file(path: &Path) -> anyhow::Result<TproxyPlan> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading plan file {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing plan file {}", path.display()))
+}
+
+/// Run one dataplane command for `plan`, printing the plan and what changed.
+pub async fn cli(cmd: DataplaneCmd, plan: TproxyPlan) -> anyhow::Result<()> {
+    match cmd {
+        DataplaneCmd::Show => print!("{}", show(&plan)),
+        DataplaneCmd::Ruleset => print!("{}", ruleset::to_text(&ruleset::build(&plan))),
+        DataplaneCmd::Apply => {
+            let dp = SystemDataplane::from_env()?;
+            let report = dp.apply(&plan).await?;
+            println!("{report}");
+        }
+        DataplaneCmd::Remove => {
+            let dp = SystemDataplane::from_env()?;
+            let report = dp.remove().await?;
+            println!("{report}");
+        }
+    }
+    Ok(())
+}
+
+/// Entry point for `main.rs` while no snapshot wiring exists: the plan comes from
+/// `--plan FILE` (removal needs none).
+pub async fn run_with_plan_file(args: DataplaneArgs) -> anyhow::Result<()> {
+    let plan = match (&args.plan, args.cmd) {
+        (Some(path), _) => load_plan_file(path)?,
+        (None, DataplaneCmd::Remove) => TproxyPlan::empty(),
+        (None, _) => anyhow::bail!("no plan given: pass --plan FILE"),
+    };
+    cli(args.cmd, plan).await
+}

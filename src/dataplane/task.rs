@@ -1,0 +1,229 @@
+//! The data-plane task: holds the desired state (`Some(plan)` = TPROXY applied,
+//! `None` = removed) and keeps the kernel there.
+//!
+//! Owns: the loop that applies a new desired state at once and re-checks on every
+//! trigger (netlink notifications of rule/route/nftables changes) and every second,
+//! so something else deleting our table, rules or routes is repaired within about
+//! one second. Must not: decide the desired state (the caller does) or overlap two
+//! passes (one loop, triggers coalesce).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use meduza_generators::plan::tproxy::TproxyPlan;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{ApplyReport, Dataplane, Nft, Routing};
+
+/// Period of the drift check when no notification arrives.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the task last did, for status publishing (`/updated/<id>/tproxy`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TaskStatus {
+    /// Passes that changed something.
+    pub changes: u64,
+    /// Passes that failed.
+    pub errors: u64,
+    /// The last change, if any.
+    pub last_report: Option<ApplyReport>,
+    /// The last error, cleared by the next successful pass.
+    pub last_error: Option<String>,
+    /// Whether the kernel was at the desired state after the last pass.
+    pub converged: bool,
+}
+
+/// Control of a running data-plane task. Dropping it stops the task (the desired
+/// state is left installed; call `set(None)` first to remove it).
+#[derive(Debug)]
+pub struct DataplaneHandle {
+    desired: watch::Sender<Option<TproxyPlan>>,
+    status: watch::Receiver<TaskStatus>,
+    join: JoinHandle<()>,
+}
+
+impl DataplaneHandle {
+    /// Change the desired state; the task applies it at once.
+    pub fn set(&self, desired: Option<TproxyPlan>) {
+        self.desired.send_replace(desired);
+    }
+
+    /// The current desired state.
+    pub fn desired(&self) -> Option<TproxyPlan> {
+        self.desired.borrow().clone()
+    }
+
+    /// A receiver of the task's status after each pass.
+    pub fn status(&self) -> watch::Receiver<TaskStatus> {
+        self.status.clone()
+    }
+
+    /// Stop the task and wait for it.
+    pub async fn stop(self) {
+        let DataplaneHandle { desired, join, .. } = self;
+        drop(desired);
+        // The task ends when the sender is gone; a JoinError can only be a panic
+        // or cancellation, both already logged by tokio.
+        let _ = join.await;
+    }
+}
+
+/// Start the task with an initial desired state and a stream of triggers (use
+/// [`netlink_triggers`] for the real system, any stream in tests).
+pub fn spawn_task<N, R, T>(
+    dp: Arc<Dataplane<N, R>>,
+    initial: Option<TproxyPlan>,
+    triggers: T,
+) -> DataplaneHandle
+where
+    N: Nft,
+    R: Routing,
+    T: Stream<Item = ()> + Send + Unpin + 'static,
+{
+    let (desired_tx, desired_rx) = watch::channel(initial);
+    let (status_tx, status_rx) = watch::channel(TaskStatus::default());
+    let join = tokio::spawn(run(dp, desired_rx, status_tx, triggers));
+    DataplaneHandle {
+        desired: desired_tx,
+        status: status_rx,
+        join,
+    }
+}
+
+async fn run<N: Nft, R: Routing, T: Stream<Item = ()> + Unpin>(
+    dp: Arc<Dataplane<N, R>>,
+    mut desired: watch::Receiver<Option<TproxyPlan>>,
+    status: watch::Sender<TaskStatus>,
+    mut triggers: T,
+) {
+    let mut tick = tokio::time::interval(CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut triggers_open = true;
+    desired.mark_changed();
+    loop {
+        tokio::select! {
+            biased;
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    tracing::debug!("dataplane task stopped");
+                    return;
+                }
+            }
+            t = triggers.next(), if triggers_open => {
+                if t.is_none() {
+                    tracing::warn!("dataplane change notifications ended; periodic check only");
+                    triggers_open = false;
+                    continue;
+                }
+                // Coalesce a burst of notifications into one pass.
+                while let Some(Some(())) = futures::FutureExt::now_or_never(triggers.next()) {}
+            }
+            _ = tick.tick() => {}
+        }
+        let plan = desired.borrow_and_update().clone();
+        let result = dp.ensure(plan.as_ref()).await;
+        status.send_modify(|st| match result {
+            Ok(Some(report)) => {
+                if plan.is_some() {
+                    tracing::warn!(nft = ?report.nft, routing = ?report.routing, "tproxy drift repaired");
+                }
+                st.changes += 1;
+                st.last_report = Some(report);
+                st.last_error = None;
+                st.converged = true;
+            }
+            Ok(None) => {
+                st.last_error = None;
+                st.converged = true;
+            }
+            Err(err) => {
+                tracing::error!(%err, "dataplane pass failed");
+                st.errors += 1;
+                st.last_error = Some(err.to_string());
+                st.converged = false;
+            }
+        });
+    }
+}
+
+/// Notifications of changes to IPv4/IPv6 rules and routes (rtnetlink multicast
+/// groups) and to any nftables table (`NFNLGRP_NFTABLES`), in the calling thread's
+/// network namespace, as a stream of unit triggers. Needs a tokio runtime.
+pub fn netlink_triggers() -> std::io::Result<impl Stream<Item = ()> + Send + Unpin + 'static> {
+    use rtnetlink::sys::AsyncSocketExt;
+    use rtnetlink::MulticastGroup;
+
+    let (conn, _handle, messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Ipv4Rule,
+        MulticastGroup::Ipv6Rule,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+    ])?;
+    tokio::spawn(conn);
+    let nft_sock = super::nft::nft_monitor_socket()?;
+    let nft_events = futures::stream::unfold(nft_sock, |sock| async move {
+        match sock.recv_from_full().await {
+            Ok(_) => Some(((), sock)),
+            Err(err) => {
+                // ENOBUFS means we missed notifications: still a trigger.
+                tracing::debug!(?err, "nftables monitor receive error");
+                Some(((), sock))
+            }
+        }
+    });
+    let route_events = messages.map(|_| ());
+    Ok(futures::stream::select(route_events, Box::pin(nft_events)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{FakeNft, FakeRouting, NftChange, RouteItem};
+
+    fn plan() -> TproxyPlan {
+        let mut p = TproxyPlan::empty();
+        p.proxy_src = vec!["192.168.50.0/24".parse().unwrap()];
+        p
+    }
+
+    async fn wait_for(rx: &mut watch::Receiver<TaskStatus>, f: impl Fn(&TaskStatus) -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| f(s)))
+            .await
+            .expect("status in time")
+            .expect("task alive");
+    }
+
+    #[tokio::test]
+    async fn task_applies_repairs_and_removes() {
+        let dp = Arc::new(Dataplane::new(FakeNft::new(), FakeRouting::new()));
+        let (trig_tx, trig_rx) = futures::channel::mpsc::unbounded::<()>();
+        let handle = spawn_task(dp.clone(), Some(plan()), trig_rx);
+        let mut st = handle.status();
+        wait_for(&mut st, |s| s.changes == 1).await;
+        assert!(dp.nft().state().table.is_some());
+
+        // Repair on a trigger.
+        dp.nft().delete_table_externally();
+        trig_tx.unbounded_send(()).unwrap();
+        wait_for(&mut st, |s| s.changes == 2).await;
+        assert_eq!(
+            st.borrow().last_report.as_ref().unwrap().nft,
+            NftChange::Created
+        );
+
+        // Repair on the periodic check alone.
+        dp.routing().delete_externally(RouteItem::LocalRouteV4);
+        wait_for(&mut st, |s| s.changes == 3).await;
+        assert_eq!(dp.routing().state().items.len(), 4);
+
+        handle.set(None);
+        wait_for(&mut st, |s| s.changes == 4).await;
+        assert!(dp.nft().state().table.is_none());
+        assert!(dp.routing().state().items.is_empty());
+        assert_eq!(handle.desired(), None);
+        handle.stop().await;
+    }
+}

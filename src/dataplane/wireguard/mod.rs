@@ -1,0 +1,905 @@
+//! WireGuard devices: create, configure (keys, port, peers, addresses), read back
+//! handshake times for status, delete.
+//!
+//! Owns: the pure diff of desired device configuration against what the device
+//! reports ([`plan_device`]), the status decision ([`decide_status`]), the
+//! [`WgBackend`] trait with its implementations — kernel generic netlink
+//! ([`genl::KernelWg`]), wireguard-go's UAPI socket ([`uapi::UserspaceWg`]), the
+//! runtime choice between them ([`AutoWg`]) and a model ([`FakeWg`]) — and
+//! [`WgManager`], which applies a list of devices. Must not: recreate a device to
+//! change its peers, touch devices it was not given, or route `allowed_ips` (routing
+//! is FRR's job).
+
+pub mod genl;
+pub mod uapi;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use meduza_generators::plan::wireguard::WgDevice;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::LinkFlags;
+use rtnetlink::Handle;
+use serde::Serialize;
+
+/// A WireGuard key (Curve25519 point or preshared key).
+pub type Key = [u8; 32];
+
+/// After this long without a handshake a session is dead: WireGuard's
+/// REJECT_AFTER_TIME (180 s, whitepaper §6.1). A live peer re-handshakes every
+/// REKEY_AFTER_TIME (120 s) while traffic or keepalives flow.
+pub const HANDSHAKE_FRESH_FOR: Duration = Duration::from_secs(180);
+
+/// Errors of WireGuard configuration, each naming the device.
+#[derive(Debug, thiserror::Error)]
+pub enum WgError {
+    #[error("wireguard {dev}: key {field} is not 32 bytes of base64: {value_hint}")]
+    BadKey {
+        dev: String,
+        field: String,
+        /// The first characters only: keys are secrets.
+        value_hint: String,
+    },
+    #[error("wireguard {dev}: cannot start {program}: {source}")]
+    Spawn {
+        dev: String,
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("wireguard {dev}: {program} exited before its UAPI socket appeared: {detail}")]
+    DaemonExited {
+        dev: String,
+        program: String,
+        detail: String,
+    },
+    #[error("wireguard {dev}: UAPI socket {path}: {detail}")]
+    Uapi {
+        dev: String,
+        path: String,
+        detail: String,
+    },
+    #[error("wireguard {dev}: generic netlink {op}: {detail}")]
+    Genl {
+        dev: String,
+        op: &'static str,
+        detail: String,
+    },
+    #[error("wireguard {dev}: rtnetlink {op}: {detail}")]
+    Link {
+        dev: String,
+        op: &'static str,
+        detail: String,
+    },
+}
+
+/// What one peer reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgPeerState {
+    pub public_key: Key,
+    pub preshared_key: Option<Key>,
+    pub endpoint: Option<SocketAddr>,
+    /// Seconds; 0 = off.
+    pub persistent_keepalive: u16,
+    /// Sorted.
+    pub allowed_ips: Vec<IpNet>,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// What a device reports.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WgState {
+    pub private_key: Option<Key>,
+    pub listen_port: u16,
+    pub peers: Vec<WgPeerState>,
+}
+
+/// A desired peer, keys decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgPeerConfig {
+    pub public_key: Key,
+    pub preshared_key: Option<Key>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: u16,
+    /// Sorted, deduplicated.
+    pub allowed_ips: Vec<IpNet>,
+}
+
+/// A desired device, keys decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgConfig {
+    pub private_key: Key,
+    pub listen_port: Option<u16>,
+    pub peers: Vec<WgPeerConfig>,
+}
+
+fn decode_key(dev: &str, field: &str, b64: &str) -> Result<Key, WgError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()
+        .and_then(|v| Key::try_from(v.as_slice()).ok())
+        .ok_or_else(|| WgError::BadKey {
+            dev: dev.to_string(),
+            field: field.to_string(),
+            value_hint: b64.chars().take(4).collect::<String>() + "…",
+        })
+}
+
+fn sorted_nets(nets: &[IpNet]) -> Vec<IpNet> {
+    let mut v: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+impl WgConfig {
+    /// Decode a plan's device.
+    pub fn from_device(d: &WgDevice) -> Result<Self, WgError> {
+        let peers = d
+            .peers
+            .iter()
+            .map(|p| {
+                Ok(WgPeerConfig {
+                    public_key: decode_key(
+                        &d.dev,
+                        &format!("peer/{}/public_key", p.name),
+                        &p.public_key,
+                    )?,
+                    preshared_key: p
+                        .preshared_key
+                        .as_deref()
+                        .map(|k| decode_key(&d.dev, &format!("peer/{}/preshared_key", p.name), k))
+                        .transpose()?,
+                    endpoint: p.endpoint,
+                    persistent_keepalive: p.persistent_keepalive.unwrap_or(0),
+                    allowed_ips: sorted_nets(&p.allowed_ips),
+                })
+            })
+            .collect::<Result<Vec<_>, WgError>>()?;
+        Ok(Self {
+            private_key: decode_key(&d.dev, "private_key", &d.private_key)?,
+            listen_port: d.listen_port,
+            peers,
+        })
+    }
+}
+
+/// One peer change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerChange {
+    /// Add the peer or bring it to this configuration (allowed IPs replaced).
+    Upsert(WgPeerConfig),
+    /// Remove the peer (`remove=true` / `WGPEER_F_REMOVE_ME`).
+    Remove(Key),
+}
+
+/// The changes to send to a device; empty means nothing to send.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WgSet {
+    pub private_key: Option<Key>,
+    pub listen_port: Option<u16>,
+    pub peers: Vec<PeerChange>,
+}
+
+impl WgSet {
+    pub fn is_empty(&self) -> bool {
+        self.private_key.is_none() && self.listen_port.is_none() && self.peers.is_empty()
+    }
+}
+
+fn peer_matches(want: &WgPeerConfig, have: &WgPeerState) -> bool {
+    let mut have_ips = have.allowed_ips.clone();
+    have_ips.sort();
+    want.preshared_key == have.preshared_key
+        && want.persistent_keepalive == have.persistent_keepalive
+        && want.allowed_ips == have_ips
+        // An unset endpoint is learnt from the peer (roaming); only a configured
+        // one is enforced.
+        && want.endpoint.is_none_or(|e| have.endpoint == Some(e))
+}
+
+/// The changes that bring `current` to `desired` without recreating the device:
+/// unchanged peers are not sent, gone peers are removed. Pure.
+pub fn plan_device(desired: &WgConfig, current: &WgState) -> WgSet {
+    let have: BTreeMap<Key, &WgPeerState> =
+        current.peers.iter().map(|p| (p.public_key, p)).collect();
+    let want_keys: BTreeSet<Key> = desired.peers.iter().map(|p| p.public_key).collect();
+    let mut peers: Vec<PeerChange> = desired
+        .peers
+        .iter()
+        .filter(|p| !have.get(&p.public_key).is_some_and(|h| peer_matches(p, h)))
+        .cloned()
+        .map(PeerChange::Upsert)
+        .collect();
+    peers.extend(
+        current
+            .peers
+            .iter()
+            .filter(|p| !want_keys.contains(&p.public_key))
+            .map(|p| PeerChange::Remove(p.public_key)),
+    );
+    WgSet {
+        private_key: (current.private_key != Some(desired.private_key))
+            .then_some(desired.private_key),
+        listen_port: desired.listen_port.filter(|p| *p != current.listen_port),
+        peers,
+    }
+}
+
+/// `/updated/<id>/wireguard/<name>/status` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WgLinkStatus {
+    /// Some peer completed a handshake within [`HANDSHAKE_FRESH_FOR`].
+    Up,
+    /// Peers configured, none with a fresh handshake.
+    Connecting,
+    /// No device or no peers.
+    Down,
+}
+
+impl WgLinkStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WgLinkStatus::Up => "up",
+            WgLinkStatus::Connecting => "connecting",
+            WgLinkStatus::Down => "down",
+        }
+    }
+}
+
+/// Status from the number of peers and the age of the newest handshake. Pure.
+pub fn decide_status(peer_count: usize, newest_handshake_age: Option<Duration>) -> WgLinkStatus {
+    match (peer_count, newest_handshake_age) {
+        (0, _) => WgLinkStatus::Down,
+        (_, Some(age)) if age <= HANDSHAKE_FRESH_FOR => WgLinkStatus::Up,
+        _ => WgLinkStatus::Connecting,
+    }
+}
+
+/// Status of a device's reported state at `now`.
+pub fn status_of(state: Option<&WgState>, now: SystemTime) -> WgLinkStatus {
+    let Some(state) = state else {
+        return WgLinkStatus::Down;
+    };
+    let newest = state
+        .peers
+        .iter()
+        .filter_map(|p| p.last_handshake)
+        .max()
+        // A handshake "in the future" (clock stepped back) counts as just now.
+        .map(|t| now.duration_since(t).unwrap_or(Duration::ZERO));
+    decide_status(state.peers.len(), newest)
+}
+
+/// Drive one kind of WireGuard implementation.
+pub trait WgBackend: Send + Sync + 'static {
+    /// Create the device if it does not exist.
+    fn create(&self, dev: &str) -> impl Future<Output = Result<(), WgError>> + Send;
+    /// Read the device's configuration and peer statistics.
+    fn get(&self, dev: &str) -> impl Future<Output = Result<WgState, WgError>> + Send;
+    /// Send changes (nothing is sent for an empty set).
+    fn set(&self, dev: &str, set: &WgSet) -> impl Future<Output = Result<(), WgError>> + Send;
+    /// Delete the device.
+    fn delete(&self, dev: &str) -> impl Future<Output = Result<(), WgError>> + Send;
+}
+
+/// Link-level operations common to both implementations (rtnetlink).
+#[derive(Clone)]
+pub struct LinkOps {
+    handle: Handle,
+}
+
+impl std::fmt::Debug for LinkOps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkOps")
+    }
+}
+
+fn link_err(dev: &str, op: &'static str, e: impl std::fmt::Display) -> WgError {
+    WgError::Link {
+        dev: dev.to_string(),
+        op,
+        detail: e.to_string(),
+    }
+}
+
+impl LinkOps {
+    /// Open an rtnetlink connection in the calling thread's namespace (needs tokio).
+    pub fn new() -> Result<Self, WgError> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| link_err("-", "open socket", e))?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Interface index and whether the link is administratively up.
+    pub async fn link(&self, dev: &str) -> Result<Option<(u32, bool)>, WgError> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(dev.to_string())
+            .execute();
+        match s.try_next().await {
+            Ok(Some(l)) => Ok(Some((
+                l.header.index,
+                l.header.flags.contains(LinkFlags::Up),
+            ))),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(link_err(dev, "get link", e)),
+        }
+    }
+
+    pub async fn delete(&self, dev: &str) -> Result<(), WgError> {
+        if let Some((index, _)) = self.link(dev).await? {
+            self.handle
+                .link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(|e| link_err(dev, "delete link", e))?;
+        }
+        Ok(())
+    }
+
+    /// Make the addresses of `dev` exactly `want` and bring it up. Returns whether
+    /// anything changed.
+    pub async fn sync_addresses_and_up(&self, dev: &str, want: &[IpNet]) -> Result<bool, WgError> {
+        let Some((index, up)) = self.link(dev).await? else {
+            return Err(link_err(dev, "get link", "device missing"));
+        };
+        let current: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| link_err(dev, "dump addresses", e))?;
+        let mut changed = false;
+        let have: Vec<(IpNet, AddressMessage)> = current
+            .into_iter()
+            .filter(|m| m.header.index == index)
+            .filter_map(|m| {
+                let addr = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })?;
+                IpNet::new(addr, m.header.prefix_len).ok().map(|n| (n, m))
+            })
+            .collect();
+        for (net, msg) in &have {
+            // IPv6 link-local addresses are the kernel's own.
+            let link_local =
+                matches!(net, IpNet::V6(v6) if v6.addr().segments()[0] & 0xffc0 == 0xfe80);
+            if !want.contains(net) && !link_local {
+                self.handle
+                    .address()
+                    .del(msg.clone())
+                    .execute()
+                    .await
+                    .map_err(|e| link_err(dev, "delete address", e))?;
+                changed = true;
+            }
+        }
+        for net in want {
+            if !have.iter().any(|(n, _)| n == net) {
+                self.handle
+                    .address()
+                    .add(index, net.addr(), net.prefix_len())
+                    .execute()
+                    .await
+                    .map_err(|e| link_err(dev, "add address", e))?;
+                changed = true;
+            }
+        }
+        if !up {
+            self.handle
+                .link()
+                .set(rtnetlink::LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(|e| link_err(dev, "set link up", e))?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+}
+
+/// Which implementation serves a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum WgImpl {
+    Kernel,
+    Userspace,
+}
+
+/// Chooses per device at runtime: the kernel when creating a `wireguard` link
+/// works, else wireguard-go. An existing device is served by whichever has it (a
+/// UAPI socket means userspace).
+#[derive(Debug)]
+pub struct AutoWg {
+    kernel: genl::KernelWg,
+    user: uapi::UserspaceWg,
+    kernel_unavailable: Mutex<bool>,
+}
+
+impl AutoWg {
+    pub fn new(links: LinkOps) -> Self {
+        Self {
+            kernel: genl::KernelWg::new(links.clone()),
+            user: uapi::UserspaceWg::from_env(links),
+            kernel_unavailable: Mutex::new(false),
+        }
+    }
+
+    fn kernel_unavailable(&self) -> MutexGuard<'_, bool> {
+        // A plain flag; poisoning cannot leave it inconsistent.
+        self.kernel_unavailable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Which implementation serves `dev` now.
+    pub fn implementation(&self, dev: &str) -> WgImpl {
+        if self.user.socket_path(dev).exists() {
+            WgImpl::Userspace
+        } else {
+            WgImpl::Kernel
+        }
+    }
+}
+
+impl WgBackend for AutoWg {
+    async fn create(&self, dev: &str) -> Result<(), WgError> {
+        if self.user.socket_path(dev).exists() {
+            return self.user.create(dev).await;
+        }
+        let skip_kernel = *self.kernel_unavailable();
+        if !skip_kernel {
+            match self.kernel.create(dev).await {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    tracing::info!(dev, %err, "kernel wireguard unavailable, using wireguard-go");
+                    *self.kernel_unavailable() = true;
+                }
+            }
+        }
+        self.user.create(dev).await
+    }
+
+    async fn get(&self, dev: &str) -> Result<WgState, WgError> {
+        match self.implementation(dev) {
+            WgImpl::Userspace => self.user.get(dev).await,
+            WgImpl::Kernel => self.kernel.get(dev).await,
+        }
+    }
+
+    async fn set(&self, dev: &str, set: &WgSet) -> Result<(), WgError> {
+        match self.implementation(dev) {
+            WgImpl::Userspace => self.user.set(dev, set).await,
+            WgImpl::Kernel => self.kernel.set(dev, set).await,
+        }
+    }
+
+    async fn delete(&self, dev: &str) -> Result<(), WgError> {
+        match self.implementation(dev) {
+            WgImpl::Userspace => self.user.delete(dev).await,
+            WgImpl::Kernel => self.kernel.delete(dev).await,
+        }
+    }
+}
+
+/// What applying one device did.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct WgDeviceReport {
+    pub dev: String,
+    pub created: bool,
+    pub peers_upserted: usize,
+    pub peers_removed: usize,
+    pub key_or_port_set: bool,
+    pub link_changed: bool,
+}
+
+/// Applies WireGuard devices through a backend and keeps track of which devices it
+/// manages (so a device dropped from the plan is deleted).
+#[derive(Debug)]
+pub struct WgManager<B: WgBackend> {
+    backend: B,
+    links: Option<LinkOps>,
+    managed: Mutex<BTreeSet<String>>,
+}
+
+impl<B: WgBackend> WgManager<B> {
+    /// `links` handles addresses and link state; `None` for a backend that models
+    /// them itself (the fake).
+    pub fn new(backend: B, links: Option<LinkOps>) -> Self {
+        Self {
+            backend,
+            links,
+            managed: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn managed(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        // A set of names; poisoning cannot leave it inconsistent.
+        self.managed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bring one device to its desired configuration.
+    pub async fn apply_device(&self, d: &WgDevice) -> Result<WgDeviceReport, WgError> {
+        let cfg = WgConfig::from_device(d)?;
+        let mut report = WgDeviceReport {
+            dev: d.dev.clone(),
+            ..Default::default()
+        };
+        let exists = match &self.links {
+            Some(l) => l.link(&d.dev).await?.is_some(),
+            None => self.backend.get(&d.dev).await.is_ok(),
+        };
+        if !exists {
+            self.backend.create(&d.dev).await?;
+            report.created = true;
+        }
+        self.managed().insert(d.dev.clone());
+        let current = self.backend.get(&d.dev).await?;
+        let set = plan_device(&cfg, &current);
+        if !set.is_empty() {
+            self.backend.set(&d.dev, &set).await?;
+        }
+        report.key_or_port_set = set.private_key.is_some() || set.listen_port.is_some();
+        for p in &set.peers {
+            match p {
+                PeerChange::Upsert(_) => report.peers_upserted += 1,
+                PeerChange::Remove(_) => report.peers_removed += 1,
+            }
+        }
+        if let Some(l) = &self.links {
+            report.link_changed = l.sync_addresses_and_up(&d.dev, &d.addresses).await?;
+        }
+        tracing::info!(
+            dev = %d.dev,
+            created = report.created,
+            upserted = report.peers_upserted,
+            removed = report.peers_removed,
+            "wireguard device applied"
+        );
+        Ok(report)
+    }
+
+    /// Apply every device of the plan and delete managed devices no longer in it.
+    pub async fn apply_all(&self, devices: &[WgDevice]) -> Result<Vec<WgDeviceReport>, WgError> {
+        let wanted: BTreeSet<String> = devices.iter().map(|d| d.dev.clone()).collect();
+        let gone: Vec<String> = self.managed().difference(&wanted).cloned().collect();
+        for dev in gone {
+            self.remove_device(&dev).await?;
+        }
+        let mut out = Vec::with_capacity(devices.len());
+        for d in devices {
+            out.push(self.apply_device(d).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn remove_device(&self, dev: &str) -> Result<(), WgError> {
+        self.backend.delete(dev).await?;
+        self.managed().remove(dev);
+        tracing::info!(dev, "wireguard device removed");
+        Ok(())
+    }
+
+    /// Status of a device at `now` (down when it cannot be read).
+    pub async fn status(&self, dev: &str, now: SystemTime) -> WgLinkStatus {
+        match self.backend.get(dev).await {
+            Ok(state) => status_of(Some(&state), now),
+            Err(err) => {
+                tracing::debug!(dev, %err, "wireguard status read failed");
+                WgLinkStatus::Down
+            }
+        }
+    }
+}
+
+/// A model of WireGuard devices: applies [`WgSet`]s with the kernel's semantics and
+/// counts creations, so tests can check that peers change without recreation.
+#[derive(Debug, Clone, Default)]
+pub struct FakeWg {
+    inner: Arc<Mutex<FakeWgState>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FakeWgState {
+    pub devices: BTreeMap<String, WgState>,
+    pub creates: usize,
+    pub sets: usize,
+}
+
+impl FakeWg {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FakeWgState> {
+        // Poisoning only follows a panicking test thread.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> FakeWgState {
+        self.lock().clone()
+    }
+
+    /// Record a handshake of `peer` on `dev` at `at`.
+    pub fn handshake(&self, dev: &str, peer: &Key, at: SystemTime) {
+        if let Some(d) = self.lock().devices.get_mut(dev) {
+            for p in d.peers.iter_mut().filter(|p| &p.public_key == peer) {
+                p.last_handshake = Some(at);
+            }
+        }
+    }
+}
+
+fn missing(dev: &str) -> WgError {
+    WgError::Uapi {
+        dev: dev.to_string(),
+        path: "fake".into(),
+        detail: "no such device".into(),
+    }
+}
+
+/// Apply a set to a state with WireGuard's semantics (shared by the fake and the
+/// UAPI tests).
+pub fn apply_set(state: &mut WgState, set: &WgSet) {
+    if let Some(k) = set.private_key {
+        state.private_key = Some(k);
+    }
+    if let Some(p) = set.listen_port {
+        state.listen_port = p;
+    }
+    for change in &set.peers {
+        match change {
+            PeerChange::Remove(k) => state.peers.retain(|p| &p.public_key != k),
+            PeerChange::Upsert(cfg) => {
+                let idx = match state
+                    .peers
+                    .iter()
+                    .position(|p| p.public_key == cfg.public_key)
+                {
+                    Some(i) => i,
+                    None => {
+                        state.peers.push(WgPeerState {
+                            public_key: cfg.public_key,
+                            preshared_key: None,
+                            endpoint: None,
+                            persistent_keepalive: 0,
+                            allowed_ips: Vec::new(),
+                            last_handshake: None,
+                            rx_bytes: 0,
+                            tx_bytes: 0,
+                        });
+                        state.peers.len() - 1
+                    }
+                };
+                let p = &mut state.peers[idx];
+                p.preshared_key = cfg.preshared_key;
+                if cfg.endpoint.is_some() {
+                    p.endpoint = cfg.endpoint;
+                }
+                p.persistent_keepalive = cfg.persistent_keepalive;
+                p.allowed_ips = cfg.allowed_ips.clone();
+            }
+        }
+    }
+}
+
+impl WgBackend for FakeWg {
+    async fn create(&self, dev: &str) -> Result<(), WgError> {
+        let mut st = self.lock();
+        if !st.devices.contains_key(dev) {
+            st.devices.insert(dev.to_string(), WgState::default());
+            st.creates += 1;
+        }
+        Ok(())
+    }
+
+    async fn get(&self, dev: &str) -> Result<WgState, WgError> {
+        self.lock()
+            .devices
+            .get(dev)
+            .cloned()
+            .ok_or_else(|| missing(dev))
+    }
+
+    async fn set(&self, dev: &str, set: &WgSet) -> Result<(), WgError> {
+        let mut st = self.lock();
+        st.sets += 1;
+        let d = st.devices.get_mut(dev).ok_or_else(|| missing(dev))?;
+        apply_set(d, set);
+        Ok(())
+    }
+
+    async fn delete(&self, dev: &str) -> Result<(), WgError> {
+        self.lock().devices.remove(dev);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meduza_generators::plan::wireguard::WgPeer;
+
+    fn key(b: u8) -> String {
+        base64::engine::general_purpose::STANDARD.encode([b; 32])
+    }
+
+    fn device(peers: Vec<WgPeer>) -> WgDevice {
+        WgDevice {
+            name: "a".into(),
+            dev: "wg-a".into(),
+            private_key: key(1),
+            listen_port: Some(51820),
+            addresses: vec!["10.9.0.1/24".parse().unwrap()],
+            peers,
+        }
+    }
+
+    fn peer(b: u8, ip: &str) -> WgPeer {
+        WgPeer {
+            name: format!("p{b}"),
+            public_key: key(b),
+            preshared_key: None,
+            allowed_ips: vec![ip.parse().unwrap()],
+            endpoint: Some("10.0.0.2:51820".parse().unwrap()),
+            persistent_keepalive: Some(25),
+        }
+    }
+
+    #[test]
+    fn fresh_device_gets_key_port_and_all_peers() {
+        let cfg = WgConfig::from_device(&device(vec![peer(2, "10.9.0.2/32")])).unwrap();
+        let set = plan_device(&cfg, &WgState::default());
+        assert_eq!(set.private_key, Some([1; 32]));
+        assert_eq!(set.listen_port, Some(51820));
+        assert_eq!(set.peers.len(), 1);
+        assert!(matches!(&set.peers[0], PeerChange::Upsert(p) if p.public_key == [2; 32]));
+    }
+
+    #[test]
+    fn converged_device_needs_nothing() {
+        let cfg = WgConfig::from_device(&device(vec![peer(2, "10.9.0.2/32")])).unwrap();
+        let mut st = WgState::default();
+        let set = plan_device(&cfg, &st);
+        apply_set(&mut st, &set);
+        assert!(plan_device(&cfg, &st).is_empty());
+    }
+
+    #[test]
+    fn peers_are_added_updated_and_removed_individually() {
+        let cfg1 = WgConfig::from_device(&device(vec![
+            peer(2, "10.9.0.2/32"),
+            peer(3, "10.9.0.3/32"),
+        ]))
+        .unwrap();
+        let mut st = WgState::default();
+        let set = plan_device(&cfg1, &st);
+        apply_set(&mut st, &set);
+        let cfg2 = WgConfig::from_device(&device(vec![
+            peer(3, "10.9.0.33/32"),
+            peer(4, "10.9.0.4/32"),
+        ]))
+        .unwrap();
+        let set = plan_device(&cfg2, &st);
+        assert_eq!(set.private_key, None);
+        assert_eq!(set.listen_port, None);
+        assert_eq!(
+            set.peers,
+            vec![
+                PeerChange::Upsert(cfg2.peers[0].clone()),
+                PeerChange::Upsert(cfg2.peers[1].clone()),
+                PeerChange::Remove([2; 32]),
+            ]
+        );
+    }
+
+    #[test]
+    fn learnt_endpoint_of_a_peer_without_one_is_kept() {
+        let mut p = peer(2, "10.9.0.2/32");
+        p.endpoint = None;
+        let cfg = WgConfig::from_device(&device(vec![p])).unwrap();
+        let mut st = WgState::default();
+        let set = plan_device(&cfg, &st);
+        apply_set(&mut st, &set);
+        st.peers[0].endpoint = Some("198.51.100.7:4000".parse().unwrap());
+        assert!(plan_device(&cfg, &st).is_empty());
+    }
+
+    #[test]
+    fn bad_key_names_device_and_field_but_not_the_key() {
+        let mut d = device(vec![]);
+        d.private_key = "c2VjcmV0LXNob3J0".into();
+        let err = WgConfig::from_device(&d).unwrap_err().to_string();
+        assert!(err.contains("wg-a") && err.contains("private_key"));
+        assert!(!err.contains("c2VjcmV0LXNob3J0"));
+    }
+
+    #[test]
+    fn status_follows_peer_count_and_handshake_age() {
+        assert_eq!(
+            decide_status(0, Some(Duration::from_secs(1))),
+            WgLinkStatus::Down
+        );
+        assert_eq!(decide_status(1, None), WgLinkStatus::Connecting);
+        assert_eq!(
+            decide_status(2, Some(Duration::from_secs(5))),
+            WgLinkStatus::Up
+        );
+        assert_eq!(
+            decide_status(2, Some(HANDSHAKE_FRESH_FOR)),
+            WgLinkStatus::Up
+        );
+        assert_eq!(
+            decide_status(2, Some(HANDSHAKE_FRESH_FOR + Duration::from_secs(1))),
+            WgLinkStatus::Connecting
+        );
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut st = WgState::default();
+        assert_eq!(status_of(None, now), WgLinkStatus::Down);
+        assert_eq!(status_of(Some(&st), now), WgLinkStatus::Down);
+        let cfg = WgConfig::from_device(&device(vec![
+            peer(2, "10.9.0.2/32"),
+            peer(3, "10.9.0.3/32"),
+        ]))
+        .unwrap();
+        let set = plan_device(&cfg, &st);
+        apply_set(&mut st, &set);
+        assert_eq!(status_of(Some(&st), now), WgLinkStatus::Connecting);
+        st.peers[1].last_handshake = Some(now - Duration::from_secs(30));
+        assert_eq!(status_of(Some(&st), now), WgLinkStatus::Up);
+        assert_eq!(
+            status_of(Some(&st), now + Duration::from_secs(300)),
+            WgLinkStatus::Connecting
+        );
+    }
+
+    #[tokio::test]
+    async fn manager_changes_peers_without_recreating_and_drops_gone_devices() {
+        let mgr = WgManager::new(FakeWg::new(), None);
+        let d1 = device(vec![peer(2, "10.9.0.2/32")]);
+        let r = mgr.apply_all(std::slice::from_ref(&d1)).await.unwrap();
+        assert!(r[0].created);
+        let d2 = device(vec![peer(3, "10.9.0.3/32")]);
+        let r = mgr.apply_all(std::slice::from_ref(&d2)).await.unwrap();
+        assert!(!r[0].created);
+        assert_eq!((r[0].peers_upserted, r[0].peers_removed), (1, 1));
+        assert_eq!(mgr.backend().state().creates, 1);
+        let sets = mgr.backend().state().sets;
+        let r = mgr.apply_all(std::slice::from_ref(&d2)).await.unwrap();
+        assert_eq!((r[0].peers_upserted, r[0].peers_removed), (0, 0));
+        assert_eq!(mgr.backend().state().sets, sets);
+        let now = SystemTime::now();
+        assert_eq!(mgr.status("wg-a", now).await, WgLinkStatus::Connecting);
+        mgr.backend().handshake("wg-a", &[3; 32], now);
+        assert_eq!(mgr.status("wg-a", now).await, WgLinkStatus::Up);
+        mgr.apply_all(&[]).await.unwrap();
+        assert!(mgr.backend().state().devices.is_empty());
+        assert_eq!(mgr.status("wg-a", now).await, WgLinkStatus::Down);
+    }
+}
