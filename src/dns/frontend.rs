@@ -625,3 +625,282 @@ fn log_entries(entries: &[FailoverLogEntry]) {
         tracing::warn!(upstream = %e.upstream, action = ?e.action, reason = %e.reason, "dns upstream event");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::exchange::ExchangeError;
+    use crate::dns::failover::{FailoverAction, Health};
+    use hickory_proto::op::{Message, Query as HQuery, ResponseCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use std::collections::HashMap;
+    use std::net::Ipv4Addr;
+
+    /// A fake network: each address answers with a fixed A record, an rcode,
+    /// refuses, or never answers.
+    #[derive(Clone, Copy)]
+    enum Behaviour {
+        Answer(Ipv4Addr),
+        Rcode(ResponseCode),
+        Refused,
+        Hang,
+    }
+
+    struct FakeExchange {
+        map: Mutex<HashMap<SocketAddr, Behaviour>>,
+        calls: Mutex<Vec<SocketAddr>>,
+    }
+
+    impl FakeExchange {
+        fn new(entries: &[(SocketAddr, Behaviour)]) -> Arc<Self> {
+            Arc::new(Self {
+                map: Mutex::new(entries.iter().copied().collect()),
+                calls: Mutex::new(Vec::new()),
+            })
+        }
+        fn set(&self, addr: SocketAddr, b: Behaviour) {
+            self.map.lock().unwrap().insert(addr, b);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Exchange for FakeExchange {
+        async fn exchange(&self, addr: SocketAddr, query: &[u8], timeout: Duration) -> Result<Vec<u8>, ExchangeError> {
+            self.calls.lock().unwrap().push(addr);
+            let b = self.map.lock().unwrap().get(&addr).copied().unwrap_or(Behaviour::Refused);
+            let req = Message::from_vec(query).map_err(|_| ExchangeError::Malformed)?;
+            let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
+            resp.add_queries(req.queries.clone());
+            match b {
+                Behaviour::Answer(ip) => {
+                    resp.add_answer(Record::from_rdata(req.queries[0].name().clone(), 300, RData::A(A::from(ip))));
+                }
+                Behaviour::Rcode(rc) => resp.metadata.response_code = rc,
+                Behaviour::Refused => return Err(ExchangeError::Refused),
+                Behaviour::Hang => {
+                    tokio::time::sleep(timeout).await;
+                    return Err(ExchangeError::Timeout);
+                }
+            }
+            Ok(resp.to_vec().unwrap())
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn group(name: &str, prio: u32, a: &str) -> UpstreamGroup {
+        UpstreamGroup {
+            name: name.into(),
+            addresses: vec![addr(a)],
+            priority: prio,
+            enable: true,
+            health_check: HealthCheck::default(),
+            failover: FailoverCfg { enable: true, threshold: 2 },
+        }
+    }
+
+    fn plan() -> DnsPlan {
+        let mut hosts = BTreeMap::new();
+        hosts.insert(
+            "gw.internal".to_string(),
+            vec!["10.42.1.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+        );
+        DnsPlan {
+            hosts,
+            mosdns_enabled: true,
+            clash_enabled: true,
+            upstreams: vec![group("primary", 1, "192.0.2.1:53"), group("secondary", 2, "192.0.2.2:53")],
+        }
+    }
+
+    fn cfg() -> DnsConfig {
+        DnsConfig {
+            mosdns_addr: addr("127.0.0.1:1153"),
+            clash_addr: addr("127.0.0.1:1053"),
+            attempt_timeout: Duration::from_millis(50),
+            query_budget: Duration::from_millis(500),
+            ..DnsConfig::default()
+        }
+    }
+
+    fn query(name: &str, rt: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 4242;
+        m.metadata.recursion_desired = true;
+        m.add_query(HQuery::query(Name::from_ascii(name).unwrap(), rt));
+        m.to_vec().unwrap()
+    }
+
+    fn answer_ip(resp: &[u8]) -> (ResponseCode, Vec<RData>) {
+        let m = Message::from_vec(resp).unwrap();
+        assert_eq!(m.metadata.id, 4242);
+        (m.metadata.response_code, m.answers.iter().map(|r| r.data.clone()).collect())
+    }
+
+    #[tokio::test]
+    async fn chain_order_follows_state_and_plan() {
+        let fx = FakeExchange::new(&[]);
+        let fe = Frontend::new(cfg(), &plan(), fx).unwrap();
+        assert_eq!(fe.chain_order(), vec!["primary", "secondary"]);
+        fe.set_chain_state(ChainState {
+            mosdns_running: true,
+            clash_healthy: true,
+        });
+        assert_eq!(fe.chain_order(), vec!["mosdns", "clash", "primary", "secondary"]);
+        fe.set_chain_state(ChainState {
+            mosdns_running: true,
+            clash_healthy: false,
+        });
+        assert_eq!(fe.chain_order(), vec!["mosdns", "primary", "secondary"]);
+        let mut p = plan();
+        p.mosdns_enabled = false;
+        p.upstreams.clear();
+        fe.update_plan(&p);
+        assert_eq!(fe.chain_order(), vec!["alidns", "dnspod"]);
+    }
+
+    #[tokio::test]
+    async fn hosts_answers_are_local_and_live() {
+        let fx = FakeExchange::new(&[]);
+        let fe = Frontend::new(cfg(), &plan(), fx.clone()).unwrap();
+        let r = fe.handle_packet(&query("GW.Internal.", RecordType::A), Proto::Udp).await.unwrap();
+        assert_eq!(answer_ip(&r), (ResponseCode::NoError, vec![RData::A(A::new(10, 42, 1, 1))]));
+        let r = fe.handle_packet(&query("gw.internal.", RecordType::MX), Proto::Udp).await.unwrap();
+        assert_eq!(answer_ip(&r), (ResponseCode::NoError, vec![]));
+        let mut h = BTreeMap::new();
+        h.insert("new.internal".to_string(), vec!["10.9.9.9".parse().unwrap()]);
+        fe.set_hosts(&h);
+        let r = fe.handle_packet(&query("new.internal.", RecordType::A), Proto::Udp).await.unwrap();
+        assert_eq!(answer_ip(&r).1, vec![RData::A(A::new(10, 9, 9, 9))]);
+        assert!(fx.calls.lock().unwrap().is_empty(), "host records never forwarded");
+    }
+
+    #[tokio::test]
+    async fn falls_through_the_chain_and_fails_over() {
+        let fx = FakeExchange::new(&[
+            (addr("127.0.0.1:1153"), Behaviour::Rcode(ResponseCode::ServFail)),
+            (addr("127.0.0.1:1053"), Behaviour::Refused),
+            (addr("192.0.2.1:53"), Behaviour::Hang),
+            (addr("192.0.2.2:53"), Behaviour::Answer(Ipv4Addr::new(10, 0, 0, 2))),
+        ]);
+        let mut c = cfg();
+        c.cache_size = 0;
+        let fe = Frontend::new(c, &plan(), fx.clone()).unwrap();
+        fe.set_chain_state(ChainState {
+            mosdns_running: true,
+            clash_healthy: true,
+        });
+        for _ in 0..2 {
+            let r = fe.handle_packet(&query("a.example.", RecordType::A), Proto::Udp).await.unwrap();
+            assert_eq!(answer_ip(&r).1, vec![RData::A(A::new(10, 0, 0, 2))]);
+        }
+        // threshold 2 reached by live failures: secondary is active
+        assert_eq!(fe.chain_order(), vec!["mosdns", "clash", "secondary"]);
+        let log: Vec<FailoverAction> = fe.failover_log().iter().map(|e| e.action).collect();
+        assert_eq!(
+            log,
+            vec![
+                FailoverAction::HealthCheckFailed,
+                FailoverAction::HealthCheckFailed,
+                FailoverAction::FailoverTriggered
+            ]
+        );
+        let st = fe.upstream_status();
+        assert_eq!(st[1].queries, 2);
+        assert!(st[1].active);
+        // everything fails: SERVFAIL
+        fx.set(addr("192.0.2.2:53"), Behaviour::Refused);
+        let r = fe.handle_packet(&query("b.example.", RecordType::A), Proto::Udp).await.unwrap();
+        assert_eq!(answer_ip(&r).0, ResponseCode::ServFail);
+        // a NXDOMAIN is an answer, not a failure
+        fx.set(addr("192.0.2.2:53"), Behaviour::Rcode(ResponseCode::NXDomain));
+        let r = fe.handle_packet(&query("c.example.", RecordType::A), Proto::Udp).await.unwrap();
+        assert_eq!(answer_ip(&r).0, ResponseCode::NXDomain);
+    }
+
+    #[tokio::test]
+    async fn overload_answers_servfail_immediately() {
+        let fx = FakeExchange::new(&[(addr("192.0.2.1:53"), Behaviour::Hang)]);
+        let mut c = cfg();
+        c.max_inflight = 1;
+        c.attempt_timeout = Duration::from_secs(2);
+        c.query_budget = Duration::from_secs(2);
+        let mut p = plan();
+        p.upstreams.truncate(1);
+        let fe = Frontend::new(c, &p, fx).unwrap();
+        let fe2 = fe.clone();
+        let slow = tokio::spawn(async move { fe2.handle_packet(&query("slow.example.", RecordType::A), Proto::Udp).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let start = Instant::now();
+        let r = fe.handle_packet(&query("fast.example.", RecordType::A), Proto::Udp).await.unwrap();
+        assert!(start.elapsed() < Duration::from_millis(100));
+        assert_eq!(answer_ip(&r).0, ResponseCode::ServFail);
+        assert_eq!(fe.counters().servfail_overload, 1);
+        slow.abort();
+    }
+
+    #[tokio::test]
+    async fn manual_test_and_failover() {
+        let fx = FakeExchange::new(&[
+            (addr("192.0.2.1:53"), Behaviour::Answer(Ipv4Addr::new(1, 1, 1, 1))),
+            (addr("192.0.2.2:53"), Behaviour::Rcode(ResponseCode::Refused)),
+        ]);
+        let fe = Frontend::new(cfg(), &plan(), fx).unwrap();
+        let mut rx = fe.subscribe();
+        let t = fe.test_upstream("primary").await.unwrap();
+        assert!(t.ok && t.error.is_none());
+        let t = fe.test_upstream("secondary").await.unwrap();
+        assert!(!t.ok);
+        assert!(t.error.unwrap().contains("rcode 5"));
+        assert!(matches!(fe.test_upstream("nope").await, Err(DnsError::UnknownUpstream { .. })));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().upstreams[0].status, Health::Healthy);
+        assert_eq!(fe.manual_failover(Some("secondary".into())).unwrap(), "secondary");
+        assert_eq!(fe.chain_order(), vec!["secondary", "primary"]);
+        assert_eq!(rx.borrow_and_update().failover_log.last().unwrap().action, FailoverAction::ManualFailover);
+    }
+
+    /// Random and mutated packets through the synchronous request path and the
+    /// response scanner: nothing may panic, malformed queries get FORMERR or silence.
+    #[test]
+    fn random_packets_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _g = rt.enter();
+        let fe = Frontend::new(cfg(), &plan(), FakeExchange::new(&[])).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x6d65_6475_7a61);
+        let seeds = [
+            query("gw.internal.", RecordType::A),
+            query("x.example.", RecordType::AAAA),
+            query("y.example.", RecordType::TXT),
+        ];
+        let now = Instant::now();
+        for i in 0..60_000 {
+            let pkt: Vec<u8> = if i % 2 == 0 {
+                let n = rng.random_range(0..300);
+                (0..n).map(|_| rng.random()).collect()
+            } else {
+                let mut p = seeds[i % 3].clone();
+                for _ in 0..rng.random_range(1..4) {
+                    let at = rng.random_range(0..p.len());
+                    p[at] = rng.random();
+                }
+                p.truncate(rng.random_range(0..=p.len()));
+                p
+            };
+            match fe.handle_local(&pkt, Proto::Udp, now) {
+                Local::Reply(r) => {
+                    assert!(r.len() >= wire::HEADER_LEN);
+                    assert_eq!(r[0..2], pkt[0..2], "reply keeps the id");
+                    assert!(r[2] & 0x80 != 0, "reply is a response");
+                }
+                Local::Drop => assert!(pkt.len() < wire::HEADER_LEN || pkt[2] & 0x80 != 0),
+                Local::Forward(q) => assert_eq!(q.qname.len() + 4, q.question.len()),
+            }
+            let _ = wire::scan_response(&pkt);
+        }
+    }
+}
