@@ -22,14 +22,21 @@ fn hosts() -> BTreeMap<String, Vec<IpAddr>> {
             "fd00::100".parse().unwrap(),
         ],
     );
-    h.insert("gateway.internal".to_string(), vec!["10.42.1.1".parse().unwrap()]);
+    h.insert(
+        "gateway.internal".to_string(),
+        vec!["10.42.1.1".parse().unwrap()],
+    );
     h
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_records_answered_locally() {
     let b = loopback_block();
-    let up = Dnsmasq::start(ip(b, 2), Ipv4Addr::new(10, 0, 0, 1), &["--address=/nx.test/"]);
+    let up = Dnsmasq::start(
+        ip(b, 2),
+        Ipv4Addr::new(10, 0, 0, 1),
+        &["--address=/nx.test/"],
+    );
     let plan = DnsPlan {
         hosts: hosts(),
         upstreams: vec![group("up", 1, vec![up.addr], 30, 3)],
@@ -39,8 +46,18 @@ async fn host_records_answered_locally() {
 
     let m = udp(addr, "DB.Example.COM.", RecordType::A, None).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
-    assert_eq!(addrs(&m), vec![IpAddr::from([192, 168, 1, 100]), IpAddr::from([192, 168, 1, 101])]);
-    assert_eq!(m.queries[0].name().to_ascii(), "DB.Example.COM.", "question echoed as asked");
+    assert_eq!(
+        addrs(&m),
+        vec![
+            IpAddr::from([192, 168, 1, 100]),
+            IpAddr::from([192, 168, 1, 101])
+        ]
+    );
+    assert_eq!(
+        m.queries[0].name().to_ascii(),
+        "DB.Example.COM.",
+        "question echoed as asked"
+    );
 
     let m = udp(addr, "db.example.com.", RecordType::AAAA, Some(1232)).await;
     assert_eq!(addrs(&m), vec!["fd00::100".parse::<IpAddr>().unwrap()]);
@@ -78,7 +95,10 @@ async fn live_update_visible_within_100ms() {
     };
     let (h, addr) = start(config(ip(b, 1)), plan).await;
     let mut new = hosts();
-    new.insert("new.internal".to_string(), vec!["10.1.2.3".parse().unwrap()]);
+    new.insert(
+        "new.internal".to_string(),
+        vec!["10.1.2.3".parse().unwrap()],
+    );
     new.remove("gateway.internal");
     let t0 = Instant::now();
     h.set_hosts(new);
@@ -108,7 +128,10 @@ async fn unknown_name_without_reachable_upstream_is_servfail() {
     let t0 = Instant::now();
     let m = udp(addr, "not-a-host.example.", RecordType::A, None).await;
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
-    assert!(t0.elapsed() < Duration::from_secs(2), "refused upstreams fail fast");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "refused upstreams fail fast"
+    );
     // host records still answer
     let m = udp(addr, "gateway.internal.", RecordType::A, None).await;
     assert_eq!(addrs(&m), vec![IpAddr::from([10, 42, 1, 1])]);
@@ -127,7 +150,11 @@ fn hosts_file_format_and_atomic_rewrite() {
     let before = std::fs::metadata(&path).unwrap().modified().unwrap();
     std::thread::sleep(Duration::from_millis(20));
     assert!(!meduza::dns::write_hosts_file_if_changed(&path, &hosts()).unwrap());
-    assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), before, "unchanged file not rewritten");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().modified().unwrap(),
+        before,
+        "unchanged file not rewritten"
+    );
     assert!(meduza::dns::write_hosts_file_if_changed(&path, &BTreeMap::new()).unwrap());
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
 }

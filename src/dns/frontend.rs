@@ -666,15 +666,30 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Exchange for FakeExchange {
-        async fn exchange(&self, addr: SocketAddr, query: &[u8], timeout: Duration) -> Result<Vec<u8>, ExchangeError> {
+        async fn exchange(
+            &self,
+            addr: SocketAddr,
+            query: &[u8],
+            timeout: Duration,
+        ) -> Result<Vec<u8>, ExchangeError> {
             self.calls.lock().unwrap().push(addr);
-            let b = self.map.lock().unwrap().get(&addr).copied().unwrap_or(Behaviour::Refused);
+            let b = self
+                .map
+                .lock()
+                .unwrap()
+                .get(&addr)
+                .copied()
+                .unwrap_or(Behaviour::Refused);
             let req = Message::from_vec(query).map_err(|_| ExchangeError::Malformed)?;
             let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
             resp.add_queries(req.queries.clone());
             match b {
                 Behaviour::Answer(ip) => {
-                    resp.add_answer(Record::from_rdata(req.queries[0].name().clone(), 300, RData::A(A::from(ip))));
+                    resp.add_answer(Record::from_rdata(
+                        req.queries[0].name().clone(),
+                        300,
+                        RData::A(A::from(ip)),
+                    ));
                 }
                 Behaviour::Rcode(rc) => resp.metadata.response_code = rc,
                 Behaviour::Refused => return Err(ExchangeError::Refused),
@@ -698,7 +713,10 @@ mod tests {
             priority: prio,
             enable: true,
             health_check: HealthCheck::default(),
-            failover: FailoverCfg { enable: true, threshold: 2 },
+            failover: FailoverCfg {
+                enable: true,
+                threshold: 2,
+            },
         }
     }
 
@@ -712,7 +730,10 @@ mod tests {
             hosts,
             mosdns_enabled: true,
             clash_enabled: true,
-            upstreams: vec![group("primary", 1, "192.0.2.1:53"), group("secondary", 2, "192.0.2.2:53")],
+            upstreams: vec![
+                group("primary", 1, "192.0.2.1:53"),
+                group("secondary", 2, "192.0.2.2:53"),
+            ],
         }
     }
 
@@ -737,7 +758,10 @@ mod tests {
     fn answer_ip(resp: &[u8]) -> (ResponseCode, Vec<RData>) {
         let m = Message::from_vec(resp).unwrap();
         assert_eq!(m.metadata.id, 4242);
-        (m.metadata.response_code, m.answers.iter().map(|r| r.data.clone()).collect())
+        (
+            m.metadata.response_code,
+            m.answers.iter().map(|r| r.data.clone()).collect(),
+        )
     }
 
     #[tokio::test]
@@ -749,7 +773,10 @@ mod tests {
             mosdns_running: true,
             clash_healthy: true,
         });
-        assert_eq!(fe.chain_order(), vec!["mosdns", "clash", "primary", "secondary"]);
+        assert_eq!(
+            fe.chain_order(),
+            vec!["mosdns", "clash", "primary", "secondary"]
+        );
         fe.set_chain_state(ChainState {
             mosdns_running: true,
             clash_healthy: false,
@@ -766,25 +793,49 @@ mod tests {
     async fn hosts_answers_are_local_and_live() {
         let fx = FakeExchange::new(&[]);
         let fe = Frontend::new(cfg(), &plan(), fx.clone()).unwrap();
-        let r = fe.handle_packet(&query("GW.Internal.", RecordType::A), Proto::Udp).await.unwrap();
-        assert_eq!(answer_ip(&r), (ResponseCode::NoError, vec![RData::A(A::new(10, 42, 1, 1))]));
-        let r = fe.handle_packet(&query("gw.internal.", RecordType::MX), Proto::Udp).await.unwrap();
+        let r = fe
+            .handle_packet(&query("GW.Internal.", RecordType::A), Proto::Udp)
+            .await
+            .unwrap();
+        assert_eq!(
+            answer_ip(&r),
+            (ResponseCode::NoError, vec![RData::A(A::new(10, 42, 1, 1))])
+        );
+        let r = fe
+            .handle_packet(&query("gw.internal.", RecordType::MX), Proto::Udp)
+            .await
+            .unwrap();
         assert_eq!(answer_ip(&r), (ResponseCode::NoError, vec![]));
         let mut h = BTreeMap::new();
-        h.insert("new.internal".to_string(), vec!["10.9.9.9".parse().unwrap()]);
+        h.insert(
+            "new.internal".to_string(),
+            vec!["10.9.9.9".parse().unwrap()],
+        );
         fe.set_hosts(&h);
-        let r = fe.handle_packet(&query("new.internal.", RecordType::A), Proto::Udp).await.unwrap();
+        let r = fe
+            .handle_packet(&query("new.internal.", RecordType::A), Proto::Udp)
+            .await
+            .unwrap();
         assert_eq!(answer_ip(&r).1, vec![RData::A(A::new(10, 9, 9, 9))]);
-        assert!(fx.calls.lock().unwrap().is_empty(), "host records never forwarded");
+        assert!(
+            fx.calls.lock().unwrap().is_empty(),
+            "host records never forwarded"
+        );
     }
 
     #[tokio::test]
     async fn falls_through_the_chain_and_fails_over() {
         let fx = FakeExchange::new(&[
-            (addr("127.0.0.1:1153"), Behaviour::Rcode(ResponseCode::ServFail)),
+            (
+                addr("127.0.0.1:1153"),
+                Behaviour::Rcode(ResponseCode::ServFail),
+            ),
             (addr("127.0.0.1:1053"), Behaviour::Refused),
             (addr("192.0.2.1:53"), Behaviour::Hang),
-            (addr("192.0.2.2:53"), Behaviour::Answer(Ipv4Addr::new(10, 0, 0, 2))),
+            (
+                addr("192.0.2.2:53"),
+                Behaviour::Answer(Ipv4Addr::new(10, 0, 0, 2)),
+            ),
         ]);
         let mut c = cfg();
         c.cache_size = 0;
@@ -794,7 +845,10 @@ mod tests {
             clash_healthy: true,
         });
         for _ in 0..2 {
-            let r = fe.handle_packet(&query("a.example.", RecordType::A), Proto::Udp).await.unwrap();
+            let r = fe
+                .handle_packet(&query("a.example.", RecordType::A), Proto::Udp)
+                .await
+                .unwrap();
             assert_eq!(answer_ip(&r).1, vec![RData::A(A::new(10, 0, 0, 2))]);
         }
         // threshold 2 reached by live failures: secondary is active
@@ -813,11 +867,20 @@ mod tests {
         assert!(st[1].active);
         // everything fails: SERVFAIL
         fx.set(addr("192.0.2.2:53"), Behaviour::Refused);
-        let r = fe.handle_packet(&query("b.example.", RecordType::A), Proto::Udp).await.unwrap();
+        let r = fe
+            .handle_packet(&query("b.example.", RecordType::A), Proto::Udp)
+            .await
+            .unwrap();
         assert_eq!(answer_ip(&r).0, ResponseCode::ServFail);
         // a NXDOMAIN is an answer, not a failure
-        fx.set(addr("192.0.2.2:53"), Behaviour::Rcode(ResponseCode::NXDomain));
-        let r = fe.handle_packet(&query("c.example.", RecordType::A), Proto::Udp).await.unwrap();
+        fx.set(
+            addr("192.0.2.2:53"),
+            Behaviour::Rcode(ResponseCode::NXDomain),
+        );
+        let r = fe
+            .handle_packet(&query("c.example.", RecordType::A), Proto::Udp)
+            .await
+            .unwrap();
         assert_eq!(answer_ip(&r).0, ResponseCode::NXDomain);
     }
 
@@ -832,10 +895,16 @@ mod tests {
         p.upstreams.truncate(1);
         let fe = Frontend::new(c, &p, fx).unwrap();
         let fe2 = fe.clone();
-        let slow = tokio::spawn(async move { fe2.handle_packet(&query("slow.example.", RecordType::A), Proto::Udp).await });
+        let slow = tokio::spawn(async move {
+            fe2.handle_packet(&query("slow.example.", RecordType::A), Proto::Udp)
+                .await
+        });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let start = Instant::now();
-        let r = fe.handle_packet(&query("fast.example.", RecordType::A), Proto::Udp).await.unwrap();
+        let r = fe
+            .handle_packet(&query("fast.example.", RecordType::A), Proto::Udp)
+            .await
+            .unwrap();
         assert!(start.elapsed() < Duration::from_millis(100));
         assert_eq!(answer_ip(&r).0, ResponseCode::ServFail);
         assert_eq!(fe.counters().servfail_overload, 1);
@@ -845,8 +914,14 @@ mod tests {
     #[tokio::test]
     async fn manual_test_and_failover() {
         let fx = FakeExchange::new(&[
-            (addr("192.0.2.1:53"), Behaviour::Answer(Ipv4Addr::new(1, 1, 1, 1))),
-            (addr("192.0.2.2:53"), Behaviour::Rcode(ResponseCode::Refused)),
+            (
+                addr("192.0.2.1:53"),
+                Behaviour::Answer(Ipv4Addr::new(1, 1, 1, 1)),
+            ),
+            (
+                addr("192.0.2.2:53"),
+                Behaviour::Rcode(ResponseCode::Refused),
+            ),
         ]);
         let fe = Frontend::new(cfg(), &plan(), fx).unwrap();
         let mut rx = fe.subscribe();
@@ -855,12 +930,21 @@ mod tests {
         let t = fe.test_upstream("secondary").await.unwrap();
         assert!(!t.ok);
         assert!(t.error.unwrap().contains("rcode 5"));
-        assert!(matches!(fe.test_upstream("nope").await, Err(DnsError::UnknownUpstream { .. })));
+        assert!(matches!(
+            fe.test_upstream("nope").await,
+            Err(DnsError::UnknownUpstream { .. })
+        ));
         assert!(rx.has_changed().unwrap());
         assert_eq!(rx.borrow_and_update().upstreams[0].status, Health::Healthy);
-        assert_eq!(fe.manual_failover(Some("secondary".into())).unwrap(), "secondary");
+        assert_eq!(
+            fe.manual_failover(Some("secondary".into())).unwrap(),
+            "secondary"
+        );
         assert_eq!(fe.chain_order(), vec!["secondary", "primary"]);
-        assert_eq!(rx.borrow_and_update().failover_log.last().unwrap().action, FailoverAction::ManualFailover);
+        assert_eq!(
+            rx.borrow_and_update().failover_log.last().unwrap().action,
+            FailoverAction::ManualFailover
+        );
     }
 
     /// Random and mutated packets through the synchronous request path and the
@@ -868,7 +952,10 @@ mod tests {
     #[test]
     fn random_packets_never_panic() {
         use rand::{Rng, SeedableRng};
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let _g = rt.enter();
         let fe = Frontend::new(cfg(), &plan(), FakeExchange::new(&[])).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x6d65_6475_7a61);

@@ -21,7 +21,11 @@ static NEXT_NET: AtomicU8 = AtomicU8::new(1);
 /// parallel and concurrent test binaries never share an address.
 pub fn loopback_block() -> [u8; 3] {
     let pid = std::process::id();
-    [127, 20 + (pid % 200) as u8, NEXT_NET.fetch_add(1, Ordering::Relaxed)]
+    [
+        127,
+        20 + (pid % 200) as u8,
+        NEXT_NET.fetch_add(1, Ordering::Relaxed),
+    ]
 }
 
 pub fn ip(block: [u8; 3], host: u8) -> IpAddr {
@@ -91,7 +95,11 @@ impl Dnsmasq {
             if blocking_udp_a(self.addr, "ready.test").is_some() {
                 return;
             }
-            assert!(Instant::now() < deadline, "dnsmasq on {} did not come up", self.addr);
+            assert!(
+                Instant::now() < deadline,
+                "dnsmasq on {} did not come up",
+                self.addr
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -112,7 +120,8 @@ impl Drop for Dnsmasq {
 
 fn blocking_udp_a(server: SocketAddr, name: &str) -> Option<Message> {
     let sock = StdUdp::bind(SocketAddr::new(server.ip(), 0)).ok()?;
-    sock.set_read_timeout(Some(Duration::from_millis(100))).ok()?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .ok()?;
     let q = query_msg(name, RecordType::A, None, 7).to_vec().ok()?;
     sock.send_to(&q, server).ok()?;
     let mut buf = [0u8; 4096];
@@ -135,7 +144,13 @@ pub fn query_msg(name: &str, rt: RecordType, edns: Option<u16>, id: u16) -> Mess
 
 /// One UDP query; `None` on timeout.
 pub async fn udp_raw(server: SocketAddr, pkt: &[u8], timeout: Duration) -> Option<Vec<u8>> {
-    let bind: SocketAddr = if server.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }.parse().unwrap();
+    let bind: SocketAddr = if server.is_ipv4() {
+        "127.0.0.1:0"
+    } else {
+        "[::1]:0"
+    }
+    .parse()
+    .unwrap();
     let sock = tokio::net::UdpSocket::bind(bind).await.unwrap();
     sock.send_to(pkt, server).await.unwrap();
     let mut buf = vec![0u8; 65535];
@@ -163,7 +178,10 @@ pub async fn tcp(server: SocketAddr, name: &str, rt: RecordType) -> Message {
     let mut out = (q.len() as u16).to_be_bytes().to_vec();
     out.extend_from_slice(&q);
     s.write_all(&out).await.unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(8), s.read_u16()).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(8), s.read_u16())
+        .await
+        .unwrap()
+        .unwrap();
     let mut buf = vec![0u8; usize::from(n)];
     s.read_exact(&mut buf).await.unwrap();
     let m = Message::from_vec(&buf).unwrap();
@@ -183,7 +201,13 @@ pub fn addrs(m: &Message) -> Vec<IpAddr> {
         .collect()
 }
 
-pub fn group(name: &str, priority: u32, addresses: Vec<SocketAddr>, interval: u64, threshold: u32) -> UpstreamGroup {
+pub fn group(
+    name: &str,
+    priority: u32,
+    addresses: Vec<SocketAddr>,
+    interval: u64,
+    threshold: u32,
+) -> UpstreamGroup {
     UpstreamGroup {
         name: name.into(),
         addresses,
@@ -194,7 +218,10 @@ pub fn group(name: &str, priority: u32, addresses: Vec<SocketAddr>, interval: u6
             interval_secs: interval,
             timeout_secs: 1,
         },
-        failover: Failover { enable: true, threshold },
+        failover: Failover {
+            enable: true,
+            threshold,
+        },
     }
 }
 
@@ -214,7 +241,9 @@ pub fn config(listen_ip: IpAddr) -> DnsConfig {
 }
 
 pub async fn start(cfg: DnsConfig, plan: DnsPlan) -> (DnsHandle, SocketAddr) {
-    let h = meduza::dns::start(cfg, plan).await.expect("frontend starts");
+    let h = meduza::dns::start(cfg, plan)
+        .await
+        .expect("frontend starts");
     let a = h.local_addrs()[0];
     (h, a)
 }
