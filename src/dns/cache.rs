@@ -108,13 +108,10 @@ impl Cache {
         let mut shard = self.shards[key.shard()]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let entry = match shard.get(key.as_bytes()) {
-            Some(e) => e,
-            None => {
-                drop(shard);
-                self.misses.fetch_add(1, Relaxed);
-                return None;
-            }
+        let Some(entry) = shard.get(key.as_bytes()) else {
+            drop(shard);
+            self.misses.fetch_add(1, Relaxed);
+            return None;
         };
         let elapsed = u32::try_from(now.saturating_duration_since(entry.stored).as_secs())
             .unwrap_or(u32::MAX);
