@@ -111,7 +111,10 @@ impl NetExchange {
             } else {
                 (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
             };
-            let sock = Arc::new(UdpSocket::bind(bind).await?);
+            let sock = UdpSocket::bind(bind).await?;
+            // Room for a burst of answers to every in-flight query.
+            super::server::set_rcvbuf(&sock, 1 << 20);
+            let sock = Arc::new(sock);
             sock.connect(addr).await?;
             let pending: Arc<Pending> = Arc::default();
             let reader = tokio::spawn(read_loop(sock.clone(), pending.clone(), addr));

@@ -592,7 +592,13 @@ mod tests {
         assert_eq!(f.active(), Some("primary"));
         assert_eq!(f.status()[0].status, Health::Unknown);
         // Table: (event, expected active, expected status of primary, expected log actions)
-        type Step = (&'static str, bool, &'static str, Health, Vec<(&'static str, FailoverAction)>);
+        type Step = (
+            &'static str,
+            bool,
+            &'static str,
+            Health,
+            Vec<(&'static str, FailoverAction)>,
+        );
         let steps: Vec<Step> = vec![
             ("primary", true, "primary", Health::Healthy, vec![]),
             (

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod exchange;
 pub mod failover;
 pub mod frontend;
+pub mod fuzzing;
 pub mod hosts;
 pub mod server;
 pub mod wire;

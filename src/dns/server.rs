@@ -33,6 +33,16 @@ const UDP_RCVBUF: usize = 4 << 20;
 /// Largest query datagram read; longer ones are cut and answered FORMERR.
 const UDP_QUERY_MAX: usize = 4096;
 
+/// Raises a socket's receive buffer: SO_RCVBUFFORCE when we have CAP_NET_ADMIN
+/// (`meduza run` does), else SO_RCVBUF capped by net.core.rmem_max (212 KiB by
+/// default, about 200 small datagrams: too few for 500 outstanding queries).
+pub(crate) fn set_rcvbuf<F: std::os::fd::AsFd>(fd: &F, bytes: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(fd, sockopt::RcvBufForce, &bytes).is_err() {
+        let _ = setsockopt(fd, sockopt::RcvBuf, &bytes);
+    }
+}
+
 fn bind_udp_std(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let domain = if addr.is_ipv4() {
         Domain::IPV4
@@ -45,8 +55,7 @@ fn bind_udp_std(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         s.set_only_v6(true)?;
     }
     s.set_reuse_port(true)?;
-    // Best effort: the kernel caps it at net.core.rmem_max.
-    let _ = s.set_recv_buffer_size(UDP_RCVBUF);
+    set_rcvbuf(&s, UDP_RCVBUF);
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(s.into())
