@@ -2,6 +2,7 @@
 //! tests use them directly).
 
 pub mod dataplane;
+pub mod dns;
 pub mod etcd;
 pub mod files;
 pub mod offline;

@@ -49,6 +49,9 @@ enum Cmd {
     /// The TPROXY data plane: show, apply or remove the plan of a node (from a snapshot
     /// file, or from etcd when --snapshot is not given).
     Dataplane(DataplaneCli),
+    /// The DNS frontend alone (`meduza dns serve --snapshot FILE --node ID [--listen ADDR]`).
+    #[command(subcommand)]
+    Dns(meduza::dns::cli::DnsCommand),
     /// Run only the supervisor with services from a JSON file (benchmarks, debugging).
     #[command(hide = true)]
     Supervise(meduza::supervise::cli::SuperviseArgs),
@@ -191,6 +194,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             meduza::dataplane::cli::cli(dp.inner.cmd, plan).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Dns(cmd) => {
+            meduza::dns::cli::run(cmd).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Supervise(args) => {
