@@ -48,7 +48,10 @@ pub enum Probe {
     /// A TCP connect to `addr` (`host:port`) succeeds.
     Tcp { addr: String },
     /// HTTP GET `url` answers with a status in 200..400 (or `expect_status`).
-    Http { url: String, expect_status: Option<u16> },
+    Http {
+        url: String,
+        expect_status: Option<u16>,
+    },
     /// A fetch of `url` through the SOCKS5 proxy at `proxy` (`host:port`) succeeds.
     Socks5 { proxy: String, url: String },
     /// A DNS query for `name` (type A) at `server` (`ip:port`) gets an answer.
