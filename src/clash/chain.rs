@@ -13,12 +13,26 @@ use std::future::Future;
 use std::time::Duration;
 
 /// What is enabled on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainConfig {
     pub clash_enabled: bool,
     /// `clash/mode` is `tproxy` (not `mixed`).
     pub tproxy_mode: bool,
     pub mosdns_enabled: bool,
+    /// mihomo's mixed port as a proxy URL ([`crate::clash::MIXED_PROXY_URL`] on a
+    /// gateway; tests point it at the double's port).
+    pub proxy_url: String,
+}
+
+impl ChainConfig {
+    pub fn new(clash_enabled: bool, tproxy_mode: bool, mosdns_enabled: bool) -> Self {
+        Self {
+            clash_enabled,
+            tproxy_mode,
+            mosdns_enabled,
+            proxy_url: crate::clash::MIXED_PROXY_URL.to_string(),
+        }
+    }
 }
 
 /// One step of the chain.
@@ -38,9 +52,14 @@ pub fn plan(cfg: &ChainConfig) -> Vec<ChainStep> {
         steps.push(ChainStep::WaitMihomoHealthy);
     }
     if cfg.mosdns_enabled {
-        steps.push(ChainStep::DownloadRules {
-            route: Route::for_clash(cfg.clash_enabled),
-        });
+        let route = if cfg.clash_enabled {
+            Route::Proxy {
+                url: cfg.proxy_url.clone(),
+            }
+        } else {
+            Route::Direct
+        };
+        steps.push(ChainStep::DownloadRules { route });
         steps.push(ChainStep::StartMosdns);
     }
     if cfg.clash_enabled && cfg.tproxy_mode {
