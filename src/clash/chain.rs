@@ -219,11 +219,7 @@ mod tests {
         let proxy = Route::for_clash(true);
         let cases = [
             (
-                ChainConfig {
-                    clash_enabled: true,
-                    tproxy_mode: true,
-                    mosdns_enabled: true,
-                },
+                ChainConfig::new(true, true, true),
                 vec![
                     ChainStep::WaitDnsUp,
                     ChainStep::WaitMihomoHealthy,
@@ -235,11 +231,7 @@ mod tests {
                 ],
             ),
             (
-                ChainConfig {
-                    clash_enabled: true,
-                    tproxy_mode: false,
-                    mosdns_enabled: true,
-                },
+                ChainConfig::new(true, false, true),
                 vec![
                     ChainStep::WaitDnsUp,
                     ChainStep::WaitMihomoHealthy,
@@ -248,11 +240,7 @@ mod tests {
                 ],
             ),
             (
-                ChainConfig {
-                    clash_enabled: false,
-                    tproxy_mode: true,
-                    mosdns_enabled: true,
-                },
+                ChainConfig::new(false, true, true),
                 vec![
                     ChainStep::WaitDnsUp,
                     ChainStep::DownloadRules {
@@ -262,11 +250,7 @@ mod tests {
                 ],
             ),
             (
-                ChainConfig {
-                    clash_enabled: true,
-                    tproxy_mode: true,
-                    mosdns_enabled: false,
-                },
+                ChainConfig::new(true, true, false),
                 vec![
                     ChainStep::WaitDnsUp,
                     ChainStep::WaitMihomoHealthy,
@@ -274,11 +258,7 @@ mod tests {
                 ],
             ),
             (
-                ChainConfig {
-                    clash_enabled: false,
-                    tproxy_mode: false,
-                    mosdns_enabled: false,
-                },
+                ChainConfig::new(false, false, false),
                 vec![ChainStep::WaitDnsUp],
             ),
         ];
@@ -355,11 +335,7 @@ mod tests {
     async fn full_chain_runs_in_order_and_retries_missing_rules() {
         let fake = Fake::new(vec![missing(), RulesReport::default()]);
         *fake.start_failures.lock().expect("lock") = 1;
-        let cfg = ChainConfig {
-            clash_enabled: true,
-            tproxy_mode: true,
-            mosdns_enabled: true,
-        };
+        let cfg = ChainConfig::new(true, true, true);
         run_chain(&fake, &plan(&cfg), Duration::from_millis(1)).await;
         assert_eq!(
             fake.calls(),
@@ -384,11 +360,7 @@ mod tests {
             ..RulesReport::default()
         };
         let fake = Fake::new(vec![stale]);
-        let cfg = ChainConfig {
-            clash_enabled: false,
-            tproxy_mode: true,
-            mosdns_enabled: true,
-        };
+        let cfg = ChainConfig::new(false, true, true);
         run_chain(&fake, &plan(&cfg), Duration::from_millis(1)).await;
         assert_eq!(fake.calls(), ["dns_up", "download direct", "start_mosdns"]);
     }
