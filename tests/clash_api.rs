@@ -5,7 +5,9 @@ mod harness;
 
 use harness::{FakeMihomo, MihomoOpts, SECRET};
 use meduza::clash::api::{ApiError, Health, MihomoApi, PROBE_TIMEOUT};
-use meduza::clash::subscription::{hot_reload, ReloadMethod, Signaller, SubscriptionError, VerifyPolicy};
+use meduza::clash::subscription::{
+    hot_reload, ReloadMethod, Signaller, SubscriptionError, VerifyPolicy,
+};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,9 @@ async fn auth_is_required() {
         let api = MihomoApi::new(&m.controller, secret, PROBE_TIMEOUT).expect("client");
         let err = api.hello().await.expect_err("must be refused");
         assert!(matches!(err, ApiError::Unauthorized { .. }), "{err:?}");
-        assert!(matches!(api.probe().await, Health::Unhealthy { ref reason } if reason.contains("unauthorized")));
+        assert!(
+            matches!(api.probe().await, Health::Unhealthy { ref reason } if reason.contains("unauthorized"))
+        );
     }
     let api = MihomoApi::new(&m.controller, SECRET, PROBE_TIMEOUT).expect("client");
     api.hello().await.expect("hello");
@@ -25,11 +29,22 @@ async fn auth_is_required() {
 
 #[tokio::test]
 async fn proxies_shape_and_verdicts() {
-    let m = FakeMihomo::start(MihomoOpts { groups: vec!["auto", "hk auto"], ..Default::default() }).await;
+    let m = FakeMihomo::start(MihomoOpts {
+        groups: vec!["auto", "hk auto"],
+        ..Default::default()
+    })
+    .await;
     let api = MihomoApi::new(&m.controller, SECRET, PROBE_TIMEOUT).expect("client");
     let proxies = api.proxies().await.expect("proxies");
     let map = proxies["proxies"].as_object().expect("map");
-    for builtin in ["DIRECT", "REJECT", "REJECT-DROP", "COMPATIBLE", "PASS", "GLOBAL"] {
+    for builtin in [
+        "DIRECT",
+        "REJECT",
+        "REJECT-DROP",
+        "COMPATIBLE",
+        "PASS",
+        "GLOBAL",
+    ] {
         assert!(map.contains_key(builtin), "{builtin} missing");
     }
     let auto = api.proxy("hk auto").await.expect("group by escaped name");
@@ -43,26 +58,39 @@ async fn proxies_shape_and_verdicts() {
     m.control(json!({"groups": {"auto": "REJECT"}})).await;
     assert_eq!(
         api.probe().await,
-        Health::Degraded { reason: "1 of 2 URLTest groups down: auto=REJECT".into() }
+        Health::Degraded {
+            reason: "1 of 2 URLTest groups down: auto=REJECT".into()
+        }
     );
     m.control(json!({"reject_all": true})).await;
     assert_eq!(
         api.probe().await,
-        Health::Unhealthy { reason: "every URLTest group is down: auto=REJECT, hk auto=REJECT".into() }
+        Health::Unhealthy {
+            reason: "every URLTest group is down: auto=REJECT, hk auto=REJECT".into()
+        }
     );
-    m.control(json!({"groups": {"auto": ""}, "reject_all": false})).await;
-    assert!(matches!(api.probe().await, Health::Degraded { ref reason } if reason.contains("auto=empty")));
+    m.control(json!({"groups": {"auto": ""}, "reject_all": false}))
+        .await;
+    assert!(
+        matches!(api.probe().await, Health::Degraded { ref reason } if reason.contains("auto=empty"))
+    );
     m.control(json!({})).await;
     assert_eq!(api.probe().await, Health::Healthy);
 }
 
 #[tokio::test]
 async fn single_rejected_group_is_named() {
-    let m = FakeMihomo::start(MihomoOpts { control: json!({"groups": {"auto": "REJECT"}}), ..Default::default() }).await;
+    let m = FakeMihomo::start(MihomoOpts {
+        control: json!({"groups": {"auto": "REJECT"}}),
+        ..Default::default()
+    })
+    .await;
     let api = MihomoApi::new(&m.controller, SECRET, PROBE_TIMEOUT).expect("client");
     assert_eq!(
         api.probe().await,
-        Health::Unhealthy { reason: "every URLTest group is down: auto=REJECT".into() }
+        Health::Unhealthy {
+            reason: "every URLTest group is down: auto=REJECT".into()
+        }
     );
 }
 
@@ -75,8 +103,14 @@ async fn stalled_api_fails_within_the_timeout() {
     let t = Instant::now();
     let health = api.probe().await;
     let took = t.elapsed();
-    assert!(matches!(health, Health::Unhealthy { ref reason } if reason.contains("no answer within 700 ms")), "{health:?}");
-    assert!(took >= PROBE_TIMEOUT && took < PROBE_TIMEOUT + Duration::from_millis(300), "took {took:?}");
+    assert!(
+        matches!(health, Health::Unhealthy { ref reason } if reason.contains("no answer within 700 ms")),
+        "{health:?}"
+    );
+    assert!(
+        took >= PROBE_TIMEOUT && took < PROBE_TIMEOUT + Duration::from_millis(300),
+        "took {took:?}"
+    );
     m.control(json!({})).await;
     assert_eq!(api.probe().await, Health::Healthy);
 }
@@ -104,41 +138,104 @@ impl Signaller for Hup {
 async fn reload_is_verified_and_falls_back_to_sighup() {
     let m = FakeMihomo::start(MihomoOpts::default()).await;
     let api = MihomoApi::new(&m.controller, SECRET, PROBE_TIMEOUT).expect("client");
-    let policy = VerifyPolicy { timeout: Duration::from_millis(600), poll: Duration::from_millis(50) };
+    let policy = VerifyPolicy {
+        timeout: Duration::from_millis(600),
+        poll: Duration::from_millis(50),
+    };
     let hup = Hup(m.pid());
 
     // A new group through the API.
-    let cfg = harness::mihomo_config(&["auto", "second"], m.mixed_port, m.tproxy_port, m.dns_port, &m.controller, false);
+    let cfg = harness::mihomo_config(
+        &["auto", "second"],
+        m.mixed_port,
+        m.tproxy_port,
+        m.dns_port,
+        &m.controller,
+        false,
+    );
     std::fs::write(&m.config_path, &cfg).expect("write");
-    assert_eq!(hot_reload(&api, &hup, &m.config_path, &cfg, policy).await.expect("reload"), ReloadMethod::Api);
-    assert_eq!(api.proxy("second").await.expect("second")["type"], "URLTest");
+    assert_eq!(
+        hot_reload(&api, &hup, &m.config_path, &cfg, policy)
+            .await
+            .expect("reload"),
+        ReloadMethod::Api
+    );
+    assert_eq!(
+        api.proxy("second").await.expect("second")["type"],
+        "URLTest"
+    );
 
     // mihomo answers 204 but applies nothing: verification catches it, SIGHUP applies.
     m.control(json!({"fail_apply": true})).await;
-    let cfg = harness::mihomo_config(&["auto", "third"], m.mixed_port, m.tproxy_port, m.dns_port, &m.controller, false);
+    let cfg = harness::mihomo_config(
+        &["auto", "third"],
+        m.mixed_port,
+        m.tproxy_port,
+        m.dns_port,
+        &m.controller,
+        false,
+    );
     std::fs::write(&m.config_path, &cfg).expect("write");
-    assert_eq!(hot_reload(&api, &hup, &m.config_path, &cfg, policy).await.expect("reload"), ReloadMethod::Sighup);
+    assert_eq!(
+        hot_reload(&api, &hup, &m.config_path, &cfg, policy)
+            .await
+            .expect("reload"),
+        ReloadMethod::Sighup
+    );
     assert!(api.proxy("third").await.is_ok());
 
     // A relative path is a 400: final, no SIGHUP.
-    let err = hot_reload(&api, &hup, std::path::Path::new("config.yaml"), &cfg, policy).await.expect_err("400");
-    assert!(matches!(err, SubscriptionError::Rejected { source: ApiError::Status { status: 400, .. }, .. }), "{err:?}");
+    let err = hot_reload(
+        &api,
+        &hup,
+        std::path::Path::new("config.yaml"),
+        &cfg,
+        policy,
+    )
+    .await
+    .expect_err("400");
+    assert!(
+        matches!(
+            err,
+            SubscriptionError::Rejected {
+                source: ApiError::Status { status: 400, .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 
     // A file mihomo cannot parse: 400 with mihomo's message.
     std::fs::write(&m.config_path, "proxies: [\n").expect("write");
-    let err = api.reload_path(&m.config_path).await.expect_err("parse error");
-    assert!(matches!(err, ApiError::Status { status: 400, .. }), "{err:?}");
+    let err = api
+        .reload_path(&m.config_path)
+        .await
+        .expect_err("parse error");
+    assert!(
+        matches!(err, ApiError::Status { status: 400, .. }),
+        "{err:?}"
+    );
     // ...and SIGHUP with a broken file keeps the running config.
     hup.sighup().await.expect("hup");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(api.proxy("third").await.is_ok(), "running config kept after a failed SIGHUP reload");
+    assert!(
+        api.proxy("third").await.is_ok(),
+        "running config kept after a failed SIGHUP reload"
+    );
 }
 
 #[tokio::test]
 async fn payload_reload_and_totals() {
     let m = FakeMihomo::start(MihomoOpts::default()).await;
     let api = MihomoApi::new(&m.controller, SECRET, PROBE_TIMEOUT).expect("client");
-    let cfg = harness::mihomo_config(&["payload-group"], m.mixed_port, m.tproxy_port, m.dns_port, &m.controller, false);
+    let cfg = harness::mihomo_config(
+        &["payload-group"],
+        m.mixed_port,
+        m.tproxy_port,
+        m.dns_port,
+        &m.controller,
+        false,
+    );
     api.reload_payload(&cfg).await.expect("payload");
     assert!(api.proxy("payload-group").await.is_ok());
     let before = api.totals().await.expect("totals");
@@ -149,11 +246,21 @@ async fn payload_reload_and_totals() {
         .proxy(reqwest::Proxy::all(m.proxy_url()).expect("proxy"))
         .build()
         .expect("client");
-    let body = client.get(origin.url("/x")).send().await.expect("get").text().await.expect("body");
+    let body = client
+        .get(origin.url("/x"))
+        .send()
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("body");
     assert_eq!(body, "0123456789");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let after = api.totals().await.expect("totals");
-    assert!(after.download >= before.download + 10, "{before:?} -> {after:?}");
+    assert!(
+        after.download >= before.download + 10,
+        "{before:?} -> {after:?}"
+    );
     assert!(after.upload > before.upload);
 }
 
@@ -161,5 +268,8 @@ async fn payload_reload_and_totals() {
 async fn dns_listener_answers() {
     let m = FakeMihomo::start(MihomoOpts::default()).await;
     let server = format!("127.0.0.1:{}", m.dns_port).parse().expect("addr");
-    assert_eq!(harness::dns_a(server, "example.com").await, Some("198.18.0.1".parse().expect("ip")));
+    assert_eq!(
+        harness::dns_a(server, "example.com").await,
+        Some("198.18.0.1".parse().expect("ip"))
+    );
 }

@@ -11,9 +11,13 @@ use harness::{doubles_dir, free_port, FakeMihomo, MihomoOpts, Origin, SECRET};
 use meduza::clash::api::{MihomoApi, PROBE_TIMEOUT};
 use meduza::clash::chain::{plan, run_chain, ChainConfig, ChainDeps};
 use meduza::clash::monitor::{
-    ClashHealthSink, ClashMonitor, GateError, HealthStatus, MonitorConfig, MonitorHandle, TproxyGate,
+    ClashHealthSink, ClashMonitor, GateError, HealthStatus, MonitorConfig, MonitorHandle,
+    TproxyGate,
 };
-use meduza::clash::rules::{download_rule_files, parse_rule_files, Backoff, Fetcher, Route, RuleFile, RulesError, RulesReport};
+use meduza::clash::rules::{
+    download_rule_files, parse_rule_files, Backoff, Fetcher, Route, RuleFile, RulesError,
+    RulesReport,
+};
 use serde_json::json;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -99,7 +103,8 @@ impl ChainDeps for Deps {
         }
     }
     async fn download_rules(&self, route: &Route) -> Result<RulesReport, RulesError> {
-        let r = download_rule_files(&self.fetcher, &self.root, "/etc/mosdns", &self.files, route).await;
+        let r =
+            download_rule_files(&self.fetcher, &self.root, "/etc/mosdns", &self.files, route).await;
         push(&self.log, &format!("rules downloaded via {route}"));
         r
     }
@@ -127,13 +132,20 @@ fn setup(origin: &Origin) -> (tempfile::TempDir, Vec<RuleFile>, SocketAddr) {
     std::fs::create_dir_all(&mosdns_dir).expect("dir");
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     std::fs::write(mosdns_dir.join("config.yaml"), mosdns_config(listen)).expect("config");
-    let files = parse_rule_files(&format!(r#"{{"rules/blocked.txt": "{}"}}"#, origin.url("/blocked.txt"))).expect("files");
+    let files = parse_rule_files(&format!(
+        r#"{{"rules/blocked.txt": "{}"}}"#,
+        origin.url("/blocked.txt")
+    ))
+    .expect("files");
     (root, files, listen)
 }
 
 fn fetcher() -> Fetcher {
     Fetcher {
-        backoff: Backoff { attempts: 5, first_delay: Duration::from_millis(50) },
+        backoff: Backoff {
+            attempts: 5,
+            first_delay: Duration::from_millis(50),
+        },
         timeout: Duration::from_secs(5),
         ..Fetcher::default()
     }
@@ -141,13 +153,24 @@ fn fetcher() -> Fetcher {
 
 #[tokio::test]
 async fn chain_waits_for_healthy_mihomo_then_runs_in_order() {
-    let m = FakeMihomo::start(MihomoOpts { control: json!({"reject_all": true}), ..Default::default() }).await;
+    let m = FakeMihomo::start(MihomoOpts {
+        control: json!({"reject_all": true}),
+        ..Default::default()
+    })
+    .await;
     let origin = Origin::start().await;
     let (root, files, listen) = setup(&origin);
     let log: Log = Arc::default();
     let api = MihomoApi::new(&m.controller, SECRET, PROBE_TIMEOUT).expect("client");
     let (_events, erx) = tokio::sync::mpsc::channel(1);
-    let (monitor, handle) = ClashMonitor::new(MonitorConfig::default(), api, Gate(log.clone()), Sink, erx, true);
+    let (monitor, handle) = ClashMonitor::new(
+        MonitorConfig::default(),
+        api,
+        Gate(log.clone()),
+        Sink,
+        erx,
+        true,
+    );
     tokio::spawn(monitor.run());
 
     let mut cfg = ChainConfig::new(true, true, true);
@@ -162,15 +185,23 @@ async fn chain_waits_for_healthy_mihomo_then_runs_in_order() {
         mosdns: Mutex::new(None),
     });
     let d = deps.clone();
-    let chain = tokio::spawn(async move { run_chain(&*d, &plan(&cfg), Duration::from_millis(200)).await });
+    let chain =
+        tokio::spawn(async move { run_chain(&*d, &plan(&cfg), Duration::from_millis(200)).await });
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(*log.lock().expect("lock"), ["dns up"], "nothing else while mihomo is unhealthy");
+    assert_eq!(
+        *log.lock().expect("lock"),
+        ["dns up"],
+        "nothing else while mihomo is unhealthy"
+    );
     assert!(origin.seen().is_empty());
     assert_eq!(handle.health().borrow().phase.as_str(), "waiting");
 
     m.control(json!({})).await;
-    tokio::time::timeout(Duration::from_secs(10), chain).await.expect("chain done").expect("join");
+    tokio::time::timeout(Duration::from_secs(10), chain)
+        .await
+        .expect("chain done")
+        .expect("join");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         *log.lock().expect("lock"),
@@ -183,11 +214,24 @@ async fn chain_waits_for_healthy_mihomo_then_runs_in_order() {
         ]
     );
     let seen = origin.seen();
-    assert!(seen.iter().all(|s| s.peer.ip() == "127.0.0.2".parse::<std::net::IpAddr>().expect("ip")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|s| s.peer.ip() == "127.0.0.2".parse::<std::net::IpAddr>().expect("ip")),
+        "{seen:?}"
+    );
     // MosDNS loaded the downloaded rules.
-    assert_eq!(harness::dns_a(listen, "blocked.example").await, Some(Ipv4Addr::new(198, 51, 100, 1)));
-    assert_eq!(harness::dns_a(listen, "x.ads.test").await, Some(Ipv4Addr::new(198, 51, 100, 1)));
-    assert_eq!(harness::dns_a(listen, "other.example").await, Some(Ipv4Addr::new(198, 51, 100, 2)));
+    assert_eq!(
+        harness::dns_a(listen, "blocked.example").await,
+        Some(Ipv4Addr::new(198, 51, 100, 1))
+    );
+    assert_eq!(
+        harness::dns_a(listen, "x.ads.test").await,
+        Some(Ipv4Addr::new(198, 51, 100, 1))
+    );
+    assert_eq!(
+        harness::dns_a(listen, "other.example").await,
+        Some(Ipv4Addr::new(198, 51, 100, 2))
+    );
 }
 
 #[tokio::test]
@@ -205,12 +249,24 @@ async fn clash_disabled_direct_mosdns_no_tproxy() {
         mosdns: Mutex::new(None),
     };
     let cfg = ChainConfig::new(false, true, true);
-    tokio::time::timeout(Duration::from_secs(10), run_chain(&deps, &plan(&cfg), Duration::from_millis(200)))
-        .await
-        .expect("chain done");
-    assert_eq!(*log.lock().expect("lock"), ["dns up", "rules downloaded via direct", "mosdns started"]);
-    assert_eq!(origin.seen()[0].peer.ip(), "127.0.0.1".parse::<std::net::IpAddr>().expect("ip"));
-    assert_eq!(harness::dns_a(listen, "blocked.example").await, Some(Ipv4Addr::new(198, 51, 100, 1)));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        run_chain(&deps, &plan(&cfg), Duration::from_millis(200)),
+    )
+    .await
+    .expect("chain done");
+    assert_eq!(
+        *log.lock().expect("lock"),
+        ["dns up", "rules downloaded via direct", "mosdns started"]
+    );
+    assert_eq!(
+        origin.seen()[0].peer.ip(),
+        "127.0.0.1".parse::<std::net::IpAddr>().expect("ip")
+    );
+    assert_eq!(
+        harness::dns_a(listen, "blocked.example").await,
+        Some(Ipv4Addr::new(198, 51, 100, 1))
+    );
 }
 
 async fn mosdns_exit(dir: &Path) -> (i32, String) {
@@ -220,7 +276,10 @@ async fn mosdns_exit(dir: &Path) -> (i32, String) {
         .output()
         .await
         .expect("run");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
 }
 
 #[tokio::test]
@@ -235,7 +294,11 @@ async fn mosdns_double_is_strict() {
     // Unknown top-level key: fatal.
     std::fs::create_dir_all(dir.path().join("rules")).expect("dir");
     std::fs::write(dir.path().join("rules/blocked.txt"), "full:a.example\n").expect("write");
-    std::fs::write(dir.path().join("config.yaml"), format!("{}servers: []\n", mosdns_config(listen))).expect("write");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        format!("{}servers: []\n", mosdns_config(listen)),
+    )
+    .expect("write");
     let (code, out) = mosdns_exit(dir.path()).await;
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("invalid keys: servers"), "{out}");
@@ -248,11 +311,17 @@ async fn mosdns_double_is_strict() {
 
     // Valid: runs, SIGTERM exits 0, SIGHUP kills it (no reload signal).
     std::fs::write(dir.path().join("config.yaml"), mosdns_config(listen)).expect("write");
-    for (sig, want) in [(nix::sys::signal::Signal::SIGTERM, Some(0)), (nix::sys::signal::Signal::SIGHUP, None)] {
+    for (sig, want) in [
+        (nix::sys::signal::Signal::SIGTERM, Some(0)),
+        (nix::sys::signal::Signal::SIGHUP, None),
+    ] {
         let mut child = start_mosdns(dir.path(), listen).await.expect("start");
         let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
         nix::sys::signal::kill(pid, sig).expect("signal");
-        let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await.expect("exit").expect("wait");
+        let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .expect("exit")
+            .expect("wait");
         assert_eq!(status.code(), want, "{sig:?}: {status}");
     }
 }

@@ -8,8 +8,8 @@ mod harness;
 use harness::{FakeMihomo, MihomoOpts, SECRET};
 use meduza::clash::api::{MihomoApi, PROBE_TIMEOUT};
 use meduza::clash::monitor::{
-    ClashHealthSink, ClashMonitor, GateError, HealthStatus, MonitorConfig, MonitorHandle, Phase, ProcessEvent,
-    TproxyGate,
+    ClashHealthSink, ClashMonitor, GateError, HealthStatus, MonitorConfig, MonitorHandle, Phase,
+    ProcessEvent, TproxyGate,
 };
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -56,7 +56,11 @@ struct Rig {
 
 impl Rig {
     async fn start(cfg: MonitorConfig, control: serde_json::Value) -> Self {
-        let m = FakeMihomo::start(MihomoOpts { control, ..Default::default() }).await;
+        let m = FakeMihomo::start(MihomoOpts {
+            control,
+            ..Default::default()
+        })
+        .await;
         let api = MihomoApi::new(&m.controller, SECRET, PROBE_TIMEOUT).expect("client");
         let (gtx, gate_rx) = mpsc::unbounded_channel();
         let (stx, sink_rx) = mpsc::unbounded_channel();
@@ -64,7 +68,14 @@ impl Rig {
         let (monitor, handle) = ClashMonitor::new(cfg, api, RecGate(gtx), RecSink(stx), erx, true);
         tokio::spawn(monitor.run());
         let pid = m.pid();
-        let mut rig = Self { m, gate_rx, sink_rx, events, handle, pid };
+        let mut rig = Self {
+            m,
+            gate_rx,
+            sink_rx,
+            events,
+            handle,
+            pid,
+        };
         rig.supervise();
         rig
     }
@@ -84,12 +95,18 @@ impl Rig {
         self.m.spawn(Some("127.0.0.2")).await;
         let pid = self.m.pid();
         self.pid = pid;
-        self.events.send(ProcessEvent::Started { pid }).await.expect("send");
+        self.events
+            .send(ProcessEvent::Started { pid })
+            .await
+            .expect("send");
         self.supervise();
     }
 
     async fn next_gate(&mut self, within: Duration) -> (Gate, Instant) {
-        tokio::time::timeout(within, self.gate_rx.recv()).await.expect("gate call in time").expect("open")
+        tokio::time::timeout(within, self.gate_rx.recv())
+            .await
+            .expect("gate call in time")
+            .expect("open")
     }
 
     fn no_gate_call(&mut self) {
@@ -121,7 +138,11 @@ async fn crash_stall_and_recovery_with_default_timings() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     rig.no_gate_call();
     let st = rig.statuses();
-    assert!(st.iter().any(|s| s.starts_with("waiting 0 every URLTest group is down: auto=REJECT")), "{st:?}");
+    assert!(
+        st.iter()
+            .any(|s| s.starts_with("waiting 0 every URLTest group is down: auto=REJECT")),
+        "{st:?}"
+    );
     assert_eq!(rig.handle.health().borrow().phase, Phase::Waiting);
 
     // Healthy → applied.
@@ -130,7 +151,10 @@ async fn crash_stall_and_recovery_with_default_timings() {
     let (g, at) = rig.next_gate(Duration::from_secs(2)).await;
     assert_eq!(g, Gate::Apply);
     let healthy_to_apply = at - t;
-    assert!(healthy_to_apply < Duration::from_secs(1), "{healthy_to_apply:?}");
+    assert!(
+        healthy_to_apply < Duration::from_secs(1),
+        "{healthy_to_apply:?}"
+    );
 
     // API stall → removed.
     let t = Instant::now();
@@ -138,7 +162,10 @@ async fn crash_stall_and_recovery_with_default_timings() {
     let (g, at) = rig.next_gate(Duration::from_secs(3)).await;
     assert_eq!(g, Gate::Remove);
     let stall_to_remove = at - t;
-    assert!(stall_to_remove < Duration::from_secs(2), "{stall_to_remove:?}");
+    assert!(
+        stall_to_remove < Duration::from_secs(2),
+        "{stall_to_remove:?}"
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await; // past the 1-2 s hold-down
     rig.no_gate_call();
 
@@ -162,17 +189,30 @@ async fn crash_stall_and_recovery_with_default_timings() {
     let (g, at) = rig.next_gate(Duration::from_secs(2)).await;
     assert_eq!(g, Gate::Remove);
     let kill_to_remove = at - t;
-    assert!(kill_to_remove < Duration::from_millis(250), "{kill_to_remove:?}");
+    assert!(
+        kill_to_remove < Duration::from_millis(250),
+        "{kill_to_remove:?}"
+    );
     let st = rig.statuses();
-    assert!(st.iter().any(|s| s.starts_with("unhealthy 0 mihomo exited")), "{st:?}");
+    assert!(
+        st.iter()
+            .any(|s| s.starts_with("unhealthy 0 mihomo exited")),
+        "{st:?}"
+    );
 
     // Restarted by the supervisor → waiting → healthy → re-applied (after hold-down).
     rig.respawn().await;
     let (g, _) = rig.next_gate(Duration::from_secs(20)).await;
     assert_eq!(g, Gate::Apply);
     let st = rig.statuses();
-    assert!(st.iter().any(|s| s.starts_with("waiting 0 mihomo started")), "{st:?}");
-    assert_eq!(st.last().map(String::as_str), Some("tproxy true mihomo recovered"));
+    assert!(
+        st.iter().any(|s| s.starts_with("waiting 0 mihomo started")),
+        "{st:?}"
+    );
+    assert_eq!(
+        st.last().map(String::as_str),
+        Some("tproxy true mihomo recovered")
+    );
 
     // Shutdown removes TPROXY.
     rig.handle.shutdown().await;
@@ -249,15 +289,28 @@ async fn dead_api_without_process_events() {
     let (gtx, mut gate_rx) = mpsc::unbounded_channel();
     let (stx, _sink_rx) = mpsc::unbounded_channel();
     let (_events, erx) = mpsc::channel(1);
-    let (monitor, handle) = ClashMonitor::new(MonitorConfig::default(), api, RecGate(gtx), RecSink(stx), erx, true);
+    let (monitor, handle) = ClashMonitor::new(
+        MonitorConfig::default(),
+        api,
+        RecGate(gtx),
+        RecSink(stx),
+        erx,
+        true,
+    );
     tokio::spawn(monitor.run());
     handle.arm().await;
-    let (g, _) = tokio::time::timeout(Duration::from_secs(3), gate_rx.recv()).await.expect("apply").expect("open");
+    let (g, _) = tokio::time::timeout(Duration::from_secs(3), gate_rx.recv())
+        .await
+        .expect("apply")
+        .expect("open");
     assert_eq!(g, Gate::Apply);
     let pid = nix::unistd::Pid::from_raw(m.pid() as i32);
     let t = Instant::now();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill");
-    let (g, at) = tokio::time::timeout(Duration::from_secs(2), gate_rx.recv()).await.expect("remove").expect("open");
+    let (g, at) = tokio::time::timeout(Duration::from_secs(2), gate_rx.recv())
+        .await
+        .expect("remove")
+        .expect("open");
     assert_eq!(g, Gate::Remove);
     let took = at - t;
     assert!(took < Duration::from_millis(700), "{took:?}");

@@ -13,14 +13,18 @@ use std::time::{Duration, Instant};
 
 fn fast_fetcher(attempts: u32, first_delay_ms: u64) -> Fetcher {
     Fetcher {
-        backoff: Backoff { attempts, first_delay: Duration::from_millis(first_delay_ms) },
+        backoff: Backoff {
+            attempts,
+            first_delay: Duration::from_millis(first_delay_ms),
+        },
         timeout: Duration::from_secs(5),
         ..Fetcher::default()
     }
 }
 
 fn proxied(seen: &harness::Seen) -> bool {
-    seen.peer.ip() == "127.0.0.2".parse::<IpAddr>().expect("ip") && seen.header("Via") == Some("1.1 fake-mihomo")
+    seen.peer.ip() == "127.0.0.2".parse::<IpAddr>().expect("ip")
+        && seen.header("Via") == Some("1.1 fake-mihomo")
 }
 
 #[tokio::test]
@@ -39,25 +43,40 @@ async fn rules_go_through_the_proxy_and_report_changes() {
     let route = Route::Proxy { url: m.proxy_url() };
     let fetcher = fast_fetcher(5, 10);
 
-    let report = download_rule_files(&fetcher, root.path(), "/etc/mosdns", &files, &route).await.expect("download");
+    let report = download_rule_files(&fetcher, root.path(), "/etc/mosdns", &files, &route)
+        .await
+        .expect("download");
     let direct = root.path().join("etc/mosdns/rules/direct.txt");
     let ip = root.path().join("etc/mosdns/rules/ip.txt");
     assert_eq!(report.changed, vec![direct.clone(), ip.clone()]);
     assert!(report.complete());
-    assert_eq!(std::fs::read_to_string(&direct).expect("read"), "full:a.example\n");
+    assert_eq!(
+        std::fs::read_to_string(&direct).expect("read"),
+        "full:a.example\n"
+    );
     let seen = origin.seen();
     assert_eq!(seen.len(), 2);
-    assert!(seen.iter().all(proxied), "every request came from the proxy: {seen:?}");
-    assert!(seen[0].request_line.starts_with("GET /direct.txt "), "origin-form after the proxy: {seen:?}");
+    assert!(
+        seen.iter().all(proxied),
+        "every request came from the proxy: {seen:?}"
+    );
+    assert!(
+        seen[0].request_line.starts_with("GET /direct.txt "),
+        "origin-form after the proxy: {seen:?}"
+    );
 
     // Same content: nothing changed, MosDNS need not restart.
-    let report = download_rule_files(&fetcher, root.path(), "/etc/mosdns", &files, &route).await.expect("download");
+    let report = download_rule_files(&fetcher, root.path(), "/etc/mosdns", &files, &route)
+        .await
+        .expect("download");
     assert!(report.changed.is_empty());
     assert_eq!(report.unchanged.len(), 2);
 
     // One file changes upstream.
     origin.route("/ip.txt", "10.0.0.0/8\n192.168.0.0/16\n");
-    let report = download_rule_files(&fetcher, root.path(), "/etc/mosdns", &files, &route).await.expect("download");
+    let report = download_rule_files(&fetcher, root.path(), "/etc/mosdns", &files, &route)
+        .await
+        .expect("download");
     assert_eq!(report.changed, vec![ip]);
 }
 
@@ -66,14 +85,27 @@ async fn clash_disabled_downloads_directly() {
     let origin = Origin::start().await;
     origin.route("/r.txt", "domain:b.example\n");
     let root = tempfile::tempdir().expect("root");
-    let files = parse_rule_files(&format!(r#"{{"/etc/mosdns/r.txt": "{}"}}"#, origin.url("/r.txt"))).expect("files");
-    let report = download_rule_files(&fast_fetcher(5, 10), root.path(), "/etc/mosdns", &files, &Route::for_clash(false))
-        .await
-        .expect("download");
+    let files = parse_rule_files(&format!(
+        r#"{{"/etc/mosdns/r.txt": "{}"}}"#,
+        origin.url("/r.txt")
+    ))
+    .expect("files");
+    let report = download_rule_files(
+        &fast_fetcher(5, 10),
+        root.path(),
+        "/etc/mosdns",
+        &files,
+        &Route::for_clash(false),
+    )
+    .await
+    .expect("download");
     assert_eq!(report.changed.len(), 1);
     let seen = origin.seen();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].peer.ip(), "127.0.0.1".parse::<IpAddr>().expect("ip"));
+    assert_eq!(
+        seen[0].peer.ip(),
+        "127.0.0.1".parse::<IpAddr>().expect("ip")
+    );
     assert_eq!(seen[0].header("Via"), None);
 }
 
@@ -84,33 +116,69 @@ async fn five_attempts_with_backoff_then_failure_keeps_previous_file() {
     origin.route("/r.txt", "full:c.example\n");
     *origin.fail_first.lock().expect("lock") = 1000;
     let root = tempfile::tempdir().expect("root");
-    let files = parse_rule_files(&format!(r#"{{"/etc/mosdns/r.txt": "{}"}}"#, origin.url("/r.txt"))).expect("files");
+    let files = parse_rule_files(&format!(
+        r#"{{"/etc/mosdns/r.txt": "{}"}}"#,
+        origin.url("/r.txt")
+    ))
+    .expect("files");
     let route = Route::Proxy { url: m.proxy_url() };
 
     let t = Instant::now();
-    let report = download_rule_files(&fast_fetcher(5, 40), root.path(), "/etc/mosdns", &files, &route)
-        .await
-        .expect("round");
+    let report = download_rule_files(
+        &fast_fetcher(5, 40),
+        root.path(),
+        "/etc/mosdns",
+        &files,
+        &route,
+    )
+    .await
+    .expect("round");
     let took = t.elapsed();
     assert_eq!(origin.seen().len(), 5, "exactly 5 attempts");
     // Waits of 40 + 80 + 160 + 320 ms between them.
-    assert!(took >= Duration::from_millis(600), "backoff too short: {took:?}");
+    assert!(
+        took >= Duration::from_millis(600),
+        "backoff too short: {took:?}"
+    );
     assert_eq!(report.missing.len(), 1, "{report:?}");
-    assert!(report.missing[0].1.contains("HTTP 503") && report.missing[0].1.contains("after 5 attempts"), "{report:?}");
+    assert!(
+        report.missing[0].1.contains("HTTP 503")
+            && report.missing[0].1.contains("after 5 attempts"),
+        "{report:?}"
+    );
     assert!(!report.complete());
 
     // Succeeds on the 3rd attempt.
     *origin.fail_first.lock().expect("lock") = 2;
-    let report = download_rule_files(&fast_fetcher(5, 10), root.path(), "/etc/mosdns", &files, &route).await.expect("round");
+    let report = download_rule_files(
+        &fast_fetcher(5, 10),
+        root.path(),
+        "/etc/mosdns",
+        &files,
+        &route,
+    )
+    .await
+    .expect("round");
     assert_eq!(report.changed.len(), 1);
     assert_eq!(origin.seen().len(), 8);
 
     // All attempts fail again: the previous copy is kept and reported stale.
     *origin.fail_first.lock().expect("lock") = 1000;
-    let report = download_rule_files(&fast_fetcher(2, 10), root.path(), "/etc/mosdns", &files, &route).await.expect("round");
+    let report = download_rule_files(
+        &fast_fetcher(2, 10),
+        root.path(),
+        "/etc/mosdns",
+        &files,
+        &route,
+    )
+    .await
+    .expect("round");
     assert_eq!(report.stale.len(), 1);
     assert!(report.complete());
-    assert_eq!(std::fs::read_to_string(root.path().join("etc/mosdns/r.txt")).expect("kept"), "full:c.example\n");
+    assert_eq!(
+        std::fs::read_to_string(root.path().join("etc/mosdns/r.txt")).expect("kept"),
+        "full:c.example\n"
+    );
 }
 
 #[tokio::test]
@@ -121,7 +189,10 @@ async fn never_direct_while_clash_is_enabled() {
     origin.route("/r.txt", "full:d.example\n");
     let dead_proxy = format!("http://127.0.0.1:{}", harness::free_port());
     let fetcher = fast_fetcher(3, 10);
-    let err = fetcher.fetch(&origin.url("/r.txt"), &Route::Proxy { url: dead_proxy }).await.expect_err("no proxy");
+    let err = fetcher
+        .fetch(&origin.url("/r.txt"), &Route::Proxy { url: dead_proxy })
+        .await
+        .expect_err("no proxy");
     assert!(err.to_string().contains("after 3 attempts"), "{err}");
     assert!(origin.seen().is_empty());
 }
@@ -131,10 +202,20 @@ async fn html_body_is_rejected() {
     let origin = Origin::start().await;
     origin.route("/r.txt", "<html><body>captive portal</body></html>");
     let root = tempfile::tempdir().expect("root");
-    let files = parse_rule_files(&format!(r#"{{"/etc/mosdns/r.txt": "{}"}}"#, origin.url("/r.txt"))).expect("files");
-    let report = download_rule_files(&fast_fetcher(1, 10), root.path(), "/etc/mosdns", &files, &Route::Direct)
-        .await
-        .expect("round");
+    let files = parse_rule_files(&format!(
+        r#"{{"/etc/mosdns/r.txt": "{}"}}"#,
+        origin.url("/r.txt")
+    ))
+    .expect("files");
+    let report = download_rule_files(
+        &fast_fetcher(1, 10),
+        root.path(),
+        "/etc/mosdns",
+        &files,
+        &Route::Direct,
+    )
+    .await
+    .expect("round");
     assert_eq!(report.missing.len(), 1);
     assert!(report.missing[0].1.contains("HTML"));
     assert!(!root.path().join("etc/mosdns/r.txt").exists());
@@ -151,17 +232,29 @@ async fn subscription_via_proxy_keeps_last_good() {
     let route = Route::Proxy { url: m.proxy_url() };
     let fetcher = fast_fetcher(2, 10);
 
-    assert!(store.refresh(&fetcher, &origin.url("/sub"), &route).await.expect("first"));
-    assert!(!store.refresh(&fetcher, &origin.url("/sub"), &route).await.expect("same"));
+    assert!(store
+        .refresh(&fetcher, &origin.url("/sub"), &route)
+        .await
+        .expect("first"));
+    assert!(!store
+        .refresh(&fetcher, &origin.url("/sub"), &route)
+        .await
+        .expect("same"));
     let seen = origin.seen();
     assert!(seen.iter().all(proxied), "{seen:?}");
     assert_eq!(seen[0].header("User-Agent"), Some("clash.meta (meduza)"));
 
     // The server now returns an error page, then garbage: the last good copy stays.
     origin.route("/sub", "<html>oops</html>");
-    let err = store.refresh(&fetcher, &origin.url("/sub"), &route).await.expect_err("invalid");
+    let err = store
+        .refresh(&fetcher, &origin.url("/sub"), &route)
+        .await
+        .expect_err("invalid");
     assert!(err.to_string().contains("invalid"), "{err}");
     *origin.fail_first.lock().expect("lock") = 10;
-    store.refresh(&fetcher, &origin.url("/sub"), &route).await.expect_err("503");
+    store
+        .refresh(&fetcher, &origin.url("/sub"), &route)
+        .await
+        .expect_err("503");
     assert_eq!(store.last_good().as_deref(), Some(good));
 }

@@ -10,11 +10,20 @@ use std::time::{Duration, Instant};
 
 fn run(args: &[&str], stdin: Option<&str>) {
     let mut cmd = Command::new(args[0]);
-    cmd.args(&args[1..]).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.args(&args[1..]).stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{args:?}: {e}"));
     if let Some(input) = stdin {
         use std::io::Write;
-        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
     }
     let status = child.wait().expect("wait");
     assert!(status.success(), "{args:?} failed: {status}");
@@ -50,7 +59,12 @@ fn tproxy_listener_receives_original_destination() {
     let (vg, vc) = (format!("vg{pid}"), format!("vc{pid}"));
     run(&["ip", "netns", "add", &gw], None);
     run(&["ip", "netns", "add", &cl], None);
-    run(&["ip", "link", "add", &vg, "type", "veth", "peer", "name", &vc], None);
+    run(
+        &[
+            "ip", "link", "add", &vg, "type", "veth", "peer", "name", &vc,
+        ],
+        None,
+    );
     run(&["ip", "link", "set", &vg, "netns", &gw], None);
     run(&["ip", "link", "set", &vc, "netns", &cl], None);
     let exec = |ns: &str, args: &[&str]| {
@@ -73,8 +87,16 @@ fn tproxy_listener_receives_original_destination() {
              ip saddr 10.77.0.0/24 meta l4proto tcp tproxy ip to 127.0.0.1:7893 meta mark set 0x1 accept\n }\n}\n",
         ),
     );
-    exec(&gw, &["ip", "rule", "add", "fwmark", "0x1", "lookup", "100"]);
-    exec(&gw, &["ip", "route", "add", "local", "default", "dev", "lo", "table", "100"]);
+    exec(
+        &gw,
+        &["ip", "rule", "add", "fwmark", "0x1", "lookup", "100"],
+    );
+    exec(
+        &gw,
+        &[
+            "ip", "route", "add", "local", "default", "dev", "lo", "table", "100",
+        ],
+    );
 
     let dir = tempfile::tempdir().expect("dir");
     let config = dir.path().join("config.yaml");
@@ -104,7 +126,15 @@ fn tproxy_listener_receives_original_destination() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let reply = loop {
         let out = Command::new("ip")
-            .args(["netns", "exec", &cl, "socat", "-T2", "-", "TCP:203.0.113.7:80,connect-timeout=1"])
+            .args([
+                "netns",
+                "exec",
+                &cl,
+                "socat",
+                "-T2",
+                "-",
+                "TCP:203.0.113.7:80,connect-timeout=1",
+            ])
             .stdin(Stdio::null())
             .output()
             .expect("socat");

@@ -135,9 +135,8 @@ pub fn controller_url(addr: &str) -> Result<reqwest::Url, ApiError> {
     if hostport.is_empty() {
         return Err(bad("empty"));
     }
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) => (h, p),
-        None => return Err(bad("no port")),
+    let Some((host, port)) = hostport.rsplit_once(':') else {
+        return Err(bad("no port"));
     };
     let port: u16 = port.parse().map_err(|_| bad("port is not a number"))?;
     let host = match host {

@@ -60,7 +60,14 @@ pub struct FakeMihomo {
     pub config_path: PathBuf,
 }
 
-pub fn mihomo_config(groups: &[&str], mixed: u16, tproxy: u16, dns: u16, ctl: &str, allow_lan: bool) -> String {
+pub fn mihomo_config(
+    groups: &[&str],
+    mixed: u16,
+    tproxy: u16,
+    dns: u16,
+    ctl: &str,
+    allow_lan: bool,
+) -> String {
     let mut cfg = [
         format!("mixed-port: {mixed}"),
         format!("tproxy-port: {tproxy}"),
@@ -84,19 +91,29 @@ pub fn mihomo_config(groups: &[&str], mixed: u16, tproxy: u16, dns: u16, ctl: &s
             "  - {{name: {g}, type: url-test, proxies: [hk1, us1], url: 'http://www.gstatic.com/generate_204', interval: 300}}\n"
         ));
     }
-    cfg.push_str("  - {name: select, type: select, proxies: [DIRECT, hk1]}\nrules:\n  - MATCH,DIRECT\n");
+    cfg.push_str(
+        "  - {name: select, type: select, proxies: [DIRECT, hk1]}\nrules:\n  - MATCH,DIRECT\n",
+    );
     cfg
 }
 
 impl FakeMihomo {
     pub async fn start(opts: MihomoOpts) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mixed_port, tproxy_port, dns_port, api_port) = (free_port(), free_port(), free_port(), free_port());
+        let (mixed_port, tproxy_port, dns_port, api_port) =
+            (free_port(), free_port(), free_port(), free_port());
         let controller = format!("127.0.0.1:{api_port}");
         let config_path = dir.path().join("config.yaml");
         std::fs::write(
             &config_path,
-            mihomo_config(&opts.groups, mixed_port, tproxy_port, dns_port, &controller, opts.allow_lan),
+            mihomo_config(
+                &opts.groups,
+                mixed_port,
+                tproxy_port,
+                dns_port,
+                &controller,
+                opts.allow_lan,
+            ),
         )
         .expect("config");
         let control_path = dir.path().join("control.json");
@@ -117,7 +134,10 @@ impl FakeMihomo {
 
     pub fn command(&self, outbound_bind: Option<&str>) -> Command {
         let mut cmd = Command::new(doubles_dir().join("fake_mihomo.py"));
-        cmd.arg("-d").arg(self.dir.path()).arg("-f").arg(&self.config_path);
+        cmd.arg("-d")
+            .arg(self.dir.path())
+            .arg("-f")
+            .arg(&self.config_path);
         cmd.env("FAKE_MIHOMO_CONTROL", &self.control_path);
         if let Some(b) = outbound_bind {
             cmd.env("FAKE_MIHOMO_OUTBOUND_BIND", b);
@@ -128,13 +148,18 @@ impl FakeMihomo {
             .open(self.dir.path().join("mihomo.log"))
             .expect("log file");
         let log2 = log.try_clone().expect("clone");
-        cmd.stdout(Stdio::from(log)).stderr(Stdio::from(log2)).kill_on_drop(true);
+        cmd.stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .kill_on_drop(true);
         cmd
     }
 
     /// (Re)spawns the double and waits until its API answers.
     pub async fn spawn(&mut self, outbound_bind: Option<&str>) {
-        let child = self.command(outbound_bind).spawn().expect("spawn fake_mihomo.py (needs /usr/bin/python3 + python3-yaml)");
+        let child = self
+            .command(outbound_bind)
+            .spawn()
+            .expect("spawn fake_mihomo.py (needs /usr/bin/python3 + python3-yaml)");
         self.child = Some(child);
         self.wait_api().await;
     }
@@ -142,12 +167,16 @@ impl FakeMihomo {
     pub async fn wait_api(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if tokio::net::TcpStream::connect(&self.controller).await.is_ok() {
+            if tokio::net::TcpStream::connect(&self.controller)
+                .await
+                .is_ok()
+            {
                 return;
             }
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    let log = std::fs::read_to_string(self.dir.path().join("mihomo.log")).unwrap_or_default();
+                    let log = std::fs::read_to_string(self.dir.path().join("mihomo.log"))
+                        .unwrap_or_default();
                     panic!("fake mihomo exited during startup: {status}\n{log}");
                 }
             }
@@ -219,7 +248,9 @@ impl Origin {
         let (s, r, f) = (seen.clone(), routes.clone(), fail_first.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut sock, peer)) = listener.accept().await else { return };
+                let Ok((mut sock, peer)) = listener.accept().await else {
+                    return;
+                };
                 let (s, r, f) = (s.clone(), r.clone(), f.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
@@ -238,7 +269,11 @@ impl Origin {
                         .filter_map(|l| l.split_once(':'))
                         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
                         .collect();
-                    s.lock().unwrap().push(Seen { peer, request_line: request_line.clone(), headers });
+                    s.lock().unwrap().push(Seen {
+                        peer,
+                        request_line: request_line.clone(),
+                        headers,
+                    });
                     let path = request_line.split(' ').nth(1).unwrap_or("/").to_string();
                     let fail = {
                         let mut f = f.lock().unwrap();
@@ -264,11 +299,20 @@ impl Origin {
                 });
             }
         });
-        Self { addr, seen, routes, fail_first, task }
+        Self {
+            addr,
+            seen,
+            routes,
+            fail_first,
+            task,
+        }
     }
 
     pub fn route(&self, path: &str, body: &str) {
-        self.routes.lock().unwrap().insert(path.to_string(), body.to_string());
+        self.routes
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), body.to_string());
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -291,9 +335,15 @@ pub async fn dns_a(server: SocketAddr, name: &str) -> Option<std::net::Ipv4Addr>
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
     sock.send_to(&q, server).await.ok()?;
     let mut buf = [0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf)).await.ok()?.ok()?;
+    let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
     let resp = &buf[..n];
-    if resp.len() < q.len() + 16 || resp[0..2] != q[0..2] || u16::from_be_bytes([resp[6], resp[7]]) == 0 {
+    if resp.len() < q.len() + 16
+        || resp[0..2] != q[0..2]
+        || u16::from_be_bytes([resp[6], resp[7]]) == 0
+    {
         return None;
     }
     let a = &resp[n - 4..n];
