@@ -1,6 +1,7 @@
 //! The meduza daemon and CLI as a library (the binary wires these modules; integration
 //! tests use them directly).
 
+pub mod clash;
 pub mod dataplane;
 pub mod dns;
 pub mod etcd;

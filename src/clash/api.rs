@@ -1,0 +1,469 @@
+//! mihomo's REST API (external controller) client and the pure health verdict.
+//!
+//! Owns: HTTP calls to mihomo's controller with `Authorization: Bearer <secret>` and
+//! short timeouts, and [`verdict`], which decides from a `GET /proxies` reply whether
+//! mihomo passes traffic.
+//! Must not: act on the verdict (the monitor decides when TPROXY goes), start or signal
+//! mihomo, or write files.
+//!
+//! Upstream facts (child-interfaces.md §1): every route needs the Bearer secret when one
+//! is set (401 `{"message":"Unauthorized"}` otherwise); `PUT /configs` answers 204 even
+//! when applying the new configuration fails, so callers must verify a reload.
+
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+/// Timeout of a health probe: a stalled API must be detected well inside 2 s.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+/// Timeout of `PUT /configs`: applying a config may start listeners and providers.
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors talking to mihomo's controller. Each names the URL that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid external-controller address {addr:?}: {reason}")]
+    BadController { addr: String, reason: String },
+    #[error("mihomo API {url}: unauthorized (missing or wrong secret)")]
+    Unauthorized { url: String },
+    #[error("mihomo API {url}: no answer within {timeout_ms} ms")]
+    Timeout { url: String, timeout_ms: u128 },
+    #[error("mihomo API {url}: unreachable: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("mihomo API {url}: HTTP {status}: {message}")]
+    Status {
+        url: String,
+        status: u16,
+        message: String,
+    },
+    #[error("mihomo API {url}: bad reply: {reason}")]
+    BadReply { url: String, reason: String },
+}
+
+/// mihomo's health as the gateway sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Process alive, API answers, every URLTest group has a live pick.
+    Healthy,
+    /// Some, not all, URLTest groups are `REJECT` or empty: not strictly healthy (so
+    /// TPROXY is not *re*-applied) but still passing traffic (so it is not removed).
+    Degraded { reason: String },
+    /// Process dead, API unreachable or stalled, or every URLTest group `REJECT`.
+    Unhealthy { reason: String },
+}
+
+impl Health {
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, Health::Healthy)
+    }
+}
+
+/// The verdict on a `GET /proxies` reply (`{"proxies": {name: {...}}}`).
+///
+/// A `URLTest` group is down when its `now` is empty or `REJECT`. No URLTest group at
+/// all is healthy (the API answered). All of them down is unhealthy; some down is
+/// degraded. The reason names the groups, sorted, so it is stable between probes.
+pub fn verdict(proxies: &Value) -> Health {
+    let Some(map) = proxies.get("proxies").and_then(Value::as_object) else {
+        return Health::Unhealthy {
+            reason: "malformed /proxies reply: no \"proxies\" object".to_string(),
+        };
+    };
+    let mut total = 0usize;
+    let mut down: Vec<String> = Vec::new();
+    for (name, entry) in map {
+        if entry.get("type").and_then(Value::as_str) != Some("URLTest") {
+            continue;
+        }
+        total += 1;
+        let now = entry.get("now").and_then(Value::as_str).unwrap_or("");
+        if now.is_empty() || now == "REJECT" {
+            let shown = if now.is_empty() { "empty" } else { now };
+            down.push(format!("{name}={shown}"));
+        }
+    }
+    down.sort();
+    if down.is_empty() {
+        Health::Healthy
+    } else if down.len() == total {
+        Health::Unhealthy {
+            reason: format!("every URLTest group is down: {}", down.join(", ")),
+        }
+    } else {
+        Health::Degraded {
+            reason: format!(
+                "{} of {total} URLTest groups down: {}",
+                down.len(),
+                down.join(", ")
+            ),
+        }
+    }
+}
+
+/// Full health: the supervisor's view of the process, then the API, then the verdict.
+pub fn full_health(process_alive: bool, api: Result<&Value, &ApiError>) -> Health {
+    if !process_alive {
+        return Health::Unhealthy {
+            reason: "mihomo process is not running".to_string(),
+        };
+    }
+    match api {
+        Ok(proxies) => verdict(proxies),
+        Err(err) => Health::Unhealthy {
+            reason: err.to_string(),
+        },
+    }
+}
+
+/// The base URL to reach a controller configured as `external-controller`.
+///
+/// A wildcard listen address (`0.0.0.0`, `::`, empty host) is reached on loopback.
+pub fn controller_url(addr: &str) -> Result<reqwest::Url, ApiError> {
+    let bad = |reason: &str| ApiError::BadController {
+        addr: addr.to_string(),
+        reason: reason.to_string(),
+    };
+    let trimmed = addr.trim();
+    let hostport = trimmed
+        .strip_prefix("http://")
+        .unwrap_or(trimmed)
+        .trim_end_matches('/');
+    if hostport.is_empty() {
+        return Err(bad("empty"));
+    }
+    let Some((host, port)) = hostport.rsplit_once(':') else {
+        return Err(bad("no port"));
+    };
+    let port: u16 = port.parse().map_err(|_| bad("port is not a number"))?;
+    let host = match host {
+        "" | "0.0.0.0" | "*" => "127.0.0.1",
+        "[::]" | "::" => "[::1]",
+        other => other,
+    };
+    reqwest::Url::parse(&format!("http://{host}:{port}/")).map_err(|e| bad(&e.to_string()))
+}
+
+/// Upload/download byte counters from `GET /connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub upload: u64,
+    pub download: u64,
+}
+
+/// A client for one mihomo controller.
+#[derive(Debug, Clone)]
+pub struct MihomoApi {
+    client: reqwest::Client,
+    base: reqwest::Url,
+    secret: String,
+    timeout: Duration,
+}
+
+impl MihomoApi {
+    /// `controller` is mihomo's `external-controller` value; `timeout` bounds every
+    /// call except reloads ([`RELOAD_TIMEOUT`]).
+    pub fn new(controller: &str, secret: &str, timeout: Duration) -> Result<Self, ApiError> {
+        let base = controller_url(controller)?;
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .build()
+            .map_err(|e| ApiError::BadController {
+                addr: controller.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            client,
+            base,
+            secret: secret.to_string(),
+            timeout,
+        })
+    }
+
+    pub fn base_url(&self) -> &reqwest::Url {
+        &self.base
+    }
+
+    fn url(&self, segments: &[&str]) -> reqwest::Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            // Percent-encodes each segment (group names may hold spaces or emoji).
+            path.clear().extend(segments);
+        }
+        url
+    }
+
+    fn request(&self, method: reqwest::Method, url: reqwest::Url) -> reqwest::RequestBuilder {
+        let req = self.client.request(method, url);
+        if self.secret.is_empty() {
+            req
+        } else {
+            req.bearer_auth(&self.secret)
+        }
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &reqwest::Url,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ApiError> {
+        let resp = req.timeout(timeout).send().await.map_err(|e| {
+            if e.is_timeout() {
+                ApiError::Timeout {
+                    url: url.to_string(),
+                    timeout_ms: timeout.as_millis(),
+                }
+            } else {
+                ApiError::Unreachable {
+                    url: url.to_string(),
+                    source: e,
+                }
+            }
+        })?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(ApiError::Unauthorized {
+                url: url.to_string(),
+            });
+        }
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or(body);
+            return Err(ApiError::Status {
+                url: url.to_string(),
+                status: status.as_u16(),
+                message,
+            });
+        }
+        Ok(resp)
+    }
+
+    async fn get_json(&self, segments: &[&str]) -> Result<Value, ApiError> {
+        let url = self.url(segments);
+        let resp = self
+            .send(
+                self.request(reqwest::Method::GET, url.clone()),
+                &url,
+                self.timeout,
+            )
+            .await?;
+        resp.json::<Value>().await.map_err(|e| {
+            if e.is_timeout() {
+                ApiError::Timeout {
+                    url: url.to_string(),
+                    timeout_ms: self.timeout.as_millis(),
+                }
+            } else {
+                ApiError::BadReply {
+                    url: url.to_string(),
+                    reason: e.to_string(),
+                }
+            }
+        })
+    }
+
+    /// `GET /` → `{"hello":"mihomo"}`: the controller is up and the secret is right.
+    pub async fn hello(&self) -> Result<(), ApiError> {
+        let v = self.get_json(&[]).await?;
+        if v.get("hello").is_some() {
+            Ok(())
+        } else {
+            Err(ApiError::BadReply {
+                url: self.base.to_string(),
+                reason: format!("expected {{\"hello\":...}}, got {v}"),
+            })
+        }
+    }
+
+    /// `GET /version` → the `version` string.
+    pub async fn version(&self) -> Result<String, ApiError> {
+        let v = self.get_json(&["version"]).await?;
+        v.get("version")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::BadReply {
+                url: self.url(&["version"]).to_string(),
+                reason: "no \"version\" field".to_string(),
+            })
+    }
+
+    /// `GET /proxies`, the whole reply.
+    pub async fn proxies(&self) -> Result<Value, ApiError> {
+        self.get_json(&["proxies"]).await
+    }
+
+    /// `GET /proxies/{name}` (the name is percent-encoded).
+    pub async fn proxy(&self, name: &str) -> Result<Value, ApiError> {
+        self.get_json(&["proxies", name]).await
+    }
+
+    /// `GET /configs`: the running general configuration (ports, mode, ...).
+    pub async fn configs(&self) -> Result<Value, ApiError> {
+        self.get_json(&["configs"]).await
+    }
+
+    /// `GET /connections` totals.
+    pub async fn totals(&self) -> Result<Totals, ApiError> {
+        let v = self.get_json(&["connections"]).await?;
+        let field = |k: &str| v.get(k).and_then(Value::as_u64);
+        match (field("uploadTotal"), field("downloadTotal")) {
+            (Some(upload), Some(download)) => Ok(Totals { upload, download }),
+            _ => Err(ApiError::BadReply {
+                url: self.url(&["connections"]).to_string(),
+                reason: "no uploadTotal/downloadTotal".to_string(),
+            }),
+        }
+    }
+
+    async fn put_configs(&self, body: Value) -> Result<(), ApiError> {
+        let mut url = self.url(&["configs"]);
+        url.set_query(Some("force=true"));
+        let req = self.request(reqwest::Method::PUT, url.clone()).json(&body);
+        self.send(req, &url, RELOAD_TIMEOUT).await.map(|_| ())
+    }
+
+    /// `PUT /configs?force=true {"path": ...}`. `path` must be absolute (mihomo
+    /// answers 400 otherwise) and, for mihomo's safe-path check, inside its home dir.
+    /// Success only means mihomo parsed the file: verify the result.
+    pub async fn reload_path(&self, path: &Path) -> Result<(), ApiError> {
+        self.put_configs(serde_json::json!({ "path": path.to_string_lossy() }))
+            .await
+    }
+
+    /// `PUT /configs?force=true {"payload": ...}`. Same caveat as [`Self::reload_path`].
+    pub async fn reload_payload(&self, yaml: &str) -> Result<(), ApiError> {
+        self.put_configs(serde_json::json!({ "payload": yaml }))
+            .await
+    }
+
+    /// One health probe of the API: `GET /proxies` and the verdict on it.
+    pub async fn probe(&self) -> Health {
+        full_health(true, self.proxies().await.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn group(kind: &str, now: &str) -> Value {
+        json!({"type": kind, "now": now, "all": ["a", "b"], "history": [], "alive": true})
+    }
+
+    #[test]
+    fn verdict_table() {
+        let direct = json!({"type": "Direct", "history": []});
+        let cases: Vec<(Value, Health)> = vec![
+            (
+                json!({}),
+                Health::Unhealthy {
+                    reason: "malformed /proxies reply: no \"proxies\" object".into(),
+                },
+            ),
+            (json!({"proxies": {"DIRECT": direct}}), Health::Healthy),
+            (
+                json!({"proxies": {"auto": group("URLTest", "hk1")}}),
+                Health::Healthy,
+            ),
+            (
+                json!({"proxies": {"auto": group("URLTest", "REJECT")}}),
+                Health::Unhealthy {
+                    reason: "every URLTest group is down: auto=REJECT".into(),
+                },
+            ),
+            (
+                json!({"proxies": {"auto": group("URLTest", "")}}),
+                Health::Unhealthy {
+                    reason: "every URLTest group is down: auto=empty".into(),
+                },
+            ),
+            (
+                json!({"proxies": {"auto": {"type": "URLTest", "all": []}}}),
+                Health::Unhealthy {
+                    reason: "every URLTest group is down: auto=empty".into(),
+                },
+            ),
+            (
+                json!({"proxies": {"hk": group("URLTest", "REJECT"), "us": group("URLTest", "us1")}}),
+                Health::Degraded {
+                    reason: "1 of 2 URLTest groups down: hk=REJECT".into(),
+                },
+            ),
+            (
+                json!({"proxies": {"us": group("URLTest", "REJECT"), "hk": group("URLTest", "")}}),
+                Health::Unhealthy {
+                    reason: "every URLTest group is down: hk=empty, us=REJECT".into(),
+                },
+            ),
+            // Only URLTest groups count: a Selector on REJECT is an operator's choice.
+            (
+                json!({"proxies": {"sel": group("Selector", "REJECT"), "auto": group("URLTest", "x")}}),
+                Health::Healthy,
+            ),
+            (
+                json!({"proxies": {"fb": group("Fallback", "REJECT")}}),
+                Health::Healthy,
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(verdict(&input), want, "input {input}");
+        }
+    }
+
+    #[test]
+    fn full_health_order() {
+        let ok = json!({"proxies": {"auto": group("URLTest", "x")}});
+        assert!(matches!(
+            full_health(false, Ok(&ok)),
+            Health::Unhealthy { .. }
+        ));
+        assert_eq!(full_health(true, Ok(&ok)), Health::Healthy);
+        let err = ApiError::Timeout {
+            url: "http://127.0.0.1:9090/proxies".into(),
+            timeout_ms: 700,
+        };
+        assert_eq!(
+            full_health(true, Err(&err)),
+            Health::Unhealthy {
+                reason: "mihomo API http://127.0.0.1:9090/proxies: no answer within 700 ms".into()
+            }
+        );
+    }
+
+    #[test]
+    fn controller_addresses() {
+        let cases = [
+            ("0.0.0.0:9090", Some("http://127.0.0.1:9090/")),
+            (":9090", Some("http://127.0.0.1:9090/")),
+            ("127.0.0.1:19090", Some("http://127.0.0.1:19090/")),
+            ("[::]:9090", Some("http://[::1]:9090/")),
+            ("http://10.0.0.1:9090/", Some("http://10.0.0.1:9090/")),
+            ("9090", None),
+            ("", None),
+            ("host:99999", None),
+        ];
+        for (addr, want) in cases {
+            let got = controller_url(addr).ok().map(|u| u.to_string());
+            assert_eq!(got.as_deref(), want, "addr {addr}");
+        }
+    }
+
+    #[test]
+    fn group_names_are_percent_encoded() {
+        let api = MihomoApi::new("127.0.0.1:9090", "s", PROBE_TIMEOUT).expect("client");
+        assert_eq!(
+            api.url(&["proxies", "🇭🇰 auto/x"]).as_str(),
+            "http://127.0.0.1:9090/proxies/%F0%9F%87%AD%F0%9F%87%B0%20auto%2Fx"
+        );
+    }
+}

@@ -1,0 +1,32 @@
+//! Mihomo (Clash Meta) and MosDNS orchestration (DESIGN §9).
+//!
+//! Owns: the mihomo REST API client and health verdict (`api`), the crash monitor that
+//! gates TPROXY on mihomo's health (`monitor`), MosDNS rule-file downloads (`rules`),
+//! subscription download and mihomo hot reload (`subscription`), and the startup chain
+//! DNS → mihomo healthy → rules → MosDNS → TPROXY (`chain`).
+//!
+//! Must not: spawn or signal processes itself (the supervisor does, through the
+//! traits defined here), touch nftables or routes (the data plane does, behind
+//! [`monitor::TproxyGate`]), render configuration (generators do), or talk to etcd
+//! (status goes out through [`monitor::ClashHealthSink`]).
+
+pub mod api;
+pub mod chain;
+pub mod monitor;
+pub mod rules;
+pub mod subscription;
+
+pub use api::{verdict, Health, MihomoApi};
+pub use chain::{ChainConfig, ChainDeps, ChainStep};
+pub use monitor::{
+    ClashHealthSink, ClashMonitor, HealthStatus, MonitorConfig, MonitorHandle, Phase, ProcessEvent,
+    TproxyGate,
+};
+pub use rules::{Backoff, Fetcher, Route, RuleFile, RulesReport};
+
+/// mihomo's mixed (HTTP + SOCKS) port, used for downloads while Clash is enabled.
+pub const MIXED_PROXY_URL: &str = "http://127.0.0.1:7890";
+/// mihomo's DNS listener the DNS frontend forwards to while mihomo is healthy.
+pub const MIHOMO_DNS: &str = "127.0.0.1:1053";
+/// MosDNS's primary listener.
+pub const MOSDNS_DNS: &str = "127.0.0.1:1153";

@@ -1,0 +1,336 @@
+//! Clash subscriptions: download, validation, the last good copy, periodic refresh,
+//! and hot-reloading mihomo with verification.
+//!
+//! Owns: fetching the active subscription (through mihomo while it is healthy, direct
+//! otherwise — at first start mihomo is not running yet), refusing anything that is
+//! not a usable Clash document, keeping the last good copy on disk, and reloading
+//! mihomo via `PUT /configs?force=true` — verified, because mihomo answers 204 even
+//! when applying fails — with SIGHUP as the fallback.
+//! Must not: render mihomo's config (generators merge base + subscription; the
+//! integrator writes it), or send signals itself (the supervisor does, via [`Signaller`]).
+
+use crate::clash::api::{ApiError, MihomoApi};
+use crate::clash::monitor::{HealthStatus, Phase};
+use crate::clash::rules::{write_if_changed, Fetcher, Route, RulesError};
+use serde_yaml::Value as Yaml;
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Errors of subscription handling and mihomo reloads.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    #[error("subscription {url}: invalid: {reason}")]
+    Invalid { url: String, reason: String },
+    #[error("subscription download failed: {0}")]
+    Download(#[from] RulesError),
+    #[error("mihomo config {path}: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+    #[error("mihomo rejected {path}: {source}")]
+    Rejected {
+        path: PathBuf,
+        #[source]
+        source: ApiError,
+    },
+    #[error("mihomo did not apply {path} (API and SIGHUP tried); missing: {missing:?}")]
+    NotApplied { path: PathBuf, missing: Vec<String> },
+}
+
+/// What a valid subscription holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub proxies: usize,
+    pub providers: usize,
+}
+
+/// A subscription is usable when it is a YAML mapping with a non-empty `proxies` list
+/// (each entry a mapping with `name` and `type`) or a non-empty `proxy-providers`
+/// mapping. A provider payload (a file with just `proxies:`) passes the same check.
+pub fn validate(text: &str) -> Result<Summary, String> {
+    let doc: Yaml = serde_yaml::from_str(text).map_err(|e| format!("not YAML: {e}"))?;
+    let map = doc.as_mapping().ok_or("not a YAML mapping")?;
+    let mut proxies = 0;
+    if let Some(list) = map.get("proxies") {
+        let list = list.as_sequence().ok_or("proxies is not a list")?;
+        for (i, p) in list.iter().enumerate() {
+            let named = p
+                .get("name")
+                .and_then(Yaml::as_str)
+                .is_some_and(|n| !n.is_empty());
+            if !named || p.get("type").is_none() {
+                return Err(format!("proxies[{i}] has no name or type"));
+            }
+        }
+        proxies = list.len();
+    }
+    let providers = match map.get("proxy-providers") {
+        Some(p) => p
+            .as_mapping()
+            .ok_or("proxy-providers is not a mapping")?
+            .len(),
+        None => 0,
+    };
+    if proxies == 0 && providers == 0 {
+        return Err("no proxies and no proxy-providers".to_string());
+    }
+    Ok(Summary { proxies, providers })
+}
+
+/// The route of a subscription download: through mihomo only while it is healthy.
+pub fn subscription_route(health: &HealthStatus) -> Route {
+    Route::for_clash(health.phase == Phase::Healthy)
+}
+
+/// The last good subscription, kept in one file.
+#[derive(Debug, Clone)]
+pub struct SubscriptionStore {
+    path: PathBuf,
+}
+
+impl SubscriptionStore {
+    /// `path`, e.g. `$MEDUZA_STATE_DIR/clash/subscription-<name>.yaml`.
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn last_good(&self) -> Option<String> {
+        std::fs::read_to_string(&self.path).ok()
+    }
+
+    /// Downloads and validates `url`; stores it if valid and different. On any failure
+    /// the last good copy stays. Returns whether the stored copy changed.
+    pub async fn refresh(
+        &self,
+        fetcher: &Fetcher,
+        url: &str,
+        route: &Route,
+    ) -> Result<bool, SubscriptionError> {
+        let body = fetcher.fetch(url, route).await?;
+        let invalid = |reason: String| SubscriptionError::Invalid {
+            url: url.to_string(),
+            reason,
+        };
+        let text = String::from_utf8(body).map_err(|_| invalid("not UTF-8".to_string()))?;
+        let summary = validate(&text).map_err(invalid)?;
+        let changed = write_if_changed(&self.path, text.as_bytes())?;
+        tracing::info!(%url, %route, proxies = summary.proxies, providers = summary.providers, changed,
+            "[clash-refresh] subscription downloaded");
+        Ok(changed)
+    }
+}
+
+/// Runs the refresh every `interval` until the health channel closes; calls
+/// `on_change` (the integrator triggers a reconcile pass) when the stored copy changed.
+pub async fn refresh_loop<F: Fn() + Send>(
+    fetcher: Fetcher,
+    store: SubscriptionStore,
+    url: String,
+    interval: Duration,
+    mut health: watch::Receiver<HealthStatus>,
+    on_change: F,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            changed = health.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        let route = subscription_route(&health.borrow());
+        match store.refresh(&fetcher, &url, &route).await {
+            Ok(true) => on_change(),
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(%url, %err, "[clash-refresh] refresh failed, keeping last good subscription");
+            }
+        }
+    }
+}
+
+/// Sends SIGHUP to the running mihomo (the supervisor knows its pid).
+pub trait Signaller: Send + Sync {
+    fn sighup(&self) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Names a reload must make visible in `GET /proxies`: every `proxies[].name` and
+/// `proxy-groups[].name` of the config.
+pub fn expected_names(config_yaml: &str) -> Result<Vec<String>, String> {
+    let doc: Yaml = serde_yaml::from_str(config_yaml).map_err(|e| format!("not YAML: {e}"))?;
+    let mut names = BTreeSet::new();
+    for key in ["proxies", "proxy-groups"] {
+        for entry in doc
+            .get(key)
+            .and_then(Yaml::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(name) = entry.get("name").and_then(Yaml::as_str) {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    Ok(names.into_iter().collect())
+}
+
+/// How a reload got through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadMethod {
+    Api,
+    Sighup,
+}
+
+/// How long to wait for a reload to show in `GET /proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyPolicy {
+    pub timeout: Duration,
+    pub poll: Duration,
+}
+
+impl Default for VerifyPolicy {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            poll: Duration::from_millis(100),
+        }
+    }
+}
+
+async fn missing_names(api: &MihomoApi, expected: &[String], policy: VerifyPolicy) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + policy.timeout;
+    loop {
+        let missing: Vec<String> = match api.proxies().await {
+            Ok(v) => {
+                let have = v.get("proxies").and_then(serde_json::Value::as_object);
+                expected
+                    .iter()
+                    .filter(|n| !have.is_some_and(|m| m.contains_key(n.as_str())))
+                    .cloned()
+                    .collect()
+            }
+            Err(_) => expected.to_vec(),
+        };
+        if missing.is_empty() || tokio::time::Instant::now() >= deadline {
+            return missing;
+        }
+        tokio::time::sleep(policy.poll).await;
+    }
+}
+
+/// Hot-reloads mihomo from `config_path` (already written, absolute, inside mihomo's
+/// home) whose content is `config_yaml`, and verifies the result. A 400 (parse error)
+/// is final: SIGHUP would read the same file. Anything else that does not verify is
+/// retried once with SIGHUP, which also re-creates the controller.
+pub async fn hot_reload<S: Signaller>(
+    api: &MihomoApi,
+    signaller: &S,
+    config_path: &Path,
+    config_yaml: &str,
+    policy: VerifyPolicy,
+) -> Result<ReloadMethod, SubscriptionError> {
+    let expected = expected_names(config_yaml).map_err(|reason| SubscriptionError::BadConfig {
+        path: config_path.to_path_buf(),
+        reason,
+    })?;
+    match api.reload_path(config_path).await {
+        Ok(()) => {
+            let missing = missing_names(api, &expected, policy).await;
+            if missing.is_empty() {
+                tracing::info!(path = %config_path.display(), "[clash] mihomo reloaded via API");
+                return Ok(ReloadMethod::Api);
+            }
+            tracing::warn!(path = %config_path.display(), ?missing,
+                "[clash] mihomo answered 204 but did not apply the config, sending SIGHUP");
+        }
+        Err(err @ ApiError::Status { status: 400, .. }) => {
+            return Err(SubscriptionError::Rejected {
+                path: config_path.to_path_buf(),
+                source: err,
+            });
+        }
+        Err(err) => {
+            tracing::warn!(path = %config_path.display(), %err, "[clash] API reload failed, sending SIGHUP");
+        }
+    }
+    if let Err(reason) = signaller.sighup().await {
+        tracing::warn!(%reason, "[clash] SIGHUP to mihomo failed");
+    }
+    let missing = missing_names(api, &expected, policy).await;
+    if missing.is_empty() {
+        tracing::info!(path = %config_path.display(), "[clash] mihomo reloaded via SIGHUP");
+        Ok(ReloadMethod::Sighup)
+    } else {
+        Err(SubscriptionError::NotApplied {
+            path: config_path.to_path_buf(),
+            missing,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_table() {
+        let ok = [
+            ("proxies:\n  - {name: a, type: ss}\n", Summary { proxies: 1, providers: 0 }),
+            ("proxy-providers:\n  p: {type: http, url: 'http://x', path: ./p.yaml}\n", Summary { proxies: 0, providers: 1 }),
+            (
+                "mixed-port: 7890\nproxies:\n  - {name: a, type: ss}\n  - {name: b, type: vmess}\nproxy-providers: {p: {type: file, path: x}}\n",
+                Summary { proxies: 2, providers: 1 },
+            ),
+        ];
+        for (text, want) in ok {
+            assert_eq!(validate(text), Ok(want), "{text}");
+        }
+        let bad = [
+            ("<html>blocked</html>", "not a YAML mapping"),
+            ("- a\n- b\n", "not a YAML mapping"),
+            ("mixed-port: 7890\n", "no proxies and no proxy-providers"),
+            ("proxies: []\n", "no proxies and no proxy-providers"),
+            ("proxies: {a: 1}\n", "proxies is not a list"),
+            (
+                "proxies:\n  - {type: ss}\n",
+                "proxies[0] has no name or type",
+            ),
+            ("proxies: [\n", "not YAML"),
+        ];
+        for (text, want) in bad {
+            let err = validate(text).expect_err(text);
+            assert!(err.starts_with(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn names_from_config() {
+        let cfg = "proxies:\n  - {name: b, type: ss}\n  - {name: a, type: ss}\nproxy-groups:\n  - {name: auto, type: url-test, proxies: [a]}\n";
+        assert_eq!(
+            expected_names(cfg),
+            Ok(vec!["a".into(), "auto".into(), "b".into()])
+        );
+        assert_eq!(expected_names("mode: rule\n"), Ok(vec![]));
+    }
+
+    #[test]
+    fn route_depends_on_health() {
+        let healthy = HealthStatus {
+            phase: Phase::Healthy,
+            reason: String::new(),
+        };
+        let waiting = HealthStatus {
+            phase: Phase::Waiting,
+            reason: String::new(),
+        };
+        assert!(matches!(subscription_route(&healthy), Route::Proxy { .. }));
+        assert_eq!(subscription_route(&waiting), Route::Direct);
+    }
+}
