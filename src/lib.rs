@@ -1,1 +1,3 @@
 pub mod files;
+pub mod api;
+pub mod fleet;
