@@ -48,6 +48,9 @@ pub enum ApiError {
     NotFound { what: String },
     #[error("{name}: {reason}")]
     Conflict { name: String, reason: String },
+    /// Creating something that exists (409 naming the `name` field).
+    #[error("{name}: {reason}")]
+    Exists { name: String, reason: String },
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
     #[error("request body is not valid JSON: {reason}")]
@@ -78,7 +81,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Conflict { .. } | ApiError::Exists { .. } => StatusCode::CONFLICT,
             ApiError::Invalid { .. } | ApiError::BadJson { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Body { status, .. } => {
@@ -97,7 +100,7 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let field = match &self {
             ApiError::Invalid { field, .. } => Some(field.as_str()),
-            ApiError::Conflict { .. } => Some("name"),
+            ApiError::Exists { .. } => Some("name"),
             _ => None,
         };
         let message = match &self {
@@ -427,7 +430,7 @@ async fn create_upstream(
     let spec = upstreams::parse_body(&body_bytes(body)?, None)?;
     if let Some(v) = effective_upstreams(&st).await?.get(&spec.name) {
         if v.source != UpstreamSource::Default {
-            return Err(ApiError::Conflict {
+            return Err(ApiError::Exists {
                 name: spec.name.clone(),
                 reason: format!(
                     "upstream already exists ({}); use PUT /v1/dns/upstreams/{} to change it",
