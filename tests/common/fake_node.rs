@@ -271,25 +271,41 @@ pub fn fake_ifaces(rx: u64, tx: u64) -> Arc<FakeIfaces> {
     ]))
 }
 
-/// A node API served by the test; `stop` aborts it like a killed process.
+/// A node API served by the test. `stop` shuts it down and waits until every
+/// connection is closed (keep-alive ones included), as when the process dies.
 pub struct RunningApi {
     pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningApi {
     pub async fn start(listener: tokio::net::TcpListener, state: ApiState) -> RunningApi {
         let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let _ = serve_listener(listener, state, futures::future::pending()).await;
+            let _ = serve_listener(listener, state, async {
+                let _ = rx.await;
+            })
+            .await;
         });
-        RunningApi { addr, task }
+        RunningApi {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
 
     pub async fn stop(mut self) {
-        self.task.abort();
-        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
-        let _ = task.await;
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(std::time::Duration::from_secs(10), t)
+                .await
+                .expect("node API did not shut down")
+                .unwrap();
+        }
     }
 
     pub fn url(&self) -> String {
@@ -299,7 +315,9 @@ impl RunningApi {
 
 impl Drop for RunningApi {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 
