@@ -1,3 +1,3 @@
-pub mod files;
 pub mod api;
+pub mod files;
 pub mod fleet;

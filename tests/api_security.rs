@@ -307,11 +307,20 @@ async fn no_secret_in_any_response() {
     assert_eq!(v["errors"][0]["value"], "<redacted>");
 }
 
+/// (method, path, body, expected status, expected `field`)
+type ErrorCase = (
+    Method,
+    &'static str,
+    Option<&'static str>,
+    StatusCode,
+    Option<&'static str>,
+);
+
 #[tokio::test]
 async fn errors_are_json_with_field_and_status() {
     let s = setup(Some(TOKEN)).await;
     let auth = format!("Bearer {TOKEN}");
-    let cases: Vec<(Method, &str, Option<&str>, StatusCode, Option<&str>)> = vec![
+    let cases: Vec<ErrorCase> = vec![
         (
             Method::POST,
             "/v1/dns/upstreams",

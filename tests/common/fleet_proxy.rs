@@ -95,14 +95,11 @@ async fn handle(mut client: TcpStream, n: Arc<AtomicUsize>) -> std::io::Result<(
     );
     n.fetch_add(1, Ordering::SeqCst);
     if method == "CONNECT" {
-        let mut up = match connect_from_proxy(target).await {
-            Ok(u) => u,
-            Err(_) => {
-                client
-                    .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
-                    .await?;
-                return Ok(());
-            }
+        let Ok(mut up) = connect_from_proxy(target).await else {
+            client
+                .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+                .await?;
+            return Ok(());
         };
         client
             .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -126,14 +123,11 @@ async fn handle(mut client: TcpStream, n: Arc<AtomicUsize>) -> std::io::Result<(
     } else {
         format!("{authority}:80")
     };
-    let mut up = match connect_from_proxy(&host_port).await {
-        Ok(u) => u,
-        Err(_) => {
-            client
-                .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
-                .await?;
-            return Ok(());
-        }
+    let Ok(mut up) = connect_from_proxy(&host_port).await else {
+        client
+            .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+            .await?;
+        return Ok(());
     };
     // Origin-form request; one request per upstream connection.
     let mut out = format!("{method} {path} {version}\r\n");
