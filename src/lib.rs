@@ -1,11 +1,13 @@
 //! The meduza daemon and CLI as a library (the binary wires these modules; integration
 //! tests use them directly).
 
+pub mod api;
 pub mod clash;
 pub mod dataplane;
 pub mod dns;
 pub mod etcd;
 pub mod files;
+pub mod fleet;
 pub mod offline;
 pub mod reconcile;
 pub mod supervise;

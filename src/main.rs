@@ -52,6 +52,8 @@ enum Cmd {
     /// The DNS frontend alone (`meduza dns serve --snapshot FILE --node ID [--listen ADDR]`).
     #[command(subcommand)]
     Dns(meduza::dns::cli::DnsCommand),
+    /// Fleet manager: register nodes, show their status, serve the web page.
+    Fleet(meduza::fleet::FleetArgs),
     /// Run only the supervisor with services from a JSON file (benchmarks, debugging).
     #[command(hide = true)]
     Supervise(meduza::supervise::cli::SuperviseArgs),
@@ -198,6 +200,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Dns(cmd) => {
             meduza::dns::cli::run(cmd).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fleet(args) => {
+            meduza::fleet::fleet_cli(args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Supervise(args) => {

@@ -1,0 +1,592 @@
+//! The node HTTP API (DESIGN §9) on axum.
+//!
+//! Owns: routing, Bearer-token authentication (constant-time comparison against the
+//! node's `/nodes/<id>/api/token`, followed live through a `watch` channel), bounded
+//! request bodies, JSON errors, and the DNS upstream CRUD that writes
+//! `/nodes/<id>/dns/upstreams/<name>/...` and bumps `/commit` in one transaction.
+//! Must not: hold or return secrets (tokens, keys, Clash secret), reach into the
+//! daemon's internals (everything live comes through [`NodeView`]) or talk to etcd
+//! except through [`ConfigStore`].
+
+pub mod metrics;
+pub mod stats;
+pub mod store;
+pub mod types;
+pub mod upstreams;
+
+pub use stats::{FakeIfaces, IfaceCounter, IfaceCounters, ProcNetDev};
+pub use store::{ConfigStore, EtcdSettings, EtcdStore, MemStore, StoreError, WriteOp};
+pub use types::*;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use subtle::ConstantTimeEq as _;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use upstreams::{StoredUpstream, UpstreamSpec};
+
+/// Default of `MEDUZA_API_LISTEN` (DESIGN §2).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9100";
+/// Largest request body accepted; larger ones get 413.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("unauthorized")]
+    Unauthorized,
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{name}: {reason}")]
+    Conflict { name: String, reason: String },
+    /// Creating something that exists (409 naming the `name` field).
+    #[error("{name}: {reason}")]
+    Exists { name: String, reason: String },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("request body is not valid JSON: {reason}")]
+    BadJson { reason: String },
+    #[error("request body larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("request body: {reason}")]
+    Body { status: u16, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{what} unavailable: {reason}")]
+    Unavailable { what: String, reason: String },
+    #[error("{what}: {reason}")]
+    Internal { what: String, reason: String },
+    #[error("MEDUZA_API_LISTEN {value}: {reason}")]
+    Listen { value: String, reason: String },
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } | ApiError::Exists { .. } => StatusCode::CONFLICT,
+            ApiError::Invalid { .. } | ApiError::BadJson { .. } => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Body { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
+            }
+            ApiError::Store(_) | ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal { .. } | ApiError::Listen { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let field = match &self {
+            ApiError::Invalid { field, .. } => Some(field.as_str()),
+            ApiError::Exists { .. } => Some("name"),
+            _ => None,
+        };
+        let message = match &self {
+            // The store error text names etcd keys and endpoints, never values.
+            ApiError::Store(e) => format!("configuration store: {e}"),
+            ApiError::Invalid { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        };
+        if status.is_server_error() {
+            warn!(status = status.as_u16(), error = %message, "api request failed");
+        }
+        let mut resp = (
+            status,
+            Json(ErrorBody {
+                error: message,
+                field,
+            }),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"meduza\""),
+            );
+        }
+        resp
+    }
+}
+
+/// Everything the handlers need.
+#[derive(Clone)]
+pub struct ApiState {
+    node_id: Arc<str>,
+    token: watch::Receiver<Option<String>>,
+    view: Arc<dyn NodeView>,
+    store: Arc<dyn ConfigStore>,
+    ifaces: Arc<dyn IfaceCounters>,
+}
+
+impl ApiState {
+    /// `token` follows `/nodes/<node_id>/api/token` (see [`store::follow_key`]); while it
+    /// is `None` or empty every authenticated route answers 401.
+    pub fn new(
+        node_id: impl Into<String>,
+        token: watch::Receiver<Option<String>>,
+        view: Arc<dyn NodeView>,
+        store: Arc<dyn ConfigStore>,
+        ifaces: Arc<dyn IfaceCounters>,
+    ) -> Self {
+        Self {
+            node_id: Arc::from(node_id.into()),
+            token,
+            view,
+            store,
+            ifaces,
+        }
+    }
+
+    fn node_prefix(&self) -> String {
+        format!("/nodes/{}/dns/upstreams/", self.node_id)
+    }
+}
+
+/// Constant-time check of an `Authorization` header against the configured token.
+/// Only the length of the configured token can leak through timing.
+pub fn authorized(headers: &HeaderMap, configured: Option<&str>) -> bool {
+    let Some(expected) = configured.filter(|t| !t.is_empty()) else {
+        return false;
+    };
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    bool::from(given.trim().as_bytes().ct_eq(expected.as_bytes()))
+}
+
+async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let ok = {
+        let tok = st.token.borrow();
+        authorized(req.headers(), tok.as_deref())
+    };
+    if !ok {
+        return ApiError::Unauthorized.into_response();
+    }
+    next.run(req).await
+}
+
+/// The API's routes; `GET /v1/health` is the only one without a token.
+pub fn router(state: ApiState) -> Router {
+    let authed = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/stats", get(stats_handler))
+        .route("/metrics", get(metrics_handler))
+        .route(
+            "/v1/dns/upstreams",
+            get(list_upstreams).post(create_upstream),
+        )
+        .route(
+            "/v1/dns/upstreams/{name}",
+            get(get_upstream)
+                .put(update_upstream)
+                .delete(delete_upstream),
+        )
+        .route("/v1/dns/upstreams/{name}/test", post(test_upstream))
+        .route("/v1/dns/failover", post(failover))
+        .route("/v1/dns/failover-log", get(failover_log))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(authed)
+        .fallback(|| async {
+            ApiError::NotFound {
+                what: "route".into(),
+            }
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// `MEDUZA_API_LISTEN`, else [`DEFAULT_LISTEN`].
+pub fn listen_addr_from_env() -> Result<SocketAddr, ApiError> {
+    let v = std::env::var("MEDUZA_API_LISTEN").unwrap_or_else(|_| DEFAULT_LISTEN.into());
+    v.parse()
+        .map_err(|e: std::net::AddrParseError| ApiError::Listen {
+            value: v.clone(),
+            reason: e.to_string(),
+        })
+}
+
+/// Bind `addr` and serve until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ApiError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| ApiError::Listen {
+            value: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    serve_listener(listener, state, shutdown).await
+}
+
+/// Serve on an already bound listener (tests bind port 0 first).
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ApiError> {
+    let local = listener.local_addr().ok();
+    info!(addr = ?local, node = %state.node_id, "node api listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| ApiError::Internal {
+            what: "api server".into(),
+            reason: e.to_string(),
+        })
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn status(State(st): State<ApiState>) -> Json<NodeStatus> {
+    let mut s = st.view.status();
+    s.errors = redact_errors(std::mem::take(&mut s.errors));
+    Json(s)
+}
+
+async fn stats_handler(State(st): State<ApiState>) -> Result<Json<Vec<Stat>>, ApiError> {
+    let ifaces = st.ifaces.read().map_err(|e| ApiError::Unavailable {
+        what: "interface counters".into(),
+        reason: e.to_string(),
+    })?;
+    Ok(Json(stats::build_stats(&ifaces, &st.view.stats_sources())))
+}
+
+async fn metrics_handler(State(st): State<ApiState>) -> Response {
+    let body = metrics::render(&st.node_id, &st.view.metrics());
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
+}
+
+/// Where an effective upstream comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamSource {
+    /// `/nodes/<id>/dns/upstreams/<name>/` (editable here).
+    Node,
+    /// `/global/dns/upstreams/<name>/` (a node entry of the same name overrides it).
+    Global,
+    /// The built-in defaults, used when nothing is configured.
+    Default,
+}
+
+/// One entry of `GET /v1/dns/upstreams`.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamView {
+    pub name: String,
+    pub source: UpstreamSource,
+    pub config: UpstreamSpec,
+    /// Problems in the stored keys (the reconciler rejects such a snapshot).
+    pub problems: Vec<upstreams::KeyProblem>,
+    /// Live state from the DNS frontend, when it knows the group.
+    pub live: Option<UpstreamStatus>,
+}
+
+async fn effective_upstreams(st: &ApiState) -> Result<BTreeMap<String, UpstreamView>, ApiError> {
+    const GLOBAL: &str = "/global/dns/upstreams/";
+    let node_prefix = st.node_prefix();
+    let global = upstreams::from_keys(GLOBAL, &st.store.get_prefix(GLOBAL).await?);
+    let node = upstreams::from_keys(&node_prefix, &st.store.get_prefix(&node_prefix).await?);
+    let mut out: BTreeMap<String, UpstreamView> = BTreeMap::new();
+    let mut add = |src: UpstreamSource, m: BTreeMap<String, StoredUpstream>| {
+        for (name, s) in m {
+            out.insert(
+                name.clone(),
+                UpstreamView {
+                    name,
+                    source: src,
+                    config: s.spec,
+                    problems: s.problems,
+                    live: None,
+                },
+            );
+        }
+    };
+    add(UpstreamSource::Global, global);
+    add(UpstreamSource::Node, node);
+    if out.is_empty() {
+        for g in meduza_generators::model::default_upstreams() {
+            out.insert(
+                g.name.clone(),
+                UpstreamView {
+                    name: g.name.clone(),
+                    source: UpstreamSource::Default,
+                    config: UpstreamSpec::from(&g),
+                    problems: Vec::new(),
+                    live: None,
+                },
+            );
+        }
+    }
+    for live in st.view.status().dns_upstreams {
+        if let Some(v) = out.get_mut(&live.name) {
+            v.live = Some(live);
+        }
+    }
+    Ok(out)
+}
+
+async fn list_upstreams(State(st): State<ApiState>) -> Result<Json<Vec<UpstreamView>>, ApiError> {
+    let mut v: Vec<UpstreamView> = effective_upstreams(&st).await?.into_values().collect();
+    v.sort_by(|a, b| {
+        a.config
+            .priority
+            .cmp(&b.config.priority)
+            .then(a.name.cmp(&b.name))
+    });
+    Ok(Json(v))
+}
+
+async fn get_upstream(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<UpstreamView>, ApiError> {
+    upstreams::check_name(&name)?;
+    effective_upstreams(&st)
+        .await?
+        .remove(&name)
+        .map(Json)
+        .ok_or(ApiError::NotFound {
+            what: format!("upstream {name}"),
+        })
+}
+
+/// Map axum's body rejection (413 past [`BODY_LIMIT`]) to a JSON error.
+fn body_bytes(
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { limit: BODY_LIMIT }
+        } else {
+            ApiError::Body {
+                status: rej.status().as_u16(),
+                reason: rej.body_text(),
+            }
+        }
+    })
+}
+
+async fn write_spec(
+    st: &ApiState,
+    spec: &UpstreamSpec,
+    existing: &BTreeMap<String, String>,
+) -> Result<i64, ApiError> {
+    let base = format!("{}{}/", st.node_prefix(), spec.name);
+    let new_keys = spec.to_keys(&base);
+    let mut ops: Vec<WriteOp> = existing
+        .keys()
+        .filter(|k| !new_keys.iter().any(|(nk, _)| nk == *k))
+        .map(|k| WriteOp::Delete { key: k.clone() })
+        .collect();
+    ops.extend(
+        new_keys
+            .into_iter()
+            .map(|(key, value)| WriteOp::Put { key, value }),
+    );
+    Ok(st.store.write_and_commit(ops).await?)
+}
+
+#[derive(Serialize)]
+struct WriteResult {
+    upstream: UpstreamSpec,
+    commit_revision: i64,
+}
+
+async fn create_upstream(
+    State(st): State<ApiState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let spec = upstreams::parse_body(&body_bytes(body)?, None)?;
+    if let Some(v) = effective_upstreams(&st).await?.get(&spec.name) {
+        if v.source != UpstreamSource::Default {
+            return Err(ApiError::Exists {
+                name: spec.name.clone(),
+                reason: format!(
+                    "upstream already exists ({}); use PUT /v1/dns/upstreams/{} to change it",
+                    if v.source == UpstreamSource::Node {
+                        "on this node"
+                    } else {
+                        "globally"
+                    },
+                    spec.name
+                ),
+            });
+        }
+    }
+    let rev = write_spec(&st, &spec, &BTreeMap::new()).await?;
+    info!(node = %st.node_id, upstream = %spec.name, revision = rev, "dns upstream created");
+    Ok((
+        StatusCode::CREATED,
+        Json(WriteResult {
+            upstream: spec,
+            commit_revision: rev,
+        }),
+    )
+        .into_response())
+}
+
+async fn update_upstream(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<WriteResult>, ApiError> {
+    upstreams::check_name(&name)?;
+    let spec = upstreams::parse_body(&body_bytes(body)?, Some(&name))?;
+    if !effective_upstreams(&st).await?.contains_key(&name) {
+        return Err(ApiError::NotFound {
+            what: format!("upstream {name}"),
+        });
+    }
+    let existing = st
+        .store
+        .get_prefix(&format!("{}{name}/", st.node_prefix()))
+        .await?;
+    let rev = write_spec(&st, &spec, &existing).await?;
+    info!(node = %st.node_id, upstream = %name, revision = rev, "dns upstream updated");
+    Ok(Json(WriteResult {
+        upstream: spec,
+        commit_revision: rev,
+    }))
+}
+
+async fn delete_upstream(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    upstreams::check_name(&name)?;
+    let existing = st
+        .store
+        .get_prefix(&format!("{}{name}/", st.node_prefix()))
+        .await?;
+    if existing.is_empty() {
+        let global = effective_upstreams(&st).await?.get(&name).map(|v| v.source);
+        return Err(match global {
+            Some(UpstreamSource::Global) => ApiError::Conflict {
+                name: name.clone(),
+                reason: "defined in /global/dns/upstreams; the node API edits only this node's upstreams".into(),
+            },
+            _ => ApiError::NotFound {
+                what: format!("upstream {name}"),
+            },
+        });
+    }
+    let ops = existing
+        .into_keys()
+        .map(|key| WriteOp::Delete { key })
+        .collect();
+    let rev = st.store.write_and_commit(ops).await?;
+    info!(node = %st.node_id, upstream = %name, revision = rev, "dns upstream deleted");
+    Ok(Json(
+        serde_json::json!({"deleted": name, "commit_revision": rev}),
+    ))
+}
+
+async fn test_upstream(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<UpstreamTest>, ApiError> {
+    upstreams::check_name(&name)?;
+    Ok(Json(st.view.dns_test(&name).await?))
+}
+
+async fn failover(
+    State(st): State<ApiState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<FailoverResult>, ApiError> {
+    let body = body_bytes(body)?;
+    let target = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| ApiError::BadJson {
+                reason: e.to_string(),
+            })?;
+        let serde_json::Value::Object(obj) = v else {
+            return Err(ApiError::BadJson {
+                reason: "the body must be a JSON object".into(),
+            });
+        };
+        if let Some(k) = obj.keys().find(|k| k.as_str() != "target") {
+            return Err(ApiError::Invalid {
+                field: k.clone(),
+                reason: "unknown field".into(),
+            });
+        }
+        match obj.get("target") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => {
+                meduza_generators::parse::validate_name(s).map_err(|r| ApiError::Invalid {
+                    field: "target".into(),
+                    reason: r,
+                })?;
+                Some(s.clone())
+            }
+            Some(_) => {
+                return Err(ApiError::Invalid {
+                    field: "target".into(),
+                    reason: "must be a string".into(),
+                })
+            }
+        }
+    };
+    let r = st.view.dns_failover(target)?;
+    info!(node = %st.node_id, from = ?r.from, to = %r.to, "manual dns failover");
+    Ok(Json(r))
+}
+
+async fn failover_log(State(st): State<ApiState>) -> Json<Vec<FailoverLogEntry>> {
+    Json(st.view.dns_failover_log())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdr(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn token_checks() {
+        assert!(authorized(&hdr("Bearer abc"), Some("abc")));
+        assert!(!authorized(&hdr("Bearer abd"), Some("abc")));
+        assert!(!authorized(&hdr("Bearer abcd"), Some("abc")));
+        assert!(!authorized(&hdr("Basic abc"), Some("abc")));
+        assert!(!authorized(&hdr("Bearer "), Some("")));
+        assert!(!authorized(&hdr("Bearer abc"), None));
+        assert!(!authorized(&HeaderMap::new(), Some("abc")));
+    }
+}

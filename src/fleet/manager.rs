@@ -1,0 +1,760 @@
+//! The fleet manager's loop: read the registry and node status keys from etcd, pull
+//! every node's `/v1/stats` (directly, else through `/fleet/proxy`), fetch its
+//! `/v1/status` and failover log for the web page, and compute push/pull status.
+//!
+//! Owns: the in-memory fleet view (published on a `watch` channel), usage accounting
+//! and, when enabled, `/fleet/status/<id>`. Must not: write any node's configuration or
+//! show a token — node tokens are read from `/nodes/<id>/api/token` and only ever sent
+//! in an `Authorization` header to that node.
+
+use super::status::{
+    pull_status, push_status, usage_total, NodeFacts, PullStatus, PushStatus, Route, Usage,
+};
+use super::FleetError;
+use crate::api::{redact_errors, ConfigError, ConfigStore, FailoverLogEntry, NodeStatus, Stat};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Why one HTTP fetch failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PullError {
+    #[error("{url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("{url}: HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("proxy {reason}")]
+    Proxy { reason: String },
+}
+
+/// The network edge: one authenticated GET. The real one is [`HttpNodeClient`].
+pub trait NodeClient: Send + Sync + 'static {
+    /// GET `url` with `Authorization: Bearer <token>`, directly when `proxy` is `None`.
+    fn get(
+        &self,
+        url: String,
+        token: Option<String>,
+        proxy: Option<String>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, PullError>>;
+}
+
+/// reqwest-based [`NodeClient`]. The direct client ignores `*_PROXY` environment
+/// variables so "direct" means direct.
+pub struct HttpNodeClient {
+    timeout: Duration,
+    direct: reqwest::Client,
+    proxied: Mutex<HashMap<String, reqwest::Client>>,
+}
+
+impl HttpNodeClient {
+    pub fn new(timeout: Duration) -> Result<Self, FleetError> {
+        let direct = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| FleetError::Http {
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            timeout,
+            direct,
+            proxied: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn client_for(&self, proxy: Option<&str>) -> Result<reqwest::Client, PullError> {
+        let Some(p) = proxy else {
+            return Ok(self.direct.clone());
+        };
+        let mut map = self.proxied.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(p) {
+            return Ok(c.clone());
+        }
+        // Never echo the proxy URL: it may carry credentials.
+        let px = reqwest::Proxy::all(p).map_err(|_| PullError::Proxy {
+            reason: "URL in /fleet/proxy is not valid".into(),
+        })?;
+        let c = reqwest::Client::builder()
+            .proxy(px)
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout)
+            .build()
+            .map_err(|e| PullError::Proxy {
+                reason: e.to_string(),
+            })?;
+        map.insert(p.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+impl NodeClient for HttpNodeClient {
+    fn get(
+        &self,
+        url: String,
+        token: Option<String>,
+        proxy: Option<String>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, PullError>> {
+        let client = self.client_for(proxy.as_deref());
+        Box::pin(async move {
+            let client = client?;
+            let mut req = client.get(&url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.map_err(|e| PullError::Transport {
+                url: url.clone(),
+                reason: describe(&e),
+            })?;
+            if !resp.status().is_success() {
+                return Err(PullError::Status {
+                    url,
+                    status: resp.status().as_u16(),
+                });
+            }
+            let body = resp.bytes().await.map_err(|e| PullError::Transport {
+                url: url.clone(),
+                reason: describe(&e),
+            })?;
+            Ok(body.to_vec())
+        })
+    }
+}
+
+/// reqwest's Display hides the cause; walk the source chain.
+fn describe(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
+    if e.is_timeout() {
+        parts.push("timed out".to_string());
+    } else if e.is_connect() {
+        parts.push("connect failed".to_string());
+    }
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = src {
+        parts.push(s.to_string());
+        src = s.source();
+    }
+    if parts.is_empty() {
+        parts.push(e.to_string());
+    }
+    parts.join(": ")
+}
+
+/// Tunables (DESIGN §9 defaults: pull every 10 s, pull unavailable after 60 s).
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub pull_interval: Duration,
+    pub pull_threshold: Duration,
+    /// Write `/fleet/status/<id>` after each round.
+    pub publish: bool,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            pull_interval: Duration::from_secs(10),
+            pull_threshold: Duration::from_millis(super::status::PULL_THRESHOLD_MS),
+            publish: false,
+        }
+    }
+}
+
+/// One registered node as etcd describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub id: String,
+    pub api_url: String,
+    pub token: Option<String>,
+    pub online: bool,
+    pub applied_revision: Option<i64>,
+    pub errors: Vec<ConfigError>,
+}
+
+/// The registry and the shared keys, read in one go.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Registry {
+    pub commit_revision: Option<i64>,
+    pub proxy: Option<String>,
+    pub nodes: Vec<Registered>,
+    pub published: BTreeMap<String, Published>,
+}
+
+/// `/fleet/status/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub push: PushStatus,
+    pub pull: PullStatus,
+    pub usage: Usage,
+    pub last_pull_ms: Option<u64>,
+    pub route: Option<Route>,
+    pub updated_ms: u64,
+}
+
+fn parse_applied(v: &str) -> Option<i64> {
+    v.split_whitespace().next()?.parse().ok()
+}
+
+fn parse_errors(key: &str, v: &str) -> Vec<ConfigError> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str(v).unwrap_or_else(|e| {
+        vec![ConfigError {
+            key: key.to_string(),
+            value: String::new(),
+            reason: format!("unreadable errors list: {e}"),
+        }]
+    })
+}
+
+/// Read `/fleet/`, `/commit` and, per registered node, `/updated/<id>/` and its token.
+pub async fn load_registry(store: &dyn ConfigStore) -> Result<Registry, FleetError> {
+    let fleet = store.get_prefix("/fleet/").await?;
+    let commit_revision = store
+        .get(crate::api::store::COMMIT_KEY)
+        .await?
+        .map(|v| v.mod_revision);
+    let proxy = fleet
+        .get("/fleet/proxy")
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty());
+    let mut nodes = Vec::new();
+    let mut published = BTreeMap::new();
+    for (k, v) in &fleet {
+        if let Some(id) = k.strip_prefix("/fleet/status/") {
+            if let Ok(p) = serde_json::from_str::<Published>(v) {
+                published.insert(id.to_string(), p);
+            }
+            continue;
+        }
+        let Some(id) = k
+            .strip_prefix("/fleet/nodes/")
+            .and_then(|r| r.strip_suffix("/api_url"))
+        else {
+            continue;
+        };
+        if let Err(reason) = meduza_generators::parse::validate_name(id) {
+            warn!(key = %k, %reason, "skipping fleet node with an invalid id");
+            continue;
+        }
+        let updated = store.get_prefix(&format!("/updated/{id}/")).await?;
+        let token = store
+            .get(&format!("/nodes/{id}/api/token"))
+            .await?
+            .map(|v| v.value.trim().to_string())
+            .filter(|t| !t.is_empty());
+        let errors_key = format!("/updated/{id}/errors");
+        nodes.push(Registered {
+            id: id.to_string(),
+            api_url: v.trim().trim_end_matches('/').to_string(),
+            token,
+            online: updated.contains_key(&format!("/updated/{id}/online")),
+            applied_revision: updated
+                .get(&format!("/updated/{id}/applied"))
+                .and_then(|a| parse_applied(a)),
+            errors: redact_errors(
+                updated
+                    .get(&errors_key)
+                    .map(|e| parse_errors(&errors_key, e))
+                    .unwrap_or_default(),
+            ),
+        });
+    }
+    Ok(Registry {
+        commit_revision,
+        proxy,
+        nodes,
+        published,
+    })
+}
+
+/// Pull memory of one node.
+#[derive(Debug, Clone, Default)]
+struct PullState {
+    first_seen_ms: u64,
+    last_pull: Option<(u64, Route)>,
+    last_attempt_ms: Option<u64>,
+    last_error: Option<String>,
+    usage: Usage,
+    status: Option<NodeStatus>,
+    failover_log: Vec<FailoverLogEntry>,
+}
+
+/// One row of the fleet view (table and web page). Holds no secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRow {
+    pub id: String,
+    pub api_url: String,
+    pub online: bool,
+    pub push: PushStatus,
+    pub pull: PullStatus,
+    pub applied_revision: Option<i64>,
+    pub commit_revision: Option<i64>,
+    pub errors: Vec<ConfigError>,
+    pub usage_bytes: u64,
+    pub last_pull_ms: Option<u64>,
+    pub route: Option<Route>,
+    pub last_error: Option<String>,
+    pub has_token: bool,
+    /// The node's `/v1/status` from the last successful fetch.
+    pub status: Option<NodeStatus>,
+    pub failover_log: Vec<FailoverLogEntry>,
+}
+
+/// The whole fleet at one instant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct FleetView {
+    pub generated_ms: u64,
+    pub commit_revision: Option<i64>,
+    pub proxy_configured: bool,
+    pub nodes: Vec<NodeRow>,
+}
+
+struct PullOutcome {
+    route: Route,
+    stats: Vec<Stat>,
+    status: Result<NodeStatus, String>,
+    failover_log: Result<Vec<FailoverLogEntry>, String>,
+}
+
+async fn fetch_json<T: serde::de::DeserializeOwned>(
+    client: &dyn NodeClient,
+    url: String,
+    token: Option<String>,
+    proxy: Option<String>,
+) -> Result<T, String> {
+    let body = client
+        .get(url.clone(), token, proxy)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: not the expected JSON: {e}"))
+}
+
+async fn pull_node(
+    client: Arc<dyn NodeClient>,
+    node: Registered,
+    proxy: Option<String>,
+) -> Result<PullOutcome, String> {
+    let stats_url = format!("{}/v1/stats", node.api_url);
+    let (route, via, stats) = match fetch_json::<Vec<Stat>>(
+        &*client,
+        stats_url.clone(),
+        node.token.clone(),
+        None,
+    )
+    .await
+    {
+        Ok(s) => (Route::Direct, None, s),
+        Err(direct_err) => {
+            let Some(p) = proxy else {
+                return Err(direct_err);
+            };
+            match fetch_json::<Vec<Stat>>(&*client, stats_url, node.token.clone(), Some(p.clone()))
+                .await
+            {
+                Ok(s) => (Route::Proxy, Some(p), s),
+                Err(proxy_err) => {
+                    return Err(format!("direct: {direct_err}; through proxy: {proxy_err}"))
+                }
+            }
+        }
+    };
+    let (status, failover_log) = futures::join!(
+        fetch_json::<NodeStatus>(
+            &*client,
+            format!("{}/v1/status", node.api_url),
+            node.token.clone(),
+            via.clone()
+        ),
+        fetch_json::<Vec<FailoverLogEntry>>(
+            &*client,
+            format!("{}/v1/dns/failover-log", node.api_url),
+            node.token.clone(),
+            via
+        ),
+    );
+    Ok(PullOutcome {
+        route,
+        stats,
+        status,
+        failover_log,
+    })
+}
+
+/// The fleet manager.
+pub struct Manager {
+    store: Arc<dyn ConfigStore>,
+    client: Arc<dyn NodeClient>,
+    cfg: ManagerConfig,
+    state: Mutex<BTreeMap<String, PullState>>,
+    view: watch::Sender<FleetView>,
+}
+
+impl Manager {
+    pub fn new(
+        store: Arc<dyn ConfigStore>,
+        client: Arc<dyn NodeClient>,
+        cfg: ManagerConfig,
+    ) -> Self {
+        Self {
+            store,
+            client,
+            cfg,
+            state: Mutex::new(BTreeMap::new()),
+            view: watch::channel(FleetView::default()).0,
+        }
+    }
+
+    /// The latest view; changes after every round.
+    pub fn subscribe(&self) -> watch::Receiver<FleetView> {
+        self.view.subscribe()
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.cfg
+    }
+
+    fn threshold_ms(&self) -> u64 {
+        self.cfg.pull_threshold.as_millis() as u64
+    }
+
+    /// One round at time `now_ms`: registry → pulls (all nodes concurrently) → view.
+    pub async fn round(&self, now_ms: u64) -> Result<FleetView, FleetError> {
+        let reg = load_registry(&*self.store).await?;
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.retain(|id, _| reg.nodes.iter().any(|n| &n.id == id));
+            for n in &reg.nodes {
+                st.entry(n.id.clone()).or_insert_with(|| {
+                    // A manager restarting with --publish resumes from what it published.
+                    let p = reg.published.get(&n.id);
+                    PullState {
+                        first_seen_ms: now_ms,
+                        last_pull: p.and_then(|p| p.last_pull_ms.zip(p.route)),
+                        usage: p.map(|p| p.usage).unwrap_or_default(),
+                        ..Default::default()
+                    }
+                });
+            }
+        }
+        let pulls = reg.nodes.iter().map(|n| {
+            let (client, node, proxy) = (self.client.clone(), n.clone(), reg.proxy.clone());
+            async move {
+                let id = node.id.clone();
+                let r = if node.token.is_none() {
+                    Err(format!("no API token at /nodes/{id}/api/token"))
+                } else {
+                    pull_node(client, node, proxy).await
+                };
+                (id, r)
+            }
+        });
+        let results = futures::future::join_all(pulls).await;
+        let view = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, r) in results {
+                let Some(s) = st.get_mut(&id) else { continue };
+                s.last_attempt_ms = Some(now_ms);
+                match r {
+                    Ok(o) => {
+                        debug!(node = %id, route = ?o.route, "stats pulled");
+                        s.last_pull = Some((now_ms, o.route));
+                        s.last_error = None;
+                        s.usage = s.usage.add_sample(usage_total(&o.stats));
+                        match o.status {
+                            Ok(ns) => s.status = Some(ns),
+                            Err(e) => s.last_error = Some(format!("status: {e}")),
+                        }
+                        match o.failover_log {
+                            Ok(l) => s.failover_log = l,
+                            Err(e) => s.last_error = Some(format!("failover log: {e}")),
+                        }
+                    }
+                    Err(e) => {
+                        debug!(node = %id, error = %e, "stats pull failed");
+                        s.last_error = Some(e);
+                    }
+                }
+            }
+            self.build_view(&reg, &st, now_ms)
+        };
+        if self.cfg.publish {
+            for row in &view.nodes {
+                let usage = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&row.id)
+                    .map(|s| s.usage)
+                    .unwrap_or_default();
+                let p = Published {
+                    push: row.push,
+                    pull: row.pull,
+                    usage,
+                    last_pull_ms: row.last_pull_ms,
+                    route: row.route,
+                    updated_ms: now_ms,
+                };
+                let json = serde_json::to_string(&p).map_err(|e| FleetError::Http {
+                    reason: e.to_string(),
+                })?;
+                if let Err(e) = self
+                    .store
+                    .put(&format!("/fleet/status/{}", row.id), &json)
+                    .await
+                {
+                    warn!(node = %row.id, error = %e, "publishing fleet status failed");
+                }
+            }
+        }
+        self.view.send_replace(view.clone());
+        Ok(view)
+    }
+
+    fn build_view(
+        &self,
+        reg: &Registry,
+        st: &BTreeMap<String, PullState>,
+        now_ms: u64,
+    ) -> FleetView {
+        let t = self.threshold_ms();
+        let nodes = reg
+            .nodes
+            .iter()
+            .map(|n| {
+                let s = st.get(&n.id).cloned().unwrap_or_default();
+                let facts = NodeFacts {
+                    online: n.online,
+                    applied_revision: n.applied_revision,
+                    commit_revision: reg.commit_revision,
+                    error_count: n.errors.len(),
+                    last_pull: s.last_pull,
+                    first_seen_ms: s.first_seen_ms,
+                };
+                NodeRow {
+                    id: n.id.clone(),
+                    api_url: n.api_url.clone(),
+                    online: n.online,
+                    push: push_status(&facts, now_ms, t),
+                    pull: pull_status(&facts, now_ms, t),
+                    applied_revision: n.applied_revision,
+                    commit_revision: reg.commit_revision,
+                    errors: n.errors.clone(),
+                    usage_bytes: s.usage.bytes,
+                    last_pull_ms: s.last_pull.map(|(t, _)| t),
+                    route: s.last_pull.map(|(_, r)| r),
+                    last_error: s.last_error.clone(),
+                    has_token: n.token.is_some(),
+                    status: s.status.clone(),
+                    failover_log: s.failover_log.clone(),
+                }
+            })
+            .collect();
+        FleetView {
+            generated_ms: now_ms,
+            commit_revision: reg.commit_revision,
+            proxy_configured: reg.proxy.is_some(),
+            nodes,
+        }
+    }
+
+    /// Rounds every `pull_interval` until `shutdown` resolves. A failing round (etcd
+    /// down) is logged and the previous view kept.
+    pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval(self.cfg.pull_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        info!(
+            interval_ms = self.cfg.pull_interval.as_millis() as u64,
+            "fleet manager running"
+        );
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.round(now_ms()).await {
+                        warn!(error = %e, "fleet round failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{MemStore, WriteOp};
+
+    /// Answers by URL; `proxy_only` URLs fail unless asked through a proxy.
+    #[derive(Default)]
+    struct FakeClient {
+        bodies: Mutex<HashMap<String, String>>,
+        proxy_only: Mutex<Vec<String>>,
+        calls: Mutex<Vec<(String, Option<String>, bool)>>,
+    }
+
+    impl NodeClient for FakeClient {
+        fn get(
+            &self,
+            url: String,
+            token: Option<String>,
+            proxy: Option<String>,
+        ) -> BoxFuture<'static, Result<Vec<u8>, PullError>> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((url.clone(), token, proxy.is_some()));
+            let blocked = proxy.is_none()
+                && self
+                    .proxy_only
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|p| url.starts_with(p));
+            let body = self.bodies.lock().unwrap().get(&url).cloned();
+            Box::pin(async move {
+                match (blocked, body) {
+                    (false, Some(b)) => Ok(b.into_bytes()),
+                    _ => Err(PullError::Transport {
+                        url,
+                        reason: "refused".into(),
+                    }),
+                }
+            })
+        }
+    }
+
+    async fn seed(store: &MemStore, id: &str, rev_applied: Option<i64>, errors: &str) {
+        store
+            .put(
+                &format!("/fleet/nodes/{id}/api_url"),
+                &format!("http://{id}:9100/"),
+            )
+            .await
+            .unwrap();
+        store
+            .put(&format!("/nodes/{id}/api/token"), &format!("tok-{id}"))
+            .await
+            .unwrap();
+        store
+            .put(&format!("/updated/{id}/online"), "1")
+            .await
+            .unwrap();
+        if let Some(r) = rev_applied {
+            store
+                .put(
+                    &format!("/updated/{id}/applied"),
+                    &format!("{r} 1700000000"),
+                )
+                .await
+                .unwrap();
+        }
+        store
+            .put(&format!("/updated/{id}/errors"), errors)
+            .await
+            .unwrap();
+    }
+
+    fn answer(c: &FakeClient, id: &str, rx: u64) {
+        let mut b = c.bodies.lock().unwrap();
+        b.insert(
+            format!("http://{id}:9100/v1/stats"),
+            format!(r#"[{{"name":"iface>>>eth0>>>traffic>>>downlink","value":{rx}}}]"#),
+        );
+        b.insert(format!("http://{id}:9100/v1/status"), format!(r#"{{"node_id":"{id}","applied_revision":null,"commit_revision":null,"clash_health":null,"tproxy":null}}"#));
+        b.insert(format!("http://{id}:9100/v1/dns/failover-log"), "[]".into());
+    }
+
+    #[tokio::test]
+    async fn round_computes_statuses_from_store_and_pulls() {
+        let store = MemStore::new();
+        let commit = store
+            .write_and_commit(vec![WriteOp::Put {
+                key: "/global/x".into(),
+                value: "1".into(),
+            }])
+            .await
+            .unwrap();
+        seed(&store, "a", Some(commit), "[]").await;
+        seed(
+            &store,
+            "b",
+            Some(commit - 1),
+            r#"[{"key":"/nodes/b/api/token","value":"leak","reason":"bad"}]"#,
+        )
+        .await;
+        seed(&store, "c", Some(commit), "[]").await;
+        seed(&store, "d", Some(commit), "[]").await;
+        store.delete_prefix("/updated/d/online").await.unwrap();
+        store
+            .put("/fleet/proxy", "http://proxy:3128")
+            .await
+            .unwrap();
+        let client = Arc::new(FakeClient::default());
+        for id in ["a", "b", "c"] {
+            answer(&client, id, 1000);
+        }
+        client
+            .proxy_only
+            .lock()
+            .unwrap()
+            .push("http://c:9100".into());
+        let m = Manager::new(
+            Arc::new(store.clone()),
+            client.clone(),
+            ManagerConfig::default(),
+        );
+        let now = 1_800_000_000_000;
+        let v = m.round(now).await.unwrap();
+        let by: BTreeMap<&str, &NodeRow> = v.nodes.iter().map(|r| (r.id.as_str(), r)).collect();
+        assert_eq!(
+            (by["a"].push, by["a"].pull),
+            (PushStatus::Available, PullStatus::Available)
+        );
+        assert_eq!(by["b"].push, PushStatus::Dirty);
+        assert_eq!(by["b"].errors[0].value, "<redacted>");
+        assert_eq!(
+            (by["c"].push, by["c"].route),
+            (PushStatus::Dirty, Some(Route::Proxy))
+        );
+        assert_eq!(
+            (by["d"].push, by["d"].pull),
+            (PushStatus::Unavailable, PullStatus::Pending)
+        );
+        assert_eq!(by["a"].usage_bytes, 1000);
+        assert_eq!(by["a"].status.as_ref().unwrap().node_id, "a");
+        // Tokens went only to their own node.
+        for (url, tok, _) in client.calls.lock().unwrap().iter() {
+            let host = url.trim_start_matches("http://").split(':').next().unwrap();
+            assert_eq!(tok.as_deref(), Some(format!("tok-{host}").as_str()));
+        }
+        // 61 s later with every node silent: pull unavailable everywhere.
+        client.bodies.lock().unwrap().clear();
+        let v = m.round(now + 61_000).await.unwrap();
+        assert!(
+            v.nodes.iter().all(|r| r.pull == PullStatus::Unavailable),
+            "{v:?}"
+        );
+        // Node a comes back with a larger counter: usage grows by the difference.
+        answer(&client, "a", 1500);
+        let v = m.round(now + 62_000).await.unwrap();
+        assert_eq!(v.nodes[0].usage_bytes, 1500);
+        assert_eq!(v.nodes[0].pull, PullStatus::Available);
+        let json = serde_json::to_string(&v).unwrap();
+        assert!(!json.contains("tok-"), "{json}");
+        assert!(!json.contains("leak"), "{json}");
+    }
+}
