@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod clash;
+pub mod daemon;
 pub mod dataplane;
 pub mod dns;
 pub mod etcd;

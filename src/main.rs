@@ -22,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// The gateway agent: watch etcd, reconcile, supervise children, serve DNS and the API.
+    Run(meduza::daemon::RunArgs),
     /// Validate a snapshot; prints every error as `key: value: reason` (exit 2).
     Validate {
         #[arg(long)]
@@ -177,6 +179,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(anyhow::Error::msg)
                 .context("gen")?;
             println!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run(args) => {
+            let cfg = meduza::daemon::RunConfig::resolve(&args, EtcdConfig::from_args(&cli.etcd)?)?;
+            meduza::daemon::run(cfg).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Dataplane(dp) => {

@@ -159,6 +159,9 @@ pub struct Rendered {
     pub mosdns: Option<MosdnsRuntime>,
     /// FRR must run (OSPF or BGP enabled on the node).
     pub frr_enabled: bool,
+    /// `/nodes/<id>/api/token`: bearer token of the node API; never serialized.
+    #[serde(skip)]
+    pub api_token: Option<String>,
 }
 
 /// The overlay that runs on `node`: the global `mesh_type`, if the node enables it.
@@ -251,6 +254,7 @@ pub fn render_node(
         clash,
         mosdns,
         frr_enabled,
+        api_token: node.api_token.clone(),
     })
 }
 

@@ -74,6 +74,8 @@ pub trait Effects: Send {
     ) -> impl Future<Output = Result<(), String>> + Send;
     /// DNS frontend plan (hosts, chain flags, upstream groups).
     fn apply_dns(&mut self, plan: DnsPlan) -> impl Future<Output = Result<(), String>> + Send;
+    /// The node API's bearer token (`/nodes/<id>/api/token`).
+    fn apply_api_token(&mut self, token: Option<String>);
     /// Publish `/updated/<id>/<suffix>` = value (non-blocking; queued while etcd is down).
     fn publish(&mut self, suffix: &str, value: String);
 }
@@ -140,13 +142,24 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
 
     /// Run passes until the trigger channel closes. Triggers that arrive during a pass
     /// are drained and coalesced into one more pass.
-    pub async fn run(mut self, mut triggers: mpsc::Receiver<Trigger>) {
+    pub async fn run(self, triggers: mpsc::Receiver<Trigger>) {
+        self.run_with(triggers, |_, _| {}).await;
+    }
+
+    /// [`Self::run`], calling `on_pass` with each pass's report and duration.
+    pub async fn run_with(
+        mut self,
+        mut triggers: mpsc::Receiver<Trigger>,
+        mut on_pass: impl FnMut(&PassReport, std::time::Duration) + Send,
+    ) {
         while let Some(first) = triggers.recv().await {
             let mut why = first;
             while let Ok(next) = triggers.try_recv() {
                 why = next;
             }
-            let _ = self.pass(&why).await;
+            let started = Instant::now();
+            let report = self.pass(&why).await;
+            on_pass(&report, started.elapsed());
         }
     }
 
@@ -294,6 +307,7 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         {
             failures.push(format!("clash: {e}"));
         }
+        self.effects.apply_api_token(rendered.api_token.clone());
         if let Err(e) = self.effects.apply_dns(rendered.dns.clone()).await {
             failures.push(format!("dns: {e}"));
         }
@@ -404,6 +418,7 @@ mod tests {
         async fn apply_dns(&mut self, _p: DnsPlan) -> Result<(), String> {
             Ok(())
         }
+        fn apply_api_token(&mut self, _token: Option<String>) {}
         fn publish(&mut self, suffix: &str, value: String) {
             self.published.insert(suffix.to_string(), value);
         }

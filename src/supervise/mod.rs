@@ -15,6 +15,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod frr;
 pub mod health;
 pub mod logbuf;
 pub mod policy;

@@ -1,0 +1,388 @@
+//! Glue between the Clash orchestration (`crate::clash`), the supervisor, the data
+//! plane and the DNS frontend: the TPROXY gate is the data plane's desired state, the
+//! health sink feeds the status keys and the DNS chain, and the startup chain holds
+//! MosDNS back until its rule files are in place (DESIGN §9).
+
+use super::Shared;
+use crate::clash::api::{MihomoApi, PROBE_TIMEOUT};
+use crate::clash::chain::{self, ChainConfig, ChainDeps};
+use crate::clash::monitor::{
+    ClashHealthSink, ClashMonitor, GateError, HealthStatus, MonitorConfig, MonitorHandle, Phase,
+    ProcessEvent, TproxyGate,
+};
+use crate::clash::rules::{self, Fetcher, Route, RuleFile, RulesError, RulesReport};
+use crate::dns::ChainState;
+use crate::reconcile::Trigger;
+use crate::supervise::{EventKind, RestartSource};
+use meduza_generators::plan::service::ServiceSpec;
+use meduza_generators::plan::tproxy::TproxyPlan;
+use meduza_generators::render::{ClashRuntime, MosdnsRuntime};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+const MIHOMO_SERVICE: &str = "mihomo";
+/// Retry period of a rule-file round that left a file missing.
+const RULES_RETRY: Duration = Duration::from_secs(60);
+
+/// The TPROXY switch: `apply` installs the cached plan through the data-plane task
+/// (which also repairs drift); `remove` clears it.
+#[derive(Clone)]
+pub struct DataplaneGate {
+    shared: Arc<Shared>,
+    plan: Arc<Mutex<Option<TproxyPlan>>>,
+}
+
+impl TproxyGate for DataplaneGate {
+    async fn apply(&self) -> Result<(), GateError> {
+        let plan = self.plan.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match plan {
+            Some(plan) => {
+                self.shared.dataplane.set(Some(plan));
+                Ok(())
+            }
+            None => Err(GateError::Apply("no TPROXY plan cached".into())),
+        }
+    }
+
+    async fn remove(&self) -> Result<(), GateError> {
+        self.shared.dataplane.set(None);
+        Ok(())
+    }
+}
+
+/// Health goes to the status keys and the DNS chain (mihomo's DNS only while healthy).
+#[derive(Clone)]
+pub struct Sink {
+    shared: Arc<Shared>,
+}
+
+impl ClashHealthSink for Sink {
+    fn health(&self, status: &HealthStatus) {
+        self.shared
+            .publisher
+            .set("clash/health", status.render(crate::reconcile::unix_now()));
+        self.shared
+            .clash_healthy
+            .store(status.phase == Phase::Healthy, Ordering::SeqCst);
+        *self
+            .shared
+            .clash_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
+        update_dns_chain(&self.shared);
+    }
+
+    fn tproxy(&self, applied: bool, reason: &str) {
+        let state = if applied { "applied" } else { "removed" };
+        self.shared.set_tproxy(state, reason);
+    }
+}
+
+/// Tell the DNS frontend which local resolvers may be used right now.
+pub fn update_dns_chain(shared: &Shared) {
+    let mosdns_running = shared
+        .supervisor
+        .status()
+        .iter()
+        .any(|s| s.name == "mosdns" && s.state == crate::supervise::ServiceState::Running);
+    shared.dns.set_chain_state(ChainState {
+        mosdns_running,
+        clash_healthy: shared.clash_healthy.load(Ordering::SeqCst),
+    });
+}
+
+struct RunningMonitor {
+    key: (String, String, bool),
+    handle: MonitorHandle,
+    task: JoinHandle<()>,
+    forward: JoinHandle<()>,
+}
+
+struct RunningChain {
+    key: String,
+    task: JoinHandle<()>,
+}
+
+/// Owns the monitor, the startup chain and the rule refresh of one node.
+pub struct ClashOrchestrator {
+    shared: Arc<Shared>,
+    root: PathBuf,
+    triggers: mpsc::Sender<Trigger>,
+    plan: Arc<Mutex<Option<TproxyPlan>>>,
+    monitor: Option<RunningMonitor>,
+    chain: Option<RunningChain>,
+    mosdns_released: Arc<AtomicBool>,
+    mosdns_spec: Option<ServiceSpec>,
+}
+
+impl ClashOrchestrator {
+    pub fn new(shared: Arc<Shared>, root: PathBuf, triggers: mpsc::Sender<Trigger>) -> Self {
+        Self {
+            shared,
+            root,
+            triggers,
+            plan: Arc::new(Mutex::new(None)),
+            monitor: None,
+            chain: None,
+            mosdns_released: Arc::new(AtomicBool::new(false)),
+            mosdns_spec: None,
+        }
+    }
+
+    /// MosDNS may run (its rule files are in place).
+    pub fn mosdns_released(&self) -> bool {
+        self.mosdns_released.load(Ordering::SeqCst)
+    }
+
+    pub fn set_mosdns_spec(&mut self, spec: Option<ServiceSpec>) {
+        self.mosdns_spec = spec;
+    }
+
+    /// Converge on the rendered Clash/MosDNS settings and TPROXY plan.
+    pub async fn apply(
+        &mut self,
+        clash: Option<ClashRuntime>,
+        mosdns: Option<MosdnsRuntime>,
+        tproxy: Option<TproxyPlan>,
+    ) {
+        // The cached plan: re-applied by the gate; pushed now if TPROXY is on.
+        *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = tproxy.clone();
+        if self.shared.dataplane.desired().is_some() {
+            match &tproxy {
+                Some(p) => {
+                    if self.shared.dataplane.desired().as_ref() != Some(p) {
+                        self.shared.dataplane.set(Some(p.clone()));
+                    }
+                }
+                None => {
+                    self.shared.dataplane.set(None);
+                    self.shared.set_tproxy("removed", "TPROXY not configured");
+                }
+            }
+        } else if tproxy.is_none() {
+            self.shared.set_tproxy("removed", "TPROXY not configured");
+        }
+
+        match &clash {
+            Some(rt) => {
+                let key = (
+                    rt.controller.to_string(),
+                    rt.secret.clone(),
+                    tproxy.is_some(),
+                );
+                if self.monitor.as_ref().map(|m| &m.key) != Some(&key) {
+                    self.stop_monitor().await;
+                    self.start_monitor(rt, key);
+                }
+            }
+            None => {
+                if self.monitor.is_some() {
+                    self.stop_monitor().await;
+                }
+                self.shared.publisher.remove("clash/health");
+                self.shared.clash_healthy.store(false, Ordering::SeqCst);
+                update_dns_chain(&self.shared);
+            }
+        }
+
+        let chain_key = format!(
+            "{}|{}|{:?}",
+            clash.is_some(),
+            tproxy.is_some(),
+            mosdns.as_ref().map(|m| (&m.rule_files, m.refresh_minutes))
+        );
+        if self.chain.as_ref().map(|c| &c.key) != Some(&chain_key) {
+            if let Some(c) = self.chain.take() {
+                c.task.abort();
+            }
+            if mosdns.is_none() {
+                self.mosdns_released.store(false, Ordering::SeqCst);
+            }
+            self.start_chain(chain_key, clash.is_some(), tproxy.is_some(), mosdns);
+        }
+    }
+
+    fn start_monitor(&mut self, rt: &ClashRuntime, key: (String, String, bool)) {
+        let api = match MihomoApi::new(&rt.controller.to_string(), &rt.secret, PROBE_TIMEOUT) {
+            Ok(api) => api,
+            Err(err) => {
+                warn!(%err, "[clash] cannot build the mihomo API client");
+                return;
+            }
+        };
+        let cfg = MonitorConfig {
+            manage_tproxy: key.2,
+            ..MonitorConfig::default()
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let alive = self
+            .shared
+            .supervisor
+            .status()
+            .iter()
+            .any(|s| s.name == MIHOMO_SERVICE && s.pid.is_some());
+        let gate = DataplaneGate {
+            shared: Arc::clone(&self.shared),
+            plan: Arc::clone(&self.plan),
+        };
+        let sink = Sink {
+            shared: Arc::clone(&self.shared),
+        };
+        let (monitor, handle) = ClashMonitor::new(cfg, api, gate, sink, rx, alive);
+        let task = tokio::spawn(monitor.run());
+        // mihomo's exits reach the monitor the moment the supervisor reaps it.
+        let mut events = self.shared.supervisor.subscribe();
+        let forward = tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(ev) if ev.name == MIHOMO_SERVICE => {
+                        let pe = match ev.kind {
+                            EventKind::Started { pid } => ProcessEvent::Started { pid },
+                            EventKind::Exited { status, .. } => ProcessEvent::Exited {
+                                detail: format!("{status:?}"),
+                            },
+                            _ => continue,
+                        };
+                        if tx.send(pe).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        info!(controller = %rt.controller, tproxy = key.2, "[clash] health monitor started");
+        self.monitor = Some(RunningMonitor {
+            key,
+            handle,
+            task,
+            forward,
+        });
+    }
+
+    async fn stop_monitor(&mut self) {
+        if let Some(m) = self.monitor.take() {
+            m.handle.shutdown().await;
+            m.forward.abort();
+            let _ = tokio::time::timeout(Duration::from_secs(5), m.task).await;
+        }
+    }
+
+    fn start_chain(
+        &mut self,
+        key: String,
+        clash: bool,
+        tproxy: bool,
+        mosdns: Option<MosdnsRuntime>,
+    ) {
+        let cfg = ChainConfig::new(clash, tproxy, mosdns.is_some());
+        let steps = chain::plan(&cfg);
+        let deps = Deps {
+            shared: Arc::clone(&self.shared),
+            monitor: self.monitor.as_ref().map(|m| m.handle.clone()),
+            root: self.root.clone(),
+            files: mosdns
+                .as_ref()
+                .map(|m| {
+                    m.rule_files
+                        .iter()
+                        .map(|(path, url)| RuleFile {
+                            path: path.clone(),
+                            url: url.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            released: Arc::clone(&self.mosdns_released),
+            triggers: self.triggers.clone(),
+        };
+        let refresh = mosdns
+            .as_ref()
+            .map(|m| Duration::from_secs(u64::from(m.refresh_minutes) * 60));
+        let route = if clash {
+            Route::Proxy {
+                url: cfg.proxy_url.clone(),
+            }
+        } else {
+            Route::Direct
+        };
+        let task = tokio::spawn(async move {
+            chain::run_chain(&deps, &steps, RULES_RETRY).await;
+            if let Some(every) = refresh {
+                chain::refresh_rules_loop(&deps, route, every).await;
+            }
+        });
+        self.chain = Some(RunningChain { key, task });
+    }
+
+    /// Stop the monitor (removing TPROXY) and the chain.
+    pub async fn shutdown(&mut self) {
+        if let Some(c) = self.chain.take() {
+            c.task.abort();
+        }
+        self.stop_monitor().await;
+    }
+}
+
+struct Deps {
+    shared: Arc<Shared>,
+    monitor: Option<MonitorHandle>,
+    root: PathBuf,
+    files: Vec<RuleFile>,
+    released: Arc<AtomicBool>,
+    triggers: mpsc::Sender<Trigger>,
+}
+
+impl ChainDeps for Deps {
+    async fn dns_up(&self) {
+        // The frontend is started before the first pass; nothing to wait for.
+    }
+
+    async fn mihomo_healthy(&self) {
+        if let Some(m) = &self.monitor {
+            m.wait_healthy().await;
+        }
+    }
+
+    async fn download_rules(&self, route: &Route) -> Result<RulesReport, RulesError> {
+        rules::download_rule_files(
+            &Fetcher::default(),
+            &self.root,
+            "/etc/mosdns",
+            &self.files,
+            route,
+        )
+        .await
+    }
+
+    async fn start_mosdns(&self) -> Result<(), String> {
+        self.released.store(true, Ordering::SeqCst);
+        // The next pass hands MosDNS to the supervisor with the other services.
+        self.triggers
+            .send(Trigger::Resync)
+            .await
+            .map_err(|_| "reconciler stopped".to_string())
+    }
+
+    async fn restart_mosdns(&self) -> Result<(), String> {
+        self.shared
+            .supervisor
+            .restart("mosdns", RestartSource::Manual)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn arm_tproxy(&self) {
+        if let Some(m) = &self.monitor {
+            m.arm().await;
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The reconciler's effects on the running daemon: services, FRR, WireGuard, the
+//! Clash/MosDNS orchestration and the DNS frontend.
+
+use super::clash::ClashOrchestrator;
+use super::Shared;
+use crate::reconcile::Effects;
+use crate::supervise::frr::FrrControl;
+use meduza_generators::plan::dns::DnsPlan;
+use meduza_generators::plan::service::ServiceSpec;
+use meduza_generators::plan::tproxy::TproxyPlan;
+use meduza_generators::plan::wireguard::WgDevice;
+use meduza_generators::render::{ClashRuntime, MosdnsRuntime};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Name of MosDNS's service: held back until the startup chain allows it.
+pub const MOSDNS_SERVICE: &str = "mosdns";
+
+pub struct DaemonEffects {
+    pub shared: Arc<Shared>,
+    pub frr: Arc<FrrControl>,
+    pub clash: ClashOrchestrator,
+    /// The services the last pass wanted (FRR's are added while it is enabled).
+    desired: Vec<ServiceSpec>,
+    frr_enabled: bool,
+}
+
+impl DaemonEffects {
+    pub fn new(shared: Arc<Shared>, frr: Arc<FrrControl>, clash: ClashOrchestrator) -> Self {
+        Self {
+            shared,
+            frr,
+            clash,
+            desired: Vec::new(),
+            frr_enabled: false,
+        }
+    }
+
+    /// Hand the supervisor the full desired set: the pass's services, FRR's daemons
+    /// while enabled, and MosDNS only once the startup chain released it.
+    async fn sync(&mut self, changed: &BTreeSet<String>) -> Result<(), String> {
+        let mut specs: Vec<ServiceSpec> = self
+            .desired
+            .iter()
+            .filter(|s| s.name != MOSDNS_SERVICE || self.clash.mosdns_released())
+            .cloned()
+            .collect();
+        if self.frr_enabled {
+            specs.extend(self.frr.specs());
+        }
+        let ops = self
+            .shared
+            .supervisor
+            .apply(specs, changed)
+            .await
+            .map_err(|e| e.to_string())?;
+        for op in &ops {
+            info!(?op, "supervisor");
+        }
+        Ok(())
+    }
+}
+
+impl Effects for DaemonEffects {
+    async fn apply_services(
+        &mut self,
+        specs: Vec<ServiceSpec>,
+        changed: BTreeSet<String>,
+    ) -> Result<(), String> {
+        self.clash
+            .set_mosdns_spec(specs.iter().find(|s| s.name == MOSDNS_SERVICE).cloned());
+        self.desired = specs;
+        self.sync(&changed).await
+    }
+
+    async fn apply_frr(&mut self, enabled: bool) -> Result<(), String> {
+        let was = self.frr_enabled;
+        self.frr_enabled = enabled;
+        if was != enabled {
+            self.sync(&BTreeSet::new()).await?;
+        }
+        if enabled && !was {
+            // The daemons start empty; push the config once they answer. Later
+            // changes go through the FrrReload strategy of frr-zebra.
+            let frr = Arc::clone(&self.frr);
+            tokio::spawn(async move {
+                if let Err(err) = frr.load(Duration::from_secs(30)).await {
+                    warn!(%err, "loading the FRR config failed");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn apply_wireguard(&mut self, devices: Vec<WgDevice>) -> Result<(), String> {
+        let Some(wg) = &self.shared.wireguard else {
+            if devices.is_empty() {
+                return Ok(());
+            }
+            return Err("WireGuard is not available on this system".into());
+        };
+        let reports = wg.apply_all(&devices).await.map_err(|e| e.to_string())?;
+        for r in reports {
+            info!(report = ?r, "wireguard");
+        }
+        *self
+            .shared
+            .wg_devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = devices;
+        Ok(())
+    }
+
+    async fn apply_clash(
+        &mut self,
+        clash: Option<ClashRuntime>,
+        mosdns: Option<MosdnsRuntime>,
+        tproxy: Option<TproxyPlan>,
+    ) -> Result<(), String> {
+        self.clash.apply(clash, mosdns, tproxy).await;
+        Ok(())
+    }
+
+    async fn apply_dns(&mut self, plan: DnsPlan) -> Result<(), String> {
+        self.shared.dns.update_plan(plan);
+        Ok(())
+    }
+
+    fn apply_api_token(&mut self, token: Option<String>) {
+        self.shared.api_token.send_if_modified(|t| {
+            let changed = *t != token;
+            *t = token;
+            changed
+        });
+    }
+
+    fn publish(&mut self, suffix: &str, value: String) {
+        if suffix == "applied" {
+            if let Some(rev) = value.split_whitespace().next().and_then(|r| r.parse().ok()) {
+                self.shared
+                    .metrics
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .applied_revision = Some(rev);
+            }
+        }
+        if suffix == "errors" {
+            *self.shared.errors.lock().unwrap_or_else(|p| p.into_inner()) = value.clone();
+        }
+        self.shared.publisher.set(suffix, value);
+    }
+}

@@ -1,0 +1,520 @@
+//! `meduza run`: the composition root of the gateway agent.
+//!
+//! Owns: starting every runtime part in order (subreaper, supervisor, status
+//! publisher, DNS frontend, data plane, node API, etcd watcher, reconciler), wiring
+//! their channels together, and the orderly shutdown on SIGTERM/SIGINT (TPROXY removed
+//! first so traffic is never black-holed, then children stopped in reverse start
+//! order, then the online lease revoked). Must not: contain the logic of any part;
+//! each lives in its own module and is only connected here.
+
+pub mod clash;
+pub mod effects;
+pub mod view;
+pub mod vpnstatus;
+
+use crate::dataplane::task::netlink_triggers;
+use crate::dataplane::wireguard::{status_of, AutoWg, LinkOps, WgBackend as _, WgManager};
+use crate::dataplane::{spawn_task, DataplaneHandle, SystemDataplane};
+use crate::dns::{DnsConfig, DnsHandle};
+use crate::etcd::status::PublisherConfig;
+use crate::etcd::{
+    load_snapshot, spawn_watcher, EtcdConfig, EtcdKv, Kv, StatusPublisher, WatchEvent,
+    WatcherConfig,
+};
+use crate::files::{write_atomic, Fs as _, RootFs};
+use crate::reconcile::{ConfigSource, Reconciler, Trigger};
+use crate::supervise::frr::FrrControl;
+use crate::supervise::{reaper, RealSpawner, Supervisor, SupervisorConfig, SystemClock};
+use anyhow::Context as _;
+use meduza_generators::model::{default_upstreams, parse_hostname};
+use meduza_generators::plan::dns::DnsPlan;
+use meduza_generators::plan::wireguard::WgDevice;
+use meduza_generators::Snapshot;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// Settings of `meduza run` (flags > environment > defaults; DESIGN §2).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// This gateway's id (default: the hostname).
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: Option<String>,
+    /// Prefix for every file meduza writes.
+    #[arg(long, env = "MEDUZA_ROOT", default_value = "/")]
+    pub root: PathBuf,
+    /// Persistent state (restart budgets, last-good snapshot, generated secrets);
+    /// default `$MEDUZA_ROOT/var/lib/meduza`.
+    #[arg(long, env = "MEDUZA_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Node HTTP API address.
+    #[arg(long, env = "MEDUZA_API_LISTEN", default_value = crate::api::DEFAULT_LISTEN)]
+    pub api_listen: SocketAddr,
+    /// TTL of the online lease, seconds (DESIGN §4: 15).
+    #[arg(long, env = "MEDUZA_LEASE_TTL", default_value_t = 15, hide = true)]
+    pub lease_ttl: i64,
+}
+
+/// Resolved settings of one gateway agent.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub node_id: String,
+    pub etcd: EtcdConfig,
+    pub root: PathBuf,
+    pub state_dir: PathBuf,
+    pub api_listen: SocketAddr,
+    pub dns: DnsConfig,
+    pub lease_ttl: i64,
+}
+
+impl RunConfig {
+    pub fn resolve(args: &RunArgs, etcd: EtcdConfig) -> anyhow::Result<Self> {
+        let node_id = match &args.node_id {
+            Some(id) if !id.is_empty() => id.clone(),
+            _ => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .context("NODE_ID is not set and the hostname is unknown")?,
+        };
+        meduza_generators::parse::validate_name(&node_id)
+            .map_err(|r| anyhow::anyhow!("NODE_ID {node_id:?}: {r}"))?;
+        let state_dir = args
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| args.root.join("var/lib/meduza"));
+        Ok(Self {
+            node_id,
+            etcd,
+            root: args.root.clone(),
+            state_dir,
+            api_listen: args.api_listen,
+            dns: DnsConfig::from_env()?,
+            lease_ttl: args.lease_ttl,
+        })
+    }
+}
+
+/// Live state shared by the daemon's tasks (the reconciler's effects, the Clash glue,
+/// the status publishers and the node API's view).
+pub struct Shared {
+    pub node_id: String,
+    pub supervisor: Supervisor,
+    pub dns: DnsHandle,
+    pub dataplane: DataplaneHandle,
+    pub wireguard: Option<WgManager<AutoWg>>,
+    pub wg_devices: Mutex<Vec<WgDevice>>,
+    pub publisher: StatusPublisher,
+    pub metrics: Mutex<crate::api::types::ReconcileMetrics>,
+    /// `/updated/<id>/errors` as last published.
+    pub errors: Mutex<String>,
+    pub clash_healthy: AtomicBool,
+    pub clash_status: Mutex<Option<crate::clash::monitor::HealthStatus>>,
+    /// `/updated/<id>/tproxy` as last published.
+    pub tproxy_status: Mutex<Option<String>>,
+    /// Revision of the newest `/commit` seen.
+    pub commit_revision: Mutex<Option<i64>>,
+    pub api_token: watch::Sender<Option<String>>,
+}
+
+impl Shared {
+    /// Publish `/updated/<id>/tproxy` = `"applied|removed <ts> <reason>"` when the state
+    /// changes (not on every pass).
+    pub fn set_tproxy(&self, state: &str, reason: &str) {
+        let mut cur = self.tproxy_status.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.as_deref().and_then(|v| v.split(' ').next()) == Some(state) {
+            return;
+        }
+        let value = format!("{state} {} {reason}", crate::reconcile::unix_now());
+        info!(state, reason, "tproxy");
+        self.publisher.set("tproxy", value.clone());
+        *cur = Some(value);
+    }
+}
+
+/// Snapshots from etcd.
+struct EtcdSource {
+    kv: Arc<dyn Kv>,
+    node_id: String,
+}
+
+impl ConfigSource for EtcdSource {
+    async fn load(&mut self) -> Result<(Snapshot, i64), String> {
+        load_snapshot(&*self.kv, &self.node_id)
+            .await
+            .map(|(keys, rev)| (Snapshot(keys), rev))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The per-node Clash API secret used when etcd gives none: generated once and kept
+/// in the state directory (0600), never a public default.
+pub fn clash_secret(state_dir: &Path) -> anyhow::Result<String> {
+    let path = state_dir.join("clash-secret");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim().to_string();
+        if s.len() >= 16 {
+            return Ok(s);
+        }
+    }
+    let bytes: [u8; 24] = rand::random();
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_atomic(&path, secret.as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(secret)
+}
+
+/// Parse `/dns/hosts/` keys into the frontend's map (invalid entries are skipped:
+/// they are reported by the reconcile pass's validation).
+pub fn hosts_from_keys(keys: &BTreeMap<String, String>) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut out = BTreeMap::new();
+    for (k, v) in keys {
+        let Some(name) = k.strip_prefix("/dns/hosts/") else {
+            continue;
+        };
+        let Ok(name) = parse_hostname(name) else {
+            continue;
+        };
+        let addrs: Vec<IpAddr> = v.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        out.insert(name, addrs);
+    }
+    out
+}
+
+/// Run the gateway agent until SIGTERM/SIGINT.
+pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    info!(node = %cfg.node_id, root = %cfg.root.display(), "meduza starting");
+    if let Err(err) = reaper::become_subreaper() {
+        warn!(%err, "cannot become child subreaper; orphans of children are reaped by init");
+    }
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    // OpenVPN's management sockets live here.
+    let _ = std::fs::create_dir_all("/run/meduza");
+
+    let spawner = RealSpawner::new();
+    let _reaper = reaper::spawn(spawner.registry());
+    let frr = Arc::new(FrrControl::from_env(&cfg.root));
+    let supervisor = Supervisor::new(
+        Arc::new(spawner),
+        Arc::new(SystemClock),
+        SupervisorConfig::new(&cfg.state_dir),
+    )
+    .with_frr_reloader(frr.clone());
+
+    let kv: Arc<dyn Kv> = Arc::new(EtcdKv::new(cfg.etcd.clone()));
+    let publisher = StatusPublisher::spawn(
+        Arc::clone(&kv),
+        &cfg.node_id,
+        PublisherConfig {
+            ttl_secs: cfg.lease_ttl,
+            ..PublisherConfig::default()
+        },
+    );
+
+    let initial_dns = DnsPlan {
+        upstreams: default_upstreams(),
+        ..DnsPlan::default()
+    };
+    let dns = crate::dns::start(cfg.dns.clone(), initial_dns).await?;
+    info!(listen = ?dns.local_addrs(), "dns frontend up");
+
+    let dp = SystemDataplane::from_env()?;
+    let dataplane = spawn_task(Arc::new(dp), None, netlink_triggers()?);
+    let wireguard = match LinkOps::new() {
+        Ok(links) => Some(WgManager::new(AutoWg::new(links.clone()), Some(links))),
+        Err(err) => {
+            warn!(%err, "no rtnetlink: WireGuard devices cannot be managed");
+            None
+        }
+    };
+
+    let (token_tx, token_rx) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        node_id: cfg.node_id.clone(),
+        supervisor,
+        dns,
+        dataplane,
+        wireguard,
+        wg_devices: Mutex::new(Vec::new()),
+        publisher,
+        metrics: Mutex::new(crate::api::types::ReconcileMetrics {
+            duration: crate::api::types::Histogram::with_bounds(&[
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            ..Default::default()
+        }),
+        errors: Mutex::new("[]".into()),
+        clash_healthy: AtomicBool::new(false),
+        clash_status: Mutex::new(None),
+        tproxy_status: Mutex::new(None),
+        commit_revision: Mutex::new(None),
+        api_token: token_tx,
+    });
+    shared.publisher.set_last("starting");
+
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(publish_services(Arc::clone(&shared))));
+    tasks.push(tokio::spawn(publish_dns(Arc::clone(&shared))));
+    tasks.push(tokio::spawn(publish_links(Arc::clone(&shared))));
+
+    // Node API.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    {
+        let state = crate::api::ApiState::new(
+            cfg.node_id.clone(),
+            token_rx,
+            Arc::new(view::DaemonView {
+                shared: Arc::clone(&shared),
+            }),
+            Arc::new(view::KvStore {
+                kv: Arc::clone(&kv),
+            }),
+            Arc::new(crate::api::stats::ProcNetDev::default()),
+        );
+        let mut stop = stop_rx.clone();
+        let addr = cfg.api_listen;
+        tasks.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(err) = crate::api::serve(addr, state, shutdown).await {
+                warn!(%err, "node api stopped");
+            }
+        }));
+    }
+
+    // Reconciler, fed by the etcd watcher.
+    let (trigger_tx, trigger_rx) = mpsc::channel(64);
+    let secret = clash_secret(&cfg.state_dir)?;
+    let env = crate::offline::env_from_process(secret);
+    let clash =
+        clash::ClashOrchestrator::new(Arc::clone(&shared), cfg.root.clone(), trigger_tx.clone());
+    let effects = effects::DaemonEffects::new(Arc::clone(&shared), Arc::clone(&frr), clash);
+    let source = EtcdSource {
+        kv: Arc::clone(&kv),
+        node_id: cfg.node_id.clone(),
+    };
+    let fs = Arc::new(RootFs::new(&cfg.root));
+    let reconciler = Reconciler::new(
+        cfg.node_id.clone(),
+        source,
+        effects,
+        fs.clone(),
+        cfg.state_dir.clone(),
+        env,
+    );
+    let metrics_shared = Arc::clone(&shared);
+    let reconcile_task = tokio::spawn(reconciler.run_with(trigger_rx, move |report, took| {
+        let mut m = metrics_shared
+            .metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.passes_total += 1;
+        if !report.applied {
+            m.failed_total += 1;
+        }
+        m.last_duration_seconds = Some(took.as_secs_f64());
+        m.duration.observe(took.as_secs_f64());
+    }));
+    trigger_tx.send(Trigger::Boot).await.ok();
+
+    let (watcher, mut events) = spawn_watcher(Arc::clone(&kv), WatcherConfig::default(), 0);
+    {
+        let shared = Arc::clone(&shared);
+        let kv = Arc::clone(&kv);
+        let root = cfg.root.clone();
+        let triggers = trigger_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    WatchEvent::Commit { revision, .. } => {
+                        *shared
+                            .commit_revision
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(revision);
+                        let _ = triggers.send(Trigger::Commit(revision)).await;
+                    }
+                    WatchEvent::Hosts { .. } => refresh_hosts(&shared, &*kv, &root).await,
+                    WatchEvent::Resync { reason, .. } => {
+                        info!(%reason, "etcd resync");
+                        refresh_hosts(&shared, &*kv, &root).await;
+                        let _ = triggers.send(Trigger::Resync).await;
+                    }
+                    WatchEvent::Tick => {
+                        let _ = triggers.send(Trigger::Periodic).await;
+                    }
+                }
+            }
+        }));
+    }
+
+    wait_for_signal().await;
+    info!("shutdown requested");
+    drop(watcher);
+    reconcile_task.abort();
+    let _ = reconcile_task.await;
+    let _ = stop_tx.send(true);
+    // TPROXY first: once mihomo stops, intercepted traffic would have nowhere to go.
+    shared.dataplane.set(None);
+    let mut st = shared.dataplane.status();
+    let _ = tokio::time::timeout(Duration::from_secs(3), st.wait_for(|s| s.converged)).await;
+    shared.set_tproxy("removed", "meduza stopping");
+    shared.supervisor.shutdown().await;
+    shared.publisher.set_last("stopped");
+    for t in &tasks {
+        t.abort();
+    }
+    match Arc::try_unwrap(shared) {
+        Ok(shared) => shared.publisher.shutdown().await,
+        Err(shared) => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), shared.publisher.flush()).await;
+        }
+    }
+    info!("meduza stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; running until killed");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Re-read `/dns/hosts/`, update the frontend at once and rewrite `/etc/etcd_hosts`
+/// only when its content changed.
+async fn refresh_hosts(shared: &Shared, kv: &dyn Kv, root: &Path) {
+    match kv.get_prefix("/dns/hosts/").await {
+        Ok((keys, _)) => {
+            let hosts = hosts_from_keys(&keys);
+            shared.dns.set_hosts(hosts.clone());
+            let fs = RootFs::new(root);
+            match fs.resolve("/etc/etcd_hosts") {
+                Ok(path) => {
+                    if let Err(err) = crate::dns::write_hosts_file_if_changed(&path, &hosts) {
+                        warn!(%err, "writing /etc/etcd_hosts failed");
+                    }
+                }
+                Err(err) => warn!(%err, "bad hosts path"),
+            }
+            let _ = fs.observe("/etc/etcd_hosts");
+        }
+        Err(err) => warn!(%err, "reading /dns/hosts/ failed"),
+    }
+}
+
+/// `/updated/<id>/services/<svc>/status` follows the supervisor.
+async fn publish_services(shared: Arc<Shared>) {
+    let mut rx = shared.supervisor.watch_status();
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let now: BTreeMap<String, String> = rx
+            .borrow_and_update()
+            .iter()
+            .map(|(n, s)| (n.clone(), s.status_value()))
+            .collect();
+        for (name, value) in &now {
+            if last.get(name) != Some(value) {
+                shared
+                    .publisher
+                    .set(&format!("services/{name}/status"), value.clone());
+            }
+        }
+        for name in last.keys().filter(|n| !now.contains_key(*n)) {
+            shared.publisher.remove(&format!("services/{name}/status"));
+        }
+        clash::update_dns_chain(&shared);
+        last = now;
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// DNS upstream status and the failover log follow the frontend.
+async fn publish_dns(shared: Arc<Shared>) {
+    let mut rx = shared.dns.subscribe();
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_log = 0usize;
+    loop {
+        let (ups, log) = {
+            let st = rx.borrow_and_update();
+            (st.upstreams.clone(), st.failover_log.clone())
+        };
+        let now = crate::reconcile::unix_now();
+        for u in &ups {
+            // Publish on a change of state (not of the timestamp or latency alone).
+            let key = format!("{}", u.status);
+            if last.get(&u.name) != Some(&key) {
+                shared.publisher.set(
+                    &format!("dns/upstreams/{}/status", u.name),
+                    u.etcd_value(now),
+                );
+                last.insert(u.name.clone(), key);
+            }
+        }
+        if log.len() != last_log || log.len() == 100 {
+            let value = serde_json::to_string(&log).unwrap_or_else(|_| "[]".into());
+            shared.publisher.set("dns/failover_log", value);
+            last_log = log.len();
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// OpenVPN (management socket) and WireGuard (handshake age) status every 5 s.
+async fn publish_links(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut last: BTreeMap<String, &'static str> = BTreeMap::new();
+    loop {
+        tick.tick().await;
+        let mut now: BTreeMap<String, &'static str> = BTreeMap::new();
+        for st in shared.supervisor.status() {
+            if let Some(name) = st.name.strip_prefix("openvpn-") {
+                let sock = PathBuf::from(format!("/run/meduza/openvpn-{name}.sock"));
+                let state = vpnstatus::openvpn_state(&sock).await;
+                now.insert(format!("openvpn/{name}/status"), state.as_str());
+            }
+        }
+        if let Some(wg) = &shared.wireguard {
+            let devices = shared
+                .wg_devices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            for d in devices {
+                let state = wg.backend().get(&d.dev).await.ok();
+                let status = status_of(state.as_ref(), std::time::SystemTime::now());
+                now.insert(format!("wireguard/{}/status", d.name), status.as_str());
+            }
+        }
+        for (k, v) in &now {
+            if last.get(k) != Some(v) {
+                shared
+                    .publisher
+                    .set(k, format!("{v} {}", crate::reconcile::unix_now()));
+            }
+        }
+        for k in last.keys().filter(|k| !now.contains_key(*k)) {
+            shared.publisher.remove(k);
+        }
+        last = now;
+    }
+}
