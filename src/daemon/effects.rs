@@ -25,16 +25,40 @@ pub struct DaemonEffects {
     /// The services the last pass wanted (FRR's are added while it is enabled).
     desired: Vec<ServiceSpec>,
     frr_enabled: bool,
+    /// `MEDUZA_ROOT` when it is not `/`.
+    reroot: Option<std::path::PathBuf>,
+}
+
+/// Under a `MEDUZA_ROOT` other than `/` (tests, demos), the files a child reads live
+/// under the root too: re-root its absolute `/etc/...`, `/var/...` arguments and
+/// working directory, creating the parent directories of `/var` paths (pid files).
+pub fn reroot(spec: &mut ServiceSpec, root: &std::path::Path) {
+    let fix = |arg: &mut String| {
+        if arg.starts_with("/etc/") || arg.starts_with("/var/") {
+            let host = root.join(arg.trim_start_matches('/'));
+            if arg.starts_with("/var/") {
+                if let Some(parent) = host.parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+            }
+            *arg = host.display().to_string();
+        }
+    };
+    spec.argv.iter_mut().skip(1).for_each(fix);
+    if let Some(w) = spec.workdir.as_mut() {
+        fix(w);
+    }
 }
 
 impl DaemonEffects {
-    pub fn new(shared: Arc<Shared>, frr: Arc<FrrControl>, clash: ClashOrchestrator) -> Self {
+    pub fn new(shared: Arc<Shared>, frr: Arc<FrrControl>, clash: ClashOrchestrator, root: &std::path::Path) -> Self {
         Self {
             shared,
             frr,
             clash,
             desired: Vec::new(),
             frr_enabled: false,
+            reroot: (root != std::path::Path::new("/")).then(|| root.to_path_buf()),
         }
     }
 
@@ -49,6 +73,11 @@ impl DaemonEffects {
             .collect();
         if self.frr_enabled {
             specs.extend(self.frr.specs());
+        }
+        if let Some(root) = &self.reroot {
+            for spec in &mut specs {
+                reroot(spec, root);
+            }
         }
         let ops = self
             .shared

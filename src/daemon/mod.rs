@@ -295,7 +295,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let env = crate::offline::env_from_process(secret);
     let clash =
         clash::ClashOrchestrator::new(Arc::clone(&shared), cfg.root.clone(), trigger_tx.clone());
-    let effects = effects::DaemonEffects::new(Arc::clone(&shared), Arc::clone(&frr), clash);
+    let effects = effects::DaemonEffects::new(Arc::clone(&shared), Arc::clone(&frr), clash, &cfg.root);
     let source = EtcdSource {
         kv: Arc::clone(&kv),
         node_id: cfg.node_id.clone(),

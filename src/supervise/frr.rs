@@ -23,6 +23,20 @@ use tracing::{info, warn};
 /// The integrated config inside the root.
 pub const FRR_CONF: &str = "/etc/frr/frr.conf";
 
+/// Capabilities FRR's daemons start with.
+const FRR_CAPS: [&str; 10] = [
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_SYS_ADMIN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_CHOWN",
+    "CAP_FOWNER",
+    "CAP_KILL",
+];
+
 /// Where FRR's programs are and how they are addressed.
 #[derive(Debug, Clone)]
 pub struct FrrControl {
@@ -75,9 +89,10 @@ impl FrrControl {
             ]);
             argv.extend(self.pathspace_args());
             let mut spec = ServiceSpec::new(format!("frr-{name}"), argv);
-            // bgpd needs CAP_NET_BIND_SERVICE for port 179 and zebra CAP_NET_ADMIN /
-            // CAP_NET_RAW for routes; the daemons drop to user frr themselves and keep
-            // what they need, so they start with their full capability set as root.
+            // The daemons start as root and drop to user frr themselves (setgroups,
+            // setuid), creating their run/tmp directories first; they keep what they
+            // need (bgpd: port 179; zebra: routes). Everything else is dropped.
+            spec.caps = FRR_CAPS.iter().map(|c| (*c).to_string()).collect();
             if name != "zebra" {
                 spec.after = vec!["frr-zebra".into()];
             } else {
