@@ -156,6 +156,38 @@ impl BootReport {
     }
 }
 
+/// Settings as resolved from the real sources: `flags` (built by the CLI), the process
+/// environment, `$MEDUZA_ROOT/etc/meduza/meduza.toml` (absent is fine), `/proc/cmdline`
+/// (unreadable before `/proc` is mounted: call again after [`run_boot_duties`]) and the
+/// hostname. Returns the settings and the unknown `meduza.*` kernel parameters, which
+/// the caller should log.
+pub fn load_settings(flags: &SettingsLayer) -> Result<(Settings, Vec<String>), SettingsError> {
+    let env = SettingsLayer::from_env(std::env::vars())?;
+    let root = flags
+        .root
+        .clone()
+        .or_else(|| env.root.clone())
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let toml_path = root.join(settings::TOML_PATH);
+    let toml = match std::fs::read_to_string(&toml_path) {
+        Ok(text) => SettingsLayer::from_toml(&text, &toml_path.to_string_lossy())?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => SettingsLayer::default(),
+        Err(e) => {
+            return Err(SettingsError::Toml {
+                path: toml_path.to_string_lossy().into_owned(),
+                reason: e.to_string(),
+            })
+        }
+    };
+    let cmdline = parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let cmdline_layer = SettingsLayer::from_cmdline(&cmdline)?;
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned());
+    let settings = resolve_settings(flags, &env, &toml, &cmdline_layer, hostname.as_deref())?;
+    Ok((settings, cmdline.unknown_keys()))
+}
+
 /// Whether `meduza run` should perform the boot duties: only when asked (`MEDUZA_BOOT=1`,
 /// `meduza.boot`, `--boot`, all folded into `settings.boot`) *and* started by init
 /// (parent pid 1) or being init itself. Both are required so a developer who exports

@@ -68,7 +68,7 @@ start_subscription_server "$TMP"
 seed_config
 qlog "etcd on 127.0.0.1:$ETCD_PORT (guest: 10.0.2.2:$ETCD_PORT), /commit revision $COMMIT_REV"
 
-start_qemu "$TMP" "test.probe=http://10.0.2.2:$ETCD_PORT/version"
+start_qemu "$TMP" "test.probe=10.0.2.2:$ETCD_PORT"
 qlog "QEMU started (pid $QEMU_PID); DNS on 127.0.0.1:$DNS_PORT, API on 127.0.0.1:$API_PORT"
 
 T_INIT="$(wait_for 60 "kernel runs /init" console_has 'Run /init as init process')"
