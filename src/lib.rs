@@ -2,6 +2,7 @@
 //! tests use them directly).
 
 pub mod api;
+pub mod boot;
 pub mod clash;
 pub mod daemon;
 pub mod dataplane;

@@ -1,0 +1,875 @@
+//! Local (image-level) settings of meduza itself: DESIGN §2.
+//!
+//! Owns: the [`Settings`] type, the four input layers (command-line flags, environment,
+//! `/etc/meduza/meduza.toml`, kernel command line) and their merge in priority order
+//! `flags > env > toml > cmdline > defaults` ([`resolve_settings`]).
+//! Must not: read the environment, files or `/proc` itself; callers pass what they read,
+//! so every rule here is tested as data.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::cmdline::KernelCmdline;
+
+/// Path of the defaults file inside the image (relative to `MEDUZA_ROOT`).
+pub const TOML_PATH: &str = "etc/meduza/meduza.toml";
+/// Default etcd endpoint.
+pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
+/// Default DNS frontend sockets.
+pub const DEFAULT_DNS_LISTEN: &[&str] = &["0.0.0.0:53", "[::]:53"];
+/// Default node API socket.
+pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:9100";
+/// Default state partition: the ext4 filesystem label genimage gives it.
+pub const DEFAULT_STATE_DEVICE: &str = "LABEL=meduza-state";
+
+/// Where a setting came from; carried by errors so an operator knows what to fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Flag,
+    Env,
+    Toml,
+    Cmdline,
+    /// The machine's hostname, the node id of last resort.
+    Hostname,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::Flag => "command-line flag",
+            Origin::Env => "environment",
+            Origin::Toml => "/etc/meduza/meduza.toml",
+            Origin::Cmdline => "kernel command line",
+            Origin::Hostname => "hostname",
+        })
+    }
+}
+
+/// Errors of the settings loader.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    #[error("{origin}: invalid {key}={value:?}: {reason}")]
+    Invalid {
+        origin: Origin,
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error("{path}: {reason}")]
+    Toml { path: String, reason: String },
+    #[error("no node id: set NODE_ID, node_id in meduza.toml, meduza.node_id= on the kernel command line, or a hostname")]
+    NoNodeId,
+}
+
+/// How the data plane is applied (`MEDUZA_DATAPLANE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dataplane {
+    /// Real nftables and netlink.
+    #[default]
+    Nft,
+    /// Plan only; log what would be applied.
+    Off,
+}
+
+impl Dataplane {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "nft" => Ok(Dataplane::Nft),
+            "off" => Ok(Dataplane::Off),
+            _ => Err("expected \"nft\" or \"off\"".into()),
+        }
+    }
+}
+
+/// Child programs whose path can be overridden with `MEDUZA_BIN_<TOOL>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tool {
+    Mihomo,
+    Mosdns,
+    Easytier,
+    Tincd,
+    Openvpn,
+    WireguardGo,
+    FrrReload,
+    Vtysh,
+    Watchfrr,
+}
+
+impl Tool {
+    pub const ALL: [Tool; 9] = [
+        Tool::Mihomo,
+        Tool::Mosdns,
+        Tool::Easytier,
+        Tool::Tincd,
+        Tool::Openvpn,
+        Tool::WireguardGo,
+        Tool::FrrReload,
+        Tool::Vtysh,
+        Tool::Watchfrr,
+    ];
+
+    /// Suffix of the environment variable (`MEDUZA_BIN_<suffix>`).
+    pub fn env_suffix(self) -> &'static str {
+        match self {
+            Tool::Mihomo => "MIHOMO",
+            Tool::Mosdns => "MOSDNS",
+            Tool::Easytier => "EASYTIER",
+            Tool::Tincd => "TINCD",
+            Tool::Openvpn => "OPENVPN",
+            Tool::WireguardGo => "WIREGUARD_GO",
+            Tool::FrrReload => "FRR_RELOAD",
+            Tool::Vtysh => "VTYSH",
+            Tool::Watchfrr => "WATCHFRR",
+        }
+    }
+
+    /// Key in the `[bin]` table of meduza.toml.
+    pub fn toml_key(self) -> &'static str {
+        match self {
+            Tool::Mihomo => "mihomo",
+            Tool::Mosdns => "mosdns",
+            Tool::Easytier => "easytier",
+            Tool::Tincd => "tincd",
+            Tool::Openvpn => "openvpn",
+            Tool::WireguardGo => "wireguard_go",
+            Tool::FrrReload => "frr_reload",
+            Tool::Vtysh => "vtysh",
+            Tool::Watchfrr => "watchfrr",
+        }
+    }
+
+    /// Where the firmware image installs the program (buildroot/package/*, Buildroot's
+    /// FRR/tinc/OpenVPN packages with their default `--sbindir=/usr/sbin`).
+    pub fn image_path(self) -> &'static str {
+        match self {
+            Tool::Mihomo => "/usr/bin/mihomo",
+            Tool::Mosdns => "/usr/bin/mosdns",
+            Tool::Easytier => "/usr/bin/easytier-core",
+            Tool::Tincd => "/usr/sbin/tincd",
+            Tool::Openvpn => "/usr/sbin/openvpn",
+            Tool::WireguardGo => "/usr/bin/wireguard-go",
+            Tool::FrrReload => "/usr/sbin/frr-reload.py",
+            Tool::Vtysh => "/usr/bin/vtysh",
+            Tool::Watchfrr => "/usr/sbin/watchfrr",
+        }
+    }
+}
+
+/// One layer of optional settings. Flags are built by the CLI directly from these
+/// public fields; the other layers come from the `from_*` constructors.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettingsLayer {
+    pub node_id: Option<String>,
+    pub etcd_endpoints: Option<Vec<String>>,
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
+    pub etcd_user: Option<String>,
+    pub etcd_pass: Option<String>,
+    pub default_gw: Option<IpAddr>,
+    pub root: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    /// State partition: `/dev/...`, `LABEL=...` or `PARTLABEL=...`; `none` disables it.
+    pub state_device: Option<String>,
+    pub dns_listen: Option<Vec<SocketAddr>>,
+    pub api_listen: Option<SocketAddr>,
+    pub dataplane: Option<Dataplane>,
+    pub bins: BTreeMap<Tool, PathBuf>,
+    /// Run the boot duties (`MEDUZA_BOOT=1`, `meduza.boot`, `--boot`).
+    pub boot: Option<bool>,
+}
+
+/// The resolved settings meduza runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub node_id: String,
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
+    pub etcd_user: Option<String>,
+    pub etcd_pass: Option<String>,
+    pub default_gw: Option<IpAddr>,
+    pub root: PathBuf,
+    pub state_dir: PathBuf,
+    /// `None` when disabled with `none`.
+    pub state_device: Option<String>,
+    pub dns_listen: Vec<SocketAddr>,
+    pub api_listen: SocketAddr,
+    pub dataplane: Dataplane,
+    pub bins: BTreeMap<Tool, PathBuf>,
+    pub boot: bool,
+}
+
+impl Settings {
+    /// Path of a child program.
+    pub fn bin(&self, tool: Tool) -> &Path {
+        match self.bins.get(&tool) {
+            Some(p) => p,
+            None => Path::new(tool.image_path()),
+        }
+    }
+}
+
+fn invalid(origin: Origin, key: &str, value: &str, reason: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        origin,
+        key: key.to_string(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_node_id(origin: Origin, key: &str, v: &str) -> Result<String, SettingsError> {
+    // The node id becomes an etcd path segment and the hostname (≤ 64 bytes, no '/').
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err(invalid(
+            origin,
+            key,
+            v,
+            "expected 1-64 characters of [A-Za-z0-9_.-]",
+        ))
+    }
+}
+
+fn parse_endpoint(origin: Origin, key: &str, v: &str) -> Result<String, SettingsError> {
+    let v = v.trim();
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"))
+        .ok_or_else(|| invalid(origin, key, v, "expected http(s)://host:port"))?;
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(origin, key, v, "missing :port"))?;
+    if host.is_empty() || host.contains('/') {
+        return Err(invalid(origin, key, v, "missing host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(v.to_string()),
+        _ => Err(invalid(origin, key, v, "port must be 1-65535")),
+    }
+}
+
+fn parse_endpoints<'a>(
+    origin: Origin,
+    key: &str,
+    items: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<String>, SettingsError> {
+    let list: Vec<String> = items
+        .into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| parse_endpoint(origin, key, s))
+        .collect::<Result<_, _>>()?;
+    if list.is_empty() {
+        return Err(invalid(origin, key, "", "no endpoint given"));
+    }
+    Ok(list)
+}
+
+fn parse_sockets<'a>(
+    origin: Origin,
+    key: &str,
+    items: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<SocketAddr>, SettingsError> {
+    let list: Vec<SocketAddr> = items
+        .into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<SocketAddr>()
+                .map_err(|e| invalid(origin, key, s, e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    if list.is_empty() {
+        return Err(invalid(origin, key, "", "no socket address given"));
+    }
+    Ok(list)
+}
+
+fn parse_socket(origin: Origin, key: &str, v: &str) -> Result<SocketAddr, SettingsError> {
+    v.trim()
+        .parse()
+        .map_err(|e: std::net::AddrParseError| invalid(origin, key, v, e.to_string()))
+}
+
+fn parse_ip(origin: Origin, key: &str, v: &str) -> Result<IpAddr, SettingsError> {
+    v.trim()
+        .parse()
+        .map_err(|e: std::net::AddrParseError| invalid(origin, key, v, e.to_string()))
+}
+
+fn parse_bool(origin: Origin, key: &str, v: &str) -> Result<bool, SettingsError> {
+    match v.trim() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(invalid(origin, key, v, "expected 1/0, true/false, yes/no")),
+    }
+}
+
+fn parse_abs_path(origin: Origin, key: &str, v: &str) -> Result<PathBuf, SettingsError> {
+    if v.starts_with('/') {
+        Ok(PathBuf::from(v))
+    } else {
+        Err(invalid(origin, key, v, "expected an absolute path"))
+    }
+}
+
+fn parse_dataplane(origin: Origin, key: &str, v: &str) -> Result<Dataplane, SettingsError> {
+    Dataplane::parse(v.trim()).map_err(|r| invalid(origin, key, v, r))
+}
+
+fn parse_state_device(origin: Origin, key: &str, v: &str) -> Result<String, SettingsError> {
+    let v = v.trim();
+    let ok = v == "none"
+        || v.starts_with("/dev/")
+        || v.strip_prefix("LABEL=").is_some_and(|l| !l.is_empty())
+        || v.strip_prefix("PARTLABEL=").is_some_and(|l| !l.is_empty());
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err(invalid(
+            origin,
+            key,
+            v,
+            "expected /dev/..., LABEL=..., PARTLABEL=... or none",
+        ))
+    }
+}
+
+impl SettingsLayer {
+    /// The environment layer (DESIGN §2's table plus `MEDUZA_BOOT` and
+    /// `MEDUZA_STATE_DEVICE`). Unset and empty variables are ignored; others are ignored
+    /// unless they are meduza's.
+    pub fn from_env<K, V, I>(vars: I) -> Result<Self, SettingsError>
+    where
+        K: AsRef<str>,
+        V: AsRef<str>,
+        I: IntoIterator<Item = (K, V)>,
+    {
+        let o = Origin::Env;
+        let mut l = SettingsLayer::default();
+        for (k, v) in vars {
+            let (k, v) = (k.as_ref(), v.as_ref());
+            if v.is_empty() {
+                continue;
+            }
+            match k {
+                "NODE_ID" => l.node_id = Some(parse_node_id(o, k, v)?),
+                "ETCD_ENDPOINTS" => l.etcd_endpoints = Some(parse_endpoints(o, k, v.split(','))?),
+                "ETCD_CA" => l.etcd_ca = Some(parse_abs_path(o, k, v)?),
+                "ETCD_CERT" => l.etcd_cert = Some(parse_abs_path(o, k, v)?),
+                "ETCD_KEY" => l.etcd_key = Some(parse_abs_path(o, k, v)?),
+                "ETCD_USER" => l.etcd_user = Some(v.to_string()),
+                "ETCD_PASS" => l.etcd_pass = Some(v.to_string()),
+                "DEFAULT_GW" => l.default_gw = Some(parse_ip(o, k, v)?),
+                "MEDUZA_ROOT" => l.root = Some(parse_abs_path(o, k, v)?),
+                "MEDUZA_STATE_DIR" => l.state_dir = Some(parse_abs_path(o, k, v)?),
+                "MEDUZA_STATE_DEVICE" => l.state_device = Some(parse_state_device(o, k, v)?),
+                "MEDUZA_DNS_LISTEN" => l.dns_listen = Some(parse_sockets(o, k, v.split(','))?),
+                "MEDUZA_API_LISTEN" => l.api_listen = Some(parse_socket(o, k, v)?),
+                "MEDUZA_DATAPLANE" => l.dataplane = Some(parse_dataplane(o, k, v)?),
+                "MEDUZA_BOOT" => l.boot = Some(parse_bool(o, k, v)?),
+                _ => {
+                    if let Some(suffix) = k.strip_prefix("MEDUZA_BIN_") {
+                        let tool = Tool::ALL
+                            .into_iter()
+                            .find(|t| t.env_suffix() == suffix)
+                            .ok_or_else(|| invalid(o, k, v, "unknown tool"))?;
+                        l.bins.insert(tool, parse_abs_path(o, k, v)?);
+                    }
+                }
+            }
+        }
+        Ok(l)
+    }
+
+    /// The `/etc/meduza/meduza.toml` layer. Unknown keys are errors (a typo must not
+    /// silently fall back to a default). `path` only labels errors.
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, SettingsError> {
+        let raw: TomlFile = toml::from_str(text).map_err(|e| SettingsError::Toml {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })?;
+        let o = Origin::Toml;
+        let mut l = SettingsLayer::default();
+        if let Some(v) = raw.node_id {
+            l.node_id = Some(parse_node_id(o, "node_id", &v)?);
+        }
+        if let Some(v) = raw.etcd_endpoints {
+            l.etcd_endpoints = Some(match &v {
+                StringOrList::One(s) => parse_endpoints(o, "etcd_endpoints", s.split(','))?,
+                StringOrList::Many(items) => {
+                    parse_endpoints(o, "etcd_endpoints", items.iter().map(String::as_str))?
+                }
+            });
+        }
+        for (key, src, dst) in [
+            ("etcd_ca", raw.etcd_ca, &mut l.etcd_ca),
+            ("etcd_cert", raw.etcd_cert, &mut l.etcd_cert),
+            ("etcd_key", raw.etcd_key, &mut l.etcd_key),
+            ("root", raw.root, &mut l.root),
+            ("state_dir", raw.state_dir, &mut l.state_dir),
+        ] {
+            if let Some(v) = src {
+                *dst = Some(parse_abs_path(o, key, &v)?);
+            }
+        }
+        l.etcd_user = raw.etcd_user;
+        l.etcd_pass = raw.etcd_pass;
+        if let Some(v) = raw.default_gw {
+            l.default_gw = Some(parse_ip(o, "default_gw", &v)?);
+        }
+        if let Some(v) = raw.state_device {
+            l.state_device = Some(parse_state_device(o, "state_device", &v)?);
+        }
+        if let Some(v) = raw.dns_listen {
+            l.dns_listen = Some(match &v {
+                StringOrList::One(s) => parse_sockets(o, "dns_listen", s.split(','))?,
+                StringOrList::Many(items) => {
+                    parse_sockets(o, "dns_listen", items.iter().map(String::as_str))?
+                }
+            });
+        }
+        if let Some(v) = raw.api_listen {
+            l.api_listen = Some(parse_socket(o, "api_listen", &v)?);
+        }
+        if let Some(v) = raw.dataplane {
+            l.dataplane = Some(parse_dataplane(o, "dataplane", &v)?);
+        }
+        l.boot = raw.boot;
+        for (name, path) in raw.bin {
+            let key = format!("bin.{name}");
+            let tool = Tool::ALL
+                .into_iter()
+                .find(|t| t.toml_key() == name)
+                .ok_or_else(|| invalid(o, &key, &path, "unknown tool"))?;
+            l.bins.insert(tool, parse_abs_path(o, &key, &path)?);
+        }
+        Ok(l)
+    }
+
+    /// The kernel command line layer (`meduza.node_id=`, `meduza.etcd=`, ...). Unknown
+    /// `meduza.*` keys are not errors here (see [`KernelCmdline::unknown_keys`]): a typo
+    /// on a provisioning line must not stop a remote box from coming up.
+    pub fn from_cmdline(c: &KernelCmdline) -> Result<Self, SettingsError> {
+        let o = Origin::Cmdline;
+        let mut l = SettingsLayer::default();
+        let get = |k: &str| c.get(k).map(|v| (format!("meduza.{k}"), v));
+        if let Some((k, v)) = get("node_id") {
+            l.node_id = Some(parse_node_id(o, &k, v)?);
+        }
+        if let Some((k, v)) = get("etcd") {
+            l.etcd_endpoints = Some(parse_endpoints(o, &k, v.split(','))?);
+        }
+        if let Some((k, v)) = get("etcd_ca") {
+            l.etcd_ca = Some(parse_abs_path(o, &k, v)?);
+        }
+        if let Some((k, v)) = get("etcd_cert") {
+            l.etcd_cert = Some(parse_abs_path(o, &k, v)?);
+        }
+        if let Some((k, v)) = get("etcd_key") {
+            l.etcd_key = Some(parse_abs_path(o, &k, v)?);
+        }
+        if let Some((_, v)) = get("etcd_user") {
+            l.etcd_user = Some(v.to_string());
+        }
+        if let Some((_, v)) = get("etcd_pass") {
+            l.etcd_pass = Some(v.to_string());
+        }
+        if let Some((k, v)) = get("default_gw") {
+            l.default_gw = Some(parse_ip(o, &k, v)?);
+        }
+        if let Some((k, v)) = get("root") {
+            l.root = Some(parse_abs_path(o, &k, v)?);
+        }
+        if let Some((k, v)) = get("state") {
+            l.state_device = Some(parse_state_device(o, &k, v)?);
+        }
+        if let Some((k, v)) = get("state_dir") {
+            l.state_dir = Some(parse_abs_path(o, &k, v)?);
+        }
+        if let Some((k, v)) = get("dns_listen") {
+            l.dns_listen = Some(parse_sockets(o, &k, v.split(','))?);
+        }
+        if let Some((k, v)) = get("api_listen") {
+            l.api_listen = Some(parse_socket(o, &k, v)?);
+        }
+        if let Some((k, v)) = get("dataplane") {
+            l.dataplane = Some(parse_dataplane(o, &k, v)?);
+        }
+        if let Some((k, v)) = get("boot") {
+            // A bare `meduza.boot` means yes.
+            l.boot = Some(v.is_empty() || parse_bool(o, &k, v)?);
+        }
+        Ok(l)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlFile {
+    node_id: Option<String>,
+    etcd_endpoints: Option<StringOrList>,
+    etcd_ca: Option<String>,
+    etcd_cert: Option<String>,
+    etcd_key: Option<String>,
+    etcd_user: Option<String>,
+    etcd_pass: Option<String>,
+    default_gw: Option<String>,
+    root: Option<String>,
+    state_dir: Option<String>,
+    state_device: Option<String>,
+    dns_listen: Option<StringOrList>,
+    api_listen: Option<String>,
+    dataplane: Option<String>,
+    boot: Option<bool>,
+    #[serde(default)]
+    bin: BTreeMap<String, String>,
+}
+
+/// Merge the layers: flags > env > toml > cmdline > built-in defaults. A field takes the
+/// first layer that sets it; `bins` merge per tool. `hostname` is the fallback node id
+/// DESIGN §2 allows when none of the layers names one.
+pub fn resolve_settings(
+    flags: &SettingsLayer,
+    env: &SettingsLayer,
+    toml: &SettingsLayer,
+    cmdline: &SettingsLayer,
+    hostname: Option<&str>,
+) -> Result<Settings, SettingsError> {
+    let layers = [flags, env, toml, cmdline];
+    fn pick<T: Clone>(
+        layers: &[&SettingsLayer; 4],
+        f: impl Fn(&SettingsLayer) -> &Option<T>,
+    ) -> Option<T> {
+        layers.iter().find_map(|l| f(l).clone())
+    }
+
+    let node_id = match pick(&layers, |l| &l.node_id) {
+        Some(id) => id,
+        None => match hostname.map(str::trim).filter(|h| !h.is_empty()) {
+            Some(h) => parse_node_id(Origin::Hostname, "hostname", h)?,
+            None => return Err(SettingsError::NoNodeId),
+        },
+    };
+    let root = pick(&layers, |l| &l.root).unwrap_or_else(|| PathBuf::from("/"));
+    let state_dir = pick(&layers, |l| &l.state_dir).unwrap_or_else(|| root.join("var/lib/meduza"));
+    let state_device = match pick(&layers, |l| &l.state_device) {
+        Some(d) if d == "none" => None,
+        Some(d) => Some(d),
+        None => Some(DEFAULT_STATE_DEVICE.to_string()),
+    };
+    let mut bins = BTreeMap::new();
+    for tool in Tool::ALL {
+        let path = layers
+            .iter()
+            .find_map(|l| l.bins.get(&tool).cloned())
+            .unwrap_or_else(|| PathBuf::from(tool.image_path()));
+        bins.insert(tool, path);
+    }
+    Ok(Settings {
+        node_id,
+        etcd_endpoints: pick(&layers, |l| &l.etcd_endpoints)
+            .unwrap_or_else(|| vec![DEFAULT_ETCD.to_string()]),
+        etcd_ca: pick(&layers, |l| &l.etcd_ca),
+        etcd_cert: pick(&layers, |l| &l.etcd_cert),
+        etcd_key: pick(&layers, |l| &l.etcd_key),
+        etcd_user: pick(&layers, |l| &l.etcd_user),
+        etcd_pass: pick(&layers, |l| &l.etcd_pass),
+        default_gw: pick(&layers, |l| &l.default_gw),
+        root,
+        state_dir,
+        state_device,
+        dns_listen: pick(&layers, |l| &l.dns_listen).unwrap_or_else(|| {
+            DEFAULT_DNS_LISTEN
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect()
+        }),
+        api_listen: pick(&layers, |l| &l.api_listen)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9100))),
+        dataplane: pick(&layers, |l| &l.dataplane).unwrap_or_default(),
+        bins,
+        boot: pick(&layers, |l| &l.boot).unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::cmdline::parse_cmdline;
+
+    fn none() -> SettingsLayer {
+        SettingsLayer::default()
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> SettingsLayer {
+        SettingsLayer::from_env(pairs.iter().copied()).expect("valid env")
+    }
+
+    #[test]
+    fn defaults_match_design_table() {
+        let s = resolve_settings(&none(), &none(), &none(), &none(), Some("box1")).unwrap();
+        assert_eq!(s.node_id, "box1");
+        assert_eq!(s.etcd_endpoints, vec!["http://127.0.0.1:2379"]);
+        assert_eq!(s.root, PathBuf::from("/"));
+        assert_eq!(s.state_dir, PathBuf::from("/var/lib/meduza"));
+        assert_eq!(
+            s.dns_listen,
+            vec![
+                "0.0.0.0:53".parse::<SocketAddr>().unwrap(),
+                "[::]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(s.api_listen, DEFAULT_API_LISTEN.parse().unwrap());
+        assert_eq!(s.dataplane, Dataplane::Nft);
+        assert_eq!(s.bin(Tool::Mihomo), Path::new("/usr/bin/mihomo"));
+        assert_eq!(s.bin(Tool::FrrReload), Path::new("/usr/sbin/frr-reload.py"));
+        assert_eq!(s.state_device.as_deref(), Some("LABEL=meduza-state"));
+        assert!(!s.boot);
+        assert_eq!(s.etcd_ca, None);
+        assert_eq!(s.default_gw, None);
+    }
+
+    #[test]
+    fn every_design_env_var_is_read() {
+        let e = env(&[
+            ("NODE_ID", "gw1"),
+            (
+                "ETCD_ENDPOINTS",
+                "http://10.0.0.1:2379, https://10.0.0.2:2379",
+            ),
+            ("ETCD_CA", "/etc/meduza/ca.pem"),
+            ("ETCD_CERT", "/etc/meduza/cert.pem"),
+            ("ETCD_KEY", "/etc/meduza/key.pem"),
+            ("ETCD_USER", "gw"),
+            ("ETCD_PASS", "s3cret"),
+            ("DEFAULT_GW", "192.168.1.1"),
+            ("MEDUZA_ROOT", "/tmp/r"),
+            ("MEDUZA_STATE_DIR", "/data/state"),
+            ("MEDUZA_DNS_LISTEN", "127.0.0.1:5353"),
+            ("MEDUZA_API_LISTEN", "127.0.0.1:9200"),
+            ("MEDUZA_DATAPLANE", "off"),
+            ("MEDUZA_BIN_MIHOMO", "/opt/mihomo"),
+            ("MEDUZA_BIN_MOSDNS", "/opt/mosdns"),
+            ("MEDUZA_BIN_EASYTIER", "/opt/easytier-core"),
+            ("MEDUZA_BIN_TINCD", "/opt/tincd"),
+            ("MEDUZA_BIN_OPENVPN", "/opt/openvpn"),
+            ("MEDUZA_BIN_WIREGUARD_GO", "/opt/wireguard-go"),
+            ("MEDUZA_BIN_FRR_RELOAD", "/opt/frr-reload.py"),
+            ("MEDUZA_BIN_VTYSH", "/opt/vtysh"),
+            ("MEDUZA_BIN_WATCHFRR", "/opt/watchfrr"),
+            ("MEDUZA_BOOT", "1"),
+            ("PATH", "/usr/bin"),
+        ]);
+        let s = resolve_settings(&none(), &e, &none(), &none(), None).unwrap();
+        assert_eq!(s.node_id, "gw1");
+        assert_eq!(
+            s.etcd_endpoints,
+            vec!["http://10.0.0.1:2379", "https://10.0.0.2:2379"]
+        );
+        assert_eq!(s.etcd_ca, Some(PathBuf::from("/etc/meduza/ca.pem")));
+        assert_eq!(s.etcd_cert, Some(PathBuf::from("/etc/meduza/cert.pem")));
+        assert_eq!(s.etcd_key, Some(PathBuf::from("/etc/meduza/key.pem")));
+        assert_eq!(s.etcd_user.as_deref(), Some("gw"));
+        assert_eq!(s.etcd_pass.as_deref(), Some("s3cret"));
+        assert_eq!(s.default_gw, Some("192.168.1.1".parse().unwrap()));
+        assert_eq!(s.root, PathBuf::from("/tmp/r"));
+        assert_eq!(s.state_dir, PathBuf::from("/data/state"));
+        assert_eq!(s.dns_listen, vec!["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(s.api_listen, "127.0.0.1:9200".parse().unwrap());
+        assert_eq!(s.dataplane, Dataplane::Off);
+        for tool in Tool::ALL {
+            let want = format!(
+                "/opt/{}",
+                Path::new(tool.image_path())
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+            );
+            assert_eq!(s.bin(tool), Path::new(&want), "{tool:?}");
+        }
+        assert!(s.boot);
+    }
+
+    #[test]
+    fn state_dir_follows_meduza_root() {
+        let s = resolve_settings(
+            &none(),
+            &env(&[("MEDUZA_ROOT", "/tmp/x")]),
+            &none(),
+            &none(),
+            Some("h"),
+        )
+        .unwrap();
+        assert_eq!(s.state_dir, PathBuf::from("/tmp/x/var/lib/meduza"));
+    }
+
+    #[test]
+    fn priority_is_flags_env_toml_cmdline_defaults() {
+        let flags = SettingsLayer {
+            api_listen: Some("127.0.0.1:1".parse().unwrap()),
+            ..Default::default()
+        };
+        let e = env(&[
+            ("MEDUZA_API_LISTEN", "127.0.0.1:2"),
+            ("NODE_ID", "from-env"),
+        ]);
+        let t = SettingsLayer::from_toml(
+            "node_id = \"from-toml\"\netcd_endpoints = [\"http://toml:2379\"]\n\
+             api_listen = \"127.0.0.1:3\"\ndataplane = \"off\"\n",
+            "meduza.toml",
+        )
+        .unwrap();
+        let c = SettingsLayer::from_cmdline(&parse_cmdline(
+            "meduza.node_id=from-cmdline meduza.etcd=http://cmdline:2379 \
+             meduza.dataplane=nft meduza.default_gw=10.0.0.1 meduza.api_listen=127.0.0.1:4",
+        ))
+        .unwrap();
+        let s = resolve_settings(&flags, &e, &t, &c, Some("host")).unwrap();
+        assert_eq!(s.api_listen, "127.0.0.1:1".parse().unwrap(), "flag wins");
+        assert_eq!(s.node_id, "from-env", "env beats toml and cmdline");
+        assert_eq!(
+            s.etcd_endpoints,
+            vec!["http://toml:2379"],
+            "toml beats cmdline"
+        );
+        assert_eq!(s.dataplane, Dataplane::Off, "toml beats cmdline");
+        assert_eq!(
+            s.default_gw,
+            Some("10.0.0.1".parse().unwrap()),
+            "cmdline beats default"
+        );
+
+        let s = resolve_settings(&none(), &none(), &none(), &c, Some("host")).unwrap();
+        assert_eq!(s.node_id, "from-cmdline", "cmdline beats hostname");
+        assert_eq!(s.etcd_endpoints, vec!["http://cmdline:2379"]);
+    }
+
+    #[test]
+    fn bins_merge_per_tool() {
+        let e = env(&[("MEDUZA_BIN_MIHOMO", "/env/mihomo")]);
+        let t = SettingsLayer::from_toml(
+            "[bin]\nmihomo = \"/toml/mihomo\"\nmosdns = \"/toml/mosdns\"\n",
+            "t",
+        )
+        .unwrap();
+        let s = resolve_settings(&none(), &e, &t, &none(), Some("h")).unwrap();
+        assert_eq!(s.bin(Tool::Mihomo), Path::new("/env/mihomo"));
+        assert_eq!(s.bin(Tool::Mosdns), Path::new("/toml/mosdns"));
+        assert_eq!(s.bin(Tool::Tincd), Path::new("/usr/sbin/tincd"));
+    }
+
+    #[test]
+    fn no_node_id_anywhere_is_an_error() {
+        assert_eq!(
+            resolve_settings(&none(), &none(), &none(), &none(), None),
+            Err(SettingsError::NoNodeId)
+        );
+        assert_eq!(
+            resolve_settings(&none(), &none(), &none(), &none(), Some("  ")),
+            Err(SettingsError::NoNodeId)
+        );
+    }
+
+    #[test]
+    fn bad_values_name_origin_key_and_value() {
+        let err = SettingsLayer::from_env([("ETCD_ENDPOINTS", "10.0.0.1:2379")]).unwrap_err();
+        assert_eq!(
+            err,
+            SettingsError::Invalid {
+                origin: Origin::Env,
+                key: "ETCD_ENDPOINTS".into(),
+                value: "10.0.0.1:2379".into(),
+                reason: "expected http(s)://host:port".into()
+            }
+        );
+        let err =
+            SettingsLayer::from_cmdline(&parse_cmdline("meduza.etcd=http://e:99999")).unwrap_err();
+        assert!(matches!(
+            err,
+            SettingsError::Invalid { origin: Origin::Cmdline, ref key, ref value, .. }
+                if key == "meduza.etcd" && value == "http://e:99999"
+        ));
+        assert!(SettingsLayer::from_env([("MEDUZA_DATAPLANE", "iptables")]).is_err());
+        assert!(SettingsLayer::from_env([("MEDUZA_DNS_LISTEN", "0.0.0.0")]).is_err());
+        assert!(SettingsLayer::from_env([("NODE_ID", "a/b")]).is_err());
+        assert!(SettingsLayer::from_env([("MEDUZA_ROOT", "relative")]).is_err());
+        assert!(SettingsLayer::from_env([("MEDUZA_BIN_NGINX", "/x")]).is_err());
+        assert!(SettingsLayer::from_env([("DEFAULT_GW", "gw")]).is_err());
+        assert!(SettingsLayer::from_env([("MEDUZA_BOOT", "maybe")]).is_err());
+        assert!(SettingsLayer::from_cmdline(&parse_cmdline("meduza.state=sda3")).is_err());
+    }
+
+    #[test]
+    fn empty_env_values_are_unset() {
+        let l = SettingsLayer::from_env([("NODE_ID", ""), ("ETCD_ENDPOINTS", "")]).unwrap();
+        assert_eq!(l, SettingsLayer::default());
+    }
+
+    #[test]
+    fn toml_rejects_unknown_keys_and_bad_types() {
+        let err =
+            SettingsLayer::from_toml("nodeid = \"x\"\n", "/etc/meduza/meduza.toml").unwrap_err();
+        assert!(matches!(err, SettingsError::Toml { ref path, ref reason }
+            if path == "/etc/meduza/meduza.toml" && reason.contains("nodeid")));
+        assert!(SettingsLayer::from_toml("api_listen = 9100\n", "t").is_err());
+        assert!(SettingsLayer::from_toml("[bin]\nnginx = \"/x\"\n", "t").is_err());
+    }
+
+    #[test]
+    fn toml_accepts_strings_or_lists() {
+        let t = SettingsLayer::from_toml(
+            "etcd_endpoints = \"http://a:2379,http://b:2379\"\n\
+             dns_listen = [\"0.0.0.0:53\", \"[::]:5353\"]\nstate_device = \"none\"\nboot = true\n",
+            "t",
+        )
+        .unwrap();
+        let s = resolve_settings(&none(), &none(), &t, &none(), Some("h")).unwrap();
+        assert_eq!(s.etcd_endpoints, vec!["http://a:2379", "http://b:2379"]);
+        assert_eq!(s.dns_listen.len(), 2);
+        assert_eq!(
+            s.state_device, None,
+            "\"none\" disables the state partition"
+        );
+        assert!(s.boot);
+    }
+
+    #[test]
+    fn shipped_defaults_file_parses() {
+        let text = include_str!("../../overlay/etc/meduza/meduza.toml");
+        let t = SettingsLayer::from_toml(text, "overlay/etc/meduza/meduza.toml").unwrap();
+        let s = resolve_settings(&none(), &none(), &t, &none(), Some("h")).unwrap();
+        assert_eq!(s.state_dir, PathBuf::from("/var/lib/meduza"));
+        assert_eq!(s.dataplane, Dataplane::Nft);
+    }
+
+    #[test]
+    fn cmdline_state_and_bare_boot() {
+        let c = SettingsLayer::from_cmdline(&parse_cmdline(
+            "meduza.state=PARTLABEL=state meduza.boot meduza.state_dir=/data",
+        ))
+        .unwrap();
+        assert_eq!(c.state_device.as_deref(), Some("PARTLABEL=state"));
+        assert_eq!(c.boot, Some(true));
+        assert_eq!(c.state_dir, Some(PathBuf::from("/data")));
+    }
+}

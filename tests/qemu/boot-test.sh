@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# QEMU boot test of the Meduza firmware (DESIGN §10): boots the test image
+# (tests/qemu/build-image.sh) under software emulation, provisions it through
+# the kernel command line (meduza.node_id=, meduza.etcd=) from a real etcd on
+# the host, and checks from the host, against the DESIGN §4 status keys:
+#   - /updated/<id>/online appears,
+#   - /updated/<id>/applied carries /commit's revision,
+#   - the DNS frontend answers a /dns/hosts/ record through the forwarded port,
+#   - /updated/<id>/tproxy says "applied", and inside the guest the nft table
+#     `inet meduza` exists with nft_tproxy/nft_socket loaded,
+#   - `poweroff` stops meduza's children and meduza before the kernel halts.
+# Prints boot-to-/init and boot-to-applied times (QEMU start as zero).
+#
+#   tests/qemu/boot-test.sh [--no-build] [--smoke] [--keep]
+#
+# --no-build  reuse tests/qemu/build/{vmlinuz,initrd.cpio.gz}
+# --smoke     only check the image: /init runs, the guest reaches the host's
+#             etcd, `meduza --help` runs, the data-plane modules load, clean
+#             poweroff (no `meduza run` assertions)
+# --keep      keep the temporary directory (console log, etcd data)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+
+BUILD_IMAGE=1
+SMOKE=0
+KEEP=0
+for a in "$@"; do
+	case "$a" in
+	--no-build) BUILD_IMAGE=0 ;;
+	--smoke) SMOKE=1 ;;
+	--keep) KEEP=1 ;;
+	*) qdie "unknown argument $a" ;;
+	esac
+done
+
+require_programs etcd etcdctl qemu-system-x86_64 dig jq python3 mkfifo
+if [ "$BUILD_IMAGE" = 1 ]; then
+	"$HERE/build-image.sh"
+fi
+[ -f "$QEMU_BUILD/vmlinuz" ] && [ -f "$QEMU_BUILD/initrd.cpio.gz" ] ||
+	qdie "no image in $QEMU_BUILD (run tests/qemu/build-image.sh)"
+
+TMP="$(mktemp -d /tmp/meduza-qemu.XXXXXX)"
+cleanup() {
+	local rc=$?
+	exec 7>&- 2>/dev/null || true
+	for p in ${QEMU_PID:-} ${SUB_PID:-} ${ETCD_PID:-}; do
+		kill "$p" 2>/dev/null || true
+	done
+	wait 2>/dev/null || true
+	if [ "$rc" != 0 ] && [ -f "${CONSOLE:-/nonexistent}" ]; then
+		echo "----- guest console (last 60 lines) -----" >&2
+		tail -n 60 "$CONSOLE" >&2
+	fi
+	if [ "$KEEP" = 1 ] || [ "$rc" != 0 ]; then
+		qlog "kept $TMP"
+	else
+		rm -rf "$TMP"
+	fi
+}
+trap cleanup EXIT
+
+start_etcd "$TMP"
+start_subscription_server "$TMP"
+seed_config
+qlog "etcd on 127.0.0.1:$ETCD_PORT (guest: 10.0.2.2:$ETCD_PORT), /commit revision $COMMIT_REV"
+
+start_qemu "$TMP" "test.probe=10.0.2.2:$ETCD_PORT"
+qlog "QEMU started (pid $QEMU_PID); DNS on 127.0.0.1:$DNS_PORT, API on 127.0.0.1:$API_PORT"
+
+T_INIT="$(wait_for 60 "kernel runs /init" console_has 'Run /init as init process')"
+qlog "boot-to-/init: ${T_INIT}s"
+T_NET="$(wait_for 60 "guest reaches host etcd" console_has 'MEDUZA-TEST: probe .*etcdserver')"
+qlog "guest fetched etcd /version from 10.0.2.2 at ${T_NET}s"
+T_SHELL="$(wait_for 60 "rcS finished" console_has 'MEDUZA-TEST: rcS done')"
+
+# Commands typed on the serial root shell. The marker is split in the typed
+# text (M""ARK) so only the command's output matches.
+run_in_guest() {
+	# $1 marker name, $2 shell command line (constant text of this script)
+	send "$2; echo M\"\"ARK-$1-\$?"
+	wait_for 60 "guest command $1" console_has "^MARK-$1-[0-9]+" >/dev/null
+	grep -Eo "^MARK-$1-[0-9]+" "$CONSOLE" | head -n1 | sed "s/^MARK-$1-//"
+}
+
+if [ "$SMOKE" = 1 ]; then
+	rc="$(run_in_guest HELP '/usr/bin/meduza --help >/dev/null 2>&1')"
+	[ "$rc" = 0 ] || qdie "meduza --help failed in the guest (exit $rc)"
+	rc="$(run_in_guest MODS 'modprobe nft_tproxy && modprobe nft_socket && modprobe nft_fib_inet && modprobe wireguard && modprobe tun && modprobe veth')"
+	[ "$rc" = 0 ] || qdie "data-plane modules did not load in the guest (exit $rc)"
+	rc="$(run_in_guest NFT 'nft add table inet smoke && nft list tables | grep -q smoke && nft delete table inet smoke')"
+	[ "$rc" = 0 ] || qdie "nft does not work in the guest (exit $rc)"
+	poweroff_guest 60
+	console_has 'meduza-stop' || qdie "shutdown did not run /etc/init.d/meduza-stop"
+	echo "boot-to-/init: ${T_INIT}s (TCG, QEMU start = 0); guest->host etcd at ${T_NET}s; rcS done at ${T_SHELL}s"
+	echo "qemu smoke: 1 passed, 0 failed"
+	exit 0
+fi
+
+# --- the gateway itself -----------------------------------------------------------
+online() { [ "$(etcd_value "/updated/$NODE_ID/online")" = 1 ]; }
+T_ONLINE="$(wait_for 180 "/updated/$NODE_ID/online = 1" online)"
+qlog "online at ${T_ONLINE}s"
+
+applied_current() {
+	local v
+	v="$(etcd_value "/updated/$NODE_ID/applied")"
+	[ "${v%% *}" = "$COMMIT_REV" ]
+}
+T_APPLIED="$(wait_for 180 "/updated/$NODE_ID/applied = $COMMIT_REV ..." applied_current)"
+qlog "applied /commit revision $COMMIT_REV at ${T_APPLIED}s"
+errors="$(etcd_value "/updated/$NODE_ID/errors")"
+[ "$errors" = "[]" ] || qdie "/updated/$NODE_ID/errors is not empty: $errors"
+
+dns_answers() {
+	[ "$(dig @127.0.0.1 -p "$DNS_PORT" gw.qemu.test A +short +time=2 +tries=1)" = "10.9.8.7" ]
+}
+T_DNS="$(wait_for 60 "DNS frontend answers gw.qemu.test = 10.9.8.7" dns_answers)"
+qlog "DNS answered through the forwarded port at ${T_DNS}s"
+
+tproxy_applied() { etcd_value "/updated/$NODE_ID/tproxy" | grep -q '^applied '; }
+T_TPROXY="$(wait_for 120 "/updated/$NODE_ID/tproxy = applied" tproxy_applied)"
+qlog "TPROXY applied at ${T_TPROXY}s"
+
+rc="$(run_in_guest TABLE 'nft list table inet meduza | grep -q tproxy')"
+[ "$rc" = 0 ] || qdie "nft table inet meduza with a tproxy rule is not present in the guest"
+rc="$(run_in_guest MODS 'grep -q "^nft_tproxy " /proc/modules && grep -q "^nft_socket " /proc/modules')"
+[ "$rc" = 0 ] || qdie "nft_tproxy/nft_socket are not loaded in the guest"
+rc="$(run_in_guest RULE 'ip rule | grep -q "fwmark 0x1 lookup 100"')"
+[ "$rc" = 0 ] || qdie "policy rule fwmark 0x1 lookup 100 missing in the guest"
+rc="$(run_in_guest HOST '[ "$(hostname)" = "'"$NODE_ID"'" ]')"
+[ "$rc" = 0 ] || qdie "hostname is not the node id (boot duties)"
+
+health="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$API_PORT/v1/health" || true)"
+[ "$health" = 200 ] || qdie "node API /v1/health through the forwarded port returned '$health'"
+
+# --- orderly shutdown ---------------------------------------------------------------
+poweroff_guest 90
+console_has 'meduza-stop: stopping meduza' || qdie "shutdown did not signal meduza"
+console_has 'meduza-stop: meduza exited' || qdie "meduza did not exit within meduza-stop's timeout"
+# mihomo (meduza's child) is reported stopped, and before meduza itself exited.
+status="$(etcd_value "/updated/$NODE_ID/services/mihomo/status")"
+case "$status" in
+stopped*) ;;
+*) qdie "/updated/$NODE_ID/services/mihomo/status after poweroff is '$status', want stopped" ;;
+esac
+stop_line="$(grep -n -i -E 'mihomo.*(stop|terminat)|(stop|terminat).*mihomo' "$CONSOLE" | grep -v 'meduza-stop' | head -n1 | cut -d: -f1)"
+exit_line="$(grep -n 'meduza-stop: meduza exited' "$CONSOLE" | head -n1 | cut -d: -f1)"
+[ -n "$stop_line" ] || qdie "no console line shows mihomo being stopped"
+[ "$stop_line" -lt "$exit_line" ] || qdie "mihomo was not stopped before meduza exited"
+
+echo "boot-to-/init: ${T_INIT}s; online: ${T_ONLINE}s; boot-to-applied: ${T_APPLIED}s; DNS: ${T_DNS}s; TPROXY: ${T_TPROXY}s (TCG, QEMU start = 0)"
+echo "qemu boot test: 1 passed, 0 failed"

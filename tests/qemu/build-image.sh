@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Assemble the QEMU test image of the Meduza firmware without Buildroot (which
+# cannot download here): Debian's cloud kernel and the modules the data plane
+# needs, static busybox as init, a static musl `meduza`, the host's `nft`
+# (with its shared libraries) and the repository's overlay/.
+#
+# Output (tests/qemu/build/, gitignored):
+#   vmlinuz            the kernel
+#   initrd.cpio.gz     the root filesystem (initramfs)
+#   kernel-release     `uname -r` of the guest
+#
+# Idempotent: downloads and the kernel extraction are kept between runs; the
+# rootfs and the initramfs are rebuilt every time (the meduza binary changes).
+#
+# Environment:
+#   MEDUZA_BIN        use this static meduza instead of building one
+#   MIHOMO_BIN        put this static binary in the image as /usr/bin/mihomo
+#                     instead of the busybox-httpd test double (tests/qemu/files)
+#   CARGO_TARGET_DIR  as for cargo
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+BUILD="$HERE/build"
+ROOTFS="$BUILD/rootfs"
+TARGET_TRIPLE=x86_64-unknown-linux-musl
+
+log() { printf '[build-image] %s\n' "$*" >&2; }
+die() { printf '[build-image] ERROR: %s\n' "$*" >&2; exit 1; }
+
+need_cmd() {
+	# $1 command, $2 Debian package providing it
+	if ! command -v "$1" >/dev/null 2>&1; then
+		log "installing $2 (for $1)"
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2" >/dev/null ||
+			die "cannot install $2"
+	fi
+}
+
+mkdir -p "$BUILD/debs"
+
+# --- host tools -----------------------------------------------------------
+if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+	log "apt-get update"
+	apt-get update -q >/dev/null
+fi
+need_cmd dpkg-deb dpkg
+need_cmd cpio cpio
+need_cmd depmod kmod
+need_cmd musl-gcc musl-tools
+need_cmd nft nftables
+[ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 &&
+	file -L /bin/busybox 2>/dev/null | grep -q 'statically linked' ||
+	{ log "installing busybox-static"; DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null; }
+
+# --- kernel ---------------------------------------------------------------
+# linux-image-cloud-amd64 is a metapackage; its dependency is the real image.
+KPKG="$(apt-cache depends linux-image-cloud-amd64 |
+	sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)"
+[ -n "$KPKG" ] || die "cannot resolve the kernel package behind linux-image-cloud-amd64"
+KREL="${KPKG#linux-image-}"
+if ! ls "$BUILD/debs/${KPKG}"_*.deb >/dev/null 2>&1; then
+	log "downloading $KPKG"
+	(cd "$BUILD/debs" && apt-get download "$KPKG" 2>/dev/null) || die "apt-get download $KPKG failed"
+fi
+KDIR="$BUILD/kernel"
+if [ ! -f "$KDIR/.extracted-$KREL" ]; then
+	log "extracting $KPKG"
+	rm -rf "$KDIR"
+	mkdir -p "$KDIR"
+	dpkg-deb -x "$(ls "$BUILD/debs/${KPKG}"_*.deb | head -n1)" "$KDIR"
+	# The .deb ships no modules.dep (its postinst runs depmod).
+	depmod -b "$KDIR" "$KREL"
+	touch "$KDIR/.extracted-$KREL"
+fi
+cp "$KDIR/boot/vmlinuz-$KREL" "$BUILD/vmlinuz"
+echo "$KREL" > "$BUILD/kernel-release"
+
+# --- meduza (static musl) -------------------------------------------------
+if [ -n "${MEDUZA_BIN:-}" ]; then
+	MEDUZA="$MEDUZA_BIN"
+else
+	if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET_TRIPLE"; then
+		log "rustup target add $TARGET_TRIPLE"
+		rustup target add "$TARGET_TRIPLE" >/dev/null
+	fi
+	log "cargo build --release --target $TARGET_TRIPLE (meduza)"
+	(cd "$REPO" && cargo build --release --locked --target "$TARGET_TRIPLE" --bin meduza)
+	MEDUZA="${CARGO_TARGET_DIR:-$REPO/target}/$TARGET_TRIPLE/release/meduza"
+fi
+[ -x "$MEDUZA" ] || die "meduza binary not found at $MEDUZA"
+file -L "$MEDUZA" | grep -Eq 'static(-pie)? linked|statically linked' ||
+	die "$MEDUZA is not statically linked"
+
+# --- root filesystem ------------------------------------------------------
+log "assembling rootfs"
+rm -rf "$ROOTFS"
+mkdir -p "$ROOTFS"/{bin,sbin,usr/bin,usr/sbin,usr/share,etc,proc,sys,dev,run,tmp,root,var/lib/meduza,lib/modules}
+chmod 1777 "$ROOTFS/tmp"
+chmod 0700 "$ROOTFS/var/lib/meduza"
+ln -s ../run "$ROOTFS/var/run"
+
+cp /bin/busybox "$ROOTFS/bin/busybox"
+chroot "$ROOTFS" /bin/busybox --install -s
+ln -sf bin/busybox "$ROOTFS/init"
+# Device nodes needed before devtmpfs is mounted (the kernel opens /dev/console
+# for init's stdio).
+mknod -m 600 "$ROOTFS/dev/console" c 5 1
+mknod -m 666 "$ROOTFS/dev/null" c 1 3
+
+install -m 0755 "$MEDUZA" "$ROOTFS/usr/bin/meduza"
+
+# nft (the nftables crate runs `nft -j -f -`) with its shared libraries.
+copy_with_libs() {
+	local bin="$1" dest="$2" lib
+	install -D -m 0755 "$bin" "$ROOTFS$dest"
+	for lib in $(ldd "$bin" | awk '/=>/ {print $3} /^\t\/lib/ {print $1}'); do
+		[ -f "$lib" ] || continue
+		install -D -m 0755 "$(readlink -f "$lib")" "$ROOTFS$lib"
+	done
+}
+copy_with_libs "$(command -v nft)" /usr/sbin/nft
+
+# Kernel modules: the data plane's (boot duties load them), the expressions
+# nft loads on demand, virtio drivers; each with its dependencies.
+MODS="virtio_pci virtio_net virtio_rng virtio_blk virtio_console
+	nf_tables nft_tproxy nf_tproxy_ipv4 nf_tproxy_ipv6 nft_socket nf_socket_ipv4
+	nf_socket_ipv6 nft_fib_inet nft_fib_ipv4 nft_fib_ipv6 nft_ct nft_nat nft_masq
+	nft_redir nft_reject_inet nft_reject_ipv4 nft_reject_ipv6 nft_limit nft_log
+	nft_numgen nft_hash nft_quota nft_connlimit nf_conntrack nf_nat
+	wireguard tun veth overlay squashfs"
+MODROOT="$KDIR/lib/modules/$KREL"
+for m in $MODS; do
+	modprobe -d "$KDIR" -S "$KREL" --show-depends "$m" 2>/dev/null |
+		awk '$1 == "insmod" {print $2}'
+done | sort -u | while read -r ko; do
+	rel="${ko#"$MODROOT"/}"
+	install -D -m 0644 "$ko" "$ROOTFS/lib/modules/$KREL/$rel"
+done
+cp "$MODROOT"/modules.builtin* "$MODROOT"/modules.order "$ROOTFS/lib/modules/$KREL/"
+depmod -b "$ROOTFS" "$KREL"
+
+# The repository's overlay, then the test image's own files on top.
+cp -a "$REPO/overlay/." "$ROOTFS/"
+cp -a "$HERE/files/." "$ROOTFS/"
+if [ -n "${MIHOMO_BIN:-}" ]; then
+	install -m 0755 "$MIHOMO_BIN" "$ROOTFS/usr/bin/mihomo"
+fi
+
+# The overlay's inittab, adapted to an initramfs: devtmpfs first (a kernel
+# with CONFIG_DEVTMPFS_MOUNT does this for a disk root, never for an
+# initramfs), and a root shell on the console instead of getty so the test
+# can type `poweroff`.
+sed -e '0,/^::sysinit:/s||::sysinit:/bin/mount -t devtmpfs devtmpfs /dev\n::sysinit:|' \
+	-e 's|^console::respawn:/sbin/getty.*|console::respawn:-/bin/sh|' \
+	"$REPO/overlay/etc/inittab" > "$ROOTFS/etc/inittab"
+grep -q '/usr/bin/meduza run' "$ROOTFS/etc/inittab" || die "overlay inittab has no meduza entry"
+
+echo "qemu" > "$ROOTFS/etc/hostname"
+printf 'root:x:0:0:root:/root:/bin/sh\n' > "$ROOTFS/etc/passwd"
+printf 'root:x:0:\n' > "$ROOTFS/etc/group"
+: > "$ROOTFS/etc/fstab"
+
+log "packing initramfs"
+(cd "$ROOTFS" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$BUILD/initrd.cpio.gz.tmp"
+mv "$BUILD/initrd.cpio.gz.tmp" "$BUILD/initrd.cpio.gz"
+log "done: $BUILD/vmlinuz ($(du -h "$BUILD/vmlinuz" | cut -f1)), $BUILD/initrd.cpio.gz ($(du -h "$BUILD/initrd.cpio.gz" | cut -f1)), kernel $KREL"

@@ -1,0 +1,163 @@
+# shellcheck shell=bash
+# Shared helpers of tests/qemu/boot-test.sh and tests/qemu/run-demo.sh (sourced).
+# Host side of the QEMU setup: a real etcd on loopback (QEMU user networking
+# maps the guest's 10.0.2.2 to the host's 127.0.0.1), a subscription server,
+# the example node configuration, and QEMU itself.
+
+QEMU_HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+QEMU_BUILD="$QEMU_HERE/build"
+NODE_ID="${NODE_ID:-qemu1}"
+
+qlog() { printf '[qemu] %s\n' "$*" >&2; }
+qdie() { printf '[qemu] FAIL: %s\n' "$*" >&2; exit 1; }
+
+# Programs the test needs; a missing one is a failure, not a skip
+# (scripts/test installs them: etcd-server etcd-client qemu-system-x86 dnsutils jq).
+require_programs() {
+	local p missing=""
+	for p in "$@"; do
+		command -v "$p" >/dev/null 2>&1 || missing="$missing $p"
+	done
+	[ -z "$missing" ] || qdie "missing programs:$missing"
+}
+
+free_port() {
+	python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+
+# start_etcd DIR -> sets ETCD_PORT, ETCD_PID, ETCDCTL (array)
+start_etcd() {
+	local dir="$1" peer
+	ETCD_PORT="$(free_port)"
+	peer="$(free_port)"
+	etcd --name qemu-test --data-dir "$dir/etcd" \
+		--listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+		--advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+		--listen-peer-urls "http://127.0.0.1:$peer" \
+		--initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+		--initial-cluster "qemu-test=http://127.0.0.1:$peer" \
+		> "$dir/etcd.log" 2>&1 &
+	ETCD_PID=$!
+	ETCDCTL=(env ETCDCTL_API=3 etcdctl --endpoints "http://127.0.0.1:$ETCD_PORT")
+	local i
+	for i in $(seq 1 100); do
+		"${ETCDCTL[@]}" endpoint health >/dev/null 2>&1 && return 0
+		kill -0 "$ETCD_PID" 2>/dev/null || { cat "$dir/etcd.log" >&2; qdie "etcd exited"; }
+		sleep 0.1
+	done
+	qdie "etcd did not become healthy on 127.0.0.1:$ETCD_PORT"
+}
+
+# start_subscription_server DIR -> sets SUB_PORT, SUB_PID. Serves a minimal
+# Clash subscription (one SOCKS5 proxy in a url-test group).
+start_subscription_server() {
+	local dir="$1/www"
+	mkdir -p "$dir"
+	cat > "$dir/sub.yaml" <<'YAML'
+proxies:
+  - name: node-1
+    type: socks5
+    server: 10.0.2.2
+    port: 1080
+proxy-groups:
+  - name: auto
+    type: url-test
+    proxies: [node-1]
+    url: http://www.gstatic.com/generate_204
+    interval: 300
+rules:
+  - MATCH,auto
+YAML
+	SUB_PORT="$(free_port)"
+	python3 -m http.server --bind 127.0.0.1 --directory "$dir" "$SUB_PORT" \
+		> "$1/http.log" 2>&1 &
+	SUB_PID=$!
+}
+
+# seed_config: the example node configuration (DESIGN §3 keys) for $NODE_ID,
+# then a /commit bump. Sets COMMIT_REV (mod revision of /commit).
+seed_config() {
+	local e=("${ETCDCTL[@]}")
+	"${e[@]}" put "/nodes/$NODE_ID/lan" "192.168.100.0/24" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/private_lan" "192.168.101.0/24" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/api/token" "qemu-token" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/clash/enable" "true" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/clash/mode" "tproxy" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/clash/active_subscription" "test" >/dev/null
+	"${e[@]}" put "/global/clash/subscriptions/test/url" "http://10.0.2.2:$SUB_PORT/sub.yaml" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/mosdns/enable" "false" >/dev/null
+	"${e[@]}" put "/dns/hosts/gw.qemu.test" "10.9.8.7" >/dev/null
+	"${e[@]}" put /commit "$(date +%s) qemu boot test" >/dev/null
+	COMMIT_REV="$("${e[@]}" get /commit -w json | jq -r '.kvs[0].mod_revision')"
+	[ -n "$COMMIT_REV" ] && [ "$COMMIT_REV" != null ] || qdie "cannot read /commit revision"
+}
+
+etcd_value() {
+	"${ETCDCTL[@]}" get "$1" --print-value-only 2>/dev/null
+}
+
+# start_qemu DIR EXTRA_APPEND -> sets QEMU_PID, DNS_PORT, API_PORT, CONSOLE,
+# QEMU_T0; the guest's serial console is written to $CONSOLE and its input is
+# fd 7 (`send` below).
+start_qemu() {
+	local dir="$1" extra="$2"
+	DNS_PORT="$(free_port)"
+	API_PORT="$(free_port)"
+	CONSOLE="$dir/console.log"
+	mkfifo "$dir/console.in"
+	local append="console=ttyS0 printk.time=1 panic=-1"
+	append="$append meduza.node_id=$NODE_ID meduza.etcd=http://10.0.2.2:$ETCD_PORT $extra"
+	QEMU_T0="$(now)"
+	qemu-system-x86_64 -M q35 -m 512 -nographic -no-reboot \
+		-kernel "$QEMU_BUILD/vmlinuz" -initrd "$QEMU_BUILD/initrd.cpio.gz" \
+		-append "$append" \
+		-netdev "user,id=n0,hostfwd=udp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$API_PORT-:9100" \
+		-device virtio-net-pci,netdev=n0 -device virtio-rng-pci \
+		< "$dir/console.in" > "$CONSOLE" 2>&1 &
+	QEMU_PID=$!
+	exec 7> "$dir/console.in"
+}
+
+# send TEXT: type a line on the guest's serial console (a root shell).
+send() { printf '%s\n' "$*" >&7; }
+
+# alive PID: the process exists and is not a zombie (QEMU is our child; an
+# exited child stays a zombie until reaped, and `kill -0` still succeeds).
+alive() {
+	local st
+	st="$(ps -o stat= -p "$1" 2>/dev/null)" || return 1
+	case "$st" in Z*|"") return 1 ;; esac
+	return 0
+}
+
+# wait_for DEADLINE_S DESCRIPTION COMMAND...: poll until COMMAND succeeds.
+# Prints the time since QEMU started on success.
+wait_for() {
+	local deadline="$1" what="$2" start
+	shift 2
+	start="$(now)"
+	while ! "$@" >/dev/null 2>&1; do
+		if [ -n "${QEMU_PID:-}" ] && ! alive "$QEMU_PID"; then
+			qdie "QEMU exited while waiting for: $what (console: ${CONSOLE:-none})"
+		fi
+		if awk -v s="$start" -v n="$(now)" -v d="$deadline" 'BEGIN { exit !(n - s > d) }'; then
+			qdie "timed out after ${deadline}s waiting for: $what (console: ${CONSOLE:-none})"
+		fi
+		sleep 0.05
+	done
+	elapsed "$QEMU_T0" "$(now)"
+}
+
+console_has() { grep -Eq "$1" "$CONSOLE"; }
+
+# poweroff_guest DEADLINE: type `poweroff` and wait for QEMU to exit.
+poweroff_guest() {
+	local qpid="$QEMU_PID"
+	send "poweroff"
+	QEMU_PID=""
+	wait_for "$1" "QEMU exits after poweroff" sh -c "! ps -o stat= -p $qpid | grep -qv '^Z'" >/dev/null
+	wait "$qpid" 2>/dev/null || true
+}
