@@ -92,6 +92,18 @@ async fn load_config(
 fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
+    // `meduza run` resolves its settings (and performs the firmware boot duties) while
+    // the process is still single-threaded: see daemon::settings.
+    let settings = match &cli.cmd {
+        Cmd::Run(args) => match meduza::daemon::settings::prepare(args, &cli.etcd) {
+            Ok(s) => Some(s),
+            Err(err) => {
+                eprintln!("meduza: {err:#}");
+                return ExitCode::from(offline::EXIT_INVALID as u8);
+            }
+        },
+        _ => None,
+    };
     // The supervisor alone needs no worker threads (smaller footprint); everything
     // else gets the multi-threaded runtime (the DNS frontend uses both cores).
     let rt = match cli.cmd {
@@ -109,7 +121,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, settings)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("meduza: {err:#}");
@@ -134,7 +146,7 @@ fn invalid(errors: &[meduza_generators::ValidationError]) -> ExitCode {
     ExitCode::from(offline::EXIT_INVALID as u8)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Validate { snapshot } => match offline::validate(&snapshot) {
             Ok(cfg) => {
@@ -182,7 +194,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run(args) => {
-            let cfg = meduza::daemon::RunConfig::resolve(&args, EtcdConfig::from_args(&cli.etcd)?)?;
+            let settings = settings.context("settings were not resolved")?;
+            let cfg = meduza::daemon::RunConfig::from_settings(&settings, args.lease_ttl)?;
             meduza::daemon::run(cfg).await?;
             Ok(ExitCode::SUCCESS)
         }

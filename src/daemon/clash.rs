@@ -167,7 +167,8 @@ impl ClashOrchestrator {
         } else if tproxy.is_none() {
             self.shared.set_tproxy("removed", "TPROXY not configured");
         } else {
-            self.shared.set_tproxy("removed", "waiting for mihomo to be healthy");
+            self.shared
+                .set_tproxy("removed", "waiting for mihomo to be healthy");
         }
 
         match &clash {

@@ -51,7 +51,12 @@ pub fn reroot(spec: &mut ServiceSpec, root: &std::path::Path) {
 }
 
 impl DaemonEffects {
-    pub fn new(shared: Arc<Shared>, frr: Arc<FrrControl>, clash: ClashOrchestrator, root: &std::path::Path) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        frr: Arc<FrrControl>,
+        clash: ClashOrchestrator,
+        root: &std::path::Path,
+    ) -> Self {
         Self {
             shared,
             frr,

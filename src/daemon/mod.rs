@@ -9,6 +9,7 @@
 
 pub mod clash;
 pub mod effects;
+pub mod settings;
 pub mod view;
 pub mod vpnstatus;
 
@@ -39,26 +40,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-/// Settings of `meduza run` (flags > environment > defaults; DESIGN §2).
-#[derive(clap::Args, Debug, Clone)]
-pub struct RunArgs {
-    /// This gateway's id (default: the hostname).
-    #[arg(long, env = "NODE_ID")]
-    pub node_id: Option<String>,
-    /// Prefix for every file meduza writes.
-    #[arg(long, env = "MEDUZA_ROOT", default_value = "/")]
-    pub root: PathBuf,
-    /// Persistent state (restart budgets, last-good snapshot, generated secrets);
-    /// default `$MEDUZA_ROOT/var/lib/meduza`.
-    #[arg(long, env = "MEDUZA_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Node HTTP API address.
-    #[arg(long, env = "MEDUZA_API_LISTEN", default_value = crate::api::DEFAULT_LISTEN)]
-    pub api_listen: SocketAddr,
-    /// TTL of the online lease, seconds (DESIGN §4: 15).
-    #[arg(long, env = "MEDUZA_LEASE_TTL", default_value_t = 15, hide = true)]
-    pub lease_ttl: i64,
-}
+pub use settings::RunArgs;
 
 /// Resolved settings of one gateway agent.
 #[derive(Debug, Clone)]
@@ -73,29 +55,28 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    pub fn resolve(args: &RunArgs, etcd: EtcdConfig) -> anyhow::Result<Self> {
-        let node_id = match &args.node_id {
-            Some(id) if !id.is_empty() => id.clone(),
-            _ => nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .filter(|h| !h.is_empty())
-                .context("NODE_ID is not set and the hostname is unknown")?,
-        };
-        meduza_generators::parse::validate_name(&node_id)
-            .map_err(|r| anyhow::anyhow!("NODE_ID {node_id:?}: {r}"))?;
-        let state_dir = args
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| args.root.join("var/lib/meduza"));
+    /// From the resolved settings (see [`settings::prepare`]).
+    pub fn from_settings(s: &crate::boot::Settings, lease_ttl: i64) -> anyhow::Result<Self> {
+        meduza_generators::parse::validate_name(&s.node_id)
+            .map_err(|r| anyhow::anyhow!("NODE_ID {:?}: {r}", s.node_id))?;
+        let etcd = EtcdConfig::build(
+            &s.etcd_endpoints.join(","),
+            s.etcd_ca.clone(),
+            s.etcd_cert.clone(),
+            s.etcd_key.clone(),
+            s.etcd_user.clone(),
+            s.etcd_pass.clone(),
+        )?;
+        let mut dns = DnsConfig::from_env()?;
+        dns.listen = s.dns_listen.clone();
         Ok(Self {
-            node_id,
+            node_id: s.node_id.clone(),
             etcd,
-            root: args.root.clone(),
-            state_dir,
-            api_listen: args.api_listen,
-            dns: DnsConfig::from_env()?,
-            lease_ttl: args.lease_ttl,
+            root: s.root.clone(),
+            state_dir: s.state_dir.clone(),
+            api_listen: s.api_listen,
+            dns,
+            lease_ttl,
         })
     }
 }
@@ -295,7 +276,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let env = crate::offline::env_from_process(secret);
     let clash =
         clash::ClashOrchestrator::new(Arc::clone(&shared), cfg.root.clone(), trigger_tx.clone());
-    let effects = effects::DaemonEffects::new(Arc::clone(&shared), Arc::clone(&frr), clash, &cfg.root);
+    let effects =
+        effects::DaemonEffects::new(Arc::clone(&shared), Arc::clone(&frr), clash, &cfg.root);
     let source = EtcdSource {
         kv: Arc::clone(&kv),
         node_id: cfg.node_id.clone(),
