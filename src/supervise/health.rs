@@ -138,8 +138,14 @@ async fn dns(server: &str, name: &str) -> ProbeResult {
 
 async fn exec(argv: &[String]) -> ProbeResult {
     let (program, args) = argv.split_first().ok_or_else(|| "empty argv".to_string())?;
+    // Like services, probes do not inherit meduza's environment (etcd credentials).
     let status = tokio::process::Command::new(program)
         .args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -270,5 +276,73 @@ mod tests {
         };
         let r = run_probe(&probe, &ctx(&log)).await;
         assert!(r.is_ok(), "{r:?}");
+    }
+
+    /// A minimal SOCKS5 server (RFC 1928: no auth, CONNECT) relaying to the target.
+    async fn socks5_server(listener: tokio::net::TcpListener) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut c, _) = listener.accept().await.expect("accept");
+        let mut hello = [0u8; 2];
+        c.read_exact(&mut hello).await.expect("hello");
+        let mut methods = vec![0u8; usize::from(hello[1])];
+        c.read_exact(&mut methods).await.expect("methods");
+        c.write_all(&[5, 0]).await.expect("choose");
+        let mut req = [0u8; 4];
+        c.read_exact(&mut req).await.expect("request");
+        let host = match req[3] {
+            1 => {
+                let mut ip = [0u8; 4];
+                c.read_exact(&mut ip).await.expect("ip");
+                std::net::Ipv4Addr::from(ip).to_string()
+            }
+            3 => {
+                let len = c.read_u8().await.expect("len");
+                let mut name = vec![0u8; usize::from(len)];
+                c.read_exact(&mut name).await.expect("name");
+                String::from_utf8(name).expect("utf8")
+            }
+            other => panic!("unexpected address type {other}"),
+        };
+        let port = c.read_u16().await.expect("port");
+        let mut upstream = TcpStream::connect((host.as_str(), port))
+            .await
+            .expect("upstream");
+        c.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+            .await
+            .expect("reply");
+        let _ = tokio::io::copy_bidirectional(&mut c, &mut upstream).await;
+    }
+
+    #[tokio::test]
+    async fn socks5_fetch_goes_through_the_proxy() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let web = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let web_addr = web.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = web.accept().await.expect("accept");
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                .await
+                .expect("write");
+        });
+        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let proxy_addr = proxy.local_addr().expect("addr").to_string();
+        let served = tokio::spawn(socks5_server(proxy));
+        let log = LogBuffer::new(1);
+        let probe = Probe::Socks5 {
+            proxy: proxy_addr.clone(),
+            url: format!("http://{web_addr}/ip"),
+        };
+        let r = run_probe(&probe, &ctx(&log)).await;
+        assert!(r.is_ok(), "{r:?}");
+        served.await.expect("proxy served the request");
+        // Nothing listens on the proxy port any more: the probe fails.
+        let r = run_probe(&probe, &ctx(&log)).await;
+        assert!(r.is_err(), "{r:?}");
     }
 }
