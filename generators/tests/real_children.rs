@@ -129,9 +129,21 @@ fn tincd_connects_with_generated_config() {
         let root: PathBuf = tmp.path().join(id);
         let d = render(&cfg, id, &Domain::Tinc);
         write_files(&root, &d, str::to_string);
-        // The generated argv is `tincd -n mesh -D`; the files live under the test root.
+        // The generated argv names the config dir and pid file (the daemon re-roots
+        // them under MEDUZA_ROOT); here the files live under the test root.
         let argv = d.services[0].argv.clone();
-        assert_eq!(argv[1..], ["-n", "mesh", "-D"]);
+        assert_eq!(
+            argv[1..],
+            [
+                "-n",
+                "mesh",
+                "-c",
+                "/etc/tinc/mesh",
+                "--pidfile",
+                "/var/run/tinc.mesh.pid",
+                "-D"
+            ]
+        );
         let conf = root.join("etc/tinc/mesh");
         let argv: Vec<String> = vec![
             TINCD.into(),

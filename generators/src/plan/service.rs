@@ -229,10 +229,17 @@ pub struct TunnelParams {
 /// (client: SOCKS5 fetch through the tunnel, waterwall client: TCP listener check,
 /// server: log scan), with every override in `p` applied.
 pub fn tunnel_preset(kind: TunnelKind, role: TunnelRole, p: &TunnelParams) -> ServiceSpec {
-    let config = p.config_file.clone().unwrap_or_default();
+    // Without a config file the preset passes no `-c` (the operator's args say it all).
+    let with_config = |mut before: Vec<String>| match &p.config_file {
+        Some(c) => {
+            before.extend(["-c".to_string(), c.clone()]);
+            before
+        }
+        None => before,
+    };
     let (program, default_args, log_pattern): (&str, Vec<String>, &str) = match kind {
-        TunnelKind::Paqet => ("paqet", vec!["run".into(), "-c".into(), config], "error"),
-        TunnelKind::Icmptunnel => ("icmptunnel", vec!["-c".into(), config], "error"),
+        TunnelKind::Paqet => ("paqet", with_config(vec!["run".into()]), "error"),
+        TunnelKind::Icmptunnel => ("icmptunnel", with_config(Vec::new()), "error"),
         // WaterWall reads core.json from its working directory (set below).
         TunnelKind::Waterwall => ("Waterwall", Vec::new(), "error"),
         TunnelKind::Generic => ("", Vec::new(), "error"),
