@@ -23,8 +23,11 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Record an error. The value of a secret key (tokens, private keys, secrets,
+    /// passwords) is never echoed: errors are published to etcd and the node API.
     pub fn error(&mut self, key: &str, value: &str, reason: impl Into<String>) {
-        self.errors.push(ValidationError::new(key, value, reason));
+        let shown = if is_secret_key(key) && !value.is_empty() { "<redacted>" } else { value };
+        self.errors.push(ValidationError::new(key, shown, reason));
     }
 
     /// The raw value, trimmed; `None` when absent or blank.
@@ -156,6 +159,16 @@ impl<'a> Reader<'a> {
         self.error(key, raw, format!("must be one of: {}", names.join(", ")));
         default
     }
+}
+
+/// Keys whose values are secrets: their last path segment names a token, key,
+/// secret, password or pre-shared key (`api/token`, `tinc/private_key`,
+/// `openvpn/<n>/secret`, `tls_auth`, `clash/secret`, ...).
+pub fn is_secret_key(key: &str) -> bool {
+    let last = key.rsplit('/').next().unwrap_or(key).to_ascii_lowercase();
+    ["token", "secret", "pass", "key", "psk", "tls_auth", "tls_crypt"]
+        .iter()
+        .any(|w| last.contains(w))
 }
 
 pub fn parse_bool(v: &str) -> Result<bool, String> {
@@ -308,6 +321,16 @@ pub fn parse_http_url(v: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_values_are_never_echoed() {
+        let snap = Snapshot::from_json(r#"{"/nodes/a/api/token":"short"}"#).unwrap();
+        let mut r = Reader::new(&snap);
+        r.error("/nodes/a/api/token", "short", "too short");
+        r.error("/nodes/a/lan", "x", "not a CIDR");
+        assert_eq!(r.errors[0].value, "<redacted>");
+        assert_eq!(r.errors[1].value, "x");
+    }
 
     #[test]
     fn iface_names() {
