@@ -859,3 +859,25 @@ fn wireguard_gateways_handshake_and_ping() {
     assert!(!std::path::Path::new(&format!("/var/run/wireguard/{dev_a}.sock")).exists());
     assert_eq!(wg_status(&agent_a, &dev_a).0, WgLinkStatus::Down);
 }
+
+#[test]
+fn ten_thousand_cidrs_apply_once_and_compare_equal() {
+    let gw = Netns::new("big");
+    let mut p = plan();
+    p.proxy_src = (0..10_000u32)
+        .map(|i| {
+            let a = std::net::Ipv4Addr::from(0x0a00_0000 + (i << 9));
+            ipnet::IpNet::new(IpAddr::V4(a), 24).unwrap()
+        })
+        .chain((0..1_000u16).map(|i| {
+            let a = std::net::Ipv6Addr::new(0xfd10, i * 2, 0, 0, 0, 0, 0, 0);
+            ipnet::IpNet::new(IpAddr::V6(a), 32).unwrap()
+        }))
+        .collect();
+    let (first, second, g1, g2) = gw_apply_twice(&gw, p);
+    assert_eq!(first.nft, NftChange::Created);
+    assert_eq!(second.nft, NftChange::Unchanged);
+    assert_eq!(g1, g2);
+    let listed = gw.exec(&["nft", "list", "set", "inet", "meduza", "proxy_src4"]);
+    assert!(listed.contains("10.0.2.0/24") && listed.contains("10.78.30.0/24"));
+}

@@ -32,6 +32,14 @@ pub enum DataplaneCmd {
     /// Print only the ruleset in nft syntax (for `nft -f`; used by the benchmark).
     #[command(hide = true)]
     Ruleset,
+    /// Time `Dataplane::apply` in this process (as `meduza run` calls it): REPS
+    /// rounds of remove (untimed) + apply (timed) + apply again (timed, a no-op);
+    /// prints the medians in microseconds. Used by tests/bench/dataplane.sh.
+    #[command(hide = true)]
+    Bench {
+        #[arg(long, default_value_t = 11)]
+        reps: usize,
+    },
 }
 
 /// Read a `TproxyPlan` from a JSON file.
@@ -55,6 +63,31 @@ pub async fn cli(cmd: DataplaneCmd, plan: TproxyPlan) -> anyhow::Result<()> {
             let dp = SystemDataplane::from_env()?;
             let report = dp.remove().await?;
             println!("{report}");
+        }
+        DataplaneCmd::Bench { reps } => {
+            let dp = SystemDataplane::from_env()?;
+            let (mut apply, mut noop) = (Vec::new(), Vec::new());
+            for _ in 0..reps.max(1) {
+                dp.remove().await?;
+                let t = std::time::Instant::now();
+                let first = dp.apply(&plan).await?;
+                apply.push(t.elapsed().as_micros());
+                let t = std::time::Instant::now();
+                let second = dp.apply(&plan).await?;
+                noop.push(t.elapsed().as_micros());
+                anyhow::ensure!(
+                    first.changed() && !second.changed(),
+                    "apply did not converge"
+                );
+            }
+            dp.remove().await?;
+            apply.sort_unstable();
+            noop.sort_unstable();
+            println!(
+                "apply_us={} noop_us={}",
+                apply[apply.len() / 2],
+                noop[noop.len() / 2]
+            );
         }
     }
     Ok(())

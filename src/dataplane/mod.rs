@@ -197,19 +197,21 @@ impl<N: Nft, R: Routing> Dataplane<N, R> {
     /// added only when missing).
     pub async fn apply(&self, plan: &TproxyPlan) -> Result<ApplyReport, DataplaneError> {
         let rs = ruleset::build(plan);
-        let desired = ruleset::desired_view(&rs);
         let generation = self.nft.generation().await.ok();
         let installed = match self.nft.list_table().await? {
             Some(listing) => ruleset::view_of_listing(&listing)?,
             None => None,
         };
+        // The desired view is only needed to compare; skip it on a first apply.
         let nft = match &installed {
-            Some(view) if *view == desired => NftChange::Unchanged,
+            Some(view) if *view == ruleset::desired_view(&rs) => NftChange::Unchanged,
             Some(_) => NftChange::Replaced,
             None => NftChange::Created,
         };
-        if nft != NftChange::Unchanged {
-            self.nft.apply(&ruleset::replace_batch(&rs)).await?;
+        match nft {
+            NftChange::Created => self.nft.apply(&ruleset::create_batch(&rs)).await?,
+            NftChange::Replaced => self.nft.apply(&ruleset::replace_batch(&rs)).await?,
+            _ => {}
         }
         let spec = routing_spec(plan);
         let present = self.routing.present(spec).await?;

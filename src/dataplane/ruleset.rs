@@ -478,6 +478,17 @@ pub fn objects(rs: &Ruleset) -> Vec<NfListObject<'static>> {
     out
 }
 
+/// One transaction that creates the table when it does not exist yet. No `delete`:
+/// a table deletion in a transaction makes the kernel wait for an RCU grace period
+/// at commit (about 10 ms here), which would double the cost of a first apply.
+pub fn create_batch(rs: &Ruleset) -> Nftables<'static> {
+    let mut batch = Batch::new();
+    for obj in objects(rs) {
+        batch.add(obj);
+    }
+    batch.to_nftables()
+}
+
 /// One transaction that makes the table exactly `rs`: `add table` (a no-op when it
 /// exists, so the following `delete` never fails), `delete table`, then the whole
 /// table again. nft runs a batch as one kernel transaction, so packets see either
@@ -806,19 +817,61 @@ pub fn view_of_listing(listing: &Value) -> Result<Option<TableView>, ListingErro
     view_of_objects(objs)
 }
 
-/// The view of the desired ruleset, computed through the same JSON the batch sends,
-/// so both sides of the comparison pass through one reader.
+/// The view of the desired ruleset. Chains and rules pass through the same JSON the
+/// batch sends and the same reader as a listing; set elements are turned into
+/// ranges directly (going through JSON text costs ~40 ms for 10,000 CIDRs).
 pub fn desired_view(rs: &Ruleset) -> TableView {
-    let objs: Vec<Value> = objects(rs)
-        .into_iter()
-        .map(|o| {
-            // Serialising our own schema values cannot fail (no maps with non-string
-            // keys, no foreign types).
-            serde_json::to_value(&o).unwrap_or(Value::Null)
-        })
-        .collect();
+    let objs: Vec<Value> = objects(&Ruleset {
+        sets: Vec::new(),
+        rules: rs.rules.clone(),
+    })
+    .into_iter()
+    .map(|o| {
+        // Serialising our own schema values cannot fail (no maps with non-string
+        // keys, no foreign types).
+        serde_json::to_value(&o).unwrap_or(Value::Null)
+    })
+    .collect();
     // Our own objects always contain the table, and every value is readable.
-    view_of_objects(&objs).ok().flatten().unwrap_or_default()
+    let mut view = view_of_objects(&objs).ok().flatten().unwrap_or_default();
+    for set in &rs.sets {
+        let elems = if set.kind.interval() {
+            ElemsView::Ranges(merge_ranges(
+                set.elements
+                    .iter()
+                    .filter_map(|e| match e {
+                        SetElem::Net(n) => Some(net_range(n)),
+                        _ => None,
+                    })
+                    .collect(),
+            ))
+        } else {
+            let mut vals: Vec<String> = set
+                .elements
+                .iter()
+                .map(|e| match e {
+                    SetElem::Name(n) => n.clone(),
+                    SetElem::Port(p) => p.to_string(),
+                    SetElem::Net(n) => n.to_string(),
+                })
+                .collect();
+            vals.sort();
+            ElemsView::Values(vals)
+        };
+        view.sets.insert(
+            set.name.to_string(),
+            SetView {
+                set_type: set.kind.nft_type().to_string(),
+                flags: if set.kind.interval() {
+                    BTreeSet::from(["interval".to_string()])
+                } else {
+                    BTreeSet::new()
+                },
+                elems,
+            },
+        );
+    }
+    view
 }
 
 #[cfg(test)]
@@ -1025,6 +1078,10 @@ mod tests {
             let table = obj.get("table").unwrap_or(&obj["name"]);
             assert_eq!(table, "meduza");
         }
+        let create = serde_json::to_value(create_batch(&build(&plan()))).unwrap();
+        let create = create["nftables"].as_array().unwrap();
+        assert_eq!(create.len(), objs.len() - 2);
+        assert!(create.iter().all(|o| o.get("add").is_some()));
         let del = serde_json::to_value(delete_batch()).unwrap();
         assert_eq!(del["nftables"].as_array().unwrap().len(), 2);
     }
