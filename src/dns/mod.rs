@@ -89,6 +89,8 @@ pub struct DnsConfig {
     pub hosts_ttl: u32,
     /// Per upstream address attempt.
     pub attempt_timeout: Duration,
+    /// Within an attempt, resend the query once when no answer came after this long.
+    pub retransmit_after: Duration,
     /// For a whole forwarded query across the chain.
     pub query_budget: Duration,
     /// Name the health check asks an `A` for.
@@ -118,6 +120,7 @@ impl Default for DnsConfig {
             max_negative_ttl: 3_600,
             hosts_ttl: 0,
             attempt_timeout: Duration::from_secs(2),
+            retransmit_after: Duration::from_millis(400),
             query_budget: Duration::from_secs(5),
             health_check_name: "example.com".to_string(),
             udp_workers: 0,

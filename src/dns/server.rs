@@ -21,6 +21,13 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
 use socket2::{Domain, Protocol as SockProto, Socket, Type};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{
+    recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 
@@ -137,36 +144,107 @@ impl RequestHandler for HickoryHandler {
     }
 }
 
+/// Datagrams taken per recvmmsg(2) / sent per sendmmsg(2). Under load one syscall
+/// then carries many queries; when idle a batch holds one.
+const BATCH: usize = 32;
+
+fn to_socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+/// Serves one UDP socket: batches of queries in, batches of answers out; forwarded
+/// queries continue in their own task and answer on their own.
 async fn udp_loop(sock: Arc<UdpSocket>, fe: Arc<Frontend>) {
-    let mut buf = vec![0u8; UDP_QUERY_MAX];
+    let fd = sock.as_raw_fd();
+    let mut bufs = vec![[0u8; UDP_QUERY_MAX]; BATCH];
+    let mut got: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
+    let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
     loop {
-        let (n, src) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
+        if let Err(error) = sock.readable().await {
+            tracing::warn!(%error, "udp socket failed");
+            return;
+        }
+        got.clear();
+        let received = sock.try_io(Interest::READABLE, || {
+            // MultiHeaders holds raw pointers (not Send): built per batch, never
+            // kept across an await.
+            let mut recv_hdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+            let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
+                .iter_mut()
+                .map(|b| [IoSliceMut::new(&mut b[..])])
+                .collect();
+            let res = recvmmsg(
+                fd,
+                &mut recv_hdrs,
+                iovs.iter_mut(),
+                MsgFlags::MSG_DONTWAIT,
+                None,
+            )
+            .map_err(std::io::Error::from)?;
+            got.extend(res.map(|m| (m.bytes, m.address.as_ref().and_then(to_socket_addr))));
+            Ok(())
+        });
+        match received {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(error) => {
                 // ICMP errors from earlier sends surface here; keep serving.
                 tracing::debug!(%error, "udp receive error");
                 continue;
             }
-        };
-        if src.port() == 0 {
-            continue; // cannot answer; hickory-server drops these too
         }
-        let pkt = &buf[..n];
-        match fe.handle_local(pkt, Proto::Udp, Instant::now()) {
-            Local::Reply(resp) => send(&sock, &resp, src).await,
-            Local::Drop => {}
-            Local::Forward(_) => {
-                let pkt = pkt.to_vec();
-                let fe = fe.clone();
-                let sock = sock.clone();
-                tokio::spawn(async move {
-                    let resp = match crate::dns::wire::parse_query(&pkt) {
-                        Ok(q) => fe.forward(&q, &pkt, Proto::Udp).await,
-                        Err(_) => return,
-                    };
-                    send(&sock, &resp, src).await;
-                });
+        let now = Instant::now();
+        replies.clear();
+        for (i, &(n, src)) in got.iter().enumerate() {
+            let Some(src) = src.filter(|a| a.port() != 0) else {
+                continue; // cannot answer; hickory-server drops these too
+            };
+            let pkt = &bufs[i][..n.min(UDP_QUERY_MAX)];
+            match fe.handle_local(pkt, Proto::Udp, now) {
+                Local::Reply(resp) => replies.push((resp, src)),
+                Local::Drop => {}
+                Local::Forward(_) => {
+                    let pkt = pkt.to_vec();
+                    let fe = fe.clone();
+                    let sock = sock.clone();
+                    tokio::spawn(async move {
+                        let resp = match crate::dns::wire::parse_query(&pkt) {
+                            Ok(q) => fe.forward(&q, &pkt, Proto::Udp).await,
+                            Err(_) => return,
+                        };
+                        send(&sock, &resp, src).await;
+                    });
+                }
             }
+        }
+        if replies.is_empty() {
+            continue;
+        }
+        let sent = {
+            let mut send_hdrs = MultiHeaders::<SockaddrStorage>::preallocate(replies.len(), None);
+            let iovs: Vec<[IoSlice<'_>; 1]> =
+                replies.iter().map(|(r, _)| [IoSlice::new(r)]).collect();
+            let addrs: Vec<Option<SockaddrStorage>> = replies
+                .iter()
+                .map(|(_, a)| Some(SockaddrStorage::from(*a)))
+                .collect();
+            sendmmsg(
+                fd,
+                &mut send_hdrs,
+                &iovs,
+                &addrs,
+                [] as [ControlMessage<'_>; 0],
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map(|r| r.count())
+            .unwrap_or(0)
+        };
+        // Whatever the kernel did not take at once (full send buffer) goes the slow way.
+        for (resp, dst) in &replies[sent.min(replies.len())..] {
+            send(&sock, resp, *dst).await;
         }
     }
 }
