@@ -102,6 +102,8 @@ pub struct DnsConfig {
     pub tcp_timeout: Duration,
     /// UDP sockets per upstream address used to multiplex forwarded queries.
     pub upstream_sockets: usize,
+    /// Queries in flight to one upstream address; more queue for a slot.
+    pub upstream_max_inflight: usize,
 }
 
 impl Default for DnsConfig {
@@ -127,6 +129,7 @@ impl Default for DnsConfig {
             udp_mode: UdpMode::Native,
             tcp_timeout: Duration::from_secs(10),
             upstream_sockets: 4,
+            upstream_max_inflight: exchange::MAX_INFLIGHT_PER_UPSTREAM,
         }
     }
 }
@@ -174,7 +177,10 @@ pub struct DnsHandle {
 
 /// Starts the frontend with the real network exchange.
 pub async fn start(config: DnsConfig, plan: DnsPlan) -> Result<DnsHandle, DnsError> {
-    let exchange = Arc::new(NetExchange::new(config.upstream_sockets));
+    let exchange = Arc::new(NetExchange::with_limits(
+        config.upstream_sockets,
+        config.upstream_max_inflight,
+    ));
     start_with_exchange(config, plan, exchange).await
 }
 
