@@ -24,10 +24,11 @@ use socket2::{Domain, Protocol as SockProto, Socket, Type};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 
+use nix::errno::Errno;
 use nix::sys::socket::{
     recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
 };
-use tokio::io::Interest;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 
@@ -155,45 +156,50 @@ fn to_socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
-/// Serves one UDP socket: batches of queries in, batches of answers out; forwarded
-/// queries continue in their own task and answer on their own.
-async fn udp_loop(sock: Arc<UdpSocket>, fe: Arc<Frontend>) {
+/// How often a blocked UDP thread wakes to see whether it should stop.
+const STOP_POLL: Duration = Duration::from_millis(200);
+
+/// Serves one UDP socket on its own OS thread: a blocking recvmmsg(MSG_WAITFORONE)
+/// takes whatever queries are queued (up to `BATCH`), cache hits and host records are
+/// answered with one sendmmsg, and queries that need forwarding continue as tokio
+/// tasks that answer on their own. A thread instead of a task: the hot path then
+/// costs one syscall per batch each way, with no epoll/futex round trip per wake-up
+/// (measured in docs/benchmarks-dns.md).
+fn udp_thread(
+    sock: Arc<std::net::UdpSocket>,
+    fe: Arc<Frontend>,
+    rt: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+) {
     let fd = sock.as_raw_fd();
     let mut bufs = vec![[0u8; UDP_QUERY_MAX]; BATCH];
     let mut got: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
     let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
-    loop {
-        if let Err(error) = sock.readable().await {
-            tracing::warn!(%error, "udp socket failed");
-            return;
-        }
+    let mut recv_hdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut send_hdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    while !stop.load(Ordering::Relaxed) {
         got.clear();
-        let received = sock.try_io(Interest::READABLE, || {
-            // MultiHeaders holds raw pointers (not Send): built per batch, never
-            // kept across an await.
-            let mut recv_hdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+        {
             let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
                 .iter_mut()
                 .map(|b| [IoSliceMut::new(&mut b[..])])
                 .collect();
-            let res = recvmmsg(
+            match recvmmsg(
                 fd,
                 &mut recv_hdrs,
                 iovs.iter_mut(),
-                MsgFlags::MSG_DONTWAIT,
+                MsgFlags::MSG_WAITFORONE,
                 None,
-            )
-            .map_err(std::io::Error::from)?;
-            got.extend(res.map(|m| (m.bytes, m.address.as_ref().and_then(to_socket_addr))));
-            Ok(())
-        });
-        match received {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(error) => {
-                // ICMP errors from earlier sends surface here; keep serving.
-                tracing::debug!(%error, "udp receive error");
-                continue;
+            ) {
+                Ok(res) => {
+                    got.extend(res.map(|m| (m.bytes, m.address.as_ref().and_then(to_socket_addr))))
+                }
+                Err(Errno::EAGAIN) | Err(Errno::EINTR) => continue, // SO_RCVTIMEO: check `stop`
+                Err(error) => {
+                    // ICMP errors from earlier sends surface here; keep serving.
+                    tracing::debug!(%error, "udp receive error");
+                    continue;
+                }
             }
         }
         let now = Instant::now();
@@ -210,12 +216,12 @@ async fn udp_loop(sock: Arc<UdpSocket>, fe: Arc<Frontend>) {
                     let pkt = pkt.to_vec();
                     let fe = fe.clone();
                     let sock = sock.clone();
-                    tokio::spawn(async move {
+                    rt.spawn(async move {
                         let resp = match crate::dns::wire::parse_query(&pkt) {
                             Ok(q) => fe.forward(&q, &pkt, Proto::Udp).await,
                             Err(_) => return,
                         };
-                        send(&sock, &resp, src).await;
+                        send_nowait(&sock, &resp, src);
                     });
                 }
             }
@@ -224,7 +230,6 @@ async fn udp_loop(sock: Arc<UdpSocket>, fe: Arc<Frontend>) {
             continue;
         }
         let sent = {
-            let mut send_hdrs = MultiHeaders::<SockaddrStorage>::preallocate(replies.len(), None);
             let iovs: Vec<[IoSlice<'_>; 1]> =
                 replies.iter().map(|(r, _)| [IoSlice::new(r)]).collect();
             let addrs: Vec<Option<SockaddrStorage>> = replies
@@ -237,24 +242,25 @@ async fn udp_loop(sock: Arc<UdpSocket>, fe: Arc<Frontend>) {
                 &iovs,
                 &addrs,
                 [] as [ControlMessage<'_>; 0],
-                MsgFlags::MSG_DONTWAIT,
+                MsgFlags::empty(),
             )
             .map(|r| r.count())
             .unwrap_or(0)
         };
-        // Whatever the kernel did not take at once (full send buffer) goes the slow way.
+        // Anything sendmmsg did not take (an error on one destination) goes one by one.
         for (resp, dst) in &replies[sent.min(replies.len())..] {
-            send(&sock, resp, *dst).await;
+            send_nowait(&sock, resp, *dst);
         }
     }
 }
 
-async fn send(sock: &UdpSocket, resp: &[u8], dst: SocketAddr) {
-    let r = match sock.try_send_to(resp, dst) {
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => sock.send_to(resp, dst).await,
-        r => r,
-    };
-    if let Err(error) = r {
+/// Sends an answer from a task without blocking it: UDP replies are not worth
+/// waiting for socket-buffer space; the client retries.
+fn send_nowait(sock: &std::net::UdpSocket, resp: &[u8], dst: SocketAddr) {
+    let addr = SockaddrStorage::from(dst);
+    if let Err(error) =
+        nix::sys::socket::sendto(sock.as_raw_fd(), resp, &addr, MsgFlags::MSG_DONTWAIT)
+    {
         tracing::debug!(%error, %dst, "udp send failed");
     }
 }
@@ -262,16 +268,22 @@ async fn send(sock: &UdpSocket, resp: &[u8], dst: SocketAddr) {
 /// Running listeners.
 pub struct Listeners {
     pub local_addrs: Vec<SocketAddr>,
-    udp_tasks: Vec<JoinHandle<()>>,
+    udp_threads: Vec<std::thread::JoinHandle<()>>,
+    udp_stop: Arc<AtomicBool>,
     server_task: JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Listeners {
     pub async fn shutdown(mut self) {
-        for t in &self.udp_tasks {
-            t.abort();
-        }
+        self.udp_stop.store(true, Ordering::Relaxed);
+        let threads = std::mem::take(&mut self.udp_threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -281,9 +293,9 @@ impl Listeners {
 
 impl Drop for Listeners {
     fn drop(&mut self) {
-        for t in &self.udp_tasks {
-            t.abort();
-        }
+        // Threads see the flag within STOP_POLL and exit; not joined here (Drop may
+        // run on a runtime thread).
+        self.udp_stop.store(true, Ordering::Relaxed);
         self.server_task.abort();
     }
 }
@@ -298,7 +310,9 @@ pub fn start(
     tcp_timeout: Duration,
 ) -> Result<Listeners, DnsError> {
     let mut server = Server::new(HickoryHandler(fe.clone()));
-    let mut udp_tasks = Vec::new();
+    let mut udp_threads = Vec::new();
+    let udp_stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Handle::current();
     let mut local_addrs = Vec::new();
     for &addr in listen {
         let bind_err = |proto: &'static str| {
@@ -318,10 +332,21 @@ pub fn start(
         }
         let tcp = bind_tcp_std(bound).map_err(bind_err("tcp"))?;
         for s in udp {
-            let s = UdpSocket::from_std(s).map_err(bind_err("udp"))?;
             match mode {
-                UdpMode::Native => udp_tasks.push(tokio::spawn(udp_loop(Arc::new(s), fe.clone()))),
-                UdpMode::Hickory => server.register_socket(s),
+                UdpMode::Native => {
+                    s.set_nonblocking(false).map_err(bind_err("udp"))?;
+                    s.set_read_timeout(Some(STOP_POLL))
+                        .map_err(bind_err("udp"))?;
+                    let (fe, rt, stop) = (fe.clone(), rt.clone(), udp_stop.clone());
+                    let t = std::thread::Builder::new()
+                        .name("dns-udp".into())
+                        .spawn(move || udp_thread(Arc::new(s), fe, rt, stop))
+                        .map_err(bind_err("udp"))?;
+                    udp_threads.push(t);
+                }
+                UdpMode::Hickory => {
+                    server.register_socket(UdpSocket::from_std(s).map_err(bind_err("udp"))?)
+                }
             }
         }
         server.register_listener(
@@ -351,7 +376,8 @@ pub fn start(
     });
     Ok(Listeners {
         local_addrs,
-        udp_tasks,
+        udp_threads,
+        udp_stop,
         server_task,
         stop: Some(stop_tx),
     })
