@@ -76,22 +76,35 @@ impl Drop for MuxSocket {
 struct Mux {
     sockets: Vec<MuxSocket>,
     next: AtomicUsize,
+    /// Queries in flight to this address; more wait for a slot (within their
+    /// timeout). A burst of 500 queries would otherwise overflow a plain upstream's
+    /// default socket buffer (~200 datagrams) and be lost there.
+    slots: tokio::sync::Semaphore,
 }
 
 /// The real exchange over the network.
 pub struct NetExchange {
     muxes: Mutex<HashMap<SocketAddr, Arc<Mux>>>,
     sockets_per_upstream: usize,
+    max_inflight_per_upstream: usize,
 }
+
+/// Default bound of queries in flight to one upstream address.
+pub const MAX_INFLIGHT_PER_UPSTREAM: usize = 128;
 
 /// Largest UDP answer we accept from an upstream (EDNS maximum in practice).
 const MAX_UDP_ANSWER: usize = 65535;
 
 impl NetExchange {
     pub fn new(sockets_per_upstream: usize) -> Self {
+        Self::with_limits(sockets_per_upstream, MAX_INFLIGHT_PER_UPSTREAM)
+    }
+
+    pub fn with_limits(sockets_per_upstream: usize, max_inflight_per_upstream: usize) -> Self {
         Self {
             muxes: Mutex::new(HashMap::new()),
             sockets_per_upstream: sockets_per_upstream.max(1),
+            max_inflight_per_upstream: max_inflight_per_upstream.max(1),
         }
     }
 
@@ -127,6 +140,7 @@ impl NetExchange {
         let mux = Arc::new(Mux {
             sockets,
             next: AtomicUsize::new(0),
+            slots: tokio::sync::Semaphore::new(self.max_inflight_per_upstream),
         });
         let mut map = self.muxes.lock().unwrap_or_else(|e| e.into_inner());
         // Another task may have raced us; keep the first one.
@@ -140,6 +154,12 @@ impl NetExchange {
         timeout: Duration,
     ) -> Result<Vec<u8>, ExchangeError> {
         let mux = self.mux(addr).await?;
+        let start = tokio::time::Instant::now();
+        let _slot = tokio::time::timeout(timeout, mux.slots.acquire())
+            .await
+            .map_err(|_| ExchangeError::Timeout)?
+            .map_err(|_| ExchangeError::Io("upstream closed".into()))?;
+        let timeout = timeout.saturating_sub(start.elapsed());
         let n = mux.next.fetch_add(1, Ordering::Relaxed) % mux.sockets.len();
         let s = &mux.sockets[n];
         let (tx, rx) = oneshot::channel();
@@ -159,19 +179,26 @@ impl NetExchange {
         };
         let mut msg = query.to_vec();
         msg[0..2].copy_from_slice(&id.to_be_bytes());
-        let result = async {
-            s.sock.send(&msg).await?;
-            match tokio::time::timeout(timeout, rx).await {
+        // `rx` is consumed (dropped) by the time `result` exists, on every path.
+        let result = match s.sock.send(&msg).await {
+            Err(e) => {
+                drop(rx);
+                Err(ExchangeError::from(e))
+            }
+            Ok(_) => match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) => Err(ExchangeError::Io("reader stopped".into())),
                 Err(_) => Err(ExchangeError::Timeout),
+            },
+        };
+        if result.is_err() {
+            // The id may already belong to a newer query (the reader removed ours
+            // when it answered): only an entry whose receiver is gone is ours.
+            let mut p = s.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.get(&id).is_some_and(|tx| tx.is_closed()) {
+                p.remove(&id);
             }
         }
-        .await;
-        s.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
         let mut resp = result?;
         if !answers(&resp, query) {
             return Err(ExchangeError::Malformed);

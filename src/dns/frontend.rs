@@ -19,7 +19,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::cache::{Cache, Key};
-use super::exchange::Exchange;
+use super::exchange::{Exchange, ExchangeError};
 use super::failover::{AddrCheck, Event, Failover, FailoverLogEntry, UpstreamStatus};
 use super::hosts::HostsTable;
 use super::wire::{self, ParseError, Query};
@@ -573,11 +573,16 @@ impl Frontend {
                     break;
                 }
                 let start = Instant::now();
-                match self
-                    .exchange
-                    .exchange(*addr, pkt, self.cfg.attempt_timeout.min(left))
-                    .await
-                {
+                let timeout = self.cfg.attempt_timeout.min(left);
+                // One retransmission after `retransmit_after`: a datagram lost on the
+                // way (a busy upstream's full socket buffer) costs that long, not the
+                // whole attempt timeout.
+                let first = self.cfg.retransmit_after.min(timeout);
+                let mut result = self.exchange.exchange(*addr, pkt, first).await;
+                if result == Err(ExchangeError::Timeout) && first < timeout {
+                    result = self.exchange.exchange(*addr, pkt, timeout - first).await;
+                }
+                match result {
                     Ok(resp) => {
                         let rc = wire::rcode(&resp).unwrap_or(wire::RCODE_SERVFAIL);
                         if rc == wire::RCODE_SERVFAIL || rc == wire::RCODE_REFUSED {
@@ -629,7 +634,6 @@ fn log_entries(entries: &[FailoverLogEntry]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::exchange::ExchangeError;
     use crate::dns::failover::{FailoverAction, Health};
     use hickory_proto::op::{Message, Query as HQuery, ResponseCode};
     use hickory_proto::rr::rdata::A;

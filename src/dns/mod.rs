@@ -89,6 +89,8 @@ pub struct DnsConfig {
     pub hosts_ttl: u32,
     /// Per upstream address attempt.
     pub attempt_timeout: Duration,
+    /// Within an attempt, resend the query once when no answer came after this long.
+    pub retransmit_after: Duration,
     /// For a whole forwarded query across the chain.
     pub query_budget: Duration,
     /// Name the health check asks an `A` for.
@@ -100,6 +102,8 @@ pub struct DnsConfig {
     pub tcp_timeout: Duration,
     /// UDP sockets per upstream address used to multiplex forwarded queries.
     pub upstream_sockets: usize,
+    /// Queries in flight to one upstream address; more queue for a slot.
+    pub upstream_max_inflight: usize,
 }
 
 impl Default for DnsConfig {
@@ -118,12 +122,14 @@ impl Default for DnsConfig {
             max_negative_ttl: 3_600,
             hosts_ttl: 0,
             attempt_timeout: Duration::from_secs(2),
+            retransmit_after: Duration::from_millis(400),
             query_budget: Duration::from_secs(5),
             health_check_name: "example.com".to_string(),
             udp_workers: 0,
             udp_mode: UdpMode::Native,
             tcp_timeout: Duration::from_secs(10),
             upstream_sockets: 4,
+            upstream_max_inflight: exchange::MAX_INFLIGHT_PER_UPSTREAM,
         }
     }
 }
@@ -171,7 +177,10 @@ pub struct DnsHandle {
 
 /// Starts the frontend with the real network exchange.
 pub async fn start(config: DnsConfig, plan: DnsPlan) -> Result<DnsHandle, DnsError> {
-    let exchange = Arc::new(NetExchange::new(config.upstream_sockets));
+    let exchange = Arc::new(NetExchange::with_limits(
+        config.upstream_sockets,
+        config.upstream_max_inflight,
+    ));
     start_with_exchange(config, plan, exchange).await
 }
 

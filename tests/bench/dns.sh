@@ -11,7 +11,9 @@
 #   forwarded  unique names, frontend caches disabled (dnsmasq --cache-size=0)
 # Per scenario: QPS (median of RUNS), loss %, p99 latency (a separate dnsperf -v
 # run at the same load, percentiles computed from its per-query latencies), and the
-# RSS (VmRSS / VmHWM) of both frontends at the end.
+# RSS (VmRSS / VmHWM) of both frontends at the end, and the server's CPU time per
+# answered query (utime+stime over the runs / queries answered): on 2 shared cores the
+# client is often the bottleneck at q=100, and CPU per query shows the server's cost.
 set -euo pipefail
 
 RUNS=${RUNS:-3}
@@ -91,7 +93,9 @@ perf_p99() { # ip port file q
 }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2 ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2)}'; }
 
-declare -A QPS LOSS P99 RSS
+declare -A QPS LOSS P99 RSS CPU
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
 bench() { # name scenario cache file
   local name=$1 scen=$2 cache=$3 file=$4 ip port
   if [[ $name == dnsmasq ]]; then ip=$DM_IP; port=$DM_PORT; start_dnsmasq "$cache"
@@ -100,11 +104,15 @@ bench() { # name scenario cache file
   local pid=$SERVER_PID
   [[ $scen == cache-hit ]] && dnsperf -s "$ip" -p "$port" -d "$file" -n 2 -c 1 -q 10 >/dev/null 2>&1
   for q in 100 500; do
-    local qs=() ls=()
+    local qs=() ls=() t0 t1 answered=0
+    t0=$(ticks "$pid")
     for _ in $(seq 1 "$RUNS"); do
       read -r qv lv < <(perf_run "$ip" "$port" "$file" "$q")
       qs+=("$qv"); ls+=("$lv")
+      answered=$((answered + qv * DURATION))
     done
+    t1=$(ticks "$pid")
+    CPU[$name,$scen,$q]=$(awk -v t=$((t1 - t0)) -v hz="$HZ" -v n="$answered" 'BEGIN {printf "%.2f", (n > 0 ? t / hz * 1e6 / n : 0)}')
     QPS[$name,$scen,$q]=$(printf '%s\n' "${qs[@]}" | median)
     LOSS[$name,$scen,$q]=$(printf '%s\n' "${ls[@]}" | sort -n | tail -1)
     P99[$name,$scen,$q]=$(perf_p99 "$ip" "$port" "$file" "$q")
@@ -121,16 +129,19 @@ done
 
 echo "# DNS frontend benchmark $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# dnsperf -l $DURATION -c $CLIENTS, median of $RUNS runs; loss = worst run; p99 from a 3 s dnsperf -v run"
-printf '%-10s %4s | %10s %10s %6s | %8s %8s | %8s %8s | %9s %9s\n' \
-  scenario q "dnsmasq" "meduza" ratio "loss-dm%" "loss-mz%" "p99dm-ms" "p99mz-ms" "rss-dm" "rss-mz"
+printf '%-10s %4s | %10s %10s %6s | %8s %8s | %8s %8s | %9s %9s | %7s %7s %6s\n' \
+  scenario q "dnsmasq" "meduza" ratio "loss-dm%" "loss-mz%" "p99dm-ms" "p99mz-ms" "rss-dm" "rss-mz" "cpu-dm" "cpu-mz" "eff"
 for scen in cache-hit forwarded; do
   for q in 100 500; do
     d=${QPS[dnsmasq,$scen,$q]}; m=${QPS[meduza,$scen,$q]}
     ratio=$(awk -v m="$m" -v d="$d" 'BEGIN {printf "%.2f", (d > 0 ? m / d : 0)}')
-    printf '%-10s %4s | %10s %10s %5sx | %8s %8s | %8s %8s | %9s %9s\n' "$scen" "$q" "$d" "$m" "$ratio" \
+    cd_=${CPU[dnsmasq,$scen,$q]}; cm=${CPU[meduza,$scen,$q]}
+    eff=$(awk -v a="$cd_" -v b="$cm" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}')
+    printf '%-10s %4s | %10s %10s %5sx | %8s %8s | %8s %8s | %9s %9s | %7s %7s %5sx\n' "$scen" "$q" "$d" "$m" "$ratio" \
       "${LOSS[dnsmasq,$scen,$q]}" "${LOSS[meduza,$scen,$q]}" "${P99[dnsmasq,$scen,$q]}" "${P99[meduza,$scen,$q]}" \
-      "${RSS[dnsmasq,$scen]}" "${RSS[meduza,$scen]}"
+      "${RSS[dnsmasq,$scen]}" "${RSS[meduza,$scen]}" "$cd_" "$cm" "$eff"
   done
 done
 echo "# rss columns: VmRSS/VmHWM in MiB at the end of the scenario"
+echo "# cpu columns: server CPU microseconds per answered query; eff = dnsmasq cpu / meduza cpu"
 echo "# targets: cache-hit ratio >= 1.5, forwarded ratio >= 1.0, meduza loss 0% at q=500, meduza RSS < 15 MiB"
