@@ -202,6 +202,10 @@ async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Resu
         Cmd::Dataplane(dp) => {
             let plan = match &dp.inner.plan {
                 Some(file) => meduza::dataplane::cli::load_plan_file(file)?,
+                // Removal deletes our table and routes whatever the plan was.
+                None if dp.inner.cmd == meduza::dataplane::DataplaneCmd::Remove && dp.node.is_none() => {
+                    meduza_generators::plan::tproxy::TproxyPlan::empty()
+                }
                 None => {
                     let node_id = dp.node.clone().context("--node (or NODE_ID) is required")?;
                     let cfg = match load_config(dp.snapshot.as_deref(), &cli.etcd).await? {
