@@ -345,7 +345,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // TPROXY first: once mihomo stops, intercepted traffic would have nowhere to go.
     shared.dataplane.set(None);
     let mut st = shared.dataplane.status();
-    let _ = tokio::time::timeout(Duration::from_secs(3), st.wait_for(|s| s.converged)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(3),
+        st.wait_for(|s| s.converged && !s.installed),
+    )
+    .await;
     shared.set_tproxy("removed", "meduza stopping");
     shared.supervisor.shutdown().await;
     shared.publisher.set_last("stopped");
