@@ -534,6 +534,10 @@ fn tproxy_follows_mihomo_health_end_to_end() {
         "TPROXY applied while mihomo is unhealthy"
     );
     lab.assert_direct("mihomo unhealthy at start");
+    // The subscription reaches mihomo as an HTTP proxy provider (mihomo fetches it).
+    let mihomo_cfg = std::fs::read_to_string(lab.path("root/etc/mihomo/config.yaml"))
+        .expect("mihomo config written under MEDUZA_ROOT");
+    assert!(mihomo_cfg.contains(&url("/sub.yaml")), "{mihomo_cfg}");
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
         !lab.table_present(),
@@ -585,6 +589,10 @@ fn tproxy_follows_mihomo_health_end_to_end() {
     assert_eq!(unsafe { libc::kill(mihomo, libc::SIGKILL) }, 0);
     let removed = lab.time_until_table(t, false, Duration::from_secs(3));
     figure("kill_to_removed", removed);
+    assert!(
+        removed < Duration::from_millis(250),
+        "kill -9 -> removed took {removed:?}"
+    );
     lab.assert_direct("mihomo killed");
     let health = lab.wait_status("clash/health", Duration::from_secs(5), |v| {
         v.starts_with("unhealthy ") || v.starts_with("waiting ")
@@ -607,6 +615,10 @@ fn tproxy_follows_mihomo_health_end_to_end() {
     lab.control(STALL);
     let removed = lab.time_until_table(t, false, Duration::from_secs(5));
     figure("stall_to_removed", removed);
+    assert!(
+        removed < Duration::from_secs(2),
+        "stall -> removed took {removed:?}"
+    );
     lab.assert_direct("mihomo API stalled");
     let health = lab.wait_status("clash/health", Duration::from_secs(5), |v| {
         v.starts_with("unhealthy ")
@@ -618,6 +630,10 @@ fn tproxy_follows_mihomo_health_end_to_end() {
     lab.control(HEALTHY);
     let back = lab.time_until_table(t, true, Duration::from_secs(10));
     figure("stall_cleared_to_reapplied", back);
+    assert!(
+        back < Duration::from_secs(1),
+        "healthy -> re-applied took {back:?}"
+    );
     lab.assert_proxied("mihomo API answers again");
 
     // 5. Every URLTest group REJECT: removed, the reason names the group.
@@ -625,6 +641,10 @@ fn tproxy_follows_mihomo_health_end_to_end() {
     lab.control(REJECT);
     let removed = lab.time_until_table(t, false, Duration::from_secs(5));
     figure("reject_to_removed", removed);
+    assert!(
+        removed < Duration::from_secs(2),
+        "REJECT -> removed took {removed:?}"
+    );
     lab.assert_direct("every URLTest group REJECT");
     let health = lab.wait_status("clash/health", Duration::from_secs(5), |v| {
         v.starts_with("unhealthy ")
@@ -638,6 +658,10 @@ fn tproxy_follows_mihomo_health_end_to_end() {
     lab.control(HEALTHY);
     let back = lab.time_until_table(t, true, Duration::from_secs(10));
     figure("reject_cleared_to_reapplied", back);
+    assert!(
+        back < Duration::from_secs(1),
+        "healthy -> re-applied took {back:?}"
+    );
     lab.assert_proxied("URLTest group alive again");
     let health = lab.wait_status("clash/health", Duration::from_secs(5), |v| {
         v.starts_with("healthy ")
@@ -686,6 +710,14 @@ fn tproxy_follows_mihomo_health_end_to_end() {
         v.starts_with("running ")
     });
     assert_eq!(lab.mosdns_answer("www.listed.example"), "198.51.100.1");
+
+    // The online key stayed on its lease (TTL 5 s here) the whole time.
+    assert_eq!(lab.status("online").as_deref(), Some("1"));
+    let log = std::fs::read_to_string(lab.path("meduza.log")).expect("log");
+    assert!(
+        !log.contains("status lease expired"),
+        "the online lease expired while meduza ran"
+    );
 
     // 7. SIGTERM: a clean stop, children gone, no table left behind.
     let mut meduza = lab.meduza.take().expect("meduza");
