@@ -481,6 +481,22 @@ impl Lab {
     }
 }
 
+/// Sleep until `hold_down` after `removed_at` has passed, with a margin for the
+/// removal having been seen up to one 10 ms poll late, plus a random 0–500 ms so the
+/// recovery starts at a random point of the monitor's 500 ms probe cycle (the
+/// healthy → re-applied time depends on that phase).
+fn outlast_hold_down(removed_at: Instant, hold_down: Duration) {
+    let jitter = Duration::from_millis(rand::random::<u64>() % 500);
+    let until = removed_at + hold_down + Duration::from_millis(100) + jitter;
+    std::thread::sleep(until.saturating_duration_since(Instant::now()));
+}
+
+/// A random 0–500 ms pause, so a fault starts at a random point of the monitor's
+/// probe cycle (the test's own steps are otherwise in step with it).
+fn random_phase() {
+    std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 500));
+}
+
 fn figure(name: &str, d: Duration) {
     println!("FIGURE {name}_ms={:.1}", d.as_secs_f64() * 1000.0);
 }
@@ -611,6 +627,7 @@ fn tproxy_follows_mihomo_health_end_to_end() {
     lab.assert_proxied("mihomo restarted");
 
     // 4. API stalled: removed within the probe period + timeout.
+    random_phase();
     let t = Instant::now();
     lab.control(STALL);
     let removed = lab.time_until_table(t, false, Duration::from_secs(5));
@@ -624,8 +641,9 @@ fn tproxy_follows_mihomo_health_end_to_end() {
         v.starts_with("unhealthy ")
     });
     assert!(health.contains("no answer within"), "{health}");
-    // Outlast the hold-down (doubled: removed within 30 s of the last application).
-    std::thread::sleep(Duration::from_millis(4500).saturating_sub(t.elapsed()));
+    // Outlast the hold-down, which counts from the removal and doubles on each removal
+    // within 30 s of the last application (docs/clash.md): 2 s after the kill, now 4 s.
+    outlast_hold_down(t + removed, Duration::from_secs(4));
     let t = Instant::now();
     lab.control(HEALTHY);
     let back = lab.time_until_table(t, true, Duration::from_secs(10));
@@ -637,6 +655,7 @@ fn tproxy_follows_mihomo_health_end_to_end() {
     lab.assert_proxied("mihomo API answers again");
 
     // 5. Every URLTest group REJECT: removed, the reason names the group.
+    random_phase();
     let t = Instant::now();
     lab.control(REJECT);
     let removed = lab.time_until_table(t, false, Duration::from_secs(5));
@@ -653,7 +672,7 @@ fn tproxy_follows_mihomo_health_end_to_end() {
         health.contains("every URLTest group is down: PROXY=REJECT"),
         "{health}"
     );
-    std::thread::sleep(Duration::from_millis(8500).saturating_sub(t.elapsed()));
+    outlast_hold_down(t + removed, Duration::from_secs(8));
     let t = Instant::now();
     lab.control(HEALTHY);
     let back = lab.time_until_table(t, true, Duration::from_secs(10));
