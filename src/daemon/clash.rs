@@ -270,8 +270,33 @@ impl ClashOrchestrator {
         });
     }
 
+    /// Called before the supervisor gets a pass's services: when mihomo is about to be
+    /// stopped (Clash disabled), TPROXY goes first and the monitor with it, so LAN
+    /// traffic is never sent to a proxy that is going away and the exit is not taken
+    /// for a crash.
+    pub async fn before_services(&mut self, specs: &[ServiceSpec]) {
+        if self.monitor.is_none() || specs.iter().any(|s| s.name == MIHOMO_SERVICE) {
+            return;
+        }
+        self.stop_monitor_because("Clash disabled").await;
+        let mut st = self.shared.dataplane.status();
+        let removed = tokio::time::timeout(
+            Duration::from_secs(3),
+            st.wait_for(|s| s.converged && !s.installed),
+        )
+        .await;
+        if removed.is_err() {
+            warn!("[clash] TPROXY removal not confirmed before stopping mihomo");
+        }
+    }
+
     async fn stop_monitor(&mut self) {
+        self.stop_monitor_because("clash monitor stopped").await;
+    }
+
+    async fn stop_monitor_because(&mut self, reason: &str) {
         if let Some(m) = self.monitor.take() {
+            m.handle.disarm(reason).await;
             m.handle.shutdown().await;
             m.forward.abort();
             let _ = tokio::time::timeout(Duration::from_secs(5), m.task).await;

@@ -105,6 +105,7 @@ impl Effects for DaemonEffects {
     ) -> Result<(), String> {
         self.clash
             .set_mosdns_spec(specs.iter().find(|s| s.name == MOSDNS_SERVICE).cloned());
+        self.clash.before_services(&specs).await;
         self.desired = specs;
         self.sync(&changed).await
     }

@@ -194,6 +194,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         &cfg.node_id,
         PublisherConfig {
             ttl_secs: cfg.lease_ttl,
+            // Three keep-alives per TTL, whatever the TTL (15 s gives the default 5 s).
+            keep_alive_interval: Duration::from_millis(
+                u64::try_from(cfg.lease_ttl.max(1)).unwrap_or(15) * 1000 / 3,
+            ),
             ..PublisherConfig::default()
         },
     );
@@ -345,7 +349,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // TPROXY first: once mihomo stops, intercepted traffic would have nowhere to go.
     shared.dataplane.set(None);
     let mut st = shared.dataplane.status();
-    let _ = tokio::time::timeout(Duration::from_secs(3), st.wait_for(|s| s.converged)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(3),
+        st.wait_for(|s| s.converged && !s.installed),
+    )
+    .await;
     shared.set_tproxy("removed", "meduza stopping");
     shared.supervisor.shutdown().await;
     shared.publisher.set_last("stopped");

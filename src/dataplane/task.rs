@@ -34,6 +34,8 @@ pub struct TaskStatus {
     pub last_error: Option<String>,
     /// Whether the kernel was at the desired state after the last pass.
     pub converged: bool,
+    /// Whether that desired state had TPROXY on (`converged && !installed`: removed).
+    pub installed: bool,
 }
 
 /// Control of a running data-plane task. Dropping it stops the task (the desired
@@ -103,6 +105,9 @@ async fn run<N: Nft, R: Routing, T: Stream<Item = ()> + Unpin>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut triggers_open = true;
     desired.mark_changed();
+    // The desired state of the last successful pass: a change made while it stays the
+    // same is a repair (drift, or leftovers at boot), anything else was asked for.
+    let mut last_done: Option<Option<TproxyPlan>> = None;
     loop {
         tokio::select! {
             biased;
@@ -125,19 +130,30 @@ async fn run<N: Nft, R: Routing, T: Stream<Item = ()> + Unpin>(
         }
         let plan = desired.borrow_and_update().clone();
         let result = dp.ensure(plan.as_ref()).await;
+        let requested = match &last_done {
+            Some(prev) => *prev != plan,
+            None => plan.is_some(),
+        };
+        if result.is_ok() {
+            last_done = Some(plan.clone());
+        }
         status.send_modify(|st| match result {
             Ok(Some(report)) => {
-                if plan.is_some() {
+                if !requested && plan.is_some() {
                     tracing::warn!(nft = ?report.nft, routing = ?report.routing, "tproxy drift repaired");
+                } else if !requested {
+                    tracing::warn!(nft = ?report.nft, routing = ?report.routing, "tproxy leftovers removed");
                 }
                 st.changes += 1;
                 st.last_report = Some(report);
                 st.last_error = None;
                 st.converged = true;
+                st.installed = plan.is_some();
             }
             Ok(None) => {
                 st.last_error = None;
                 st.converged = true;
+                st.installed = plan.is_some();
             }
             Err(err) => {
                 tracing::error!(%err, "dataplane pass failed");
