@@ -203,7 +203,9 @@ async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Resu
             let plan = match &dp.inner.plan {
                 Some(file) => meduza::dataplane::cli::load_plan_file(file)?,
                 // Removal deletes our table and routes whatever the plan was.
-                None if dp.inner.cmd == meduza::dataplane::DataplaneCmd::Remove && dp.node.is_none() => {
+                None if dp.inner.cmd == meduza::dataplane::DataplaneCmd::Remove
+                    && dp.node.is_none() =>
+                {
                     meduza_generators::plan::tproxy::TproxyPlan::empty()
                 }
                 None => {

@@ -26,7 +26,11 @@ impl<'a> Reader<'a> {
     /// Record an error. The value of a secret key (tokens, private keys, secrets,
     /// passwords) is never echoed: errors are published to etcd and the node API.
     pub fn error(&mut self, key: &str, value: &str, reason: impl Into<String>) {
-        let shown = if is_secret_key(key) && !value.is_empty() { "<redacted>" } else { value };
+        let shown = if is_secret_key(key) && !value.is_empty() {
+            "<redacted>"
+        } else {
+            value
+        };
         self.errors.push(ValidationError::new(key, shown, reason));
     }
 
@@ -166,9 +170,17 @@ impl<'a> Reader<'a> {
 /// `openvpn/<n>/secret`, `tls_auth`, `clash/secret`, ...).
 pub fn is_secret_key(key: &str) -> bool {
     let last = key.rsplit('/').next().unwrap_or(key).to_ascii_lowercase();
-    ["token", "secret", "pass", "key", "psk", "tls_auth", "tls_crypt"]
-        .iter()
-        .any(|w| last.contains(w))
+    [
+        "token",
+        "secret",
+        "pass",
+        "key",
+        "psk",
+        "tls_auth",
+        "tls_crypt",
+    ]
+    .iter()
+    .any(|w| last.contains(w))
 }
 
 pub fn parse_bool(v: &str) -> Result<bool, String> {

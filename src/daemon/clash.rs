@@ -118,6 +118,33 @@ pub struct ClashOrchestrator {
     chain: Option<RunningChain>,
     mosdns_released: Arc<AtomicBool>,
     mosdns_spec: Option<ServiceSpec>,
+    /// The subscription refresh task and what it was started for.
+    refresh: Option<(String, JoinHandle<()>)>,
+}
+
+/// SIGHUP to the running mihomo (the supervisor knows its pid): the fallback of a
+/// hot reload through the API.
+struct SupervisorSignaller {
+    shared: Arc<Shared>,
+}
+
+impl crate::clash::subscription::Signaller for SupervisorSignaller {
+    async fn sighup(&self) -> Result<(), String> {
+        let pid = self
+            .shared
+            .supervisor
+            .status()
+            .into_iter()
+            .find(|s| s.name == MIHOMO_SERVICE)
+            .and_then(|s| s.pid)
+            .ok_or("mihomo is not running")?;
+        let pid = i32::try_from(pid).map_err(|e| e.to_string())?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .map_err(|e| e.to_string())
+    }
 }
 
 impl ClashOrchestrator {
@@ -131,6 +158,7 @@ impl ClashOrchestrator {
             chain: None,
             mosdns_released: Arc::new(AtomicBool::new(false)),
             mosdns_spec: None,
+            refresh: None,
         }
     }
 
@@ -193,11 +221,14 @@ impl ClashOrchestrator {
             }
         }
 
+        self.sync_refresh(clash.as_ref());
+        // A new monitor needs arming again: the chain restarts with it.
         let chain_key = format!(
-            "{}|{}|{:?}",
+            "{}|{}|{:?}|{:?}",
             clash.is_some(),
             tproxy.is_some(),
-            mosdns.as_ref().map(|m| (&m.rule_files, m.refresh_minutes))
+            mosdns.as_ref().map(|m| (&m.rule_files, m.refresh_minutes)),
+            self.monitor.as_ref().map(|m| &m.key),
         );
         if self.chain.as_ref().map(|c| &c.key) != Some(&chain_key) {
             if let Some(c) = self.chain.take() {
@@ -351,7 +382,93 @@ impl ClashOrchestrator {
     }
 
     /// Stop the monitor (removing TPROXY) and the chain.
+    /// Subscription refresh every `refresh/interval_minutes` (DESIGN §9): download
+    /// through mihomo while it is healthy (directly otherwise), validate, keep the last
+    /// good copy in mihomo's provider file, and hot-reload mihomo when it changed
+    /// (`PUT /configs`, verified, SIGHUP as fallback).
+    fn sync_refresh(&mut self, clash: Option<&ClashRuntime>) {
+        let wanted = clash.and_then(|rt| {
+            let (_, url) = rt.subscription.clone()?;
+            let minutes = rt.refresh_minutes?;
+            let monitor = self.monitor.as_ref()?;
+            Some((rt.clone(), url, minutes, monitor.handle.health()))
+        });
+        let key = wanted
+            .as_ref()
+            .map(|(rt, url, m, _)| format!("{url}|{m}|{}|{}", rt.provider_path, rt.controller))
+            .unwrap_or_default();
+        if self.refresh.as_ref().map(|(k, _)| k) == Some(&key) {
+            return;
+        }
+        if let Some((_, task)) = self.refresh.take() {
+            task.abort();
+        }
+        let Some((rt, url, minutes, health)) = wanted else {
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        let root = self.root.clone();
+        let task = tokio::spawn(async move {
+            use crate::clash::subscription::{
+                hot_reload, refresh_loop, SubscriptionStore, VerifyPolicy,
+            };
+            let provider = root.join(rt.provider_path.trim_start_matches('/'));
+            let config_path = root.join(rt.config_path.trim_start_matches('/'));
+            let (tx, mut rx) = mpsc::channel::<()>(1);
+            let reloader = {
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    while rx.recv().await.is_some() {
+                        let Ok(api) =
+                            MihomoApi::new(&rt.controller.to_string(), &rt.secret, PROBE_TIMEOUT)
+                        else {
+                            continue;
+                        };
+                        let yaml = std::fs::read_to_string(&config_path).unwrap_or_default();
+                        let signaller = SupervisorSignaller {
+                            shared: Arc::clone(&shared),
+                        };
+                        match hot_reload(
+                            &api,
+                            &signaller,
+                            &config_path,
+                            &yaml,
+                            VerifyPolicy::default(),
+                        )
+                        .await
+                        {
+                            Ok(method) => info!(
+                                ?method,
+                                "[clash-refresh] mihomo reloaded with the new subscription"
+                            ),
+                            Err(err) => {
+                                warn!(%err, "[clash-refresh] hot reload failed; mihomo keeps its providers")
+                            }
+                        }
+                    }
+                })
+            };
+            let interval = Duration::from_secs(u64::from(minutes) * 60);
+            refresh_loop(
+                Fetcher::default(),
+                SubscriptionStore::new(provider),
+                url,
+                interval,
+                health,
+                move || {
+                    let _ = tx.try_send(());
+                },
+            )
+            .await;
+            reloader.abort();
+        });
+        self.refresh = Some((key, task));
+    }
+
     pub async fn shutdown(&mut self) {
+        if let Some((_, task)) = self.refresh.take() {
+            task.abort();
+        }
         if let Some(c) = self.chain.take() {
             c.task.abort();
         }
