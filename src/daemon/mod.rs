@@ -194,6 +194,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         &cfg.node_id,
         PublisherConfig {
             ttl_secs: cfg.lease_ttl,
+            // Three keep-alives per TTL (5 s for the default 15 s): a shortened TTL
+            // (tests) must not expire between two keep-alives.
+            keep_alive_interval: Duration::from_secs((cfg.lease_ttl / 3).max(1) as u64),
             ..PublisherConfig::default()
         },
     );
@@ -243,6 +246,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     tasks.push(tokio::spawn(publish_services(Arc::clone(&shared))));
     tasks.push(tokio::spawn(publish_dns(Arc::clone(&shared))));
     tasks.push(tokio::spawn(publish_links(Arc::clone(&shared))));
+    tasks.push(tokio::spawn(keep_frr_loaded(
+        Arc::clone(&shared),
+        Arc::clone(&frr),
+    )));
 
     // Node API.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -423,6 +430,42 @@ async fn publish_services(shared: Arc<Shared>) {
         clash::update_dns_chain(&shared);
         last = now;
         if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// FRR daemons run in integrated-config mode and start empty: whenever one of them
+/// has a new process (first start, crash and restart), push the whole `frr.conf` once
+/// they all run. A failed push is retried every few seconds.
+async fn keep_frr_loaded(shared: Arc<Shared>, frr: Arc<FrrControl>) {
+    let mut rx = shared.supervisor.watch_status();
+    let mut loaded: BTreeMap<String, u32> = BTreeMap::new();
+    loop {
+        let pids: BTreeMap<String, u32> = rx
+            .borrow_and_update()
+            .iter()
+            .filter(|(name, _)| name.starts_with("frr-"))
+            .filter_map(|(name, st)| st.pid.map(|pid| (name.clone(), pid)))
+            .collect();
+        let mut retry = false;
+        if pids.is_empty() {
+            loaded.clear();
+        } else if pids.len() == crate::supervise::frr::DAEMONS.len() && pids != loaded {
+            match frr.load(Duration::from_secs(30)).await {
+                Ok(()) => loaded = pids,
+                Err(err) => {
+                    warn!(%err, "loading the FRR config failed; retrying");
+                    retry = true;
+                }
+            }
+        }
+        if retry {
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+            }
+        } else if rx.changed().await.is_err() {
             return;
         }
     }
