@@ -242,14 +242,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     });
     shared.publisher.set_last("starting");
 
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(publish_services(Arc::clone(&shared))));
-    tasks.push(tokio::spawn(publish_dns(Arc::clone(&shared))));
-    tasks.push(tokio::spawn(publish_links(Arc::clone(&shared))));
-    tasks.push(tokio::spawn(keep_frr_loaded(
-        Arc::clone(&shared),
-        Arc::clone(&frr),
-    )));
+    let mut tasks = vec![
+        tokio::spawn(publish_services(Arc::clone(&shared))),
+        tokio::spawn(publish_dns(Arc::clone(&shared))),
+        tokio::spawn(publish_links(Arc::clone(&shared))),
+        tokio::spawn(keep_frr_loaded(Arc::clone(&shared), Arc::clone(&frr))),
+    ];
 
     // Node API.
     let (stop_tx, stop_rx) = watch::channel(false);
