@@ -12,8 +12,7 @@ use meduza_generators::plan::wireguard::WgDevice;
 use meduza_generators::render::{ClashRuntime, MosdnsRuntime};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Name of MosDNS's service: held back until the startup chain allows it.
 pub const MOSDNS_SERVICE: &str = "mosdns";
@@ -114,17 +113,9 @@ impl Effects for DaemonEffects {
         let was = self.frr_enabled;
         self.frr_enabled = enabled;
         if was != enabled {
+            // The daemons start empty: `keep_frr_loaded` pushes the config once they
+            // all run. Later changes go through the FrrReload strategy of frr-zebra.
             self.sync(&BTreeSet::new()).await?;
-        }
-        if enabled && !was {
-            // The daemons start empty; push the config once they answer. Later
-            // changes go through the FrrReload strategy of frr-zebra.
-            let frr = Arc::clone(&self.frr);
-            tokio::spawn(async move {
-                if let Err(err) = frr.load(Duration::from_secs(30)).await {
-                    warn!(%err, "loading the FRR config failed");
-                }
-            });
         }
         Ok(())
     }

@@ -243,10 +243,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     });
     shared.publisher.set_last("starting");
 
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(publish_services(Arc::clone(&shared))));
-    tasks.push(tokio::spawn(publish_dns(Arc::clone(&shared))));
-    tasks.push(tokio::spawn(publish_links(Arc::clone(&shared))));
+    let mut tasks = vec![
+        tokio::spawn(publish_services(Arc::clone(&shared))),
+        tokio::spawn(publish_dns(Arc::clone(&shared))),
+        tokio::spawn(publish_links(Arc::clone(&shared))),
+        tokio::spawn(keep_frr_loaded(Arc::clone(&shared), Arc::clone(&frr))),
+    ];
 
     // Node API.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -360,11 +362,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     for t in &tasks {
         t.abort();
     }
-    match Arc::try_unwrap(shared) {
-        Ok(shared) => shared.publisher.shutdown().await,
-        Err(shared) => {
-            let _ = tokio::time::timeout(Duration::from_secs(2), shared.publisher.flush()).await;
-        }
+    // Bounded: with etcd unreachable the last flush must not hold up the exit.
+    if tokio::time::timeout(Duration::from_secs(3), shared.publisher.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("status not flushed at shutdown; online expires with its lease");
     }
     info!("meduza stopped");
     Ok(())
@@ -431,6 +434,42 @@ async fn publish_services(shared: Arc<Shared>) {
         clash::update_dns_chain(&shared);
         last = now;
         if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// FRR daemons run in integrated-config mode and start empty: whenever one of them
+/// has a new process (first start, crash and restart), push the whole `frr.conf` once
+/// they all run. A failed push is retried every few seconds.
+async fn keep_frr_loaded(shared: Arc<Shared>, frr: Arc<FrrControl>) {
+    let mut rx = shared.supervisor.watch_status();
+    let mut loaded: BTreeMap<String, u32> = BTreeMap::new();
+    loop {
+        let pids: BTreeMap<String, u32> = rx
+            .borrow_and_update()
+            .iter()
+            .filter(|(name, _)| name.starts_with("frr-"))
+            .filter_map(|(name, st)| st.pid.map(|pid| (name.clone(), pid)))
+            .collect();
+        let mut retry = false;
+        if pids.is_empty() {
+            loaded.clear();
+        } else if pids.len() == crate::supervise::frr::DAEMONS.len() && pids != loaded {
+            match frr.load(Duration::from_secs(30)).await {
+                Ok(()) => loaded = pids,
+                Err(err) => {
+                    warn!(%err, "loading the FRR config failed; retrying");
+                    retry = true;
+                }
+            }
+        }
+        if retry {
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+            }
+        } else if rx.changed().await.is_err() {
             return;
         }
     }

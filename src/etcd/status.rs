@@ -245,8 +245,9 @@ impl StatusPublisher {
     }
 
     /// Orderly stop: one last flush attempt, then the lease is revoked so `online`
-    /// disappears now rather than after the TTL.
-    pub async fn shutdown(self) {
+    /// disappears now rather than after the TTL. Takes `&self` because other tasks of
+    /// a stopping daemon may still hold the publisher; later `set`s are dropped.
+    pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Cmd::Shutdown(tx)).is_ok() {
             let _ = rx.await;

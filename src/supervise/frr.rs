@@ -23,6 +23,9 @@ use tracing::{info, warn};
 /// The integrated config inside the root.
 pub const FRR_CONF: &str = "/etc/frr/frr.conf";
 
+/// The FRR daemons meduza supervises (as services `frr-<name>`).
+pub const DAEMONS: [&str; 4] = ["zebra", "staticd", "bgpd", "ospfd"];
+
 /// Capabilities FRR's daemons start with.
 const FRR_CAPS: [&str; 10] = [
     "CAP_NET_ADMIN",
@@ -79,7 +82,7 @@ impl FrrControl {
     /// `FrrReload` strategy, so one changed `frr.conf` means one reload.
     pub fn specs(&self) -> Vec<ServiceSpec> {
         let mut out = Vec::new();
-        for name in ["zebra", "staticd", "bgpd", "ospfd"] {
+        for name in DAEMONS {
             let mut argv = vec![self.daemon_dir.join(name).display().to_string()];
             argv.extend([
                 "--log".into(),
@@ -128,16 +131,28 @@ impl FrrControl {
         }
     }
 
-    /// Wait (up to `timeout`) until vtysh reaches the daemons, then push the whole
+    /// Wait (up to `timeout`) until vtysh reaches every daemon, then push the whole
     /// config with `vtysh -f`.
+    ///
+    /// `vtysh -f` silently skips a daemon whose vty socket is not up yet (it only
+    /// talks to the daemons it could connect to), so "vtysh answers" is not enough:
+    /// `show daemons` must list all of them, else bgpd would start without its config.
     pub async fn load(&self, timeout: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.vtysh(&["-c", "show version"]).await.is_ok() {
+            let listed = self
+                .vtysh(&["-c", "show daemons"])
+                .await
+                .unwrap_or_default();
+            let up: Vec<&str> = listed.split_whitespace().collect();
+            if DAEMONS.iter().all(|d| up.contains(d)) {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
-                return Err("FRR daemons did not answer vtysh".into());
+                return Err(format!(
+                    "FRR daemons did not all answer vtysh (connected: {})",
+                    up.join(" ")
+                ));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

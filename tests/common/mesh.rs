@@ -72,7 +72,10 @@ impl Mesh {
     }
 
     pub fn new(n: usize) -> Self {
-        let tag = format!("{:x}", std::process::id() % 0xffff);
+        // pid + a per-process counter: tests of one binary run in parallel threads.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{:x}x{seq}", std::process::id() % 0xffff);
         let hub = format!("mz{tag}hub");
         sh(&["ip", "netns", "add", &hub]);
         let mut mesh = Self {
@@ -83,18 +86,44 @@ impl Mesh {
         };
         ns_sh(&hub, &["ip", "link", "set", "lo", "up"]);
         ns_sh(&hub, &["ip", "link", "add", "br0", "type", "bridge"]);
-        ns_sh(&hub, &["ip", "addr", "add", &format!("{}/24", Self::HUB_IP), "dev", "br0"]);
+        ns_sh(
+            &hub,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", Self::HUB_IP),
+                "dev",
+                "br0",
+            ],
+        );
         ns_sh(&hub, &["ip", "link", "set", "br0", "up"]);
         for i in 0..n {
             let gw = format!("mz{tag}g{i}");
             sh(&["ip", "netns", "add", &gw]);
             mesh.gateways.push(gw.clone());
             let host_end = format!("h{i}");
-            ns_sh(&hub, &["ip", "link", "add", &host_end, "type", "veth", "peer", "name", "wan0", "netns", &gw]);
+            ns_sh(
+                &hub,
+                &[
+                    "ip", "link", "add", &host_end, "type", "veth", "peer", "name", "wan0",
+                    "netns", &gw,
+                ],
+            );
             ns_sh(&hub, &["ip", "link", "set", &host_end, "master", "br0"]);
             ns_sh(&hub, &["ip", "link", "set", &host_end, "up"]);
             ns_sh(&gw, &["ip", "link", "set", "lo", "up"]);
-            ns_sh(&gw, &["ip", "addr", "add", &format!("{}/24", Self::gw_ip(i)), "dev", "wan0"]);
+            ns_sh(
+                &gw,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/24", Self::gw_ip(i)),
+                    "dev",
+                    "wan0",
+                ],
+            );
             ns_sh(&gw, &["ip", "link", "set", "wan0", "up"]);
         }
         mesh
@@ -150,8 +179,18 @@ impl NsEtcd {
             .args(["netns", "exec", &self.ns, "etcd"])
             .args(["--name", "hub", "--data-dir"])
             .arg(&self.data)
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .args(["--initial-cluster", &format!("hub={peer}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -172,7 +211,14 @@ impl NsEtcd {
             let _ = c.wait();
         }
         // `ip netns exec` forks etcd as its child: make sure the server itself is gone.
-        let _ = Command::new("pkill").args(["-9", "-f", &format!("--data-dir {}", self.data.display())]).status();
+        let _ = Command::new("pkill")
+            .args([
+                "-9",
+                "-f",
+                "--",
+                &format!("--data-dir {}", self.data.display()),
+            ])
+            .status();
     }
 
     pub fn restart(&mut self) {
@@ -191,13 +237,30 @@ impl NsEtcd {
     pub fn put(&self, key: &str, value: &str) {
         use std::io::Write as _;
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "etcdctl", "--endpoints", &self.endpoint, "put", key])
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "etcdctl",
+                "--endpoints",
+                &self.endpoint,
+                "put",
+                key,
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn etcdctl");
-        child.stdin.take().expect("stdin").write_all(value.as_bytes()).expect("write value");
-        assert!(child.wait().expect("etcdctl").success(), "etcdctl put {key} failed");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(value.as_bytes())
+            .expect("write value");
+        assert!(
+            child.wait().expect("etcdctl").success(),
+            "etcdctl put {key} failed"
+        );
     }
 
     pub fn get(&self, key: &str) -> Option<String> {
