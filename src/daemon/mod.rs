@@ -343,10 +343,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let _ = reconcile_task.await;
     let _ = stop_tx.send(true);
     // TPROXY first: once mihomo stops, intercepted traffic would have nowhere to go.
-    shared.dataplane.set(None);
-    let mut st = shared.dataplane.status();
-    let _ = tokio::time::timeout(Duration::from_secs(3), st.wait_for(|s| s.converged)).await;
-    shared.set_tproxy("removed", "meduza stopping");
+    match shared
+        .dataplane
+        .set_and_wait(None, Duration::from_secs(3))
+        .await
+    {
+        Ok(()) => shared.set_tproxy("removed", "meduza stopping"),
+        Err(err) => warn!(%err, "TPROXY not removed before stopping the children"),
+    }
     shared.supervisor.shutdown().await;
     shared.publisher.set_last("stopped");
     for t in &tasks {
