@@ -19,7 +19,7 @@ use crate::dataplane::{spawn_task, DataplaneHandle, SystemDataplane};
 use crate::dns::{DnsConfig, DnsHandle};
 use crate::etcd::status::PublisherConfig;
 use crate::etcd::{
-    load_snapshot, spawn_watcher, EtcdConfig, EtcdKv, Kv, StatusPublisher, WatchEvent,
+    load_config, spawn_watcher, EtcdConfig, EtcdKv, Kv, StatusPublisher, WatchEvent,
     WatcherConfig,
 };
 use crate::files::{write_atomic, Fs as _, RootFs};
@@ -118,18 +118,27 @@ impl Shared {
     }
 }
 
-/// Snapshots from etcd.
+/// Snapshots from etcd, with `/commit`'s revision (also the newest one seen).
 struct EtcdSource {
     kv: Arc<dyn Kv>,
     node_id: String,
+    shared: Arc<Shared>,
 }
 
 impl ConfigSource for EtcdSource {
     async fn load(&mut self) -> Result<(Snapshot, i64), String> {
-        load_snapshot(&*self.kv, &self.node_id)
+        let (keys, commit) = load_config(&*self.kv, &self.node_id)
             .await
-            .map(|(keys, rev)| (Snapshot(keys), rev))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let mut seen = self
+            .shared
+            .commit_revision
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if commit > 0 && seen.is_none_or(|s| s < commit) {
+            *seen = Some(commit);
+        }
+        Ok((Snapshot(keys), commit))
     }
 }
 
@@ -281,6 +290,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let source = EtcdSource {
         kv: Arc::clone(&kv),
         node_id: cfg.node_id.clone(),
+        shared: Arc::clone(&shared),
     };
     let fs = Arc::new(RootFs::new(&cfg.root));
     let reconciler = Reconciler::new(
