@@ -19,8 +19,7 @@ use crate::dataplane::{spawn_task, DataplaneHandle, SystemDataplane};
 use crate::dns::{DnsConfig, DnsHandle};
 use crate::etcd::status::PublisherConfig;
 use crate::etcd::{
-    load_config, spawn_watcher, EtcdConfig, EtcdKv, Kv, StatusPublisher, WatchEvent,
-    WatcherConfig,
+    load_config, spawn_watcher, EtcdConfig, EtcdKv, Kv, StatusPublisher, WatchEvent, WatcherConfig,
 };
 use crate::files::{write_atomic, Fs as _, RootFs};
 use crate::reconcile::{ConfigSource, Reconciler, Trigger};
@@ -362,15 +361,23 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         Err(err) => warn!(%err, "TPROXY not removed before stopping the children"),
     }
     shared.supervisor.shutdown().await;
+    // The children's final state goes out with the last flush: publish_services is
+    // aborted below and may not have seen it yet.
+    for st in shared.supervisor.status() {
+        shared
+            .publisher
+            .set(&format!("services/{}/status", st.name), st.status_value());
+    }
     shared.publisher.set_last("stopped");
     for t in &tasks {
         t.abort();
     }
-    match Arc::try_unwrap(shared) {
-        Ok(shared) => shared.publisher.shutdown().await,
-        Err(shared) => {
-            let _ = tokio::time::timeout(Duration::from_secs(2), shared.publisher.flush()).await;
-        }
+    // Last flush and lease revoked: `online` disappears now, not after its TTL.
+    if tokio::time::timeout(Duration::from_secs(3), shared.publisher.close())
+        .await
+        .is_err()
+    {
+        warn!("status not flushed within 3 s; online expires with its lease");
     }
     info!("meduza stopped");
     Ok(())

@@ -296,9 +296,6 @@ impl<N: Nft, R: Routing> Dataplane<N, R> {
             }
             None => {
                 let report = self.remove().await?;
-                if report.changed() {
-                    tracing::warn!(nft = ?report.nft, "tproxy leftovers removed");
-                }
                 Ok(report.changed().then_some(report))
             }
         }

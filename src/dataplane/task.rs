@@ -166,27 +166,37 @@ async fn run<N: Nft, R: Routing, T: Stream<Item = ()> + Unpin>(
         let plan = desired.borrow_and_update().clone();
         let result = dp.ensure(plan.as_ref()).await;
         status.send_modify(|st| {
+            // A change while the desired state stayed the same is drift (or, for
+            // `None`, leftovers such as a crashed run's table); the first pass toward a
+            // new state is the apply or removal itself, logged by the data plane.
+            let unexpected = match &plan {
+                Some(_) => st.desired == plan && st.converged,
+                None => st.desired.is_none(),
+            };
             st.desired = plan.clone();
             match result {
-            Ok(Some(report)) => {
-                if plan.is_some() {
-                    tracing::warn!(nft = ?report.nft, routing = ?report.routing, "tproxy drift repaired");
+                Ok(Some(report)) => {
+                    let (nft, routing) = (&report.nft, &report.routing);
+                    if unexpected && plan.is_some() {
+                        tracing::warn!(?nft, ?routing, "tproxy drift repaired");
+                    } else if unexpected {
+                        tracing::warn!(?nft, ?routing, "tproxy leftovers removed");
+                    }
+                    st.changes += 1;
+                    st.last_report = Some(report);
+                    st.last_error = None;
+                    st.converged = true;
                 }
-                st.changes += 1;
-                st.last_report = Some(report);
-                st.last_error = None;
-                st.converged = true;
-            }
-            Ok(None) => {
-                st.last_error = None;
-                st.converged = true;
-            }
-            Err(err) => {
-                tracing::error!(%err, "dataplane pass failed");
-                st.errors += 1;
-                st.last_error = Some(err.to_string());
-                st.converged = false;
-            }
+                Ok(None) => {
+                    st.last_error = None;
+                    st.converged = true;
+                }
+                Err(err) => {
+                    tracing::error!(%err, "dataplane pass failed");
+                    st.errors += 1;
+                    st.last_error = Some(err.to_string());
+                    st.converged = false;
+                }
             }
         });
     }
@@ -274,7 +284,9 @@ mod tests {
     struct BrokenNft;
 
     impl Nft for BrokenNft {
-        async fn list_table(&self) -> Result<Option<serde_json::Value>, crate::dataplane::DataplaneError> {
+        async fn list_table(
+            &self,
+        ) -> Result<Option<serde_json::Value>, crate::dataplane::DataplaneError> {
             Ok(None)
         }
         async fn apply(

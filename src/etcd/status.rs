@@ -247,6 +247,13 @@ impl StatusPublisher {
     /// Orderly stop: one last flush attempt, then the lease is revoked so `online`
     /// disappears now rather than after the TTL.
     pub async fn shutdown(self) {
+        self.close().await;
+    }
+
+    /// [`shutdown`](Self::shutdown) through a shared reference (a daemon's publisher
+    /// is shared by its tasks): the last flush, then the lease is revoked and the task
+    /// ends; later `set`s are dropped.
+    pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Cmd::Shutdown(tx)).is_ok() {
             let _ = rx.await;

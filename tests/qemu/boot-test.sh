@@ -141,15 +141,17 @@ esac
 api() { curl -sf --max-time 5 -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$API_PORT$1"; }
 health="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$API_PORT/v1/health" || true)"
 [ "$health" = 200 ] || qdie "node API /v1/health through the forwarded port returned '$health'"
+# Children count as running once they stayed up past the supervisor's start grace.
+children_running() {
+	api /v1/status | jq -e '[.services[] | select(.state == "running") | .name] | sort == ["mihomo", "tunnel-keepalive"]'
+}
+T_RUNNING="$(wait_for 60 "mihomo and tunnel-keepalive running (node API)" children_running)"
+qlog "children running at ${T_RUNNING}s"
 status="$(api /v1/status)" || qdie "node API /v1/status failed"
 [ "$(jq -r .tproxy.state <<<"$status")" = applied ] ||
 	qdie "node API status: tproxy is not applied: $(jq -c .tproxy <<<"$status")"
 [ "$(jq -r .applied_revision <<<"$status")" = "$COMMIT_REV" ] ||
 	qdie "node API status: applied_revision is not $COMMIT_REV: $(jq -c . <<<"$status")"
-for svc in mihomo tunnel-keepalive; do
-	[ "$(jq -r --arg s "$svc" '.services[] | select(.name == $s) | .state' <<<"$status")" = running ] ||
-		qdie "node API status: service $svc is not running: $(jq -c .services <<<"$status")"
-done
 
 # Inside the guest, on its serial shell: the table, its modules, the policy rule,
 # the hostname set by the boot duties.
@@ -161,6 +163,11 @@ rc="$(run_in_guest RULE 'ip rule | grep -q "fwmark 0x1 lookup 100"')"
 [ "$rc" = 0 ] || qdie "policy rule fwmark 0x1 lookup 100 missing in the guest"
 rc="$(run_in_guest HOST '[ "$(hostname)" = "'"$NODE_ID"'" ]')"
 [ "$rc" = 0 ] || qdie "hostname is not the node id (boot duties)"
+
+# A steady state: the data plane found its table as planned on every check since
+# (a listing that never matches the plan re-applies it every second).
+drift="$(grep -c 'tproxy drift repaired' "$CONSOLE" || true)"
+[ "$drift" = 0 ] || qdie "the data plane re-applied its table $drift times without any change"
 
 # --- orderly shutdown ---------------------------------------------------------------
 poweroff_guest 90
