@@ -29,8 +29,13 @@ const MIHOMO_SERVICE: &str = "mihomo";
 /// Retry period of a rule-file round that left a file missing.
 const RULES_RETRY: Duration = Duration::from_secs(60);
 
+/// How long the gate waits for the data-plane task's pass (an `nft` run and a few
+/// netlink calls; seconds under software emulation).
+const GATE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The TPROXY switch: `apply` installs the cached plan through the data-plane task
-/// (which also repairs drift); `remove` clears it.
+/// (which also repairs drift); `remove` clears it. Both return once the kernel is
+/// there, so `/updated/<id>/tproxy = applied` means the table is present.
 #[derive(Clone)]
 pub struct DataplaneGate {
     shared: Arc<Shared>,
@@ -41,17 +46,22 @@ impl TproxyGate for DataplaneGate {
     async fn apply(&self) -> Result<(), GateError> {
         let plan = self.plan.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match plan {
-            Some(plan) => {
-                self.shared.dataplane.set(Some(plan));
-                Ok(())
-            }
+            Some(plan) => self
+                .shared
+                .dataplane
+                .set_and_wait(Some(plan), GATE_TIMEOUT)
+                .await
+                .map_err(|e| GateError::Apply(e.to_string())),
             None => Err(GateError::Apply("no TPROXY plan cached".into())),
         }
     }
 
     async fn remove(&self) -> Result<(), GateError> {
-        self.shared.dataplane.set(None);
-        Ok(())
+        self.shared
+            .dataplane
+            .set_and_wait(None, GATE_TIMEOUT)
+            .await
+            .map_err(|e| GateError::Remove(e.to_string()))
     }
 }
 
@@ -313,7 +323,7 @@ impl ClashOrchestrator {
         let mut st = self.shared.dataplane.status();
         let removed = tokio::time::timeout(
             Duration::from_secs(3),
-            st.wait_for(|s| s.converged && !s.installed),
+            st.wait_for(|s| s.converged && s.desired.is_none()),
         )
         .await;
         if removed.is_err() {

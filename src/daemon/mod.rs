@@ -19,8 +19,7 @@ use crate::dataplane::{spawn_task, DataplaneHandle, SystemDataplane};
 use crate::dns::{DnsConfig, DnsHandle};
 use crate::etcd::status::PublisherConfig;
 use crate::etcd::{
-    load_snapshot, spawn_watcher, EtcdConfig, EtcdKv, Kv, StatusPublisher, WatchEvent,
-    WatcherConfig,
+    load_config, spawn_watcher, EtcdConfig, EtcdKv, Kv, StatusPublisher, WatchEvent, WatcherConfig,
 };
 use crate::files::{write_atomic, Fs as _, RootFs};
 use crate::reconcile::{ConfigSource, Reconciler, Trigger};
@@ -118,18 +117,27 @@ impl Shared {
     }
 }
 
-/// Snapshots from etcd.
+/// Snapshots from etcd, with `/commit`'s revision (also the newest one seen).
 struct EtcdSource {
     kv: Arc<dyn Kv>,
     node_id: String,
+    shared: Arc<Shared>,
 }
 
 impl ConfigSource for EtcdSource {
     async fn load(&mut self) -> Result<(Snapshot, i64), String> {
-        load_snapshot(&*self.kv, &self.node_id)
+        let (keys, commit) = load_config(&*self.kv, &self.node_id)
             .await
-            .map(|(keys, rev)| (Snapshot(keys), rev))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let mut seen = self
+            .shared
+            .commit_revision
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if commit > 0 && seen.is_none_or(|s| s < commit) {
+            *seen = Some(commit);
+        }
+        Ok((Snapshot(keys), commit))
     }
 }
 
@@ -287,6 +295,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let source = EtcdSource {
         kv: Arc::clone(&kv),
         node_id: cfg.node_id.clone(),
+        shared: Arc::clone(&shared),
     };
     let fs = Arc::new(RootFs::new(&cfg.root));
     let reconciler = Reconciler::new(
@@ -349,25 +358,32 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let _ = reconcile_task.await;
     let _ = stop_tx.send(true);
     // TPROXY first: once mihomo stops, intercepted traffic would have nowhere to go.
-    shared.dataplane.set(None);
-    let mut st = shared.dataplane.status();
-    let _ = tokio::time::timeout(
-        Duration::from_secs(3),
-        st.wait_for(|s| s.converged && !s.installed),
-    )
-    .await;
-    shared.set_tproxy("removed", "meduza stopping");
+    match shared
+        .dataplane
+        .set_and_wait(None, Duration::from_secs(3))
+        .await
+    {
+        Ok(()) => shared.set_tproxy("removed", "meduza stopping"),
+        Err(err) => warn!(%err, "TPROXY not removed before stopping the children"),
+    }
     shared.supervisor.shutdown().await;
+    // The children's final state goes out with the last flush: publish_services is
+    // aborted below and may not have seen it yet.
+    for st in shared.supervisor.status() {
+        shared
+            .publisher
+            .set(&format!("services/{}/status", st.name), st.status_value());
+    }
     shared.publisher.set_last("stopped");
     for t in &tasks {
         t.abort();
     }
-    // Bounded: with etcd unreachable the last flush must not hold up the exit.
-    if tokio::time::timeout(Duration::from_secs(3), shared.publisher.shutdown())
+    // Last flush and lease revoked: `online` disappears now, not after its TTL.
+    if tokio::time::timeout(Duration::from_secs(3), shared.publisher.close())
         .await
         .is_err()
     {
-        warn!("status not flushed at shutdown; online expires with its lease");
+        warn!("status not flushed within 3 s; online expires with its lease");
     }
     info!("meduza stopped");
     Ok(())

@@ -29,7 +29,7 @@ use serde::Serialize;
 pub use cli::{cli, DataplaneArgs, DataplaneCmd};
 pub use nft::{CliNft, FakeNft, Nft};
 pub use routing::{FakeRouting, RouteItem, Routing, RoutingOp, RoutingSpec, RtnlRouting};
-pub use task::{spawn_task, DataplaneHandle, TaskStatus};
+pub use task::{spawn_task, ConvergeError, DataplaneHandle, TaskStatus};
 
 /// Environment variable selecting the implementation: `nft` (default) or `off`.
 pub const ENV_DATAPLANE: &str = "MEDUZA_DATAPLANE";

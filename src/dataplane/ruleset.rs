@@ -746,6 +746,57 @@ fn is_ours(o: &serde_json::Map<String, Value>) -> bool {
             || o.get("name").and_then(Value::as_str) == Some(TABLE))
 }
 
+/// Layer-4 protocol names `nft` may print for a `meta l4proto` match, by number.
+const L4_PROTOCOLS: [(&str, u64); 9] = [
+    ("icmp", 1),
+    ("tcp", 6),
+    ("udp", 17),
+    ("gre", 47),
+    ("esp", 50),
+    ("ah", 51),
+    ("ipv6-icmp", 58),
+    ("sctp", 132),
+    ("udplite", 136),
+];
+
+/// `nft` prints `meta l4proto` values by name only when `/etc/protocols` names
+/// them (a minimal image may not ship it; then it prints `6`, `17`): compare layer-4
+/// protocols as numbers on both sides.
+fn numeric_protocols(mut expr: Value) -> Value {
+    fn number(v: &mut Value) {
+        match v {
+            Value::String(name) => {
+                if let Some((_, n)) = L4_PROTOCOLS.iter().find(|(p, _)| *p == name.as_str()) {
+                    *v = Value::from(*n);
+                }
+            }
+            Value::Object(o) => {
+                if let Some(Value::Array(items)) = o.get_mut("set") {
+                    items.iter_mut().for_each(number);
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Value::Array(stmts) = &mut expr {
+        for stmt in stmts {
+            let Some(m) = stmt.get_mut("match").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            let l4 = m
+                .get("left")
+                .and_then(|l| l.get("meta"))
+                .and_then(|meta| meta.get("key"))
+                .and_then(Value::as_str)
+                == Some("l4proto");
+            if let (true, Some(right)) = (l4, m.get_mut("right")) {
+                number(right);
+            }
+        }
+    }
+    expr
+}
+
 /// Read a list of ruleset elements (the output objects of `nft -j list table`, or
 /// the `add` objects of our batch) into a [`TableView`]. Returns `None` when the
 /// list holds no `inet meduza` table.
@@ -801,7 +852,7 @@ pub fn view_of_objects<'a>(
                     .unwrap_or_default()
                     .to_string(),
                 comment: r.get("comment").and_then(Value::as_str).map(String::from),
-                expr: r.get("expr").cloned().unwrap_or(Value::Null),
+                expr: numeric_protocols(r.get("expr").cloned().unwrap_or(Value::Null)),
             });
         }
     }
@@ -1056,6 +1107,29 @@ mod tests {
                 SetElem::Net("192.168.0.0/16".parse().unwrap()),
             ]
         );
+    }
+
+    #[test]
+    fn listing_without_protocol_names_matches_the_desired_view() {
+        // nft without /etc/protocols lists `meta l4proto { 6, 17 }`; with it,
+        // `{ tcp, udp }`. Both are the table we want.
+        let rs = build(&plan());
+        let desired = desired_view(&rs);
+        let objs: Vec<Value> = objects(&rs)
+            .into_iter()
+            .map(|o| serde_json::to_value(&o).unwrap())
+            .collect();
+        let text = serde_json::to_string(&objs).unwrap();
+        assert!(text.contains(r#"{"set":["tcp","udp"]}"#), "{text}");
+        let numeric: Vec<Value> =
+            serde_json::from_str(&text.replace(r#"{"set":["tcp","udp"]}"#, r#"{"set":[6,17]}"#))
+                .unwrap();
+        assert_eq!(view_of_objects(&numeric).unwrap().unwrap(), desired);
+        // Other values are left alone: a different protocol is still a difference.
+        let other: Vec<Value> =
+            serde_json::from_str(&text.replace(r#"{"set":["tcp","udp"]}"#, r#"{"set":[6,132]}"#))
+                .unwrap();
+        assert_ne!(view_of_objects(&other).unwrap().unwrap(), desired);
     }
 
     #[test]

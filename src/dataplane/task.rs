@@ -34,8 +34,20 @@ pub struct TaskStatus {
     pub last_error: Option<String>,
     /// Whether the kernel was at the desired state after the last pass.
     pub converged: bool,
-    /// Whether that desired state had TPROXY on (`converged && !installed`: removed).
-    pub installed: bool,
+    /// The desired state the last pass worked toward (callers that just changed it
+    /// wait for a status carrying their own plan, not an older pass's verdict).
+    pub desired: Option<TproxyPlan>,
+}
+
+/// Why [`DataplaneHandle::set_and_wait`] did not see the kernel at the new state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvergeError {
+    #[error("data-plane pass failed: {error}")]
+    Failed { error: String },
+    #[error("data plane did not reach the desired state within {timeout:?}")]
+    Timeout { timeout: Duration },
+    #[error("data-plane task stopped")]
+    Stopped,
 }
 
 /// Control of a running data-plane task. Dropping it stops the task (the desired
@@ -51,6 +63,32 @@ impl DataplaneHandle {
     /// Change the desired state; the task applies it at once.
     pub fn set(&self, desired: Option<TproxyPlan>) {
         self.desired.send_replace(desired);
+    }
+
+    /// Change the desired state and wait for the task's first pass toward it: `Ok`
+    /// once the kernel is there (so "applied" can be reported truthfully), the pass's
+    /// error when it failed (the task keeps retrying every [`CHECK_INTERVAL`]).
+    pub async fn set_and_wait(
+        &self,
+        desired: Option<TproxyPlan>,
+        timeout: Duration,
+    ) -> Result<(), ConvergeError> {
+        let mut status = self.status.clone();
+        self.set(desired.clone());
+        let pass = tokio::time::timeout(
+            timeout,
+            status.wait_for(|s| s.desired == desired && (s.converged || s.last_error.is_some())),
+        )
+        .await
+        .map_err(|_| ConvergeError::Timeout { timeout })?
+        .map_err(|_| ConvergeError::Stopped)?;
+        match (&pass.converged, &pass.last_error) {
+            (true, _) => Ok(()),
+            (false, Some(error)) => Err(ConvergeError::Failed {
+                error: error.clone(),
+            }),
+            (false, None) => Err(ConvergeError::Stopped),
+        }
     }
 
     /// The current desired state.
@@ -105,9 +143,6 @@ async fn run<N: Nft, R: Routing, T: Stream<Item = ()> + Unpin>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut triggers_open = true;
     desired.mark_changed();
-    // The desired state of the last successful pass: a change made while it stays the
-    // same is a repair (drift, or leftovers at boot), anything else was asked for.
-    let mut last_done: Option<Option<TproxyPlan>> = None;
     loop {
         tokio::select! {
             biased;
@@ -130,36 +165,38 @@ async fn run<N: Nft, R: Routing, T: Stream<Item = ()> + Unpin>(
         }
         let plan = desired.borrow_and_update().clone();
         let result = dp.ensure(plan.as_ref()).await;
-        let requested = match &last_done {
-            Some(prev) => *prev != plan,
-            None => plan.is_some(),
-        };
-        if result.is_ok() {
-            last_done = Some(plan.clone());
-        }
-        status.send_modify(|st| match result {
-            Ok(Some(report)) => {
-                if !requested && plan.is_some() {
-                    tracing::warn!(nft = ?report.nft, routing = ?report.routing, "tproxy drift repaired");
-                } else if !requested {
-                    tracing::warn!(nft = ?report.nft, routing = ?report.routing, "tproxy leftovers removed");
+        status.send_modify(|st| {
+            // A change while the desired state stayed the same is drift (or, for
+            // `None`, leftovers such as a crashed run's table); the first pass toward a
+            // new state is the apply or removal itself, logged by the data plane.
+            let unexpected = match &plan {
+                Some(_) => st.desired == plan && st.converged,
+                None => st.desired.is_none(),
+            };
+            st.desired = plan.clone();
+            match result {
+                Ok(Some(report)) => {
+                    let (nft, routing) = (&report.nft, &report.routing);
+                    if unexpected && plan.is_some() {
+                        tracing::warn!(?nft, ?routing, "tproxy drift repaired");
+                    } else if unexpected {
+                        tracing::warn!(?nft, ?routing, "tproxy leftovers removed");
+                    }
+                    st.changes += 1;
+                    st.last_report = Some(report);
+                    st.last_error = None;
+                    st.converged = true;
                 }
-                st.changes += 1;
-                st.last_report = Some(report);
-                st.last_error = None;
-                st.converged = true;
-                st.installed = plan.is_some();
-            }
-            Ok(None) => {
-                st.last_error = None;
-                st.converged = true;
-                st.installed = plan.is_some();
-            }
-            Err(err) => {
-                tracing::error!(%err, "dataplane pass failed");
-                st.errors += 1;
-                st.last_error = Some(err.to_string());
-                st.converged = false;
+                Ok(None) => {
+                    st.last_error = None;
+                    st.converged = true;
+                }
+                Err(err) => {
+                    tracing::error!(%err, "dataplane pass failed");
+                    st.errors += 1;
+                    st.last_error = Some(err.to_string());
+                    st.converged = false;
+                }
             }
         });
     }
@@ -240,6 +277,65 @@ mod tests {
         assert!(dp.nft().state().table.is_none());
         assert!(dp.routing().state().items.is_empty());
         assert_eq!(handle.desired(), None);
+        handle.stop().await;
+    }
+
+    /// nftables that refuses every batch (a kernel without nft_tproxy, say).
+    struct BrokenNft;
+
+    impl Nft for BrokenNft {
+        async fn list_table(
+            &self,
+        ) -> Result<Option<serde_json::Value>, crate::dataplane::DataplaneError> {
+            Ok(None)
+        }
+        async fn apply(
+            &self,
+            _batch: &nftables::schema::Nftables<'static>,
+        ) -> Result<(), crate::dataplane::DataplaneError> {
+            Err(crate::dataplane::DataplaneError::Nft {
+                op: "apply batch",
+                program: "broken".into(),
+                detail: "Could not process rule: No such file or directory".into(),
+            })
+        }
+        async fn generation(&self) -> Result<u32, crate::dataplane::DataplaneError> {
+            Ok(1)
+        }
+    }
+
+    #[tokio::test]
+    async fn set_and_wait_returns_once_the_kernel_is_there() {
+        let dp = Arc::new(Dataplane::new(FakeNft::new(), FakeRouting::new()));
+        let handle = spawn_task(dp.clone(), None, futures::stream::pending());
+        let mut st = handle.status();
+        // The first pass (nothing to remove) has converged: a stale "converged" the
+        // next call must not take for its own.
+        wait_for(&mut st, |s| s.converged).await;
+        let timeout = Duration::from_secs(10);
+
+        handle.set_and_wait(Some(plan()), timeout).await.unwrap();
+        assert!(dp.nft().state().table.is_some(), "applied means present");
+        assert_eq!(dp.routing().state().items.len(), 4);
+
+        handle.set_and_wait(None, timeout).await.unwrap();
+        assert!(dp.nft().state().table.is_none(), "removed means absent");
+        assert!(dp.routing().state().items.is_empty());
+        handle.stop().await;
+    }
+
+    #[tokio::test]
+    async fn set_and_wait_reports_a_failed_pass() {
+        let dp = Arc::new(Dataplane::new(BrokenNft, FakeRouting::new()));
+        let handle = spawn_task(dp, None, futures::stream::pending());
+        let err = handle
+            .set_and_wait(Some(plan()), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        match err {
+            ConvergeError::Failed { error } => assert!(error.contains("No such file"), "{error}"),
+            other => panic!("want Failed, got {other:?}"),
+        }
         handle.stop().await;
     }
 }

@@ -28,6 +28,6 @@ pub use error::{is_auth_error, EtcdError};
 pub use kv::{EventKind, KeyRange, Kv, KvEntry, KvEvent, WatchConn, WatchMsg};
 pub use mem::MemKv;
 pub use real::EtcdKv;
-pub use snapshot::{dump_snapshot, load_snapshot, SNAPSHOT_PREFIXES};
+pub use snapshot::{dump_snapshot, load_config, load_snapshot, SNAPSHOT_PREFIXES};
 pub use status::{read_status, render_status_table, NodeStatus, StatusPublisher};
 pub use watch::{spawn_watcher, WatchEvent, Watcher, WatcherConfig};

@@ -48,6 +48,20 @@ pub async fn load_snapshot(
     Ok((keys, revision))
 }
 
+/// What a reconcile pass applies: the snapshot ([`load_snapshot`]) and `/commit`'s
+/// mod revision (0 when absent), the revision DESIGN §4's `applied` reports — not
+/// the store revision, which every status write moves on. `/commit` is read first:
+/// a commit landing between the two reads is in the snapshot but not in the
+/// revision, which only under-reports (its watch event triggers another pass).
+pub async fn load_config(
+    kv: &dyn Kv,
+    node_id: &str,
+) -> Result<(BTreeMap<String, String>, i64), EtcdError> {
+    let commit = kv.get("/commit").await?.map_or(0, |e| e.mod_revision);
+    let (keys, _store_revision) = load_snapshot(kv, node_id).await?;
+    Ok((keys, commit))
+}
+
 /// Every key except the status tree `/updated/`, for `meduza snapshot`.
 pub async fn dump_snapshot(kv: &dyn Kv) -> Result<BTreeMap<String, String>, EtcdError> {
     let (mut keys, _) = kv.get_prefix("").await?;
@@ -89,5 +103,20 @@ mod tests {
         assert!(dump.contains_key("/fleet/nodes/a/api_url"));
         assert!(dump.contains_key("/commitment"));
         assert!(!dump.keys().any(|k| k.starts_with("/updated/")));
+    }
+
+    #[tokio::test]
+    async fn config_revision_is_the_commit_keys_not_the_stores() {
+        let kv = MemKv::with_keys([("/nodes/a/lan", "10.0.0.0/24")]);
+        assert_eq!(load_config(&kv, "a").await.unwrap().1, 0, "no /commit yet");
+        kv.put("/commit", "1").await.unwrap();
+        let commit = kv.get("/commit").await.unwrap().unwrap().mod_revision;
+        // Status writes (and anything else) move the store revision on.
+        kv.put("/updated/a/last", "x").await.unwrap();
+        kv.put("/nodes/a/private_lan", "10.0.1.0/24").await.unwrap();
+        assert!(kv.revision() > commit);
+        let (keys, rev) = load_config(&kv, "a").await.unwrap();
+        assert_eq!(rev, commit);
+        assert!(keys.contains_key("/nodes/a/private_lan"));
     }
 }

@@ -245,9 +245,15 @@ impl StatusPublisher {
     }
 
     /// Orderly stop: one last flush attempt, then the lease is revoked so `online`
-    /// disappears now rather than after the TTL. Takes `&self` because other tasks of
-    /// a stopping daemon may still hold the publisher; later `set`s are dropped.
-    pub async fn shutdown(&self) {
+    /// disappears now rather than after the TTL.
+    pub async fn shutdown(self) {
+        self.close().await;
+    }
+
+    /// [`shutdown`](Self::shutdown) through a shared reference (a daemon's publisher
+    /// is shared by its tasks): the last flush, then the lease is revoked and the task
+    /// ends; later `set`s are dropped.
+    pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Cmd::Shutdown(tx)).is_ok() {
             let _ = rx.await;
@@ -372,11 +378,7 @@ impl Task {
                 }
             }
         }
-        while let Some((suffix, value)) = self
-            .pending
-            .first_key_value()
-            .map(|(k, v)| (k.clone(), v.clone()))
-        {
+        while let Some((suffix, value)) = next_to_write(&self.pending) {
             let key = format!("{}{suffix}", self.prefix);
             let res = match &value {
                 Some(v) => self.kv.put(&key, v).await.map(|_| ()),
@@ -584,6 +586,17 @@ pub fn render_status_table(st: &NodeStatus) -> String {
     out
 }
 
+/// The next pending key to write: in key order, but `applied` last, so a reader who
+/// sees a new `applied` also sees the `errors` and `last` of the same pass (keys are
+/// written one by one).
+fn next_to_write(pending: &BTreeMap<String, Option<String>>) -> Option<(String, Option<String>)> {
+    pending
+        .iter()
+        .find(|(k, _)| k.as_str() != "applied")
+        .or_else(|| pending.iter().next())
+        .map(|(k, v)| (k.clone(), v.clone()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -653,6 +666,28 @@ mod tests {
             kv.get("/updated/a/online").await.unwrap().is_none(),
             "shutdown revokes the lease"
         );
+    }
+
+    #[tokio::test]
+    async fn applied_is_written_after_the_rest_of_its_pass() {
+        let kv = MemKv::new();
+        let p = StatusPublisher::spawn(Arc::new(kv.clone()), "a", fast());
+        assert!(p.flush().await);
+        p.set_errors(&[]);
+        p.set_applied(7);
+        p.set("last", "1 applied revision 7");
+        p.set("tproxy", "applied 1 ok");
+        assert!(p.flush().await);
+        let rev = |k: &str| {
+            let kv = kv.clone();
+            let key = format!("/updated/a/{k}");
+            async move { kv.get(&key).await.unwrap().unwrap().mod_revision }
+        };
+        let applied = rev("applied").await;
+        for k in ["errors", "last", "tproxy"] {
+            assert!(rev(k).await < applied, "{k} must be written before applied");
+        }
+        p.shutdown().await;
     }
 
     #[tokio::test]

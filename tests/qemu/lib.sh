@@ -7,6 +7,8 @@
 QEMU_HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 QEMU_BUILD="$QEMU_HERE/build"
 NODE_ID="${NODE_ID:-qemu1}"
+# The node API token the test node gets (/nodes/<id>/api/token, >= 16 chars).
+API_TOKEN="qemu-test-api-token-0001"
 
 qlog() { printf '[qemu] %s\n' "$*" >&2; }
 qdie() { printf '[qemu] FAIL: %s\n' "$*" >&2; exit 1; }
@@ -77,21 +79,34 @@ YAML
 	SUB_PID=$!
 }
 
-# seed_config: the example node configuration (DESIGN §3 keys) for $NODE_ID,
-# then a /commit bump. Sets COMMIT_REV (mod revision of /commit).
+# seed_config: the test node's configuration (DESIGN §3 keys) for $NODE_ID,
+# then a /commit bump. Sets COMMIT_REV (mod revision of /commit). The node runs
+# what the image carries: mihomo (the test double) in TPROXY mode with MosDNS
+# off, and a generic tunnel (`/bin/sleep`) so that two children show the stop
+# order on poweroff.
 seed_config() {
 	local e=("${ETCDCTL[@]}")
 	"${e[@]}" put "/nodes/$NODE_ID/lan" "192.168.100.0/24" >/dev/null
 	"${e[@]}" put "/nodes/$NODE_ID/private_lan" "192.168.101.0/24" >/dev/null
-	"${e[@]}" put "/nodes/$NODE_ID/api/token" "qemu-token" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/api/token" "$API_TOKEN" >/dev/null
 	"${e[@]}" put "/nodes/$NODE_ID/clash/enable" "true" >/dev/null
 	"${e[@]}" put "/nodes/$NODE_ID/clash/mode" "tproxy" >/dev/null
 	"${e[@]}" put "/nodes/$NODE_ID/clash/active_subscription" "test" >/dev/null
 	"${e[@]}" put "/global/clash/subscriptions/test/url" "http://10.0.2.2:$SUB_PORT/sub.yaml" >/dev/null
 	"${e[@]}" put "/nodes/$NODE_ID/mosdns/enable" "false" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/tunnels/keepalive/enable" "true" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/tunnels/keepalive/kind" "generic" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/tunnels/keepalive/role" "server" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/tunnels/keepalive/command" "/bin/sleep" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/tunnels/keepalive/args" "86400" >/dev/null
 	"${e[@]}" put "/dns/hosts/gw.qemu.test" "10.9.8.7" >/dev/null
-	"${e[@]}" put /commit "$(date +%s) qemu boot test" >/dev/null
-	COMMIT_REV="$("${e[@]}" get /commit -w json | jq -r '.kvs[0].mod_revision')"
+	commit "qemu boot test"
+}
+
+# commit TEXT: bump /commit; sets COMMIT_REV to its mod revision.
+commit() {
+	"${ETCDCTL[@]}" put /commit "$(date +%s) $1" >/dev/null
+	COMMIT_REV="$("${ETCDCTL[@]}" get /commit -w json | jq -r '.kvs[0].mod_revision')"
 	[ -n "$COMMIT_REV" ] && [ "$COMMIT_REV" != null ] || qdie "cannot read /commit revision"
 }
 
@@ -99,24 +114,34 @@ etcd_value() {
 	"${ETCDCTL[@]}" get "$1" --print-value-only 2>/dev/null
 }
 
+# qemu_cmd EXTRA_APPEND: sets QEMU_CMD (array) and picks DNS_PORT, API_PORT.
+# The guest: q35, 512 MiB, software emulation (TCG), serial console on stdio,
+# user networking with the host's loopback at 10.0.2.2; the guest's DNS (53,
+# UDP and TCP) and node API (9100) are forwarded to 127.0.0.1:$DNS_PORT and
+# 127.0.0.1:$API_PORT. Provisioning is on the kernel command line.
+qemu_cmd() {
+	local extra="$1"
+	DNS_PORT="$(free_port)"
+	API_PORT="$(free_port)"
+	local append="console=ttyS0 printk.time=1 panic=-1"
+	append="$append meduza.node_id=$NODE_ID meduza.etcd=http://10.0.2.2:$ETCD_PORT $extra"
+	QEMU_CMD=(qemu-system-x86_64 -M q35 -m 512 -nographic -no-reboot
+		-kernel "$QEMU_BUILD/vmlinuz" -initrd "$QEMU_BUILD/initrd.cpio.gz"
+		-append "$append"
+		-netdev "user,id=n0,hostfwd=udp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$API_PORT-:9100"
+		-device virtio-net-pci,netdev=n0 -device virtio-rng-pci)
+}
+
 # start_qemu DIR EXTRA_APPEND -> sets QEMU_PID, DNS_PORT, API_PORT, CONSOLE,
 # QEMU_T0; the guest's serial console is written to $CONSOLE and its input is
 # fd 7 (`send` below).
 start_qemu() {
-	local dir="$1" extra="$2"
-	DNS_PORT="$(free_port)"
-	API_PORT="$(free_port)"
+	local dir="$1"
 	CONSOLE="$dir/console.log"
 	mkfifo "$dir/console.in"
-	local append="console=ttyS0 printk.time=1 panic=-1"
-	append="$append meduza.node_id=$NODE_ID meduza.etcd=http://10.0.2.2:$ETCD_PORT $extra"
+	qemu_cmd "$2"
 	QEMU_T0="$(now)"
-	qemu-system-x86_64 -M q35 -m 512 -nographic -no-reboot \
-		-kernel "$QEMU_BUILD/vmlinuz" -initrd "$QEMU_BUILD/initrd.cpio.gz" \
-		-append "$append" \
-		-netdev "user,id=n0,hostfwd=udp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$API_PORT-:9100" \
-		-device virtio-net-pci,netdev=n0 -device virtio-rng-pci \
-		< "$dir/console.in" > "$CONSOLE" 2>&1 &
+	"${QEMU_CMD[@]}" < "$dir/console.in" > "$CONSOLE" 2>&1 &
 	QEMU_PID=$!
 	exec 7> "$dir/console.in"
 }
