@@ -125,11 +125,33 @@ struct EtcdSource {
 }
 
 impl ConfigSource for EtcdSource {
+    /// The snapshot and `/commit`'s mod revision as of that snapshot (what
+    /// `/updated/<id>/applied` reports, docs/etcd-schema.md), not the store revision,
+    /// which every status write of every node moves.
     async fn load(&mut self) -> Result<(Snapshot, i64), String> {
-        load_snapshot(&*self.kv, &self.node_id)
-            .await
-            .map(|(keys, rev)| (Snapshot(keys), rev))
-            .map_err(|e| e.to_string())
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (keys, store_rev) = load_snapshot(&*self.kv, &self.node_id)
+                .await
+                .map_err(|e| e.to_string())?;
+            let commit = self
+                .kv
+                .get(crate::etcd::COMMIT_KEY)
+                .await
+                .map_err(|e| e.to_string())?;
+            match commit {
+                None => return Ok((Snapshot(keys), 0)),
+                // The snapshot holds this very /commit.
+                Some(c) if c.mod_revision <= store_rev => {
+                    return Ok((Snapshot(keys), c.mod_revision))
+                }
+                // /commit moved after the snapshot was read: read again (a burst of
+                // commits gets the store revision rather than an endless loop).
+                Some(_) if attempt < 3 => continue,
+                Some(_) => return Ok((Snapshot(keys), store_rev)),
+            }
+        }
     }
 }
 
