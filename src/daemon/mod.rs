@@ -125,6 +125,9 @@ struct EtcdSource {
 }
 
 impl ConfigSource for EtcdSource {
+    /// The snapshot and `/commit`'s mod revision as of that snapshot (what
+    /// `/updated/<id>/applied` reports, docs/etcd-schema.md), not the store revision,
+    /// which every status write of every node moves.
     async fn load(&mut self) -> Result<(Snapshot, i64), String> {
         let (keys, commit) = load_config(&*self.kv, &self.node_id)
             .await

@@ -30,4 +30,4 @@ pub use mem::MemKv;
 pub use real::EtcdKv;
 pub use snapshot::{dump_snapshot, load_config, load_snapshot, SNAPSHOT_PREFIXES};
 pub use status::{read_status, render_status_table, NodeStatus, StatusPublisher};
-pub use watch::{spawn_watcher, WatchEvent, Watcher, WatcherConfig};
+pub use watch::{spawn_watcher, WatchEvent, Watcher, WatcherConfig, COMMIT_KEY};

@@ -38,7 +38,16 @@ pub enum Trigger {
     Periodic,
     /// The watch was re-created after compaction or a stall: reread everything.
     Resync,
+    /// The previous pass could not load the snapshot (etcd unreachable): try again.
+    /// Without it a commit whose pass hit an etcd blip would wait for the periodic
+    /// pass, since the watch already delivered its event.
+    Retry,
 }
+
+/// First delay before retrying a pass that could not load the snapshot; doubled up
+/// to [`RETRY_MAX`] while etcd stays unreachable.
+pub const RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+pub const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where snapshots come from (etcd in production).
 pub trait ConfigSource: Send {
@@ -88,6 +97,9 @@ pub struct PassReport {
     pub from_last_good: bool,
     pub errors: Vec<ValidationError>,
     pub changed: BTreeSet<String>,
+    /// The snapshot could not be loaded (and nothing was applied): the run loop
+    /// retries the pass.
+    pub source_failed: bool,
 }
 
 /// The reconciler's state between passes.
@@ -152,14 +164,32 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         mut triggers: mpsc::Receiver<Trigger>,
         mut on_pass: impl FnMut(&PassReport, std::time::Duration) + Send,
     ) {
-        while let Some(first) = triggers.recv().await {
-            let mut why = first;
+        let mut retry_in: Option<std::time::Duration> = None;
+        loop {
+            let first = match retry_in {
+                None => triggers.recv().await,
+                Some(delay) => tokio::select! {
+                    t = triggers.recv() => t,
+                    _ = tokio::time::sleep(delay) => Some(Trigger::Retry),
+                },
+            };
+            let Some(mut why) = first else { return };
             while let Ok(next) = triggers.try_recv() {
                 why = next;
             }
             let started = Instant::now();
             let report = self.pass(&why).await;
             on_pass(&report, started.elapsed());
+            retry_in = if report.source_failed {
+                let next = retry_in.map_or(RETRY_MIN, |d| (d * 2).min(RETRY_MAX));
+                info!(
+                    retry_in_ms = next.as_millis() as u64,
+                    "snapshot not loaded; pass will be retried"
+                );
+                Some(next)
+            } else {
+                None
+            };
         }
     }
 
@@ -174,7 +204,10 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
                     warn!(%err, "etcd unreachable; keeping the running configuration");
                     self.effects
                         .publish("last", format!("{} etcd unreachable", unix_now()));
-                    return PassReport::default();
+                    return PassReport {
+                        source_failed: true,
+                        ..PassReport::default()
+                    };
                 }
                 match self.load_last_good() {
                     Some((snap, rev)) => {
@@ -183,7 +216,10 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
                     }
                     None => {
                         warn!(%err, "etcd unreachable at boot and no last good snapshot");
-                        return PassReport::default();
+                        return PassReport {
+                            source_failed: true,
+                            ..PassReport::default()
+                        };
                     }
                 }
             }
@@ -513,6 +549,76 @@ mod tests {
             fs.writes.lock().unwrap().len(),
             writes,
             "nothing written for a refused snapshot"
+        );
+    }
+
+    /// A source failing a given number of loads, then answering.
+    struct FlakySource {
+        failures: usize,
+        loads: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl ConfigSource for FlakySource {
+        async fn load(&mut self) -> Result<(Snapshot, i64), String> {
+            let n = self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n < self.failures {
+                Err("connection refused".into())
+            } else {
+                Ok((example(), 9))
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_that_could_not_load_is_retried_with_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, _) = reconciler(dir.path(), Ok((example(), 5)));
+        assert!(r.pass(&Trigger::Boot).await.applied);
+        let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let r = Reconciler::new(
+            "gw-a".into(),
+            FlakySource {
+                failures: 3,
+                loads: loads.clone(),
+            },
+            FakeEffects::default(),
+            Arc::new(MemFs::default()) as Arc<dyn Fs>,
+            dir.path().to_path_buf(),
+            r.env.clone(),
+        );
+        let (tx, rx) = mpsc::channel(4);
+        let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = reports.clone();
+        let started = tokio::time::Instant::now();
+        let task = tokio::spawn(r.run_with(rx, move |rep, _| {
+            seen.lock()
+                .unwrap()
+                .push((rep.applied, rep.from_last_good, started.elapsed()));
+        }));
+        // The boot pass falls back to the last good snapshot; a commit then hits a
+        // dead etcd twice and is retried (1 s, 2 s) until the load works.
+        tx.send(Trigger::Boot).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        tx.send(Trigger::Commit(9)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        drop(tx);
+        task.await.unwrap();
+        let reports = reports.lock().unwrap().clone();
+        assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert_eq!(reports.len(), 4, "{reports:?}");
+        assert!(
+            reports[0].0 && reports[0].1,
+            "boot from the last good snapshot"
+        );
+        assert!(!reports[1].0 && !reports[2].0);
+        assert!(
+            reports[3].0 && !reports[3].1,
+            "the retry applied etcd's snapshot"
+        );
+        let gap = reports[3].2 - reports[2].2;
+        assert!(
+            gap >= std::time::Duration::from_secs(2) && gap < std::time::Duration::from_secs(3),
+            "backoff doubled: {gap:?}"
         );
     }
 

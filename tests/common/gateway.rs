@@ -247,15 +247,22 @@ impl Gateway {
 
     /// Wait until `applied` reaches `revision`.
     pub fn wait_applied(&self, etcd: &NsEtcd, revision: i64, timeout: Duration) {
-        wait_for(
-            &format!(
-                "{} to apply revision {revision} (log: {})",
-                self.node,
-                self.log.display()
-            ),
-            timeout,
-            || (self.applied_revision(etcd)? >= revision).then_some(()),
-        );
+        let start = Instant::now();
+        while self.applied_revision(etcd).is_none_or(|r| r < revision) {
+            if start.elapsed() > timeout {
+                let log = self.run_log();
+                let mut tail: Vec<&str> = log.lines().rev().take(60).collect();
+                tail.reverse();
+                panic!(
+                    "timed out after {timeout:?} waiting for {} to apply revision {revision} \
+                     (applied: {:?}); log tail:\n{}",
+                    self.node,
+                    self.status(etcd, "applied"),
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `vtysh -N <pathspace> -c <command>` inside the namespace.
