@@ -167,19 +167,23 @@ sleep 5
 ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 rss()   { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 pss()   { awk '/^Pss:/ { print $2 }' "/proc/$1/smaps_rollup"; }
+anon()  { awk '/^RssAnon:/ { print $2 }' "/proc/$1/status"; }
+file()  { awk '/^RssFile:/ { print $2 }' "/proc/$1/status"; }
 hz=$(getconf CLK_TCK)
 m0=$(ticks "$mpid"); s0=$(ticks "$spid")
 sleep "$DURATION"
 m1=$(ticks "$mpid"); s1=$(ticks "$spid")
 m_rss=$(rss "$mpid"); s_rss=$(rss "$spid"); m_pss=$(pss "$mpid"); s_pss=$(pss "$spid")
+m_anon=$(anon "$mpid"); s_anon=$(anon "$spid"); m_file=$(file "$mpid"); s_file=$(file "$spid")
 cpu() { awk -v d="$1" -v hz="$hz" -v t="$DURATION" 'BEGIN { printf "%.3f", d / hz / t * 100 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 m_cpu=$(cpu $((m1 - m0))); s_cpu=$(cpu $((s1 - s0)))
 
 echo "footprint, 6 idle children, CPU over ${DURATION}s"
-printf '%-14s %10s %10s %10s %12s\n' "" "RSS kB" "PSS kB" "CPU %" "CPU ticks"
-printf '%-14s %10s %10s %10s %12s\n' "meduza run" "$m_rss" "$m_pss" "$m_cpu" "$((m1 - m0))"
-printf '%-14s %10s %10s %10s %12s\n' "supervisord" "$s_rss" "$s_pss" "$s_cpu" "$((s1 - s0))"
+printf '%-14s %10s %10s %10s %10s %10s %12s\n' "" "RSS kB" "anon kB" "file kB" "PSS kB" "CPU %" "CPU ticks"
+printf '%-14s %10s %10s %10s %10s %10s %12s\n' "meduza run" "$m_rss" "$m_anon" "$m_file" "$m_pss" "$m_cpu" "$((m1 - m0))"
+printf '%-14s %10s %10s %10s %10s %10s %12s\n' "supervisord" "$s_rss" "$s_anon" "$s_file" "$s_pss" "$s_cpu" "$((s1 - s0))"
+printf 'binary: %s bytes\n' "$(stat -c %s "$MEDUZA_BIN")"
 printf 'ratio meduza run/supervisord: RSS %s, PSS %s\n' "$(ratio "$m_rss" "$s_rss")" "$(ratio "$m_pss" "$s_pss")"
 
 fail=0
