@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
@@ -86,11 +87,12 @@ pub fn write_atomic(target: &Path, content: &[u8], mode: u32) -> std::io::Result
         .unwrap_or("file");
     let tmp = dir.join(format!(".{name}.meduza-tmp-{}", std::process::id()));
     let result = (|| {
+        // Created with the final mode so a secret is never world-readable, even briefly.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .mode_compat(mode)
+            .mode(mode)
             .open(&tmp)?;
         f.write_all(content)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
@@ -101,19 +103,6 @@ pub fn write_atomic(target: &Path, content: &[u8], mode: u32) -> std::io::Result
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-/// `OpenOptions::mode` via the extension trait, kept in one place.
-trait ModeCompat {
-    fn mode_compat(&mut self, mode: u32) -> &mut Self;
-}
-
-impl ModeCompat for std::fs::OpenOptions {
-    fn mode_compat(&mut self, mode: u32) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        // Create with the final mode so a secret is never world-readable, even briefly.
-        self.mode(mode)
-    }
 }
 
 impl Fs for RootFs {
