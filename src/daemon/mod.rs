@@ -424,7 +424,6 @@ async fn refresh_hosts(shared: &Shared, kv: &dyn Kv, root: &Path) {
                 }
                 Err(err) => warn!(%err, "bad hosts path"),
             }
-            let _ = fs.observe("/etc/etcd_hosts");
         }
         Err(err) => warn!(%err, "reading /dns/hosts/ failed"),
     }
