@@ -21,7 +21,7 @@ use crate::etcd::status::PublisherConfig;
 use crate::etcd::{
     load_config, spawn_watcher, EtcdConfig, EtcdKv, Kv, StatusPublisher, WatchEvent, WatcherConfig,
 };
-use crate::files::{write_atomic, Fs as _, RootFs};
+use crate::files::{write_atomic, RootFs};
 use crate::reconcile::{ConfigSource, Reconciler, Trigger};
 use crate::supervise::frr::FrrControl;
 use crate::supervise::{reaper, RealSpawner, Supervisor, SupervisorConfig, SystemClock};
