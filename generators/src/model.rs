@@ -430,12 +430,8 @@ fn parse_global(r: &mut Reader<'_>) -> Global {
         }
     });
     let mut subscriptions = BTreeMap::new();
-    for name in r.snap.children("/global/clash/subscriptions/") {
-        let key = format!("/global/clash/subscriptions/{name}/url");
-        if let Err(reason) = parse::validate_name(&name) {
-            r.error(&key, &name, format!("subscription name: {reason}"));
-            continue;
-        }
+    for (name, base) in r.named_children("/global/clash/subscriptions/", "url", "subscription") {
+        let key = format!("{base}url");
         match r.parsed(&key, parse::parse_http_url) {
             Some(url) => {
                 subscriptions.insert(name, url);
@@ -588,12 +584,8 @@ fn parse_rule_files(v: &str) -> Result<BTreeMap<String, String>, String> {
 
 fn parse_upstreams(r: &mut Reader<'_>, prefix: &str) -> BTreeMap<String, UpstreamGroup> {
     let mut out = BTreeMap::new();
-    for name in r.snap.children(prefix) {
-        let k = |s: &str| format!("{prefix}{name}/{s}");
-        if let Err(reason) = parse::validate_name(&name) {
-            r.error(&k("addresses"), &name, format!("upstream name: {reason}"));
-            continue;
-        }
+    for (name, base) in r.named_children(prefix, "addresses", "upstream") {
+        let k = |s: &str| format!("{base}{s}");
         let addresses = r.list(&k("addresses"), parse::parse_dns_addr);
         if addresses.is_empty() && r.str(&k("addresses")).is_none() {
             r.error(
@@ -760,16 +752,7 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
     }
 
     let mut openvpn = Vec::new();
-    for name in r.snap.children(&k("openvpn/")) {
-        let b = k(&format!("openvpn/{name}/"));
-        if let Err(reason) = parse::validate_name(&name) {
-            r.error(
-                &format!("{b}enable"),
-                &name,
-                format!("instance name: {reason}"),
-            );
-            continue;
-        }
+    for (name, b) in r.named_children(&k("openvpn/"), "enable", "instance") {
         let proto = r
             .choice(
                 &format!("{b}proto"),
@@ -878,16 +861,7 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
     }
 
     let mut wireguard = Vec::new();
-    for name in r.snap.children(&k("wireguard/")) {
-        let b = k(&format!("wireguard/{name}/"));
-        if let Err(reason) = parse::validate_name(&name) {
-            r.error(
-                &format!("{b}enable"),
-                &name,
-                format!("instance name: {reason}"),
-            );
-            continue;
-        }
+    for (name, b) in r.named_children(&k("wireguard/"), "enable", "instance") {
         let dev = r
             .iface(&format!("{b}dev"))
             .or_else(|| parse::parse_iface(&format!("wg-{name}")).ok());
@@ -1005,22 +979,12 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
     let dns_upstreams = parse_upstreams(r, &k("dns/upstreams/"));
 
     let mut services = BTreeMap::new();
-    for svc in r.snap.children(&k("services/")) {
-        let b = k(&format!("services/{svc}/"));
-        if let Err(reason) = parse::validate_name(&svc) {
-            r.error(&b, &svc, format!("service name: {reason}"));
-            continue;
-        }
+    for (svc, b) in r.named_children(&k("services/"), "", "service") {
         services.insert(svc, parse_overrides(r, &b));
     }
 
     let mut tunnels = Vec::new();
-    for name in r.snap.children(&k("tunnels/")) {
-        let b = k(&format!("tunnels/{name}/"));
-        if let Err(reason) = parse::validate_name(&name) {
-            r.error(&format!("{b}kind"), &name, format!("tunnel name: {reason}"));
-            continue;
-        }
+    for (name, b) in r.named_children(&k("tunnels/"), "kind", "tunnel") {
         let kind = r.choice(
             &format!("{b}kind"),
             &[

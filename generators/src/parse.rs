@@ -53,6 +53,30 @@ impl<'a> Reader<'a> {
             })
     }
 
+    /// The names under `prefix` (`/nodes/a/openvpn/` → `office`, ...) that are valid
+    /// names, each with its key base `<prefix><name>/`. An invalid name is reported on
+    /// `<base><leaf>` as "`what` name: reason" and skipped.
+    pub fn named_children(
+        &mut self,
+        prefix: &str,
+        leaf: &str,
+        what: &str,
+    ) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for name in self.snap.children(prefix) {
+            let base = format!("{prefix}{name}/");
+            match validate_name(&name) {
+                Ok(()) => out.push((name, base)),
+                Err(reason) => self.error(
+                    &format!("{base}{leaf}"),
+                    &name,
+                    format!("{what} name: {reason}"),
+                ),
+            }
+        }
+        out
+    }
+
     pub fn string_or(&self, key: &str, default: &str) -> String {
         self.str(key).unwrap_or(default).to_string()
     }
