@@ -190,8 +190,8 @@ impl<'a> Reader<'a> {
 }
 
 /// Keys whose values are secrets: their last path segment names a token, key,
-/// secret, password or pre-shared key (`api/token`, `tinc/private_key`,
-/// `openvpn/<n>/secret`, `tls_auth`, `clash/secret`, ...).
+/// secret, password, pre-shared key or auth material (`api/token`,
+/// `tinc/private_key`, `openvpn/<n>/secret`, `tls_auth`, `tls_crypt`, `clash/secret`).
 pub fn is_secret_key(key: &str) -> bool {
     let last = key.rsplit('/').next().unwrap_or(key).to_ascii_lowercase();
     [

@@ -274,21 +274,13 @@ pub struct UpstreamMetric {
     pub latency: Histogram,
 }
 
-/// Last path segments whose values are secrets (tokens, keys, passwords, Clash secret).
-fn is_secret_key(key: &str) -> bool {
-    let last = key.rsplit('/').next().unwrap_or(key).to_ascii_lowercase();
-    ["token", "secret", "pass", "key", "psk", "auth"]
-        .iter()
-        .any(|w| last.contains(w))
-}
-
 /// Replace the values of secret keys (and anything that looks like a PEM private key)
 /// so a validation error never carries a secret out of the node.
 pub fn redact_errors(errors: Vec<ConfigError>) -> Vec<ConfigError> {
     errors
         .into_iter()
         .map(|mut e| {
-            if is_secret_key(&e.key) || e.value.contains("PRIVATE KEY") {
+            if meduza_generators::parse::is_secret_key(&e.key) || e.value.contains("PRIVATE KEY") {
                 e.value = "<redacted>".to_string();
             }
             e

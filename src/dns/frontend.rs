@@ -10,10 +10,12 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use meduza_generators::plan::dns::{DnsPlan, Failover as FailoverCfg, HealthCheck, UpstreamGroup};
+use meduza_generators::plan::dns::{DnsPlan, UpstreamGroup};
+
+use crate::etcd::status::unix_now;
 use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -125,27 +127,10 @@ pub struct Frontend {
     counters: AtomicCounters,
 }
 
-/// The predecessor's fallbacks, used when the plan has no upstream group (DESIGN §3).
+/// The predecessor's fallbacks, used when the plan has no upstream group (DESIGN §3):
+/// the model's list, so the frontend and the rendered plan never disagree.
 pub fn default_groups() -> Vec<UpstreamGroup> {
-    let g = |name: &str, addr: &str, priority| UpstreamGroup {
-        name: name.to_string(),
-        addresses: vec![SocketAddr::new(
-            addr.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            53,
-        )],
-        priority,
-        enable: true,
-        health_check: HealthCheck::default(),
-        failover: FailoverCfg::default(),
-    };
-    vec![g("alidns", "223.5.5.5", 1), g("dnspod", "119.29.29.29", 2)]
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    meduza_generators::model::default_upstreams()
 }
 
 fn effective_groups(plan: &DnsPlan) -> Vec<UpstreamGroup> {
@@ -638,6 +623,7 @@ mod tests {
     use hickory_proto::op::{Message, Query as HQuery, ResponseCode};
     use hickory_proto::rr::rdata::A;
     use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use meduza_generators::plan::dns::{Failover as FailoverCfg, HealthCheck};
     use std::collections::HashMap;
     use std::net::Ipv4Addr;
 

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn, Instrument as _};
 
@@ -115,12 +115,7 @@ pub struct Reconciler<S, E> {
     first_pass_done: bool,
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::etcd::status::unix_now;
 
 impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
     pub fn new(
