@@ -131,16 +131,29 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MEDUZA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // `MEDUZA_LOG` takes `level` or `target=level` directives, comma-separated
+    // ("info,meduza::dns=debug"). `Targets` rather than `EnvFilter`: the same syntax
+    // for what operators use, without the regex engine (about 300 KiB of code and
+    // resident memory; docs/benchmarks-reconcile.md).
+    let spec = std::env::var("MEDUZA_LOG").ok();
+    let (filter, bad) = match spec.as_deref().map(str::parse::<Targets>) {
+        Some(Ok(targets)) => (targets, None),
+        Some(Err(err)) => (Targets::new().with_default(tracing::Level::INFO), Some(err)),
+        None => (Targets::new().with_default(tracing::Level::INFO), None),
+    };
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colour codes only on a terminal: init redirects the log to a file/console
         // and operators grep it.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    tracing_subscriber::registry().with(fmt).with(filter).init();
+    if let Some(err) = bad {
+        tracing::warn!(%err, "MEDUZA_LOG not understood; logging at info");
+    }
 }
 
 fn invalid(errors: &[meduza_generators::ValidationError]) -> ExitCode {

@@ -183,6 +183,11 @@ echo "footprint, 6 idle children, CPU over ${DURATION}s"
 printf '%-14s %10s %10s %10s %10s %10s %12s\n' "" "RSS kB" "anon kB" "file kB" "PSS kB" "CPU %" "CPU ticks"
 printf '%-14s %10s %10s %10s %10s %10s %12s\n' "meduza run" "$m_rss" "$m_anon" "$m_file" "$m_pss" "$m_cpu" "$((m1 - m0))"
 printf '%-14s %10s %10s %10s %10s %10s %12s\n' "supervisord" "$s_rss" "$s_anon" "$s_file" "$s_pss" "$s_cpu" "$((s1 - s0))"
+# Where meduza's resident pages are: Rss per mapped file (and anonymous), in kB.
+echo "meduza run resident memory by mapping (kB):"
+awk '/^[0-9a-f]+-[0-9a-f]+ / { name = (NF >= 6 ? $6 : "[anon]") }
+     /^Rss:/ { rss[name] += $2 }
+     END { for (n in rss) if (rss[n] > 0) printf "  %8d  %s\n", rss[n], n }' "/proc/$mpid/smaps" | sort -rn
 printf 'binary: %s bytes\n' "$(stat -c %s "$MEDUZA_BIN")"
 printf 'ratio meduza run/supervisord: RSS %s, PSS %s\n' "$(ratio "$m_rss" "$s_rss")" "$(ratio "$m_pss" "$s_pss")"
 
