@@ -172,7 +172,10 @@ fn subscription_and_rule_refresh_end_to_end() {
     let status = lab.wait_status("clash/subscription", Duration::from_secs(5), |v| {
         v.contains("reloaded via api")
     });
-    assert!(status.starts_with("ok ") && status.contains(" 2 proxies"), "{status}");
+    assert!(
+        status.starts_with("ok ") && status.contains(" 2 proxies"),
+        "{status}"
+    );
 
     // 2. Invalid subscriptions: the last good one stays, mihomo is not reloaded.
     for (body, reason) in [
@@ -189,8 +192,7 @@ fn subscription_and_rule_refresh_end_to_end() {
         let log = wait_log(&lab, REFUSED, refused, Duration::from_secs(10));
         let line = log
             .lines()
-            .filter(|l| l.contains(REFUSED))
-            .last()
+            .rfind(|l| l.contains(REFUSED))
             .unwrap_or_default();
         assert!(line.contains(reason), "{line}");
         let status = lab.wait_status("clash/subscription", Duration::from_secs(5), |v| {
@@ -228,7 +230,10 @@ fn subscription_and_rule_refresh_end_to_end() {
         count(&log, "answered 204 but did not apply the config") > caught,
         "the unapplied PUT /configs went unnoticed"
     );
-    assert!(count(&log, "Receive SIGHUP") > hups, "no SIGHUP reached mihomo");
+    assert!(
+        count(&log, "Receive SIGHUP") > hups,
+        "no SIGHUP reached mihomo"
+    );
     assert!(mihomo_has(&lab, "us1").is_some(), "us1 not running");
     assert_eq!(read(&lab, PROVIDER), Some(sub(&["hk1", "sg1", "us1"])));
     let status = lab.wait_status("clash/subscription", Duration::from_secs(5), |v| {
@@ -262,8 +267,14 @@ fn subscription_and_rule_refresh_end_to_end() {
         (lab.rule_requests().len() >= from + 3).then_some(())
     });
     assert_proxied(&lab, "/rules/proxy.txt", 0);
-    assert!(lab.log().contains("rule files unchanged, MosDNS keeps running"));
-    assert_eq!(lab.pid_of("fake_mosdns.py"), Some(mosdns), "MosDNS restarted");
+    assert!(lab
+        .log()
+        .contains("rule files unchanged, MosDNS keeps running"));
+    assert_eq!(
+        lab.pid_of("fake_mosdns.py"),
+        Some(mosdns),
+        "MosDNS restarted"
+    );
     assert_eq!(lab.mosdns_answer("added.example"), "198.51.100.2");
 
     lab.serve("/rules/proxy.txt", RULES_B);
@@ -276,12 +287,12 @@ fn subscription_and_rule_refresh_end_to_end() {
     lab.wait_status("services/mosdns/status", Duration::from_secs(5), |v| {
         v.starts_with("running ")
     });
-    wait_for("MosDNS to answer from the new rules", Duration::from_secs(5), || {
-        (lab.mosdns_answer("added.example") == "198.51.100.1").then_some(())
-    });
-    assert!(lab
-        .log()
-        .contains("rule files changed, MosDNS restarted"));
+    wait_for(
+        "MosDNS to answer from the new rules",
+        Duration::from_secs(5),
+        || (lab.mosdns_answer("added.example") == "198.51.100.1").then_some(()),
+    );
+    assert!(lab.log().contains("rule files changed, MosDNS restarted"));
     // And unchanged again: the new MosDNS keeps running.
     let from = lab.rule_requests().len();
     wait_for("two more rule refreshes", Duration::from_secs(10), || {

@@ -406,8 +406,11 @@ pub async fn refresh_once<S: Signaller>(
     {
         Ok(method) => {
             *reload_pending = false;
-            tracing::info!(?method, proxies = summary.proxies,
-                "[clash-refresh] mihomo reloaded with the new subscription");
+            tracing::info!(
+                ?method,
+                proxies = summary.proxies,
+                "[clash-refresh] mihomo reloaded with the new subscription"
+            );
             RefreshOutcome::Reloaded { summary, method }
         }
         Err(err) => reload_failed(err.to_string()),
@@ -496,6 +499,61 @@ mod tests {
             Ok(vec!["a".into(), "auto".into(), "b".into()])
         );
         assert_eq!(expected_names("mode: rule\n"), Ok(vec![]));
+    }
+
+    #[test]
+    fn provider_names_are_the_proxies_only() {
+        let sub = "proxies:\n  - {name: sg1, type: ss}\n  - {name: hk1, type: ss}\nproxy-groups:\n  - {name: G, type: select, proxies: [hk1]}\n";
+        assert_eq!(
+            subscription_names(sub),
+            Ok(vec!["hk1".into(), "sg1".into()])
+        );
+        assert_eq!(subscription_names("mode: rule\n"), Ok(vec![]));
+        assert!(subscription_names("proxies: [\n").is_err());
+    }
+
+    #[test]
+    fn outcome_status_lines() {
+        let summary = Summary {
+            proxies: 3,
+            providers: 0,
+        };
+        let cases = [
+            (
+                RefreshOutcome::Reloaded {
+                    summary,
+                    method: ReloadMethod::Api,
+                },
+                "ok 7 3 proxies, reloaded via api",
+            ),
+            (
+                RefreshOutcome::Reloaded {
+                    summary,
+                    method: ReloadMethod::Sighup,
+                },
+                "ok 7 3 proxies, reloaded via sighup",
+            ),
+            (
+                RefreshOutcome::Unchanged { summary },
+                "ok 7 3 proxies, unchanged",
+            ),
+            (
+                RefreshOutcome::DownloadFailed {
+                    reason: "subscription u: invalid: not a YAML mapping".into(),
+                },
+                "failed 7 subscription u: invalid: not a YAML mapping; keeping the last good subscription",
+            ),
+            (
+                RefreshOutcome::ReloadFailed {
+                    summary,
+                    reason: "mihomo did not apply".into(),
+                },
+                "failed 7 mihomo did not apply; retrying next refresh",
+            ),
+        ];
+        for (outcome, want) in cases {
+            assert_eq!(outcome.status(7), want);
+        }
     }
 
     #[test]

@@ -474,7 +474,8 @@ impl ClashOrchestrator {
             config_path: self.root.join(rt.config_path.trim_start_matches('/')),
             policy: VerifyPolicy::default(),
         };
-        let store = SubscriptionStore::new(self.root.join(rt.provider_path.trim_start_matches('/')));
+        let store =
+            SubscriptionStore::new(self.root.join(rt.provider_path.trim_start_matches('/')));
         let interval = self.minute * minutes;
         info!(%url, interval_ms = interval.as_millis() as u64, "[clash-refresh] subscription refresh scheduled");
         let shared = Arc::clone(&self.shared);

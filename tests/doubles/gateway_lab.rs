@@ -302,7 +302,12 @@ impl Lab {
         (!out.is_empty()).then(|| out.trim_end_matches('\n').to_string())
     }
 
-    pub fn wait_status(&self, suffix: &str, timeout: Duration, ok: impl Fn(&str) -> bool) -> String {
+    pub fn wait_status(
+        &self,
+        suffix: &str,
+        timeout: Duration,
+        ok: impl Fn(&str) -> bool,
+    ) -> String {
         wait_for(
             &format!("/updated/{NODE}/{suffix} to match"),
             timeout,
