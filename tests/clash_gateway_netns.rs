@@ -2,7 +2,8 @@
 //! and MosDNS doubles as its children, etcd in a namespace of its own, an "internet"
 //! namespace serving the subscription, the rule files and a TCP echo of the peer
 //! address, and a LAN client namespace making real TCP connections (IPv4 and IPv6)
-//! through the gateway (DESIGN §7, §9; docs/clash.md).
+//! through the gateway (DESIGN §7, §9; docs/clash.md). The lab itself is
+//! `tests/doubles/gateway_lab.rs` (shared with `clash_refresh_netns.rs`).
 //!
 //! ```text
 //!  etcd ns 10.97.0.2 ── etc0 10.97.0.1  gw ns (meduza run, mihomo double, MosDNS double)
