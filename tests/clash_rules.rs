@@ -232,14 +232,19 @@ async fn subscription_via_proxy_keeps_last_good() {
     let route = Route::Proxy { url: m.proxy_url() };
     let fetcher = fast_fetcher(2, 10);
 
-    assert!(store
+    let first = store
         .refresh(&fetcher, &origin.url("/sub"), &route)
         .await
-        .expect("first"));
-    assert!(!store
-        .refresh(&fetcher, &origin.url("/sub"), &route)
-        .await
-        .expect("same"));
+        .expect("first");
+    assert!(first.changed);
+    assert_eq!(first.summary.proxies, 1);
+    assert!(
+        !store
+            .refresh(&fetcher, &origin.url("/sub"), &route)
+            .await
+            .expect("same")
+            .changed
+    );
     let seen = origin.seen();
     assert!(seen.iter().all(proxied), "{seen:?}");
     assert_eq!(seen[0].header("User-Agent"), Some("clash.meta (meduza)"));
@@ -251,6 +256,16 @@ async fn subscription_via_proxy_keeps_last_good() {
         .await
         .expect_err("invalid");
     assert!(err.to_string().contains("invalid"), "{err}");
+    // Valid Clash, but a provider file needs `proxies`: refused too.
+    origin.route(
+        "/sub",
+        "proxy-providers:\n  p: {type: http, url: 'http://x', path: ./p.yaml}\n",
+    );
+    let err = store
+        .refresh(&fetcher, &origin.url("/sub"), &route)
+        .await
+        .expect_err("providers only");
+    assert!(err.to_string().contains("no proxies list"), "{err}");
     *origin.fail_first.lock().expect("lock") = 10;
     store
         .refresh(&fetcher, &origin.url("/sub"), &route)

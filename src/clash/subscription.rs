@@ -2,12 +2,14 @@
 //! and hot-reloading mihomo with verification.
 //!
 //! Owns: fetching the active subscription (through mihomo while it is healthy, direct
-//! otherwise — at first start mihomo is not running yet), refusing anything that is
-//! not a usable Clash document, keeping the last good copy on disk, and reloading
-//! mihomo via `PUT /configs?force=true` — verified, because mihomo answers 204 even
-//! when applying fails — with SIGHUP as the fallback.
+//! otherwise), refusing anything that is not a usable Clash document, keeping the last
+//! good copy on disk (mihomo's provider file), reloading mihomo via
+//! `PUT /configs?force=true` — verified, because mihomo answers 204 even when applying
+//! fails — with SIGHUP as the fallback, and the periodic refresh that ties these
+//! together ([`refresh_loop`], [`refresh_once`]) with its outcome ([`RefreshOutcome`]).
 //! Must not: render mihomo's config (generators merge base + subscription; the
-//! integrator writes it), or send signals itself (the supervisor does, via [`Signaller`]).
+//! integrator writes it), send signals itself (the supervisor does, via [`Signaller`]),
+//! or publish status (the integrator does, from the [`RefreshOutcome`]).
 
 use crate::clash::api::{ApiError, MihomoApi};
 use crate::clash::monitor::{HealthStatus, Phase};
@@ -78,12 +80,36 @@ pub fn validate(text: &str) -> Result<Summary, String> {
     Ok(Summary { proxies, providers })
 }
 
+/// The proxy names a subscription gives mihomo's proxy provider: its `proxies[].name`
+/// (a provider reads only `proxies`; groups and rules in the document are ignored).
+pub fn subscription_names(text: &str) -> Result<Vec<String>, String> {
+    let doc: Yaml = serde_yaml::from_str(text).map_err(|e| format!("not YAML: {e}"))?;
+    let names: BTreeSet<String> = doc
+        .get("proxies")
+        .and_then(Yaml::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("name").and_then(Yaml::as_str))
+        .map(str::to_string)
+        .collect();
+    Ok(names.into_iter().collect())
+}
+
 /// The route of a subscription download: through mihomo only while it is healthy.
 pub fn subscription_route(health: &HealthStatus) -> Route {
     Route::for_clash(health.phase == Phase::Healthy)
 }
 
-/// The last good subscription, kept in one file.
+/// What a successful [`SubscriptionStore::refresh`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refreshed {
+    /// The stored copy was rewritten (its content changed).
+    pub changed: bool,
+    pub summary: Summary,
+}
+
+/// The last good subscription, kept in one file: mihomo's proxy-provider file, so the
+/// stored copy is what mihomo loads on its next reload.
 #[derive(Debug, Clone)]
 pub struct SubscriptionStore {
     path: PathBuf,
@@ -104,13 +130,15 @@ impl SubscriptionStore {
     }
 
     /// Downloads and validates `url`; stores it if valid and different. On any failure
-    /// the last good copy stays. Returns whether the stored copy changed.
+    /// the last good copy stays. The copy is read by mihomo as a proxy provider, which
+    /// takes only the `proxies` list, so a document without proxies (only
+    /// `proxy-providers`) is refused here although [`validate`] accepts it.
     pub async fn refresh(
         &self,
         fetcher: &Fetcher,
         url: &str,
         route: &Route,
-    ) -> Result<bool, SubscriptionError> {
+    ) -> Result<Refreshed, SubscriptionError> {
         let body = fetcher.fetch(url, route).await?;
         let invalid = |reason: String| SubscriptionError::Invalid {
             url: url.to_string(),
@@ -118,41 +146,16 @@ impl SubscriptionStore {
         };
         let text = String::from_utf8(body).map_err(|_| invalid("not UTF-8".to_string()))?;
         let summary = validate(&text).map_err(invalid)?;
+        if summary.proxies == 0 {
+            return Err(invalid(
+                "no proxies list (only proxy-providers): mihomo's proxy provider reads `proxies`"
+                    .to_string(),
+            ));
+        }
         let changed = write_if_changed(&self.path, text.as_bytes())?;
-        tracing::info!(%url, %route, proxies = summary.proxies, providers = summary.providers, changed,
+        tracing::info!(%url, %route, proxies = summary.proxies, changed,
             "[clash-refresh] subscription downloaded");
-        Ok(changed)
-    }
-}
-
-/// Runs the refresh every `interval` until the health channel closes; calls
-/// `on_change` (the integrator triggers a reconcile pass) when the stored copy changed.
-pub async fn refresh_loop<F: Fn() + Send>(
-    fetcher: Fetcher,
-    store: SubscriptionStore,
-    url: String,
-    interval: Duration,
-    mut health: watch::Receiver<HealthStatus>,
-    on_change: F,
-) {
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            changed = health.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                continue;
-            }
-        }
-        let route = subscription_route(&health.borrow());
-        match store.refresh(&fetcher, &url, &route).await {
-            Ok(true) => on_change(),
-            Ok(false) => {}
-            Err(err) => {
-                tracing::warn!(%url, %err, "[clash-refresh] refresh failed, keeping last good subscription");
-            }
-        }
+        Ok(Refreshed { changed, summary })
     }
 }
 
@@ -240,6 +243,19 @@ pub async fn hot_reload<S: Signaller>(
         path: config_path.to_path_buf(),
         reason,
     })?;
+    hot_reload_expecting(api, signaller, config_path, &expected, policy).await
+}
+
+/// [`hot_reload`] with the names the reload must make visible given explicitly (e.g.
+/// the config's names plus the proxies of a provider file it loads).
+pub async fn hot_reload_expecting<S: Signaller>(
+    api: &MihomoApi,
+    signaller: &S,
+    config_path: &Path,
+    expected: &[String],
+    policy: VerifyPolicy,
+) -> Result<ReloadMethod, SubscriptionError> {
+    let expected = expected.to_vec();
     match api.reload_path(config_path).await {
         Ok(()) => {
             let missing = missing_names(api, &expected, policy).await;
@@ -272,6 +288,171 @@ pub async fn hot_reload<S: Signaller>(
             path: config_path.to_path_buf(),
             missing,
         })
+    }
+}
+
+/// The mihomo a refresh reloads: its API, how to signal it, its config file (absolute,
+/// inside its home; it names the provider file the store writes) and how long to wait
+/// for a reload to show.
+pub struct ReloadTarget<S> {
+    pub api: MihomoApi,
+    pub signaller: S,
+    pub config_path: PathBuf,
+    pub policy: VerifyPolicy,
+}
+
+/// What one refresh round came to; the integrator publishes it
+/// (`/updated/<id>/clash/subscription`, [`RefreshOutcome::status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// A new subscription is stored and mihomo verifiably runs it.
+    Reloaded {
+        summary: Summary,
+        method: ReloadMethod,
+    },
+    /// The download equals the stored copy, which mihomo already runs.
+    Unchanged { summary: Summary },
+    /// Download or validation failed: the last good copy stays, mihomo untouched.
+    DownloadFailed { reason: String },
+    /// The new copy is stored but mihomo did not take it (retried next round).
+    ReloadFailed { summary: Summary, reason: String },
+}
+
+impl RefreshOutcome {
+    /// `ok|failed <unix-ts> <detail>`.
+    pub fn status(&self, now: u64) -> String {
+        match self {
+            Self::Reloaded { summary, method } => {
+                let via = match method {
+                    ReloadMethod::Api => "api",
+                    ReloadMethod::Sighup => "sighup",
+                };
+                format!("ok {now} {} proxies, reloaded via {via}", summary.proxies)
+            }
+            Self::Unchanged { summary } => {
+                format!("ok {now} {} proxies, unchanged", summary.proxies)
+            }
+            Self::DownloadFailed { reason } => {
+                format!("failed {now} {reason}; keeping the last good subscription")
+            }
+            Self::ReloadFailed { reason, .. } => {
+                format!("failed {now} {reason}; retrying next refresh")
+            }
+        }
+    }
+}
+
+/// One refresh round: download over `route` into `store`; when the stored copy changed
+/// (or an earlier reload of it failed: `reload_pending`) hot-reload mihomo and verify
+/// that every name of its config and every proxy of the new subscription shows up.
+pub async fn refresh_once<S: Signaller>(
+    fetcher: &Fetcher,
+    store: &SubscriptionStore,
+    url: &str,
+    route: &Route,
+    target: &ReloadTarget<S>,
+    reload_pending: &mut bool,
+) -> RefreshOutcome {
+    let refreshed = match store.refresh(fetcher, url, route).await {
+        Ok(r) => r,
+        Err(err) => {
+            tracing::warn!(%url, %route, %err,
+                "[clash-refresh] refresh failed, keeping last good subscription");
+            return RefreshOutcome::DownloadFailed {
+                reason: err.to_string(),
+            };
+        }
+    };
+    let summary = refreshed.summary;
+    if !refreshed.changed && !*reload_pending {
+        tracing::info!(%url, proxies = summary.proxies, "[clash-refresh] subscription unchanged");
+        return RefreshOutcome::Unchanged { summary };
+    }
+    *reload_pending = true;
+    let reload_failed = |reason: String| {
+        tracing::warn!(%reason, "[clash-refresh] hot reload failed; retrying next refresh");
+        RefreshOutcome::ReloadFailed { summary, reason }
+    };
+    let bad_config = |reason: String| SubscriptionError::BadConfig {
+        path: target.config_path.clone(),
+        reason,
+    };
+    let expected = std::fs::read_to_string(&target.config_path)
+        .map_err(|e| bad_config(e.to_string()))
+        .and_then(|cfg| expected_names(&cfg).map_err(bad_config))
+        .and_then(|mut names| {
+            let text = store.last_good().unwrap_or_default();
+            let subs = subscription_names(&text).map_err(|reason| SubscriptionError::Invalid {
+                url: url.to_string(),
+                reason,
+            })?;
+            names.extend(subs);
+            names.sort();
+            names.dedup();
+            Ok(names)
+        });
+    let expected = match expected {
+        Ok(names) => names,
+        Err(err) => return reload_failed(err.to_string()),
+    };
+    match hot_reload_expecting(
+        &target.api,
+        &target.signaller,
+        &target.config_path,
+        &expected,
+        target.policy,
+    )
+    .await
+    {
+        Ok(method) => {
+            *reload_pending = false;
+            tracing::info!(
+                ?method,
+                proxies = summary.proxies,
+                "[clash-refresh] mihomo reloaded with the new subscription"
+            );
+            RefreshOutcome::Reloaded { summary, method }
+        }
+        Err(err) => reload_failed(err.to_string()),
+    }
+}
+
+/// Runs [`refresh_once`] every `interval` (a fixed cadence: health changes do not
+/// postpone it) until the health channel closes, routing each download through mihomo
+/// while it is healthy, and hands every outcome to `report`.
+pub async fn refresh_loop<S: Signaller, R: Fn(&RefreshOutcome) + Send>(
+    fetcher: Fetcher,
+    store: SubscriptionStore,
+    url: String,
+    interval: Duration,
+    mut health: watch::Receiver<HealthStatus>,
+    target: ReloadTarget<S>,
+    report: R,
+) {
+    let mut reload_pending = false;
+    let mut next = tokio::time::Instant::now() + interval;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            changed = health.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        let route = subscription_route(&health.borrow_and_update());
+        let outcome =
+            refresh_once(&fetcher, &store, &url, &route, &target, &mut reload_pending).await;
+        report(&outcome);
+        // The next round is one interval after this one was due, or one interval after
+        // it ended when it overran (a slow download with retries).
+        let now = tokio::time::Instant::now();
+        next = if next + interval > now {
+            next + interval
+        } else {
+            now + interval
+        };
     }
 }
 
@@ -318,6 +499,61 @@ mod tests {
             Ok(vec!["a".into(), "auto".into(), "b".into()])
         );
         assert_eq!(expected_names("mode: rule\n"), Ok(vec![]));
+    }
+
+    #[test]
+    fn provider_names_are_the_proxies_only() {
+        let sub = "proxies:\n  - {name: sg1, type: ss}\n  - {name: hk1, type: ss}\nproxy-groups:\n  - {name: G, type: select, proxies: [hk1]}\n";
+        assert_eq!(
+            subscription_names(sub),
+            Ok(vec!["hk1".into(), "sg1".into()])
+        );
+        assert_eq!(subscription_names("mode: rule\n"), Ok(vec![]));
+        assert!(subscription_names("proxies: [\n").is_err());
+    }
+
+    #[test]
+    fn outcome_status_lines() {
+        let summary = Summary {
+            proxies: 3,
+            providers: 0,
+        };
+        let cases = [
+            (
+                RefreshOutcome::Reloaded {
+                    summary,
+                    method: ReloadMethod::Api,
+                },
+                "ok 7 3 proxies, reloaded via api",
+            ),
+            (
+                RefreshOutcome::Reloaded {
+                    summary,
+                    method: ReloadMethod::Sighup,
+                },
+                "ok 7 3 proxies, reloaded via sighup",
+            ),
+            (
+                RefreshOutcome::Unchanged { summary },
+                "ok 7 3 proxies, unchanged",
+            ),
+            (
+                RefreshOutcome::DownloadFailed {
+                    reason: "subscription u: invalid: not a YAML mapping".into(),
+                },
+                "failed 7 subscription u: invalid: not a YAML mapping; keeping the last good subscription",
+            ),
+            (
+                RefreshOutcome::ReloadFailed {
+                    summary,
+                    reason: "mihomo did not apply".into(),
+                },
+                "failed 7 mihomo did not apply; retrying next refresh",
+            ),
+        ];
+        for (outcome, want) in cases {
+            assert_eq!(outcome.status(7), want);
+        }
     }
 
     #[test]

@@ -11,6 +11,9 @@ use crate::clash::monitor::{
     ProcessEvent, TproxyGate,
 };
 use crate::clash::rules::{self, Fetcher, Route, RuleFile, RulesError, RulesReport};
+use crate::clash::subscription::{
+    refresh_loop, RefreshOutcome, ReloadTarget, SubscriptionStore, VerifyPolicy,
+};
 use crate::dns::ChainState;
 use crate::reconcile::Trigger;
 use crate::supervise::{EventKind, RestartSource};
@@ -28,6 +31,25 @@ use tracing::{info, warn};
 const MIHOMO_SERVICE: &str = "mihomo";
 /// Retry period of a rule-file round that left a file missing.
 const RULES_RETRY: Duration = Duration::from_secs(60);
+
+/// Test knob: how many milliseconds one configured minute of `clash/refresh/
+/// interval_minutes` and `mosdns/refresh` lasts (read once when `meduza run` starts;
+/// docs/clash.md). Validation keeps those keys at 5 minutes or more; tests shorten the
+/// minute instead.
+pub const MINUTE_MS_ENV: &str = "MEDUZA_MINUTE_MS";
+
+/// One configured minute: 60 s, or `MEDUZA_MINUTE_MS` milliseconds (1..=60000).
+pub fn minute_from(value: Option<&str>) -> Result<Duration, String> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(Duration::from_secs(60)),
+        Some(v) => match v.parse::<u64>() {
+            Ok(ms @ 1..=60_000) => Ok(Duration::from_millis(ms)),
+            _ => Err(format!(
+                "{MINUTE_MS_ENV}={v:?}: must be milliseconds from 1 to 60000"
+            )),
+        },
+    }
+}
 
 /// How long the gate waits for the data-plane task's pass (an `nft` run and a few
 /// netlink calls; seconds under software emulation).
@@ -130,6 +152,8 @@ pub struct ClashOrchestrator {
     mosdns_spec: Option<ServiceSpec>,
     /// The subscription refresh task and what it was started for.
     refresh: Option<(String, JoinHandle<()>)>,
+    /// One configured minute of the refresh intervals ([`minute_from`]).
+    minute: Duration,
 }
 
 /// SIGHUP to the running mihomo (the supervisor knows its pid): the fallback of a
@@ -158,7 +182,19 @@ impl crate::clash::subscription::Signaller for SupervisorSignaller {
 }
 
 impl ClashOrchestrator {
+    /// Reads [`MINUTE_MS_ENV`] (once: the orchestrator lives as long as `meduza run`).
     pub fn new(shared: Arc<Shared>, root: PathBuf, triggers: mpsc::Sender<Trigger>) -> Self {
+        let raw = std::env::var(MINUTE_MS_ENV).ok();
+        let minute = minute_from(raw.as_deref()).unwrap_or_else(|reason| {
+            warn!(%reason, "ignored; one minute is 60 s");
+            Duration::from_secs(60)
+        });
+        if minute != Duration::from_secs(60) {
+            info!(
+                minute_ms = minute.as_millis() as u64,
+                "refresh intervals scaled by MEDUZA_MINUTE_MS (test knob)"
+            );
+        }
         Self {
             shared,
             root,
@@ -169,6 +205,7 @@ impl ClashOrchestrator {
             mosdns_released: Arc::new(AtomicBool::new(false)),
             mosdns_spec: None,
             refresh: None,
+            minute,
         }
     }
 
@@ -372,9 +409,7 @@ impl ClashOrchestrator {
             released: Arc::clone(&self.mosdns_released),
             triggers: self.triggers.clone(),
         };
-        let refresh = mosdns
-            .as_ref()
-            .map(|m| Duration::from_secs(u64::from(m.refresh_minutes) * 60));
+        let refresh = mosdns.as_ref().map(|m| self.minute * m.refresh_minutes);
         let route = if clash {
             Route::Proxy {
                 url: cfg.proxy_url.clone(),
@@ -391,87 +426,73 @@ impl ClashOrchestrator {
         self.chain = Some(RunningChain { key, task });
     }
 
-    /// Stop the monitor (removing TPROXY) and the chain.
     /// Subscription refresh every `refresh/interval_minutes` (DESIGN §9): download
     /// through mihomo while it is healthy (directly otherwise), validate, keep the last
     /// good copy in mihomo's provider file, and hot-reload mihomo when it changed
-    /// (`PUT /configs`, verified, SIGHUP as fallback).
+    /// (`PUT /configs`, verified, SIGHUP as fallback). Each round's outcome is published
+    /// at `/updated/<id>/clash/subscription`. The task follows the monitor (whose health
+    /// channel it reads): a new monitor means a new task.
     fn sync_refresh(&mut self, clash: Option<&ClashRuntime>) {
         let wanted = clash.and_then(|rt| {
             let (_, url) = rt.subscription.clone()?;
             let minutes = rt.refresh_minutes?;
             let monitor = self.monitor.as_ref()?;
-            Some((rt.clone(), url, minutes, monitor.handle.health()))
+            let key = format!(
+                "{url}|{minutes}|{}|{}|{}|{}|{:?}",
+                rt.provider_path, rt.config_path, rt.controller, rt.secret, monitor.key
+            );
+            Some((key, rt.clone(), url, minutes, monitor.handle.health()))
         });
-        let key = wanted
+        let key = wanted.as_ref().map(|w| w.0.clone());
+        let running = self
+            .refresh
             .as_ref()
-            .map(|(rt, url, m, _)| format!("{url}|{m}|{}|{}", rt.provider_path, rt.controller))
-            .unwrap_or_default();
-        if self.refresh.as_ref().map(|(k, _)| k) == Some(&key) {
+            .filter(|(_, task)| !task.is_finished())
+            .map(|(k, _)| k);
+        if key.is_some() && running == key.as_ref() {
             return;
         }
         if let Some((_, task)) = self.refresh.take() {
             task.abort();
         }
-        let Some((rt, url, minutes, health)) = wanted else {
+        let Some((key, rt, url, minutes, health)) = wanted else {
+            self.shared.publisher.remove("clash/subscription");
             return;
         };
+        let api = match MihomoApi::new(&rt.controller.to_string(), &rt.secret, PROBE_TIMEOUT) {
+            Ok(api) => api,
+            Err(err) => {
+                warn!(%err, "[clash-refresh] cannot build the mihomo API client; no refresh");
+                return;
+            }
+        };
+        let target = ReloadTarget {
+            api,
+            signaller: SupervisorSignaller {
+                shared: Arc::clone(&self.shared),
+            },
+            config_path: self.root.join(rt.config_path.trim_start_matches('/')),
+            policy: VerifyPolicy::default(),
+        };
+        let store =
+            SubscriptionStore::new(self.root.join(rt.provider_path.trim_start_matches('/')));
+        let interval = self.minute * minutes;
+        info!(%url, interval_ms = interval.as_millis() as u64, "[clash-refresh] subscription refresh scheduled");
         let shared = Arc::clone(&self.shared);
-        let root = self.root.clone();
-        let task = tokio::spawn(async move {
-            use crate::clash::subscription::{
-                hot_reload, refresh_loop, SubscriptionStore, VerifyPolicy,
-            };
-            let provider = root.join(rt.provider_path.trim_start_matches('/'));
-            let config_path = root.join(rt.config_path.trim_start_matches('/'));
-            let (tx, mut rx) = mpsc::channel::<()>(1);
-            let reloader = {
-                let shared = Arc::clone(&shared);
-                tokio::spawn(async move {
-                    while rx.recv().await.is_some() {
-                        let Ok(api) =
-                            MihomoApi::new(&rt.controller.to_string(), &rt.secret, PROBE_TIMEOUT)
-                        else {
-                            continue;
-                        };
-                        let yaml = std::fs::read_to_string(&config_path).unwrap_or_default();
-                        let signaller = SupervisorSignaller {
-                            shared: Arc::clone(&shared),
-                        };
-                        match hot_reload(
-                            &api,
-                            &signaller,
-                            &config_path,
-                            &yaml,
-                            VerifyPolicy::default(),
-                        )
-                        .await
-                        {
-                            Ok(method) => info!(
-                                ?method,
-                                "[clash-refresh] mihomo reloaded with the new subscription"
-                            ),
-                            Err(err) => {
-                                warn!(%err, "[clash-refresh] hot reload failed; mihomo keeps its providers")
-                            }
-                        }
-                    }
-                })
-            };
-            let interval = Duration::from_secs(u64::from(minutes) * 60);
-            refresh_loop(
-                Fetcher::default(),
-                SubscriptionStore::new(provider),
-                url,
-                interval,
-                health,
-                move || {
-                    let _ = tx.try_send(());
-                },
-            )
-            .await;
-            reloader.abort();
-        });
+        let task = tokio::spawn(refresh_loop(
+            Fetcher::default(),
+            store,
+            url,
+            interval,
+            health,
+            target,
+            move |outcome: &RefreshOutcome| {
+                shared.publisher.set(
+                    "clash/subscription",
+                    outcome.status(crate::reconcile::unix_now()),
+                );
+            },
+        ));
         self.refresh = Some((key, task));
     }
 
@@ -538,6 +559,23 @@ impl ChainDeps for Deps {
     async fn arm_tproxy(&self) {
         if let Some(m) = &self.monitor {
             m.arm().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minute_knob() {
+        assert_eq!(minute_from(None), Ok(Duration::from_secs(60)));
+        assert_eq!(minute_from(Some("")), Ok(Duration::from_secs(60)));
+        assert_eq!(minute_from(Some("200")), Ok(Duration::from_millis(200)));
+        assert_eq!(minute_from(Some(" 60000 ")), Ok(Duration::from_secs(60)));
+        for bad in ["0", "60001", "-5", "1.5", "fast"] {
+            let err = minute_from(Some(bad)).expect_err(bad);
+            assert!(err.starts_with("MEDUZA_MINUTE_MS="), "{err}");
         }
     }
 }

@@ -8,7 +8,9 @@ Faithful to the interface meduza relies on (docs: shared/reference/child-interfa
 * The YAML config keys ``mixed-port``, ``tproxy-port``, ``allow-lan``, ``bind-address``,
   ``external-controller``, ``secret``, ``routing-mark``, ``dns.{enable,listen}``,
   ``proxies``, ``proxy-groups`` (``select``/``url-test``/``fallback``/``load-balance``,
-  with ``proxies`` and ``use``) and ``proxy-providers`` (members read from ``path``).
+  with ``proxies`` and ``use``) and ``proxy-providers`` (members read from ``path`` when a
+  config is applied, not when the file changes; listed in ``GET /proxies`` with their
+  ``provider-name``, like mihomo's ``ProxiesWithProviders``).
 * REST API with ``Authorization: Bearer <secret>`` (401 ``{"message":"Unauthorized"}``
   otherwise): ``GET /``, ``GET /version``, ``GET /proxies``, ``GET|PUT /proxies/{name}``,
   ``GET|PUT /configs`` (``PUT`` with ``{"payload"}`` or ``{"path"}``: 400 on a parse
@@ -161,6 +163,8 @@ class State:
         self.ext_ctl = ext_ctl
         self.secret_override = secret_override
         self.cfg = {}
+        # Provider name -> its proxies (mappings), loaded when a config is applied.
+        self.providers = {}
         self.control = {}
         self.up_total = 0
         self.down_total = 0
@@ -185,9 +189,12 @@ class State:
             return "0.0.0.0" if bind in ("*", "") else bind
         return "127.0.0.1"
 
-    def provider_members(self, name):
-        provider = (self.cfg.get("proxy-providers") or {}).get(name) or {}
-        path = provider.get("path")
+    def load_provider(self, name, provider):
+        """A provider's proxies as mihomo's fetcher loads them when a config is applied:
+        from the local ``path`` file; a file without a ``proxies`` list loads nothing
+        ("file must have a `proxies` field"). Later changes to the file are not seen
+        until the next apply (SIGHUP or ``PUT /configs``)."""
+        path = (provider or {}).get("path")
         if not path:
             return []
         if not os.path.isabs(path):
@@ -195,9 +202,18 @@ class State:
         try:
             with open(path, encoding="utf-8") as fh:
                 doc = yaml.safe_load(fh) or {}
-        except (OSError, yaml.YAMLError):
+        except (OSError, yaml.YAMLError) as err:
+            log("warning", f"[Provider] {name} load error: {err}")
             return []
-        return [p["name"] for p in doc.get("proxies") or [] if isinstance(p, dict) and "name" in p]
+        if not isinstance(doc, dict) or not isinstance(doc.get("proxies"), list):
+            log("error", f"[Provider] {name} initial error: file must have a `proxies` field")
+            return []
+        proxies = [p for p in doc["proxies"] if isinstance(p, dict) and "name" in p and "type" in p]
+        log("info", f"[Provider] {name} loaded {len(proxies)} proxies from {path}")
+        return proxies
+
+    def provider_members(self, name):
+        return [p["name"] for p in self.providers.get(name) or []]
 
     def group_members(self, group):
         members = list(group.get("proxies") or [])
@@ -224,6 +240,13 @@ class State:
             for proxy in self.cfg.get("proxies") or []:
                 typ = PROXY_TYPES.get(str(proxy["type"]).lower(), str(proxy["type"]).capitalize())
                 out[proxy["name"]] = base_entry(proxy["name"], typ, bool(proxy.get("udp")), history)
+            # Provider proxies too (mihomo's tunnel.ProxiesWithProviders).
+            for provider, members in self.providers.items():
+                for proxy in members:
+                    typ = PROXY_TYPES.get(str(proxy["type"]).lower(), str(proxy["type"]).capitalize())
+                    entry = base_entry(proxy["name"], typ, bool(proxy.get("udp")), history)
+                    entry["provider-name"] = provider
+                    out[proxy["name"]] = entry
             group_names = []
             for group in self.cfg.get("proxy-groups") or []:
                 typ = GROUP_TYPES[group["type"]]
@@ -271,8 +294,13 @@ class State:
         """ApplyConfig: swap the config and re-open listeners whose address changed.
 
         Listener failures are only logged, as in mihomo (the API still answers 204)."""
+        providers = {
+            name: self.load_provider(name, provider)
+            for name, provider in (cfg.get("proxy-providers") or {}).items()
+        }
         with self.lock:
             self.cfg = cfg
+            self.providers = providers
         host = self.listen_host()
         wanted = {}
         if cfg.get("mixed-port"):

@@ -1,0 +1,507 @@
+//! The gateway lab of the end-to-end Clash tests: the real `meduza run` in a gateway
+//! network namespace, with the mihomo and MosDNS doubles as its children, etcd in a
+//! namespace of its own, an "internet" namespace serving HTTP content the test can
+//! change while it runs (and recording who asked) plus a TCP echo of the peer
+//! address, and a LAN client namespace.
+//!
+//! ```text
+//!  etcd ns 10.97.0.2 ── etc0 10.97.0.1  gw ns (meduza run, mihomo double, MosDNS double)
+//!  lan ns 192.168.50.2 / fd00:50::2 ── lan0 │ wan0 203.0.113.1 (+ .3: mihomo's outbound)
+//!                                           └── inet ns 203.0.113.2 / 2001:db8:1::2
+//!                                               :8080 HTTP (Lab::serve)
+//!                                               :9000 "server <peer>" echo
+//! ```
+//!
+//! Included with `#[path = "common/netns.rs"] mod netns;` and
+//! `#[path = "doubles/gateway_lab.rs"] mod gateway_lab;` in the test file.
+//! Everything is torn down in `Drop`, even when an assertion fails.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use crate::netns::{addr, veth, Netns, Topology};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const NODE: &str = "gw1";
+pub const ETCD_GW: &str = "10.97.0.1";
+pub const ETCD_IP: &str = "10.97.0.2";
+pub const ETCD_PORT: u16 = 23791;
+/// Source address of the mihomo double's outgoing connections.
+pub const PROXY_OUT: &str = "203.0.113.3";
+pub const HTTP_PORT: u16 = 8080;
+pub const ECHO_PORT: u16 = 9000;
+
+/// One request seen by the internet namespace's HTTP server.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub peer: IpAddr,
+    pub path: String,
+    pub via: Option<String>,
+}
+
+/// Everything the test started; torn down in `Drop` even when an assertion fails.
+pub struct Lab {
+    pub topo: Topology,
+    pub etcd_ns: Netns,
+    pub dir: tempfile::TempDir,
+    pub etcd: Option<Child>,
+    pub meduza: Option<Child>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// What the HTTP server answers: path → body (anything else is a 404).
+    pub routes: Routes,
+}
+
+/// The HTTP server's content, changeable while it runs.
+pub type Routes = Arc<Mutex<BTreeMap<String, String>>>;
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Ok(log) = std::fs::read_to_string(self.path("meduza.log")) {
+                let lines: Vec<&str> = log.lines().collect();
+                let from = lines.len().saturating_sub(150);
+                eprintln!("---- meduza.log (last lines) ----");
+                for l in &lines[from..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        if let Some(mut m) = self.meduza.take() {
+            stop(&mut m, Duration::from_secs(8));
+        }
+        if let Some(mut e) = self.etcd.take() {
+            let _ = e.kill();
+            let _ = e.wait();
+        }
+        // Whatever still runs inside our namespaces was started by this test.
+        for ns in [
+            &self.topo.gw,
+            &self.topo.lan,
+            &self.topo.inet,
+            &self.etcd_ns,
+        ] {
+            if let Ok(out) = Command::new("ip")
+                .args(["netns", "pids", ns.name()])
+                .output()
+            {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        // SAFETY: kill(2) on a pid listed inside our own namespace.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+        // The namespaces themselves are deleted by their own Drop.
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+pub fn stop(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Spawn `cmd` from a thread inside `ns`: the child inherits that namespace.
+pub fn spawn_in(ns: &Netns, mut cmd: Command) -> Child {
+    ns.run_in(move || cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+}
+
+/// A minimal HTTP/1.1 server answering from `routes`, logging each request.
+fn http_server(listener: TcpListener, seen: Arc<Mutex<Vec<Seen>>>, routes: Routes) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let seen = Arc::clone(&seen);
+        let routes = Arc::clone(&routes);
+        std::thread::spawn(move || {
+            let peer = conn.peer_addr().map(|a| a.ip()).ok();
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut via = None;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') {
+                    if k.eq_ignore_ascii_case("via") {
+                        via = Some(v.trim().to_string());
+                    }
+                }
+            }
+            if let Some(peer) = peer {
+                seen.lock().unwrap().push(Seen {
+                    peer,
+                    path: path.clone(),
+                    via,
+                });
+            }
+            let body = routes.lock().unwrap().get(&path).cloned();
+            let (status, body) = match body {
+                Some(body) => ("200 OK", body),
+                None => ("404 Not Found", "not found\n".to_string()),
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        });
+    }
+}
+
+/// Answers every connection with `server <peer-ip>\n`.
+fn echo_server(listener: TcpListener) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let peer = conn
+            .peer_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let _ = writeln!(conn, "server {peer}");
+    }
+}
+
+impl Lab {
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn new() -> Self {
+        let topo = Topology::new("cg");
+        let etcd_ns = Netns::new("cge");
+        veth(&topo.gw, "etc0", &etcd_ns, "eth0");
+        addr(&topo.gw, "etc0", &format!("{ETCD_GW}/30"));
+        addr(&etcd_ns, "eth0", &format!("{ETCD_IP}/30"));
+        addr(&topo.gw, "wan0", &format!("{PROXY_OUT}/24"));
+        // One source address per family on the LAN client, inside the node's `lan`.
+        topo.lan
+            .ip(&["addr", "del", "192.168.60.2/24", "dev", "eth0"]);
+        topo.lan
+            .ip(&["-6", "addr", "del", "fd00:60::2/64", "dev", "eth0"]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut lab = Lab {
+            topo,
+            etcd_ns,
+            dir,
+            etcd: None,
+            meduza: None,
+            seen: Arc::new(Mutex::new(Vec::new())),
+            routes: Arc::new(Mutex::new(BTreeMap::new())),
+        };
+
+        // The internet: HTTP and echo servers on IPv4 and IPv6.
+        for ip in [Topology::server(false), Topology::server(true)] {
+            let seen = Arc::clone(&lab.seen);
+            let routes = Arc::clone(&lab.routes);
+            let http = lab.topo.inet.run_in(move || {
+                TcpListener::bind(SocketAddr::new(ip, HTTP_PORT)).expect("bind http")
+            });
+            std::thread::spawn(move || http_server(http, seen, routes));
+            let echo = lab.topo.inet.run_in(move || {
+                TcpListener::bind(SocketAddr::new(ip, ECHO_PORT)).expect("bind echo")
+            });
+            std::thread::spawn(move || echo_server(echo));
+        }
+
+        // etcd in its own namespace.
+        let client = format!("http://{ETCD_IP}:{ETCD_PORT}");
+        let peer = format!("http://127.0.0.1:{}", ETCD_PORT + 1);
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "cg", "--data-dir"])
+            .arg(lab.path("etcd"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("cg={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        lab.etcd = Some(spawn_in(&lab.etcd_ns, cmd));
+        wait_for("etcd to answer", Duration::from_secs(20), || {
+            lab.etcd_ns
+                .try_exec(&["etcdctl", "--endpoints", &client, "endpoint", "health"])
+                .then_some(())
+        });
+        lab
+    }
+
+    pub fn endpoint() -> String {
+        format!("http://{ETCD_IP}:{ETCD_PORT}")
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", self.etcd_ns.name(), "etcdctl"])
+            .args(["--endpoints", &Self::endpoint(), "put", key])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("etcdctl must be installed");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(value.as_bytes())
+            .expect("write value");
+        assert!(child.wait().expect("etcdctl").success(), "put {key} failed");
+    }
+
+    /// `/updated/<node>/<suffix>`, if set.
+    pub fn status(&self, suffix: &str) -> Option<String> {
+        let key = format!("/updated/{NODE}/{suffix}");
+        let out = self.etcd_ns.exec(&[
+            "etcdctl",
+            "--endpoints",
+            &Self::endpoint(),
+            "get",
+            &key,
+            "--print-value-only",
+        ]);
+        (!out.is_empty()).then(|| out.trim_end_matches('\n').to_string())
+    }
+
+    pub fn wait_status(
+        &self,
+        suffix: &str,
+        timeout: Duration,
+        ok: impl Fn(&str) -> bool,
+    ) -> String {
+        wait_for(
+            &format!("/updated/{NODE}/{suffix} to match"),
+            timeout,
+            || self.status(suffix).filter(|v| ok(v)),
+        )
+    }
+
+    /// Write the double's control file atomically.
+    pub fn control(&self, json: &str) {
+        let tmp = self.path("control.json.tmp");
+        std::fs::write(&tmp, json).expect("write control");
+        std::fs::rename(&tmp, self.path("control.json")).expect("rename control");
+    }
+
+    /// What the HTTP server answers on `path` from now on.
+    pub fn serve(&self, path: &str, body: &str) {
+        self.routes
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), body.to_string());
+    }
+
+    /// meduza's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("meduza.log")).unwrap_or_default()
+    }
+
+    /// Start `meduza run` in the gateway namespace, with `extra_env` on top of the
+    /// test environment.
+    pub fn start_meduza(&mut self, extra_env: &[(&str, &str)]) {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let bin = self.path("bin");
+        std::fs::create_dir_all(&bin).expect("bin dir");
+        // The supervisor gives children a clean environment: the double's knobs go
+        // through a wrapper that execs it (same pid).
+        let wrapper = bin.join("mihomo");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexport FAKE_MIHOMO_CONTROL='{}'\nexport FAKE_MIHOMO_OUTBOUND_BIND={PROXY_OUT}\nexec /usr/bin/python3 '{}' \"$@\"\n",
+                self.path("control.json").display(),
+                repo.join("tests/doubles/fake_mihomo.py").display()
+            ),
+        )
+        .expect("wrapper");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let log = std::fs::File::create(self.path("meduza.log")).expect("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meduza"));
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "meduza=debug")
+            .env("NO_COLOR", "1")
+            .env("NODE_ID", NODE)
+            .env("ETCD_ENDPOINTS", Self::endpoint())
+            .env("MEDUZA_ROOT", self.path("root"))
+            .env("MEDUZA_STATE_DIR", self.path("state"))
+            .env("MEDUZA_DNS_LISTEN", "127.0.0.1:53")
+            .env("MEDUZA_API_LISTEN", "127.0.0.1:9100")
+            .env("MEDUZA_DATAPLANE", "nft")
+            .env("MEDUZA_LEASE_TTL", "5")
+            .env("MEDUZA_BIN_MIHOMO", &wrapper)
+            .env(
+                "MEDUZA_BIN_MOSDNS",
+                repo.join("tests/doubles/fake_mosdns.py"),
+            )
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.meduza = Some(spawn_in(&self.topo.gw, cmd));
+    }
+
+    /// Pid of the double whose command line names `script` and our temp dir.
+    pub fn pid_of(&self, script: &str) -> Option<i32> {
+        let marker = self.dir.path().display().to_string();
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if cmdline.contains(script) && cmdline.contains(&marker) {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    /// `nft list table inet meduza` succeeds in the gateway namespace.
+    pub fn table_present(&self) -> bool {
+        self.topo
+            .gw
+            .try_exec(&["nft", "list", "table", "inet", "meduza"])
+    }
+
+    /// Time from `start` until the table's presence equals `want`, polling `nft` every
+    /// 10 ms from a thread inside the gateway namespace.
+    pub fn time_until_table(&self, start: Instant, want: bool, timeout: Duration) -> Duration {
+        self.topo.gw.run_in(move || loop {
+            let tick = Instant::now();
+            let present = Command::new("nft")
+                .args(["list", "table", "inet", "meduza"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if present == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "table inet meduza present={present} still after {timeout:?}"
+            );
+            if let Some(rest) = Duration::from_millis(10).checked_sub(tick.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        })
+    }
+
+    /// A TCP connection from the LAN client to the internet server's echo port; the
+    /// first line it gets back.
+    pub fn lan_connect(&self, v6: bool) -> String {
+        let dst = SocketAddr::new(Topology::server(v6), ECHO_PORT);
+        self.topo.lan.run_in(move || {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(3))
+                .unwrap_or_else(|e| panic!("LAN connect {dst}: {e}"));
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+            let mut buf = String::new();
+            let _ = s.read_to_string(&mut buf);
+            buf.lines().next().unwrap_or("").to_string()
+        })
+    }
+
+    /// LAN traffic reaches the server directly (IPv4 and IPv6).
+    pub fn assert_direct(&self, when: &str) {
+        assert_eq!(
+            self.lan_connect(false),
+            "server 192.168.50.2",
+            "{when} (IPv4)"
+        );
+        assert_eq!(self.lan_connect(true), "server fd00:50::2", "{when} (IPv6)");
+    }
+
+    /// LAN traffic lands on the double's TPROXY listener (IPv4 and IPv6).
+    pub fn assert_proxied(&self, when: &str) {
+        assert_eq!(
+            self.lan_connect(false),
+            format!("fake-mihomo tproxy 203.0.113.2:{ECHO_PORT}"),
+            "{when} (IPv4)"
+        );
+        assert_eq!(
+            self.lan_connect(true),
+            format!("fake-mihomo tproxy [2001:db8:1::2]:{ECHO_PORT}"),
+            "{when} (IPv6)"
+        );
+    }
+
+    /// Every request for `path` the HTTP server saw, oldest first.
+    pub fn requests(&self, path: &str) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == path)
+            .cloned()
+            .collect()
+    }
+
+    pub fn rule_requests(&self) -> Vec<Seen> {
+        self.requests("/rules/proxy.txt")
+    }
+
+    /// `dig` against MosDNS's listener in the gateway namespace.
+    pub fn mosdns_answer(&self, name: &str) -> String {
+        self.topo
+            .gw
+            .exec(&[
+                "dig",
+                "+short",
+                "+time=1",
+                "+tries=2",
+                "-p",
+                "1153",
+                "@127.0.0.1",
+                name,
+                "A",
+            ])
+            .trim()
+            .to_string()
+    }
+}
