@@ -185,7 +185,7 @@ fn summary(v: &FleetView) -> String {
         .join("\n")
 }
 
-fn row<'a>(v: &'a FleetView, i: usize) -> &'a NodeRow {
+fn row(v: &FleetView, i: usize) -> &NodeRow {
     let id = format!("gw{i}");
     v.nodes
         .iter()
@@ -292,7 +292,8 @@ fn three_gateways_available_dirty_unavailable_and_back() {
     let mut gws: Vec<Gateway> = (0..3)
         .map(|i| {
             let mut g = Gateway::new(&mesh, i, &etcd.endpoint);
-            g.env.push(("MEDUZA_API_LISTEN".into(), "0.0.0.0:9100".into()));
+            g.env
+                .push(("MEDUZA_API_LISTEN".into(), "0.0.0.0:9100".into()));
             g.env.push(("MEDUZA_LEASE_TTL".into(), "15".into()));
             g
         })
@@ -385,7 +386,9 @@ fn three_gateways_available_dirty_unavailable_and_back() {
     for i in 0..3 {
         assert!(!body.contains(&token(i)), "node token in the fleet JSON");
     }
-    let published = etcd.get("/fleet/status/gw0").expect("--publish wrote status");
+    let published = etcd
+        .get("/fleet/status/gw0")
+        .expect("--publish wrote status");
     assert!(published.contains("\"push\":\"available\""), "{published}");
 
     // (c) A commit only gw1 cannot apply.
@@ -467,7 +470,8 @@ fn three_gateways_available_dirty_unavailable_and_back() {
     let r0 = row(&v, 0);
     assert!(r0.last_error.is_some(), "the failed pull is explained");
     assert!(
-        r0.last_pull_ms.is_some_and(|t| t + PULL_THRESHOLD_MS < v.generated_ms),
+        r0.last_pull_ms
+            .is_some_and(|t| t + PULL_THRESHOLD_MS < v.generated_ms),
         "unavailable only past the threshold"
     );
     // The last successful pull was at most one period before the kill, so the

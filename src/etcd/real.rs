@@ -238,7 +238,9 @@ impl Kv for EtcdKv {
                 let txn = Txn::new().and_then(
                     ops.iter()
                         .map(|op| match op {
-                            WriteOp::Put { key, value } => TxnOp::put(key.as_str(), value.as_str(), None),
+                            WriteOp::Put { key, value } => {
+                                TxnOp::put(key.as_str(), value.as_str(), None)
+                            }
                             WriteOp::Delete { key } => TxnOp::delete(key.as_str(), None),
                         })
                         .collect::<Vec<_>>(),

@@ -261,7 +261,9 @@ pub async fn fleet_cli(args: FleetArgs, etcd: &EtcdArgs) -> anyhow::Result<()> {
     // commands fail at once with the connection error.
     let kv = match args.cmd {
         FleetCmd::Serve { .. } => EtcdKv::new(config),
-        _ => EtcdKv::connect(config).await.context("connecting to etcd")?,
+        _ => EtcdKv::connect(config)
+            .await
+            .context("connecting to etcd")?,
     };
     let store = Arc::new(KvStore::new(Arc::new(kv)));
     match args.cmd {
