@@ -245,7 +245,7 @@ async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Resu
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Fleet(args) => {
-            meduza::fleet::fleet_cli(args).await?;
+            meduza::fleet::fleet_cli(args, &cli.etcd).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Supervise(args) => {

@@ -8,12 +8,10 @@ mod fake_node;
 mod fleet_etcd;
 
 use fake_node::*;
-use meduza::api::store::follow_key;
 use meduza::api::*;
 use meduza_generators::{Config, Snapshot};
 use reqwest::StatusCode;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 async fn dump(c: &mut etcd_client::Client, prefix: &str) -> BTreeMap<String, String> {
@@ -77,8 +75,8 @@ async fn upstream_crud_writes_design_keys_and_bumps_commit() {
         .unwrap();
     c.put("/commit", "1", None).await.unwrap();
 
-    let token = follow_key(c.clone(), "/nodes/n1/api/token".into());
-    let store = Arc::new(EtcdStore::new(c.clone()));
+    let token = etcd.follow("/nodes/n1/api/token").await;
+    let store = etcd.store();
     let state = ApiState::new("n1", token, FakeNode::new("n1"), store, fake_ifaces(1, 1));
     let api = RunningApi::start(
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),

@@ -10,7 +10,6 @@ mod fake_node;
 mod fleet_etcd;
 
 use fake_node::*;
-use meduza::api::store::follow_key;
 use meduza::api::*;
 use meduza::fleet::manager::{HttpNodeClient, Manager, ManagerConfig};
 use meduza::fleet::status::{PullStatus, PushStatus};
@@ -89,7 +88,7 @@ async fn fleet_page_in_headless_chromium() {
         .header()
         .unwrap()
         .revision();
-    let store = Arc::new(EtcdStore::new(c.clone()));
+    let store = etcd.store();
 
     let mut apis = Vec::new();
     for id in ["gw-berlin", "gw-lisbon"] {
@@ -98,7 +97,7 @@ async fn fleet_page_in_headless_chromium() {
             .unwrap();
         let state = ApiState::new(
             id,
-            follow_key(c.clone(), format!("/nodes/{id}/api/token")),
+            etcd.follow(&format!("/nodes/{id}/api/token")).await,
             FakeNode::new(id),
             store.clone(),
             fake_ifaces(7_340_032, 1_048_576),

@@ -15,7 +15,7 @@ pub mod types;
 pub mod upstreams;
 
 pub use stats::{FakeIfaces, IfaceCounter, IfaceCounters, ProcNetDev};
-pub use store::{ConfigStore, EtcdSettings, EtcdStore, MemStore, StoreError, WriteOp};
+pub use store::{ConfigStore, KvStore, MemStore, StoreError, WriteOp};
 pub use types::*;
 
 use axum::body::Bytes;
@@ -141,8 +141,8 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// `token` follows `/nodes/<node_id>/api/token` (see [`store::follow_key`]); while it
-    /// is `None` or empty every authenticated route answers 401.
+    /// `token` follows `/nodes/<node_id>/api/token` (the daemon sends it after every
+    /// reconcile pass); while it is `None` or empty every authenticated route answers 401.
     pub fn new(
         node_id: impl Into<String>,
         token: watch::Receiver<Option<String>>,

@@ -1,41 +1,21 @@
 //! Key-value access for the node API's upstream CRUD and for the fleet manager.
 //!
 //! Owns: the small [`ConfigStore`] trait (prefix reads, single puts, atomic write sets
-//! that bump `/commit`), an in-memory fake ([`MemStore`]), a real implementation on
-//! `etcd_client` ([`EtcdStore`]) and [`follow_key`], which keeps a `watch` channel equal
-//! to one etcd key (the API token follows `/nodes/<id>/api/token` live).
-//! Must not: interpret keys — callers build and parse them.
+//! that bump `/commit`), an in-memory fake ([`MemStore`]) and the real implementation
+//! [`KvStore`] on the etcd layer's [`Kv`] (so TLS, user/password, timeouts and
+//! re-authentication are `crate::etcd`'s, configured by the global `--etcd-*` flags).
+//! Must not: interpret keys (callers build and parse them) or open its own etcd
+//! connection.
 
+use crate::etcd::Kv;
 use futures::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::watch;
-use tracing::{debug, warn};
+
+pub use crate::etcd::{EtcdError as StoreError, WriteOp};
 
 /// The key whose change makes every node reconcile (DESIGN §5).
-pub const COMMIT_KEY: &str = "/commit";
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("etcd {op} {key}: {reason}")]
-    Etcd {
-        op: &'static str,
-        key: String,
-        reason: String,
-    },
-    #[error("etcd connect {endpoints}: {reason}")]
-    Connect { endpoints: String, reason: String },
-    #[error("reading {path}: {reason}")]
-    File { path: String, reason: String },
-}
-
-/// One operation of an atomic write.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriteOp {
-    Put { key: String, value: String },
-    Delete { key: String },
-}
+pub const COMMIT_KEY: &str = crate::etcd::COMMIT_KEY;
 
 /// A value with the revision that last modified it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,8 +36,8 @@ pub trait ConfigStore: Send + Sync + 'static {
     fn put(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StoreError>>;
     fn delete_prefix(&self, prefix: &str) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Apply `ops` and put `/commit` (the current unix time, as an operator would) in one
-    /// transaction, so the reconcilers never see half an edit. Returns the new `/commit`
-    /// mod revision.
+    /// transaction, so the reconcilers never see half an edit. Returns the store
+    /// revision of that transaction, which is `/commit`'s new mod revision.
     fn write_and_commit(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<i64, StoreError>>;
     /// Put `/commit` alone.
     fn bump_commit(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
@@ -66,11 +46,7 @@ pub trait ConfigStore: Send + Sync + 'static {
 }
 
 fn commit_value() -> String {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        .to_string()
+    crate::etcd::status::unix_now().to_string()
 }
 
 /// In-memory store with etcd's revision semantics (one revision per write or
@@ -118,10 +94,9 @@ impl MemStore {
     ) -> Result<std::sync::MutexGuard<'_, MemInner>, StoreError> {
         let g = self.lock();
         if g.failing {
-            return Err(StoreError::Etcd {
+            return Err(StoreError::Unavailable {
                 op,
                 key: key.to_string(),
-                reason: "store unavailable (fake)".into(),
             });
         }
         Ok(g)
@@ -204,252 +179,60 @@ impl ConfigStore for MemStore {
     }
 }
 
-/// How to reach etcd (DESIGN §2 `ETCD_*`).
-#[derive(Debug, Clone, Default)]
-pub struct EtcdSettings {
-    pub endpoints: Vec<String>,
-    pub user: Option<(String, String)>,
-    pub ca: Option<String>,
-    pub cert_key: Option<(String, String)>,
-}
-
-impl EtcdSettings {
-    /// From `ETCD_ENDPOINTS` (default `http://127.0.0.1:2379`), `ETCD_USER`/`ETCD_PASS`,
-    /// `ETCD_CA`, `ETCD_CERT`/`ETCD_KEY`.
-    pub fn from_env() -> Self {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        Self {
-            endpoints: var("ETCD_ENDPOINTS")
-                .unwrap_or_else(|| "http://127.0.0.1:2379".into())
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect(),
-            user: var("ETCD_USER").zip(var("ETCD_PASS")),
-            ca: var("ETCD_CA"),
-            cert_key: var("ETCD_CERT").zip(var("ETCD_KEY")),
-        }
-    }
-}
-
-/// [`ConfigStore`] on a real etcd.
+/// [`ConfigStore`] on the etcd layer ([`crate::etcd::EtcdKv`] in the daemon and the
+/// CLI, [`crate::etcd::MemKv`] in tests).
 #[derive(Clone)]
-pub struct EtcdStore {
-    client: etcd_client::Client,
+pub struct KvStore {
+    pub kv: Arc<dyn Kv>,
 }
 
-impl std::fmt::Debug for EtcdStore {
+impl std::fmt::Debug for KvStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EtcdStore")
+        f.write_str("KvStore")
     }
 }
 
-fn read_file(path: &str) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path).map_err(|e| StoreError::File {
-        path: path.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-impl EtcdStore {
-    pub fn new(client: etcd_client::Client) -> Self {
-        Self { client }
-    }
-
-    pub async fn connect(s: &EtcdSettings) -> Result<Self, StoreError> {
-        let mut opts = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(10));
-        if let Some((u, p)) = &s.user {
-            opts = opts.with_user(u.clone(), p.clone());
-        }
-        if s.ca.is_some() || s.cert_key.is_some() {
-            let mut tls = etcd_client::TlsOptions::new();
-            if let Some(ca) = &s.ca {
-                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read_file(ca)?));
-            }
-            if let Some((c, k)) = &s.cert_key {
-                tls = tls.identity(etcd_client::Identity::from_pem(
-                    read_file(c)?,
-                    read_file(k)?,
-                ));
-            }
-            opts = opts.with_tls(tls);
-        }
-        let client = etcd_client::Client::connect(&s.endpoints, Some(opts))
-            .await
-            .map_err(|e| StoreError::Connect {
-                endpoints: s.endpoints.join(","),
-                reason: e.to_string(),
-            })?;
-        Ok(Self { client })
-    }
-
-    pub fn client(&self) -> etcd_client::Client {
-        self.client.clone()
+impl KvStore {
+    pub fn new(kv: Arc<dyn Kv>) -> Self {
+        Self { kv }
     }
 }
 
-fn etcd_err(op: &'static str, key: &str, e: etcd_client::Error) -> StoreError {
-    StoreError::Etcd {
-        op,
-        key: key.to_string(),
-        reason: e.to_string(),
-    }
-}
-
-impl ConfigStore for EtcdStore {
+impl ConfigStore for KvStore {
     fn get_prefix(
         &self,
         prefix: &str,
     ) -> BoxFuture<'_, Result<BTreeMap<String, String>, StoreError>> {
         let prefix = prefix.to_string();
-        let mut c = self.client.clone();
-        Box::pin(async move {
-            let resp = c
-                .get(
-                    prefix.as_str(),
-                    Some(etcd_client::GetOptions::new().with_prefix()),
-                )
-                .await
-                .map_err(|e| etcd_err("get", &prefix, e))?;
-            Ok(resp
-                .kvs()
-                .iter()
-                .filter_map(|kv| {
-                    Some((
-                        kv.key_str().ok()?.to_string(),
-                        kv.value_str().ok()?.to_string(),
-                    ))
-                })
-                .collect())
-        })
+        Box::pin(async move { self.kv.get_prefix(&prefix).await.map(|(m, _)| m) })
     }
 
     fn get(&self, key: &str) -> BoxFuture<'_, Result<Option<Versioned>, StoreError>> {
         let key = key.to_string();
-        let mut c = self.client.clone();
         Box::pin(async move {
-            let resp = c
-                .get(key.as_str(), None)
-                .await
-                .map_err(|e| etcd_err("get", &key, e))?;
-            Ok(resp.kvs().first().and_then(|kv| {
-                Some(Versioned {
-                    value: kv.value_str().ok()?.to_string(),
-                    mod_revision: kv.mod_revision(),
-                })
+            Ok(self.kv.get(&key).await?.map(|e| Versioned {
+                value: e.value,
+                mod_revision: e.mod_revision,
             }))
         })
     }
 
     fn put(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let (key, value) = (key.to_string(), value.to_string());
-        let mut c = self.client.clone();
-        Box::pin(async move {
-            c.put(key.as_str(), value, None)
-                .await
-                .map_err(|e| etcd_err("put", &key, e))?;
-            Ok(())
-        })
+        Box::pin(async move { self.kv.put(&key, &value).await.map(|_| ()) })
     }
 
     fn delete_prefix(&self, prefix: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let prefix = prefix.to_string();
-        let mut c = self.client.clone();
-        Box::pin(async move {
-            c.delete(
-                prefix.as_str(),
-                Some(etcd_client::DeleteOptions::new().with_prefix()),
-            )
-            .await
-            .map_err(|e| etcd_err("delete", &prefix, e))?;
-            Ok(())
-        })
+        Box::pin(async move { self.kv.delete_prefix(&prefix).await.map(|_| ()) })
     }
 
-    fn write_and_commit(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<i64, StoreError>> {
-        let mut c = self.client.clone();
-        Box::pin(async move {
-            let mut txn_ops: Vec<etcd_client::TxnOp> = ops
-                .into_iter()
-                .map(|op| match op {
-                    WriteOp::Put { key, value } => etcd_client::TxnOp::put(key, value, None),
-                    WriteOp::Delete { key } => etcd_client::TxnOp::delete(key, None),
-                })
-                .collect();
-            txn_ops.push(etcd_client::TxnOp::put(COMMIT_KEY, commit_value(), None));
-            let resp = c
-                .txn(etcd_client::Txn::new().and_then(txn_ops))
-                .await
-                .map_err(|e| etcd_err("txn", COMMIT_KEY, e))?;
-            Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
-        })
-    }
-}
-
-/// A `watch` channel that follows one etcd key: `None` while it is absent. Survives etcd
-/// outages (keeps the last value, re-reads and re-watches with a 1 s → 30 s backoff).
-/// The task ends when every receiver is dropped.
-pub fn follow_key(client: etcd_client::Client, key: String) -> watch::Receiver<Option<String>> {
-    let (tx, rx) = watch::channel(None);
-    tokio::spawn(async move {
-        let mut backoff = Duration::from_secs(1);
-        loop {
-            match follow_once(client.clone(), &key, &tx).await {
-                Ok(()) => return, // every receiver dropped
-                Err(e) => {
-                    warn!(key = %key, error = %e, "key watch failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    if tx.is_closed() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    rx
-}
-
-async fn follow_once(
-    mut client: etcd_client::Client,
-    key: &str,
-    tx: &watch::Sender<Option<String>>,
-) -> Result<(), etcd_client::Error> {
-    let resp = client.get(key, None).await?;
-    let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
-    let value = resp
-        .kvs()
-        .first()
-        .and_then(|kv| kv.value_str().ok().map(str::to_string));
-    tx.send_replace(value);
-    let mut stream = client
-        .watch(
-            key,
-            Some(etcd_client::WatchOptions::new().with_start_revision(rev + 1)),
-        )
-        .await?;
-    loop {
-        tokio::select! {
-            _ = tx.closed() => return Ok(()),
-            msg = stream.message() => {
-                let Some(msg) = msg? else {
-                    return Err(etcd_client::Error::WatchError("watch stream ended".into()));
-                };
-                if msg.canceled() {
-                    return Err(etcd_client::Error::WatchError(msg.cancel_reason().to_string()));
-                }
-                for ev in msg.events() {
-                    let v = match ev.event_type() {
-                        etcd_client::EventType::Put => ev.kv().and_then(|kv| kv.value_str().ok().map(str::to_string)),
-                        etcd_client::EventType::Delete => None,
-                    };
-                    debug!(key = %key, present = v.is_some(), "followed key changed");
-                    tx.send_replace(v);
-                }
-            }
-        }
+    fn write_and_commit(&self, mut ops: Vec<WriteOp>) -> BoxFuture<'_, Result<i64, StoreError>> {
+        ops.push(WriteOp::Put {
+            key: COMMIT_KEY.to_string(),
+            value: commit_value(),
+        });
+        Box::pin(async move { self.kv.write_batch(&ops).await })
     }
 }
 

@@ -8,9 +8,7 @@ use crate::api::types::{
 };
 use crate::api::{ApiError, NodeView};
 use crate::dns::Health;
-use crate::etcd::Kv;
 use futures::future::BoxFuture;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub struct DaemonView {
@@ -253,111 +251,4 @@ impl NodeView for DaemonView {
 }
 
 /// `api::ConfigStore` over the daemon's etcd client.
-pub struct KvStore {
-    pub kv: Arc<dyn Kv>,
-}
-
-fn store_err(
-    op: &'static str,
-    key: &str,
-    e: crate::etcd::EtcdError,
-) -> crate::api::store::StoreError {
-    crate::api::store::StoreError::Etcd {
-        op,
-        key: key.to_string(),
-        reason: e.to_string(),
-    }
-}
-
-impl crate::api::store::ConfigStore for KvStore {
-    fn get_prefix(
-        &self,
-        prefix: &str,
-    ) -> BoxFuture<'_, Result<BTreeMap<String, String>, crate::api::store::StoreError>> {
-        let prefix = prefix.to_string();
-        Box::pin(async move {
-            self.kv
-                .get_prefix(&prefix)
-                .await
-                .map(|(m, _)| m)
-                .map_err(|e| store_err("get", &prefix, e))
-        })
-    }
-
-    fn get(
-        &self,
-        key: &str,
-    ) -> BoxFuture<'_, Result<Option<crate::api::store::Versioned>, crate::api::store::StoreError>>
-    {
-        let key = key.to_string();
-        Box::pin(async move {
-            let e = self
-                .kv
-                .get(&key)
-                .await
-                .map_err(|e| store_err("get", &key, e))?;
-            Ok(e.map(|e| crate::api::store::Versioned {
-                value: e.value,
-                mod_revision: e.mod_revision,
-            }))
-        })
-    }
-
-    fn put(
-        &self,
-        key: &str,
-        value: &str,
-    ) -> BoxFuture<'_, Result<(), crate::api::store::StoreError>> {
-        let (key, value) = (key.to_string(), value.to_string());
-        Box::pin(async move {
-            self.kv
-                .put(&key, &value)
-                .await
-                .map(|_| ())
-                .map_err(|e| store_err("put", &key, e))
-        })
-    }
-
-    fn delete_prefix(
-        &self,
-        prefix: &str,
-    ) -> BoxFuture<'_, Result<(), crate::api::store::StoreError>> {
-        let prefix = prefix.to_string();
-        Box::pin(async move {
-            self.kv
-                .delete_prefix(&prefix)
-                .await
-                .map(|_| ())
-                .map_err(|e| store_err("delete", &prefix, e))
-        })
-    }
-
-    fn write_and_commit(
-        &self,
-        ops: Vec<crate::api::store::WriteOp>,
-    ) -> BoxFuture<'_, Result<i64, crate::api::store::StoreError>> {
-        Box::pin(async move {
-            for op in ops {
-                match op {
-                    crate::api::store::WriteOp::Put { key, value } => {
-                        self.kv
-                            .put(&key, &value)
-                            .await
-                            .map_err(|e| store_err("put", &key, e))?;
-                    }
-                    crate::api::store::WriteOp::Delete { key } => {
-                        self.kv
-                            .delete(&key)
-                            .await
-                            .map_err(|e| store_err("delete", &key, e))?;
-                    }
-                }
-            }
-            let ts = crate::reconcile::unix_now().to_string();
-            self.kv
-                .put("/commit", &ts)
-                .await
-                .map_err(|e| store_err("put", "/commit", e))
-        })
-    }
-}
+pub use crate::api::KvStore;

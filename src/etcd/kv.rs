@@ -52,6 +52,22 @@ pub enum EventKind {
     Delete,
 }
 
+/// One write of an atomic batch ([`Kv::write_batch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    Put { key: String, value: String },
+    Delete { key: String },
+}
+
+impl WriteOp {
+    /// The key written, for messages.
+    pub fn key(&self) -> &str {
+        match self {
+            WriteOp::Put { key, .. } | WriteOp::Delete { key } => key,
+        }
+    }
+}
+
 /// One change of one key, as a watch delivers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvEvent {
@@ -114,6 +130,10 @@ pub trait Kv: Send + Sync {
 
     /// Writes a key only when its value differs (one transaction); true if written.
     async fn put_if_changed(&self, key: &str, value: &str) -> Result<bool, EtcdError>;
+
+    /// Applies puts and deletes in one transaction (one revision, all or nothing);
+    /// returns the new store revision. etcd refuses a key written twice in one batch.
+    async fn write_batch(&self, ops: &[WriteOp]) -> Result<i64, EtcdError>;
 
     /// Deletes a key; returns how many keys were deleted (0 or 1).
     async fn delete(&self, key: &str) -> Result<i64, EtcdError>;

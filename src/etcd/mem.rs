@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::kv::{EventKind, KeyRange, Kv, KvEntry, KvEvent, WatchConn, WatchMsg};
+use super::kv::{EventKind, KeyRange, Kv, KvEntry, KvEvent, WatchConn, WatchMsg, WriteOp};
 use super::EtcdError;
 
 type Feed = mpsc::UnboundedSender<Result<WatchMsg, EtcdError>>;
@@ -90,10 +90,9 @@ impl State {
         });
     }
 
-    fn put(&mut self, key: &str, value: &str, lease: i64) -> i64 {
-        self.revision += 1;
+    /// Sets `key` at the already allocated revision `rev`; returns its event.
+    fn set(&mut self, key: &str, value: &str, lease: i64, rev: i64) -> KvEvent {
         self.puts += 1;
-        let rev = self.revision;
         let e = self.kvs.entry(key.to_owned()).or_insert_with(|| KvEntry {
             key: key.to_owned(),
             value: String::new(),
@@ -114,12 +113,33 @@ impl State {
         if lease != 0 {
             self.leases.entry(lease).or_default().insert(key.to_owned());
         }
-        self.commit(vec![KvEvent {
+        KvEvent {
             kind: EventKind::Put,
             key: key.to_owned(),
             value: value.to_owned(),
             mod_revision: rev,
-        }]);
+        }
+    }
+
+    /// Removes `key` at the already allocated revision `rev`; its event if it existed.
+    fn unset(&mut self, key: &str, rev: i64) -> Option<KvEvent> {
+        let e = self.kvs.remove(key)?;
+        if let Some(lk) = self.leases.get_mut(&e.lease) {
+            lk.remove(key);
+        }
+        Some(KvEvent {
+            kind: EventKind::Delete,
+            key: key.to_owned(),
+            value: String::new(),
+            mod_revision: rev,
+        })
+    }
+
+    fn put(&mut self, key: &str, value: &str, lease: i64) -> i64 {
+        self.revision += 1;
+        let rev = self.revision;
+        let ev = self.set(key, value, lease, rev);
+        self.commit(vec![ev]);
         rev
     }
 
@@ -129,23 +149,25 @@ impl State {
         }
         self.revision += 1;
         let rev = self.revision;
-        let mut events = Vec::new();
-        for k in &keys {
-            if let Some(e) = self.kvs.remove(k) {
-                if let Some(lk) = self.leases.get_mut(&e.lease) {
-                    lk.remove(k);
-                }
-                events.push(KvEvent {
-                    kind: EventKind::Delete,
-                    key: k.clone(),
-                    value: String::new(),
-                    mod_revision: rev,
-                });
-            }
-        }
+        let events: Vec<KvEvent> = keys.iter().filter_map(|k| self.unset(k, rev)).collect();
         let n = events.len() as i64;
         self.commit(events);
         n
+    }
+
+    /// Every write of `ops` at one new revision, delivered as one watch response.
+    fn write_batch(&mut self, ops: &[WriteOp]) -> i64 {
+        self.revision += 1;
+        let rev = self.revision;
+        let mut events = Vec::new();
+        for op in ops {
+            match op {
+                WriteOp::Put { key, value } => events.push(self.set(key, value, 0, rev)),
+                WriteOp::Delete { key } => events.extend(self.unset(key, rev)),
+            }
+        }
+        self.commit(events);
+        rev
     }
 
     fn keys_in(&self, range: &KeyRange) -> Vec<String> {
@@ -334,6 +356,12 @@ impl Kv for MemKv {
         }
         s.put(key, value, 0);
         Ok(true)
+    }
+
+    async fn write_batch(&self, ops: &[WriteOp]) -> Result<i64, EtcdError> {
+        let mut s = self.lock();
+        s.check_up("txn", ops.first().map(WriteOp::key).unwrap_or_default())?;
+        Ok(s.write_batch(ops))
     }
 
     async fn delete(&self, key: &str) -> Result<i64, EtcdError> {
@@ -529,6 +557,46 @@ mod tests {
         assert_eq!(m.len(), 2);
         assert_eq!(kv.delete_prefix("/").await.unwrap(), 2);
         assert_eq!(kv.revision(), 6, "one delete-range is one revision");
+    }
+
+    #[tokio::test]
+    async fn a_write_batch_is_one_revision_and_one_watch_response() {
+        let kv = MemKv::with_keys([("/x", "old")]);
+        let mut w = kv.watch(&[KeyRange::Prefix("/".into())], 0).await.unwrap();
+        assert!(w.next().await.unwrap().unwrap().created);
+        let rev = kv
+            .write_batch(&[
+                WriteOp::Put {
+                    key: "/a".into(),
+                    value: "1".into(),
+                },
+                WriteOp::Delete { key: "/x".into() },
+                WriteOp::Delete {
+                    key: "/absent".into(),
+                },
+                WriteOp::Put {
+                    key: "/commit".into(),
+                    value: "c".into(),
+                },
+            ])
+            .await
+            .unwrap();
+        assert_eq!(rev, kv.revision());
+        assert_eq!(kv.get("/a").await.unwrap().unwrap().mod_revision, rev);
+        assert_eq!(kv.get("/commit").await.unwrap().unwrap().mod_revision, rev);
+        assert!(kv.get("/x").await.unwrap().is_none());
+        let m = w.next().await.unwrap().unwrap();
+        let keys: Vec<_> = m.events.iter().map(|e| (e.kind, e.key.as_str())).collect();
+        assert_eq!(
+            keys,
+            [
+                (EventKind::Put, "/a"),
+                (EventKind::Delete, "/x"),
+                (EventKind::Put, "/commit")
+            ]
+        );
+        kv.set_down(true);
+        assert!(kv.write_batch(&[]).await.is_err());
     }
 
     #[tokio::test]

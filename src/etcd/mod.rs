@@ -25,7 +25,7 @@ mod watch;
 pub use cli::{run_command, EtcdCommand};
 pub use config::{EtcdArgs, EtcdConfig, EtcdTimeouts};
 pub use error::{is_auth_error, EtcdError};
-pub use kv::{EventKind, KeyRange, Kv, KvEntry, KvEvent, WatchConn, WatchMsg};
+pub use kv::{EventKind, KeyRange, Kv, KvEntry, KvEvent, WatchConn, WatchMsg, WriteOp};
 pub use mem::MemKv;
 pub use real::EtcdKv;
 pub use snapshot::{dump_snapshot, load_config, load_snapshot, SNAPSHOT_PREFIXES};

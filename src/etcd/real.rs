@@ -16,7 +16,7 @@ use etcd_client::{
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
-use super::kv::{EventKind, KeyRange, Kv, KvEntry, KvEvent, WatchConn, WatchMsg};
+use super::kv::{EventKind, KeyRange, Kv, KvEntry, KvEvent, WatchConn, WatchMsg, WriteOp};
 use super::{EtcdConfig, EtcdError};
 
 /// The real etcd, behind the [`Kv`] trait.
@@ -229,6 +229,26 @@ impl Kv for EtcdKv {
             })
             .await?;
         Ok(!resp.succeeded())
+    }
+
+    async fn write_batch(&self, ops: &[WriteOp]) -> Result<i64, EtcdError> {
+        let key = ops.first().map(WriteOp::key).unwrap_or_default();
+        let resp = self
+            .call("txn", key, |mut c| {
+                let txn = Txn::new().and_then(
+                    ops.iter()
+                        .map(|op| match op {
+                            WriteOp::Put { key, value } => {
+                                TxnOp::put(key.as_str(), value.as_str(), None)
+                            }
+                            WriteOp::Delete { key } => TxnOp::delete(key.as_str(), None),
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
     }
 
     async fn delete(&self, key: &str) -> Result<i64, EtcdError> {

@@ -461,35 +461,43 @@ impl Manager {
                 (id, r)
             }
         });
-        let results = futures::future::join_all(pulls).await;
-        let view = {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            for (id, r) in results {
-                let Some(s) = st.get_mut(&id) else { continue };
-                s.last_attempt_ms = Some(now_ms);
-                match r {
-                    Ok(o) => {
-                        debug!(node = %id, route = ?o.route, "stats pulled");
-                        s.last_pull = Some((now_ms, o.route));
-                        s.last_error = None;
-                        s.usage = s.usage.add_sample(usage_total(&o.stats));
-                        match o.status {
-                            Ok(ns) => s.status = Some(ns),
-                            Err(e) => s.last_error = Some(format!("status: {e}")),
-                        }
-                        match o.failover_log {
-                            Ok(l) => s.failover_log = l,
-                            Err(e) => s.last_error = Some(format!("failover log: {e}")),
-                        }
-                    }
-                    Err(e) => {
-                        debug!(node = %id, error = %e, "stats pull failed");
-                        s.last_error = Some(e);
-                    }
-                }
-            }
+        // The view is published at the start of the round (the registry: online,
+        // applied, errors) and again as each node's pull completes, so a node that
+        // times out does not hold back what is already known about the others.
+        let mut pulls: futures::stream::FuturesUnordered<_> = pulls.collect();
+        let mut view = {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             self.build_view(&reg, &st, now_ms)
         };
+        self.view.send_replace(view.clone());
+        while let Some((id, r)) = futures::StreamExt::next(&mut pulls).await {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(s) = st.get_mut(&id) else { continue };
+            s.last_attempt_ms = Some(now_ms);
+            match r {
+                Ok(o) => {
+                    debug!(node = %id, route = ?o.route, "stats pulled");
+                    s.last_pull = Some((now_ms, o.route));
+                    s.last_error = None;
+                    s.usage = s.usage.add_sample(usage_total(&o.stats));
+                    match o.status {
+                        Ok(ns) => s.status = Some(ns),
+                        Err(e) => s.last_error = Some(format!("status: {e}")),
+                    }
+                    match o.failover_log {
+                        Ok(l) => s.failover_log = l,
+                        Err(e) => s.last_error = Some(format!("failover log: {e}")),
+                    }
+                }
+                Err(e) => {
+                    debug!(node = %id, error = %e, "stats pull failed");
+                    s.last_error = Some(e);
+                }
+            }
+            view = self.build_view(&reg, &st, now_ms);
+            drop(st);
+            self.view.send_replace(view.clone());
+        }
         if self.cfg.publish {
             for row in &view.nodes {
                 let usage = self
@@ -519,7 +527,6 @@ impl Manager {
                 }
             }
         }
-        self.view.send_replace(view.clone());
         Ok(view)
     }
 
@@ -603,6 +610,8 @@ mod tests {
     struct FakeClient {
         bodies: Mutex<HashMap<String, String>>,
         proxy_only: Mutex<Vec<String>>,
+        /// URLs with these prefixes never answer (a node behind a dropping firewall).
+        stalled: Mutex<Vec<String>>,
         calls: Mutex<Vec<(String, Option<String>, bool)>>,
     }
 
@@ -625,7 +634,16 @@ mod tests {
                     .iter()
                     .any(|p| url.starts_with(p));
             let body = self.bodies.lock().unwrap().get(&url).cloned();
+            let stalled = self
+                .stalled
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|p| url.starts_with(p));
             Box::pin(async move {
+                if stalled {
+                    futures::future::pending::<()>().await;
+                }
                 match (blocked, body) {
                     (false, Some(b)) => Ok(b.into_bytes()),
                     _ => Err(PullError::Transport {
@@ -756,5 +774,41 @@ mod tests {
         let json = serde_json::to_string(&v).unwrap();
         assert!(!json.contains("tok-"), "{json}");
         assert!(!json.contains("leak"), "{json}");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_node_does_not_hold_back_the_others() {
+        let store = MemStore::new();
+        let commit = store.bump_commit().await.unwrap();
+        seed(&store, "fast", Some(commit), "[]").await;
+        seed(&store, "slow", Some(commit), "[]").await;
+        let client = Arc::new(FakeClient::default());
+        answer(&client, "fast", 10);
+        client
+            .stalled
+            .lock()
+            .unwrap()
+            .push("http://slow:9100".into());
+        let m = Arc::new(Manager::new(
+            Arc::new(store),
+            client,
+            ManagerConfig::default(),
+        ));
+        let mut rx = m.subscribe();
+        let m2 = m.clone();
+        let round = tokio::spawn(async move { m2.round(1_800_000_000_000).await });
+        let v = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|v| v.nodes.iter().any(|n| n.last_pull_ms.is_some())),
+        )
+        .await
+        .expect("the fast node's pull is published while the slow one hangs")
+        .unwrap()
+        .clone();
+        assert!(!round.is_finished());
+        let by: BTreeMap<&str, &NodeRow> = v.nodes.iter().map(|r| (r.id.as_str(), r)).collect();
+        assert_eq!(by["fast"].pull, PullStatus::Available);
+        assert_eq!(by["slow"].pull, PullStatus::Pending);
+        round.abort();
     }
 }

@@ -10,7 +10,8 @@ pub mod manager;
 pub mod status;
 pub mod web;
 
-use crate::api::{ConfigStore, EtcdSettings, EtcdStore, StoreError};
+use crate::api::{ConfigStore, KvStore, StoreError};
+use crate::etcd::{EtcdArgs, EtcdConfig, EtcdKv};
 use anyhow::Context as _;
 use manager::{now_ms, FleetView, HttpNodeClient, Manager, ManagerConfig};
 use std::future::Future;
@@ -35,12 +36,9 @@ pub enum FleetError {
     Listen { addr: String, reason: String },
 }
 
-/// `meduza fleet ...`
+/// `meduza fleet ...` (etcd comes from the global `--etcd-*` flags / `ETCD_*`).
 #[derive(Debug, clap::Args)]
 pub struct FleetArgs {
-    /// etcd endpoints, comma-separated (else `ETCD_ENDPOINTS`, else http://127.0.0.1:2379).
-    #[arg(long, global = true)]
-    pub etcd: Option<String>,
     #[command(subcommand)]
     pub cmd: FleetCmd,
 }
@@ -256,21 +254,18 @@ async fn shutdown_signal() {
     }
 }
 
-/// Run one `meduza fleet` subcommand.
-pub async fn fleet_cli(args: FleetArgs) -> anyhow::Result<()> {
-    let mut settings = EtcdSettings::from_env();
-    if let Some(e) = &args.etcd {
-        settings.endpoints = e
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-    }
-    let store = Arc::new(
-        EtcdStore::connect(&settings)
+/// Run one `meduza fleet` subcommand against the etcd of the global `--etcd-*` flags.
+pub async fn fleet_cli(args: FleetArgs, etcd: &EtcdArgs) -> anyhow::Result<()> {
+    let config = EtcdConfig::from_args(etcd)?;
+    // `serve` starts even while etcd is down (each round retries); the one-shot
+    // commands fail at once with the connection error.
+    let kv = match args.cmd {
+        FleetCmd::Serve { .. } => EtcdKv::new(config),
+        _ => EtcdKv::connect(config)
             .await
             .context("connecting to etcd")?,
-    );
+    };
+    let store = Arc::new(KvStore::new(Arc::new(kv)));
     match args.cmd {
         FleetCmd::AddNode { id, api_url } => {
             let has_token = add_node(&*store, &id, &api_url).await?;

@@ -1,12 +1,18 @@
 //! Minimal real-etcd harness for the api_* and fleet_* tests: Debian's `etcd` on free
-//! loopback ports with a temporary data dir, killed on drop. A missing `etcd` binary
-//! fails the test (scripts/test installs etcd-server).
+//! loopback ports with a temporary data dir, killed on drop, plus the node API's store
+//! on it (through `meduza::etcd`) and a follower of one key (what the daemon does for
+//! the API token after each reconcile pass). A missing `etcd` binary fails the test
+//! (scripts/test installs etcd-server).
 
 #![allow(dead_code)]
 
+use meduza::api::KvStore;
+use meduza::etcd::{EtcdConfig, EtcdKv};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 pub struct Etcd {
     child: Child,
@@ -76,6 +82,53 @@ impl Etcd {
         etcd_client::Client::connect([self.endpoint.as_str()], None)
             .await
             .expect("connect to test etcd")
+    }
+
+    /// The `ConfigStore` the daemon and `meduza fleet` use, on this etcd.
+    pub fn store(&self) -> Arc<KvStore> {
+        let cfg = EtcdConfig::build(&self.endpoint, None, None, None, None, None)
+            .expect("etcd config of the test endpoint");
+        Arc::new(KvStore::new(Arc::new(EtcdKv::new(cfg))))
+    }
+
+    /// A channel equal to `key` (`None` while absent), updated from a watch until
+    /// every receiver is dropped.
+    pub async fn follow(&self, key: &str) -> watch::Receiver<Option<String>> {
+        let mut c = self.client().await;
+        let resp = c.get(key, None).await.expect("get followed key");
+        let rev = resp.header().expect("header").revision();
+        let first = resp
+            .kvs()
+            .first()
+            .map(|kv| kv.value_str().expect("utf-8 value").to_string());
+        let (tx, rx) = watch::channel(first);
+        let mut stream = c
+            .watch(
+                key,
+                Some(etcd_client::WatchOptions::new().with_start_revision(rev + 1)),
+            )
+            .await
+            .expect("watch followed key");
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    msg = stream.message() => {
+                        let Ok(Some(msg)) = msg else { return };
+                        for ev in msg.events() {
+                            let v = match ev.event_type() {
+                                etcd_client::EventType::Put => ev
+                                    .kv()
+                                    .and_then(|kv| kv.value_str().ok().map(str::to_string)),
+                                etcd_client::EventType::Delete => None,
+                            };
+                            tx.send_replace(v);
+                        }
+                    }
+                }
+            }
+        });
+        rx
     }
 }
 

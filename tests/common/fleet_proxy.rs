@@ -1,50 +1,91 @@
-//! Test doubles for the network between the fleet manager and nodes:
-//! - [`Proxy`]: a tiny HTTP forward proxy (absolute-form requests and CONNECT) whose
-//!   outgoing connections come from 127.0.0.3;
-//! - [`FirewalledListener`]: a listener that drops every connection whose source is not
-//!   the allowed address — a stand-in for a firewall that admits only the proxy host,
-//!   so a node behind it is reachable through the proxy and not directly.
+//! A tiny HTTP forward proxy (absolute-form requests and CONNECT) for the fleet tests,
+//! run inside a network namespace: the "bastion" through which the fleet manager
+//! reaches a node it cannot reach directly (`/fleet/proxy`). It runs on its own thread
+//! with a current-thread tokio runtime after `setns(2)`, so every socket it opens,
+//! listening and outgoing, belongs to that namespace. Stopped and joined on drop.
 
 #![allow(dead_code)]
 
-use std::net::{IpAddr, SocketAddr};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
-pub const PROXY_SOURCE: &str = "127.0.0.3";
-
-pub struct Proxy {
+pub struct NsProxy {
     pub addr: SocketAddr,
-    pub requests: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
+    requests: Arc<AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Proxy {
-    pub async fn start() -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
+impl NsProxy {
+    /// Listen on `addr` inside the namespace `ns` (`/var/run/netns/<ns>`).
+    pub fn start(ns: &str, addr: SocketAddr) -> NsProxy {
+        let path = format!("/var/run/netns/{ns}");
         let requests = Arc::new(AtomicUsize::new(0));
         let n = requests.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                let n = n.clone();
-                tokio::spawn(async move {
-                    let _ = handle(s, n).await;
-                });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: setns(2) on a valid, open namespace fd changes only this thread's
+            // network namespace; no memory is shared with the kernel.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                let _ = ready_tx.send(Err(format!(
+                    "setns {path}: {}",
+                    std::io::Error::last_os_error()
+                )));
+                return;
             }
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let l = match TcpListener::bind(addr).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("bind {addr}: {e}")));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let accept = async {
+                    loop {
+                        if let Ok((s, _)) = l.accept().await {
+                            let n = n.clone();
+                            tokio::spawn(async move {
+                                let _ = handle(s, n).await;
+                            });
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = stop_rx => {}
+                    _ = accept => {}
+                }
+            });
         });
-        Proxy {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("proxy in {ns}: {e}"),
+            Err(_) => panic!("proxy thread in {ns} died before listening"),
+        }
+        NsProxy {
             addr,
             requests,
-            task,
+            stop: Some(stop_tx),
+            thread: Some(thread),
         }
     }
 
@@ -52,19 +93,21 @@ impl Proxy {
         format!("http://{}", self.addr)
     }
 
+    /// Requests served so far.
     pub fn count(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
     }
 }
 
-async fn connect_from_proxy(target: &str) -> std::io::Result<TcpStream> {
-    let dest: SocketAddr = tokio::net::lookup_host(target)
-        .await?
-        .next()
-        .ok_or_else(|| std::io::Error::other("no address"))?;
-    let sock = TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(PROXY_SOURCE.parse().unwrap(), 0))?;
-    sock.connect(dest).await
+impl Drop for NsProxy {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 async fn handle(mut client: TcpStream, n: Arc<AtomicUsize>) -> std::io::Result<()> {
@@ -95,7 +138,7 @@ async fn handle(mut client: TcpStream, n: Arc<AtomicUsize>) -> std::io::Result<(
     );
     n.fetch_add(1, Ordering::SeqCst);
     if method == "CONNECT" {
-        let Ok(mut up) = connect_from_proxy(target).await else {
+        let Ok(mut up) = TcpStream::connect(target).await else {
             client
                 .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
                 .await?;
@@ -123,7 +166,7 @@ async fn handle(mut client: TcpStream, n: Arc<AtomicUsize>) -> std::io::Result<(
     } else {
         format!("{authority}:80")
     };
-    let Ok(mut up) = connect_from_proxy(&host_port).await else {
+    let Ok(mut up) = TcpStream::connect(host_port.as_str()).await else {
         client
             .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
             .await?;
@@ -144,32 +187,4 @@ async fn handle(mut client: TcpStream, n: Arc<AtomicUsize>) -> std::io::Result<(
     up.write_all(&rest).await?;
     tokio::io::copy_bidirectional(&mut client, &mut up).await?;
     Ok(())
-}
-
-/// Accepts only connections from `allowed`; others are closed at once.
-pub struct FirewalledListener {
-    pub inner: TcpListener,
-    pub allowed: IpAddr,
-    pub dropped: Arc<AtomicUsize>,
-}
-
-impl axum::serve::Listener for FirewalledListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            if let Ok((s, peer)) = self.inner.accept().await {
-                if peer.ip() == self.allowed {
-                    return (s, peer);
-                }
-                self.dropped.fetch_add(1, Ordering::SeqCst);
-                drop(s);
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
 }
