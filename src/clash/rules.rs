@@ -100,9 +100,20 @@ impl Backoff {
     }
 }
 
+/// What a [`Fetcher`] downloads, for the predecessor's log prefixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// MosDNS rule files (`[mosdns]`).
+    RuleFiles,
+    /// The Clash subscription (`[clash-refresh]`).
+    Subscription,
+}
+
 /// An HTTP fetcher with a retry policy and a per-attempt timeout.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
+    /// Which log prefix the download attempts carry.
+    pub purpose: Purpose,
     pub backoff: Backoff,
     pub timeout: Duration,
     pub user_agent: String,
@@ -111,6 +122,7 @@ pub struct Fetcher {
 impl Default for Fetcher {
     fn default() -> Self {
         Self {
+            purpose: Purpose::RuleFiles,
             backoff: Backoff::default(),
             timeout: Duration::from_secs(30),
             // Subscription services pick the Clash YAML format from a "clash" UA.
@@ -154,7 +166,14 @@ impl Fetcher {
             match fetch_once(&client, url).await {
                 Ok(body) => return Ok(body),
                 Err(reason) => {
-                    tracing::warn!(%url, %route, attempt, attempts, %reason, "[mosdns] download attempt failed");
+                    match self.purpose {
+                        Purpose::RuleFiles => {
+                            tracing::warn!(%url, %route, attempt, attempts, %reason, "[mosdns] download attempt failed")
+                        }
+                        Purpose::Subscription => {
+                            tracing::warn!(%url, %route, attempt, attempts, %reason, "[clash-refresh] download attempt failed")
+                        }
+                    }
                     last = reason;
                 }
             }

@@ -10,7 +10,7 @@ use crate::clash::monitor::{
     ClashHealthSink, ClashMonitor, GateError, HealthStatus, MonitorConfig, MonitorHandle, Phase,
     ProcessEvent, TproxyGate,
 };
-use crate::clash::rules::{self, Fetcher, Route, RuleFile, RulesError, RulesReport};
+use crate::clash::rules::{self, Fetcher, Purpose, Route, RuleFile, RulesError, RulesReport};
 use crate::clash::subscription::{
     refresh_loop, RefreshOutcome, ReloadTarget, SubscriptionStore, VerifyPolicy,
 };
@@ -480,7 +480,10 @@ impl ClashOrchestrator {
         info!(%url, interval_ms = interval.as_millis() as u64, "[clash-refresh] subscription refresh scheduled");
         let shared = Arc::clone(&self.shared);
         let task = tokio::spawn(refresh_loop(
-            Fetcher::default(),
+            Fetcher {
+                purpose: Purpose::Subscription,
+                ..Fetcher::default()
+            },
             store,
             url,
             interval,

@@ -86,17 +86,16 @@ pub fn config_mapping(cfg: &Config, node: &Node, secret: &str) -> Mapping {
         }
     }
     if let Some((name, url)) = subscription(cfg, node) {
+        // No `interval`: mihomo fetches the provider itself only when the file is
+        // missing (first start). The periodic refresh is meduza's own
+        // (`refresh/interval_minutes`): through the mixed port while mihomo is
+        // healthy, validated, the last good file kept on failure. An interval here
+        // would add a second, direct, unvalidated download that overwrites it.
         let mut provider = vec![
             ("type", s("http")),
             ("url", s(&url)),
             ("path", s(&provider_rel(&name))),
         ];
-        if node.clash.refresh_enable {
-            provider.push((
-                "interval",
-                Value::from(u64::from(node.clash.refresh_interval_minutes) * 60),
-            ));
-        }
         provider.push((
             "health-check",
             map(vec![
