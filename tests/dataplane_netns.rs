@@ -15,10 +15,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meduza::dataplane::nft::nfnl;
+use meduza::dataplane::nfnl;
 use meduza::dataplane::task::netlink_triggers;
 use meduza::dataplane::wireguard::{AutoWg, LinkOps, WgImpl, WgLinkStatus, WgManager};
-use meduza::dataplane::{spawn_task, ApplyReport, CliNft, Dataplane, NftChange, RtnlRouting};
+use meduza::dataplane::{spawn_task, ApplyReport, Dataplane, NetlinkNft, NftChange, RtnlRouting};
 use meduza_generators::plan::tproxy::TproxyPlan;
 use meduza_generators::plan::wireguard::{WgDevice, WgPeer};
 use netns::{Netns, Topology};
@@ -405,8 +405,8 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn real_dataplane() -> Dataplane<CliNft, RtnlRouting> {
-    Dataplane::new(CliNft::from_env(), RtnlRouting::new().unwrap())
+fn real_dataplane() -> Dataplane<NetlinkNft, RtnlRouting> {
+    Dataplane::new(NetlinkNft::from_env(), RtnlRouting::new().unwrap())
 }
 
 /// Apply twice inside the gateway: returns both reports and the nftables

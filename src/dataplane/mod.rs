@@ -13,6 +13,8 @@
 //! fake that models kernel state.
 
 pub mod cli;
+pub mod nfnl;
+pub mod nfnl_ruleset;
 pub mod nft;
 pub mod routing;
 pub mod ruleset;
@@ -27,7 +29,7 @@ use meduza_generators::plan::tproxy::TproxyPlan;
 use serde::Serialize;
 
 pub use cli::{cli, DataplaneArgs, DataplaneCmd};
-pub use nft::{CliNft, FakeNft, Nft};
+pub use nft::{FakeNft, NetlinkNft, Nft, Transaction};
 pub use routing::{FakeRouting, RouteItem, Routing, RoutingOp, RoutingSpec, RtnlRouting};
 pub use task::{spawn_task, ConvergeError, DataplaneHandle, TaskStatus};
 
@@ -53,6 +55,10 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("nf_tables transaction: {0}")]
+    NfTables(#[from] nfnl::NfnlError),
+    #[error("cannot encode the ruleset for netlink: {0}")]
+    Encode(#[from] nfnl_ruleset::EncodeError),
     #[error("rtnetlink: {op}: {detail}")]
     Rtnetlink { op: &'static str, detail: String },
     #[error("{var}={value}: expected `nft` or `off`")]
@@ -209,8 +215,8 @@ impl<N: Nft, R: Routing> Dataplane<N, R> {
             None => NftChange::Created,
         };
         match nft {
-            NftChange::Created => self.nft.apply(&ruleset::create_batch(&rs)).await?,
-            NftChange::Replaced => self.nft.apply(&ruleset::replace_batch(&rs)).await?,
+            NftChange::Created => self.nft.apply(Transaction::Create(&rs)).await?,
+            NftChange::Replaced => self.nft.apply(Transaction::Replace(&rs)).await?,
             _ => {}
         }
         let spec = routing_spec(plan);
@@ -243,7 +249,7 @@ impl<N: Nft, R: Routing> Dataplane<N, R> {
     pub async fn remove(&self) -> Result<ApplyReport, DataplaneError> {
         let present_table = self.nft.list_table().await?.is_some();
         let nft = if present_table {
-            self.nft.apply(&ruleset::delete_batch()).await?;
+            self.nft.apply(Transaction::Delete).await?;
             NftChange::Deleted
         } else {
             NftChange::Absent
@@ -331,7 +337,7 @@ impl<N: Nft, R: Routing> Dataplane<N, R> {
 /// The nftables edge chosen at runtime by `MEDUZA_DATAPLANE`.
 #[derive(Debug, Clone)]
 pub enum AnyNft {
-    Real(CliNft),
+    Real(NetlinkNft),
     /// `off`: the in-memory model, logging what it would apply.
     Off(FakeNft),
 }
@@ -343,13 +349,10 @@ impl Nft for AnyNft {
             AnyNft::Off(n) => n.list_table().await,
         }
     }
-    async fn apply(
-        &self,
-        batch: &nftables::schema::Nftables<'static>,
-    ) -> Result<(), DataplaneError> {
+    async fn apply(&self, tx: Transaction<'_>) -> Result<(), DataplaneError> {
         match self {
-            AnyNft::Real(n) => n.apply(batch).await,
-            AnyNft::Off(n) => n.apply(batch).await,
+            AnyNft::Real(n) => n.apply(tx).await,
+            AnyNft::Off(n) => n.apply(tx).await,
         }
     }
     async fn generation(&self) -> Result<u32, DataplaneError> {
@@ -417,7 +420,7 @@ impl SystemDataplane {
             ))
         } else {
             Ok(Dataplane::new(
-                AnyNft::Real(CliNft::from_env()),
+                AnyNft::Real(NetlinkNft::from_env()),
                 AnyRouting::Real(RtnlRouting::new()?),
             ))
         }

@@ -1,9 +1,11 @@
 //! The nftables ruleset of table `inet meduza`, as data.
 //!
-//! Owns: the pure translation `TproxyPlan → Ruleset`, its two renderings (the JSON
-//! batch `nft -j -f -` applies, and nft text for `show` and the benchmark anchor),
-//! and the comparison of an installed table (`nft -j list table inet meduza`) with
-//! the desired one. Must not: run `nft`, touch any other table, or read the clock.
+//! Owns: the pure translation `TproxyPlan → Ruleset`, its two renderings here (the
+//! libnftables JSON batch, which `FakeNft` models and the `off` mode logs, and nft
+//! text for `show`, the benchmark anchor and the netlink oracle test; the kernel
+//! receives the netlink encoding of `nfnl_ruleset`), and the comparison of an
+//! installed table (`nft -j list table inet meduza`) with the desired one. Must not:
+//! run `nft`, touch any other table, or read the clock.
 //!
 //! Every list of addresses becomes one named set (CIDR sets carry the `interval`
 //! flag), so 10,000 source CIDRs cost one set lookup, not 10,000 rules; the number of

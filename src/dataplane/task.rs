@@ -291,7 +291,7 @@ mod tests {
         }
         async fn apply(
             &self,
-            _batch: &nftables::schema::Nftables<'static>,
+            _tx: crate::dataplane::Transaction<'_>,
         ) -> Result<(), crate::dataplane::DataplaneError> {
             Err(crate::dataplane::DataplaneError::Nft {
                 op: "apply batch",

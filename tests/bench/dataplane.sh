@@ -4,8 +4,8 @@
 # In a throwaway network namespace, times:
 #   ours     `Dataplane::apply` on an empty namespace, timed inside meduza as the
 #            daemon calls it (`meduza dataplane bench`): the installed-table probe,
-#            one `nft -j -f -` transaction (JSON batch, nft process included) and the
-#            four policy-routing items over rtnetlink
+#            one nf_tables netlink transaction (encoded by meduza, no nft process)
+#            and the four policy-routing items over rtnetlink
 #   ours_cli the same through the CLI, `meduza dataplane apply --plan P`, wall clock
 #            (adds meduza's own process start)
 #   noop     a second apply that finds everything in place (one `nft -j list`)
@@ -162,7 +162,7 @@ ms() { awk -v us="$1" 'BEGIN { printf "%.1f ms", us / 1000 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 echo "# dataplane apply benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nft --version), kernel $(uname -r))"
-echo "# medians of $REPS runs (iptables: $IPT_REPS), wall clock, in a fresh network namespace"
+echo "# medians of $REPS runs (iptables: $IPT_REPS), wall clock, in a fresh network namespace; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 for name in small big; do
     plan="$WORK/$name.json"
     rules=$(wc -l < <(ipt_script "$plan"))
@@ -172,5 +172,5 @@ for name in small big; do
     n=$(time_nft "$plan")
     i=$(time_ipt "$plan")
     echo "plan=$name  ours=$(ms "$o")  ours_cli=$(ms "$cli")  noop=$(ms "$noop")  nft_f=$(ms "$n")  iptables($rules calls)=$(ms "$i")"
-    echo "plan=$name  ours/nft=$(ratio "$o" "$n") (target <= 1.2)  ours_cli/nft=$(ratio "$cli" "$n")  iptables/ours=$(ratio "$i" "$o") (target >= 20; 0 = skipped)"
+    echo "plan=$name  ours/nft=$(ratio "$o" "$n") (target <= 1.2)  ours_cli/nft=$(ratio "$cli" "$n")  iptables/ours=$(ratio "$i" "$o") (target >= 20; 0 = skipped)  load=$(cut -d' ' -f1 /proc/loadavg)"
 done
