@@ -166,7 +166,6 @@ impl RtnlRouting {
             .filter(|r| is_our_route(r, spec, lo))
             .collect())
     }
-
 }
 
 /// The loopback device's index: `LOOPBACK_IFINDEX` in the kernel
