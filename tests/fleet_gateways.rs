@@ -12,7 +12,8 @@
 //!     keys, but gw1's render fails) → gw1 push `dirty` with the error, gw0 and gw2
 //!     apply it and stay `available`;
 //! (b) SIGKILL of gw0's `meduza run` → push `unavailable` once its lease expires, pull
-//!     `unavailable` within 70 s (measured, printed); restarted → `available` again;
+//!     `unavailable` when its minute without a pull runs out: 50–61 s, within the
+//!     70 s promised (measured, printed); restarted → `available` again;
 //! (d) concurrently with (b): gw2's API dropped by nftables in its namespace for every
 //!     source but the bastion → pulled through the proxy, push `dirty` (route proxy),
 //!     pull `available`; unblocked → `available` (route direct).
@@ -474,20 +475,21 @@ fn three_gateways_available_dirty_unavailable_and_back() {
             .is_some_and(|t| t + PULL_THRESHOLD_MS < v.generated_ms),
         "unavailable only past the threshold"
     );
-    // The last successful pull was at most one period before the kill, so the
-    // threshold runs out between 50 s and 70 s after it (+1 s for timer jitter).
+    // The last successful pull was at most one period before the kill, and the
+    // manager re-evaluates statuses every second between rounds, so the minute runs
+    // out between 50 s and 61 s after the kill (+1 s for timer jitter) — well inside
+    // the 70 s the fleet promises, not at the next round.
     assert!(
         pull_unavailable_ms >= PULL_THRESHOLD_MS - PULL_INTERVAL_MS,
         "pull unavailable too early: {pull_unavailable_ms} ms"
     );
     assert!(
-        pull_unavailable_ms <= PULL_THRESHOLD_MS + PULL_INTERVAL_MS + 1_000,
-        "pull unavailable later than 70 s: {pull_unavailable_ms} ms"
+        pull_unavailable_ms <= PULL_THRESHOLD_MS + 2_000,
+        "pull unavailable later than 62 s: {pull_unavailable_ms} ms"
     );
-    // ... and it is visible at once: the round publishes gw0's failed pull without
-    // waiting for gw2's dropped direct attempt to time out.
+    // ... and it is visible at once in the served view.
     assert!(
-        pull_seen <= Duration::from_millis(PULL_THRESHOLD_MS + PULL_INTERVAL_MS + 1_000),
+        pull_seen <= Duration::from_millis(PULL_THRESHOLD_MS + 3_000),
         "pull unavailable seen {pull_seen:?} after the kill"
     );
     // Meanwhile the others kept their own status.

@@ -394,11 +394,16 @@ async fn pull_node(
 }
 
 /// The fleet manager.
+/// How often statuses are re-evaluated between rounds ([`Manager::reevaluate`]).
+const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 pub struct Manager {
     store: Arc<dyn ConfigStore>,
     client: Arc<dyn NodeClient>,
     cfg: ManagerConfig,
     state: Mutex<BTreeMap<String, PullState>>,
+    /// The registry of the last round, for re-evaluating statuses between rounds.
+    last_registry: Mutex<Option<Registry>>,
     view: watch::Sender<FleetView>,
 }
 
@@ -412,6 +417,7 @@ impl Manager {
             store,
             client,
             cfg,
+            last_registry: Mutex::new(None),
             state: Mutex::new(BTreeMap::new()),
             view: watch::channel(FleetView::default()).0,
         }
@@ -449,6 +455,11 @@ impl Manager {
                 });
             }
         }
+        // Re-evaluations between and during rounds use this round's registry.
+        *self
+            .last_registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(reg.clone());
         let pulls = reg.nodes.iter().map(|n| {
             let (client, node, proxy) = (self.client.clone(), n.clone(), reg.proxy.clone());
             async move {
@@ -499,35 +510,85 @@ impl Manager {
             self.view.send_replace(view.clone());
         }
         if self.cfg.publish {
-            for row in &view.nodes {
-                let usage = self
-                    .state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&row.id)
-                    .map(|s| s.usage)
-                    .unwrap_or_default();
-                let p = Published {
-                    push: row.push,
-                    pull: row.pull,
-                    usage,
-                    last_pull_ms: row.last_pull_ms,
-                    route: row.route,
-                    updated_ms: now_ms,
-                };
-                let json = serde_json::to_string(&p).map_err(|e| FleetError::Http {
-                    reason: e.to_string(),
-                })?;
-                if let Err(e) = self
-                    .store
-                    .put(&format!("/fleet/status/{}", row.id), &json)
-                    .await
-                {
-                    warn!(node = %row.id, error = %e, "publishing fleet status failed");
-                }
-            }
+            self.publish(&view.nodes, now_ms).await?;
         }
         Ok(view)
+    }
+
+    /// Writes `/fleet/status/<id>` for `rows`.
+    async fn publish(&self, rows: &[NodeRow], now_ms: u64) -> Result<(), FleetError> {
+        for row in rows {
+            let usage = self
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&row.id)
+                .map(|s| s.usage)
+                .unwrap_or_default();
+            let p = Published {
+                push: row.push,
+                pull: row.pull,
+                usage,
+                last_pull_ms: row.last_pull_ms,
+                route: row.route,
+                updated_ms: now_ms,
+            };
+            let json = serde_json::to_string(&p).map_err(|e| FleetError::Http {
+                reason: e.to_string(),
+            })?;
+            if let Err(e) = self
+                .store
+                .put(&format!("/fleet/status/{}", row.id), &json)
+                .await
+            {
+                warn!(node = %row.id, error = %e, "publishing fleet status failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Between rounds: re-computes every node's push and pull status at `now_ms`
+    /// from what the last round learned, and publishes the rows whose status
+    /// changed. A node's minute without a successful pull thereby runs out when it
+    /// runs out, not at the next round (which could be up to a pull interval later:
+    /// a gateway killed just after a pull would show `unavailable` only after
+    /// threshold + interval). Returns whether anything changed.
+    pub async fn reevaluate(&self, now_ms: u64) -> Result<bool, FleetError> {
+        let view = {
+            let reg = self
+                .last_registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let Some(reg) = reg.as_ref() else {
+                return Ok(false);
+            };
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            self.build_view(reg, &st, now_ms)
+        };
+        let changed: Vec<NodeRow> = {
+            let current = self.view.borrow();
+            view.nodes
+                .iter()
+                .filter(|row| {
+                    !current
+                        .nodes
+                        .iter()
+                        .any(|c| c.id == row.id && c.push == row.push && c.pull == row.pull)
+                })
+                .cloned()
+                .collect()
+        };
+        if changed.is_empty() {
+            return Ok(false);
+        }
+        for row in &changed {
+            info!(node = %row.id, push = ?row.push, pull = ?row.pull, "fleet status changed between rounds");
+        }
+        self.view.send_replace(view);
+        if self.cfg.publish {
+            self.publish(&changed, now_ms).await?;
+        }
+        Ok(true)
     }
 
     fn build_view(
@@ -580,22 +641,37 @@ impl Manager {
     /// Rounds every `pull_interval` until `shutdown` resolves. A failing round (etcd
     /// down) is logged and the previous view kept.
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
-        let mut tick = tokio::time::interval(self.cfg.pull_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(shutdown);
         info!(
             interval_ms = self.cfg.pull_interval.as_millis() as u64,
             "fleet manager running"
         );
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tick.tick() => {
-                    if let Err(e) = self.round(now_ms()).await {
-                        warn!(error = %e, "fleet round failed");
-                    }
+        let rounds = async {
+            let mut tick = tokio::time::interval(self.cfg.pull_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = self.round(now_ms()).await {
+                    warn!(error = %e, "fleet round failed");
                 }
             }
+        };
+        // Statuses are re-evaluated every second, also while a round waits on a
+        // node that does not answer (no I/O unless a status changed), so the pull
+        // threshold is honoured to the second.
+        let rechecks = async {
+            let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                recheck.tick().await;
+                if let Err(e) = self.reevaluate(now_ms()).await {
+                    warn!(error = %e, "fleet status re-evaluation failed");
+                }
+            }
+        };
+        tokio::select! {
+            _ = shutdown => {}
+            _ = rounds => {}
+            _ = rechecks => {}
         }
     }
 }
@@ -694,6 +770,47 @@ mod tests {
         );
         b.insert(format!("http://{id}:9100/v1/status"), format!(r#"{{"node_id":"{id}","applied_revision":null,"commit_revision":null,"clash_health":null,"tproxy":null}}"#));
         b.insert(format!("http://{id}:9100/v1/dns/failover-log"), "[]".into());
+    }
+
+    #[tokio::test]
+    async fn the_pull_minute_runs_out_between_rounds() {
+        let store = MemStore::new();
+        let commit = store
+            .write_and_commit(vec![WriteOp::Put {
+                key: "/global/x".into(),
+                value: "1".into(),
+            }])
+            .await
+            .unwrap();
+        seed(&store, "a", Some(commit), "[]").await;
+        let client = Arc::new(FakeClient::default());
+        answer(&client, "a", 1000);
+        let cfg = ManagerConfig {
+            publish: true,
+            ..ManagerConfig::default()
+        };
+        let m = Manager::new(Arc::new(store.clone()), client.clone(), cfg);
+        let now = 1_800_000_000_000;
+        // Before any round there is nothing to re-evaluate.
+        assert!(!m.reevaluate(now).await.unwrap());
+        m.round(now).await.unwrap();
+        // The gateway dies right after that pull; the next rounds (every 10 s) fail.
+        client.bodies.lock().unwrap().clear();
+        for k in 1..=5 {
+            m.round(now + k * 10_000).await.unwrap();
+        }
+        assert_eq!(m.subscribe().borrow().nodes[0].pull, PullStatus::Available);
+        // Exactly a minute: still fresh; nothing changes, nothing is published.
+        assert!(!m.reevaluate(now + 60_000).await.unwrap());
+        // One second later, without waiting for the round at +70 s: unavailable,
+        // in the view and in /fleet/status/a.
+        assert!(m.reevaluate(now + 61_000).await.unwrap());
+        assert_eq!(m.subscribe().borrow().nodes[0].pull, PullStatus::Unavailable);
+        let published = store.get("/fleet/status/a").await.unwrap().unwrap();
+        let p: Published = serde_json::from_str(&published.value).unwrap();
+        assert_eq!(p.pull, PullStatus::Unavailable);
+        // A second re-evaluation finds nothing new.
+        assert!(!m.reevaluate(now + 62_000).await.unwrap());
     }
 
     #[tokio::test]
