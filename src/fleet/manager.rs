@@ -456,10 +456,7 @@ impl Manager {
             }
         }
         // Re-evaluations between and during rounds use this round's registry.
-        *self
-            .last_registry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(reg.clone());
+        *self.last_registry.lock().unwrap_or_else(|e| e.into_inner()) = Some(reg.clone());
         let pulls = reg.nodes.iter().map(|n| {
             let (client, node, proxy) = (self.client.clone(), n.clone(), reg.proxy.clone());
             async move {
@@ -555,10 +552,7 @@ impl Manager {
     /// threshold + interval). Returns whether anything changed.
     pub async fn reevaluate(&self, now_ms: u64) -> Result<bool, FleetError> {
         let view = {
-            let reg = self
-                .last_registry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let reg = self.last_registry.lock().unwrap_or_else(|e| e.into_inner());
             let Some(reg) = reg.as_ref() else {
                 return Ok(false);
             };
@@ -805,7 +799,10 @@ mod tests {
         // One second later, without waiting for the round at +70 s: unavailable,
         // in the view and in /fleet/status/a.
         assert!(m.reevaluate(now + 61_000).await.unwrap());
-        assert_eq!(m.subscribe().borrow().nodes[0].pull, PullStatus::Unavailable);
+        assert_eq!(
+            m.subscribe().borrow().nodes[0].pull,
+            PullStatus::Unavailable
+        );
         let published = store.get("/fleet/status/a").await.unwrap().unwrap();
         let p: Published = serde_json::from_str(&published.value).unwrap();
         assert_eq!(p.pull, PullStatus::Unavailable);
