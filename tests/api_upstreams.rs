@@ -6,6 +6,8 @@
 mod fake_node;
 #[path = "common/fleet_etcd.rs"]
 mod fleet_etcd;
+#[path = "common/ports.rs"]
+mod ports;
 
 use fake_node::*;
 use meduza::api::*;

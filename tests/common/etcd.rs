@@ -9,7 +9,7 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +51,9 @@ pub struct TlsFiles {
 
 /// A running etcd.
 pub struct TestEtcd {
+    /// The member name, unique per server, so a start can check that the server
+    /// answering on its port is this one and not a neighbour's.
+    name: String,
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
@@ -61,10 +64,6 @@ pub struct TestEtcd {
     root: Option<(String, String)>,
     /// The non-root user made for the daemon by [`TestEtcd::enable_auth`].
     user: Option<(String, String)>,
-}
-
-fn free_port() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port")
 }
 
 fn require(program: &str) {
@@ -105,11 +104,10 @@ impl TestEtcd {
             .tempdir()
             .expect("temp dir");
         let tls = opts.tls.then(|| make_pki(dir.path()));
-        let (c, p) = (free_port(), free_port());
-        let client_port = c.local_addr().expect("addr").port();
-        let peer_port = p.local_addr().expect("addr").port();
-        drop((c, p));
+        let client_port = super::ports::unique_free_port();
+        let peer_port = super::ports::unique_free_port();
         let mut etcd = TestEtcd {
+            name: format!("meduza-test-{client_port}"),
             dir,
             client_port,
             peer_port,
@@ -190,7 +188,7 @@ impl TestEtcd {
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new("etcd");
         cmd.arg("--name")
-            .arg("meduza-test")
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .arg("--listen-client-urls")
@@ -202,7 +200,7 @@ impl TestEtcd {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer_url)
             .arg("--initial-cluster")
-            .arg(format!("meduza-test={peer_url}"))
+            .arg(format!("{}={peer_url}", self.name))
             .arg("--logger")
             .arg("zap")
             .arg("--log-outputs")
@@ -237,6 +235,21 @@ impl TestEtcd {
                 .output()
                 .expect("run etcdctl");
             if out.status.success() {
+                let members = self
+                    .etcdctl_cmd(&["--command-timeout=1s", "member", "list"])
+                    .output();
+                let ours = members
+                    .map(|m| {
+                        String::from_utf8_lossy(&m.stdout).contains(&format!(", {}, ", self.name))
+                    })
+                    .unwrap_or(false);
+                assert!(
+                    ours,
+                    "the etcd answering on {} is not ours ({}); log:\n{}",
+                    self.endpoint(),
+                    self.name,
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
                 return;
             }
             if let Some(child) = self.child.as_mut() {

@@ -8,7 +8,6 @@
 
 use meduza::api::KvStore;
 use meduza::etcd::{EtcdConfig, EtcdKv};
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,18 +19,13 @@ pub struct Etcd {
     pub endpoint: String,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
-
 impl Etcd {
     pub async fn start() -> Etcd {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (client, peer) = (free_port(), free_port());
+        let (client, peer) = (
+            crate::ports::unique_free_port(),
+            crate::ports::unique_free_port(),
+        );
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let child = Command::new("etcd")

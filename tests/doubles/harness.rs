@@ -18,10 +18,13 @@ pub fn doubles_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/doubles")
 }
 
-/// A free TCP port on loopback (also free for UDP in practice; the OS picks it).
+#[path = "../common/ports.rs"]
+mod ports;
+
+/// A free TCP port on loopback (also free for UDP in practice; the OS picks it),
+/// never handed out twice in one test binary (see `tests/common/ports.rs`).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    ports::unique_free_port()
 }
 
 fn write_atomic(path: &Path, content: &str) {
