@@ -101,7 +101,7 @@ async fn compaction_makes_old_revisions_unreadable_for_watches() {
     let now = kv.put("/commit", "2").await.unwrap();
     kv.compact(now).await.unwrap();
     let mut w = kv
-        .watch(&[KeyRange::Key("/commit".into())], first)
+        .watch(&[(KeyRange::Key("/commit".into()), first)])
         .await
         .unwrap();
     let mut saw = None;

@@ -153,13 +153,10 @@ pub trait Kv: Send + Sync {
     /// Revokes a lease, deleting its keys.
     async fn lease_revoke(&self, id: i64) -> Result<(), EtcdError>;
 
-    /// Opens one watch stream on `ranges`, delivering events from `start_revision`
-    /// (inclusive; 0 = from now).
-    async fn watch(
-        &self,
-        ranges: &[KeyRange],
-        start_revision: i64,
-    ) -> Result<Box<dyn WatchConn>, EtcdError>;
+    /// Opens one watch stream with one watch per range, each delivering events from
+    /// its own start revision (inclusive; 0 = from now). The watches catch up
+    /// independently: events of different ranges may arrive out of revision order.
+    async fn watch(&self, ranges: &[(KeyRange, i64)]) -> Result<Box<dyn WatchConn>, EtcdError>;
 
     /// Obtains a fresh auth token (no-op without credentials).
     async fn reauthenticate(&self) -> Result<(), EtcdError> {

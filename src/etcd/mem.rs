@@ -39,6 +39,10 @@ struct State {
     down: bool,
     watch_refused: bool,
     stalled: bool,
+    /// Catch-up replays of the ranges of a new watch stream go out last range first.
+    replay_reversed: bool,
+    /// The next watch stream breaks after this many catch-up messages (one-shot).
+    break_after_replay: Option<usize>,
     puts: u64,
 }
 
@@ -267,6 +271,18 @@ impl MemKv {
         }
     }
 
+    /// Sends the catch-up replays of a new watch stream last range first, as etcd may:
+    /// its watchers catch up independently, in no order across watches.
+    pub fn set_replay_reversed(&self, reversed: bool) {
+        self.lock().replay_reversed = reversed;
+    }
+
+    /// The next watch stream delivers its creation answers and only `messages`
+    /// catch-up responses, then breaks (the connection dropped mid-catch-up).
+    pub fn break_next_watch_after_replay(&self, messages: usize) {
+        self.lock().break_after_replay = Some(messages);
+    }
+
     /// Models a stalled server: watch responses and progress answers are withheld
     /// until the stall ends; unary calls still work.
     pub fn set_stalled(&self, stalled: bool) {
@@ -422,13 +438,9 @@ impl Kv for MemKv {
         Ok(())
     }
 
-    async fn watch(
-        &self,
-        ranges: &[KeyRange],
-        start_revision: i64,
-    ) -> Result<Box<dyn WatchConn>, EtcdError> {
+    async fn watch(&self, ranges: &[(KeyRange, i64)]) -> Result<Box<dyn WatchConn>, EtcdError> {
         let mut s = self.lock();
-        let first = ranges.first().map(KeyRange::as_str).unwrap_or("");
+        let first = ranges.first().map(|r| r.0.as_str()).unwrap_or("");
         s.check_up("watch", first)?;
         if s.watch_refused {
             return Err(EtcdError::Unavailable {
@@ -450,29 +462,54 @@ impl Kv for MemKv {
                 ..WatchMsg::default()
             })
             .collect();
-        if start_revision > 0 && start_revision < s.compacted {
+        let compacted = s.compacted;
+        if ranges
+            .iter()
+            .any(|&(_, start)| start > 0 && start < compacted)
+        {
             msgs.push(WatchMsg {
                 header_revision: header,
                 canceled: true,
-                compact_revision: s.compacted,
+                compact_revision: compacted,
                 cancel_reason: "mvcc: required revision has been compacted".into(),
                 ..WatchMsg::default()
             });
-        } else if start_revision > 0 {
-            let replay: Vec<KvEvent> = s
-                .history
+        } else {
+            // Each watch catches up on its own, as etcd's unsynced watchers do.
+            let mut replays: Vec<WatchMsg> = ranges
                 .iter()
-                .filter(|e| e.mod_revision >= start_revision)
-                .filter(|e| ranges.iter().any(|r| r.contains(&e.key)))
-                .cloned()
-                .collect();
-            if !replay.is_empty() {
-                msgs.push(WatchMsg {
+                .filter(|&&(_, start)| start > 0)
+                .map(|(range, start)| WatchMsg {
                     header_revision: header,
-                    events: replay,
+                    events: s
+                        .history
+                        .iter()
+                        .filter(|e| e.mod_revision >= *start && range.contains(&e.key))
+                        .cloned()
+                        .collect(),
                     ..WatchMsg::default()
-                });
+                })
+                .filter(|m| !m.events.is_empty())
+                .collect();
+            if s.replay_reversed {
+                replays.reverse();
             }
+            if let Some(n) = s.break_after_replay.take() {
+                replays.truncate(n);
+                msgs.extend(replays);
+                for m in msgs {
+                    let _ = tx.send(Ok(m));
+                }
+                let _ = tx.send(Err(EtcdError::Watch {
+                    reason: "connection reset during catch-up (fake)".into(),
+                }));
+                return Ok(Box::new(MemWatch {
+                    id,
+                    rx,
+                    state: self.state.clone(),
+                }));
+            }
+            msgs.extend(replays);
         }
         let mut held = Vec::new();
         if s.stalled {
@@ -484,7 +521,7 @@ impl Kv for MemKv {
         }
         s.watchers.push(Watcher {
             id,
-            ranges: ranges.to_vec(),
+            ranges: ranges.iter().map(|(r, _)| r.clone()).collect(),
             tx,
             held,
         });
@@ -562,7 +599,10 @@ mod tests {
     #[tokio::test]
     async fn a_write_batch_is_one_revision_and_one_watch_response() {
         let kv = MemKv::with_keys([("/x", "old")]);
-        let mut w = kv.watch(&[KeyRange::Prefix("/".into())], 0).await.unwrap();
+        let mut w = kv
+            .watch(&[(KeyRange::Prefix("/".into()), 0)])
+            .await
+            .unwrap();
         assert!(w.next().await.unwrap().unwrap().created);
         let rev = kv
             .write_batch(&[
@@ -620,8 +660,8 @@ mod tests {
         let r1 = kv.put("/commit", "1").await.unwrap();
         kv.put("/other", "x").await.unwrap();
         kv.put("/commit", "2").await.unwrap();
-        let ranges = [KeyRange::Key("/commit".into())];
-        let mut w = kv.watch(&ranges, r1).await.unwrap();
+        let ranges = [(KeyRange::Key("/commit".into()), r1)];
+        let mut w = kv.watch(&ranges).await.unwrap();
         assert!(w.next().await.unwrap().unwrap().created);
         let m = w.next().await.unwrap().unwrap();
         let vals: Vec<_> = m.events.iter().map(|e| e.value.as_str()).collect();
@@ -630,7 +670,7 @@ mod tests {
         assert_eq!(w.next().await.unwrap().unwrap().events[0].value, "3");
 
         kv.compact(kv.revision()).await.unwrap();
-        let mut w = kv.watch(&ranges, r1).await.unwrap();
+        let mut w = kv.watch(&ranges).await.unwrap();
         assert!(w.next().await.unwrap().unwrap().created);
         let m = w.next().await.unwrap().unwrap();
         assert!(m.canceled);
@@ -640,7 +680,10 @@ mod tests {
     #[tokio::test]
     async fn outage_fails_calls_and_breaks_watches() {
         let kv = MemKv::new();
-        let mut w = kv.watch(&[KeyRange::Prefix("/".into())], 0).await.unwrap();
+        let mut w = kv
+            .watch(&[(KeyRange::Prefix("/".into()), 0)])
+            .await
+            .unwrap();
         assert!(w.next().await.unwrap().unwrap().created);
         kv.set_down(true);
         assert!(w.next().await.is_err());

@@ -332,18 +332,14 @@ impl Kv for EtcdKv {
         }
     }
 
-    async fn watch(
-        &self,
-        ranges: &[KeyRange],
-        start_revision: i64,
-    ) -> Result<Box<dyn WatchConn>, EtcdError> {
+    async fn watch(&self, ranges: &[(KeyRange, i64)]) -> Result<Box<dyn WatchConn>, EtcdError> {
         let Some((first, rest)) = ranges.split_first() else {
             return Err(EtcdError::Watch {
                 reason: "no range to watch".into(),
             });
         };
-        let opts = |r: &KeyRange| {
-            let o = WatchOptions::new().with_start_revision(start_revision.max(0));
+        let opts = |(r, start): &(KeyRange, i64)| {
+            let o = WatchOptions::new().with_start_revision((*start).max(0));
             match r {
                 KeyRange::Key(_) => o,
                 KeyRange::Prefix(p) if p.is_empty() => o.with_all_keys(),
@@ -351,10 +347,10 @@ impl Kv for EtcdKv {
             }
         };
         let stream = self
-            .call("watch", first.as_str(), |mut c| async move {
-                let mut s = c.watch(first.as_str(), Some(opts(first))).await?;
+            .call("watch", first.0.as_str(), |mut c| async move {
+                let mut s = c.watch(first.0.as_str(), Some(opts(first))).await?;
                 for r in rest {
-                    s.watch(r.as_str(), Some(opts(r))).await?;
+                    s.watch(r.0.as_str(), Some(opts(r))).await?;
                 }
                 Ok(s)
             })

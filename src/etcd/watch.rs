@@ -3,9 +3,13 @@
 //! etcd-client does not reconnect or resume a watch and a watch on a dead or
 //! stalled server can hang forever (etcdv3/etcd-client#17, #48; etcd#8980), so this
 //! task owns all of it:
-//! - resume: after a broken stream the watch is re-created from the revision after
-//!   the last event seen, with backoff 0.5 s doubling to 10 s; etcd replays what
-//!   happened meanwhile, so nothing is missed;
+//! - resume: after a broken stream the watch is re-created, each range from the
+//!   revision after the last event seen *of that range*, with backoff 0.5 s doubling
+//!   to 10 s; etcd replays what happened meanwhile, so nothing is missed. The two
+//!   ranges are two watches on one stream and catch up independently, so a newer
+//!   event of one may arrive before an older one of the other: one resume revision
+//!   for both (the newest seen) could skip the older event if the stream broke in
+//!   between;
 //! - compaction: a start revision below the compaction floor is canceled by etcd
 //!   and deliberately not resumed (etcd#8668, "watcher must not silently miss an
 //!   event"); we emit [`WatchEvent::Resync`] and watch from the current revision + 1
@@ -14,10 +18,12 @@
 //!   arrives within `stall_timeout` the stream is dropped and re-created, and a
 //!   Resync is emitted once the new stream is up.
 //!
-//! The resume point only advances with events, never with a response header: an
-//! unsynced watcher may still owe events below the header revision (etcd 3.4 answers
-//! progress requests with the store revision). The price is a spurious Resync when a
-//! long-quiet watch reconnects after its last event was compacted.
+//! A range's resume point only advances with its own events (and with a Resync),
+//! never with a response header: an unsynced watcher may still owe events below the
+//! header revision (etcd 3.4 answers progress requests with the store revision). The
+//! price is a spurious Resync when a long-quiet range (hosts records nobody touched)
+//! reconnects after its last event was compacted: one full reread, which the
+//! reconciler does every 5 minutes anyway.
 //!
 //! Events only *trigger* the reconciler; it rereads everything (level-triggered).
 
@@ -123,10 +129,12 @@ pub fn spawn_watcher(
         config,
         tx,
         ranges: vec![
-            KeyRange::Key(COMMIT_KEY.to_owned()),
-            KeyRange::Prefix(HOSTS_PREFIX.to_owned()),
+            (KeyRange::Key(COMMIT_KEY.to_owned()), after_revision + 1),
+            (
+                KeyRange::Prefix(HOSTS_PREFIX.to_owned()),
+                after_revision + 1,
+            ),
         ],
-        next_rev: after_revision + 1,
         tick,
         resync_from_current: (after_revision <= 0).then(|| "initial".to_owned()),
         resync_when_up: None,
@@ -155,9 +163,9 @@ struct WatchLoop {
     kv: Arc<dyn Kv>,
     config: WatcherConfig,
     tx: mpsc::UnboundedSender<WatchEvent>,
-    ranges: Vec<KeyRange>,
-    /// The start revision of the next watch: one past the last event seen.
-    next_rev: i64,
+    /// The watched ranges, each with the start revision of its next watch: one past
+    /// the last event of that range seen.
+    ranges: Vec<(KeyRange, i64)>,
     tick: Option<Interval>,
     /// Reread the current revision, emit Resync with this reason, watch after it.
     resync_from_current: Option<String>,
@@ -194,11 +202,13 @@ impl WatchLoop {
         let mut backoff = self.config.backoff_min;
         loop {
             if let Some(reason) = self.resync_from_current.clone() {
-                match self.kv.get_ranges(&self.ranges[..1]).await {
+                match self.kv.get_ranges(&[self.ranges[0].0.clone()]).await {
                     Ok((_, rev)) => {
                         info!(reason = %reason, revision = rev, "watch resync: rereading everything");
                         self.resync_from_current = None;
-                        self.next_rev = rev + 1;
+                        for (_, next) in &mut self.ranges {
+                            *next = rev + 1;
+                        }
                         self.emit(WatchEvent::Resync {
                             reason,
                             revision: rev,
@@ -213,10 +223,10 @@ impl WatchLoop {
                     }
                 }
             }
-            let conn = match self.kv.watch(&self.ranges, self.next_rev).await {
+            let conn = match self.kv.watch(&self.ranges).await {
                 Ok(c) => c,
                 Err(err) => {
-                    warn!(%err, start = self.next_rev, ?backoff, "cannot open etcd watch; retrying");
+                    warn!(%err, start = self.oldest_start(), ?backoff, "cannot open etcd watch; retrying");
                     self.after_failure(&err).await;
                     self.pause(backoff).await?;
                     backoff = (backoff * 2).min(self.config.backoff_max);
@@ -230,34 +240,39 @@ impl WatchLoop {
             match end {
                 End::Compacted(floor) => {
                     warn!(
-                        start = self.next_rev,
+                        start = self.oldest_start(),
                         compact_revision = floor,
                         "watch start revision was compacted; full resync"
                     );
                     self.resync_from_current = Some(format!(
                         "compacted: revision {} is below the compaction floor {floor}",
-                        self.next_rev
+                        self.oldest_start()
                     ));
                     // Reconnect at once: the stream itself was healthy.
                     continue;
                 }
                 End::Stalled => {
-                    warn!(start = self.next_rev, timeout = ?self.config.stall_timeout,
+                    warn!(start = self.oldest_start(), timeout = ?self.config.stall_timeout,
                         "watch stalled: no answer to a progress request; re-creating");
                     self.resync_when_up = Some("stalled watch re-created".to_owned());
                 }
                 End::Broken(err) => {
-                    warn!(%err, start = self.next_rev, ?backoff, "watch stream broken; resuming");
+                    warn!(%err, start = self.oldest_start(), ?backoff, "watch stream broken; resuming");
                     self.after_failure(&err).await;
                 }
                 End::Canceled(reason) => {
-                    warn!(reason = %reason, start = self.next_rev, "watch canceled by etcd; resuming");
+                    warn!(reason = %reason, start = self.oldest_start(), "watch canceled by etcd; resuming");
                     self.after_failure(&EtcdError::Watch { reason }).await;
                 }
             }
             self.pause(backoff).await?;
             backoff = (backoff * 2).min(self.config.backoff_max);
         }
+    }
+
+    /// The lowest start revision of the next watch (for messages).
+    fn oldest_start(&self) -> i64 {
+        self.ranges.iter().map(|&(_, next)| next).min().unwrap_or(0)
     }
 
     async fn after_failure(&self, err: &EtcdError) {
@@ -303,11 +318,11 @@ impl WatchLoop {
                         created += 1;
                         if created == ranges {
                             deadline = None;
-                            debug!(start = self.next_rev, "etcd watch established");
+                            debug!(start = self.oldest_start(), "etcd watch established");
                             if let Some(reason) = self.resync_when_up.take() {
                                 self.emit(WatchEvent::Resync {
                                     reason,
-                                    revision: self.next_rev - 1,
+                                    revision: self.oldest_start() - 1,
                                 })?;
                             }
                         }
@@ -331,7 +346,10 @@ impl WatchLoop {
     fn dispatch(&mut self, events: Vec<KvEvent>) -> Result<(), Closed> {
         let mut hosts = Vec::new();
         for ev in events {
-            self.next_rev = self.next_rev.max(ev.mod_revision + 1);
+            let Some((_, next)) = self.ranges.iter_mut().find(|(r, _)| r.contains(&ev.key)) else {
+                continue;
+            };
+            *next = (*next).max(ev.mod_revision + 1);
             if ev.key == COMMIT_KEY {
                 self.emit(WatchEvent::Commit {
                     revision: ev.mod_revision,
@@ -458,6 +476,40 @@ mod tests {
             .map(|(_, v)| v)
             .collect();
         assert_eq!(got, ["2", "3"]);
+    }
+
+    /// The two ranges are two watches that catch up independently. Here the hosts
+    /// watch's replay (newer) arrives before the commit watch's (older) and the stream
+    /// breaks in between: the commit must still come, from the commit range's own
+    /// resume revision (one shared "newest seen" revision would skip it).
+    #[tokio::test]
+    async fn a_break_mid_catch_up_loses_no_older_event_of_the_other_range() {
+        let kv = MemKv::new();
+        let (_w, mut rx) = spawn_watcher(Arc::new(kv.clone()), fast(), kv.revision());
+        kv.put("/commit", "1").await.unwrap();
+        commit_values(&mut rx, 1).await;
+        kv.set_watch_refused(true);
+        let missed = kv.put("/commit", "2").await.unwrap();
+        let host = kv.put("/dns/hosts/nas", "10.0.0.5").await.unwrap();
+        assert!(host > missed);
+        kv.set_replay_reversed(true);
+        kv.break_next_watch_after_replay(1);
+        kv.set_watch_refused(false);
+        let mut hosts_seen = 0;
+        loop {
+            match recv(&mut rx).await {
+                WatchEvent::Hosts { revision, .. } => {
+                    assert_eq!(revision, host);
+                    hosts_seen += 1;
+                }
+                WatchEvent::Commit { revision, value } => {
+                    assert_eq!((revision, value.as_deref()), (missed, Some("2")));
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(hosts_seen, 1, "the hosts event is not replayed twice");
     }
 
     #[tokio::test]
