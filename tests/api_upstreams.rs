@@ -2,6 +2,8 @@
 //! is bumped in the same transaction, the generators' model parses what the API wrote,
 //! and the API token follows `/nodes/<id>/api/token` live.
 
+#[path = "common/etcd_args.rs"]
+mod etcd_args;
 #[path = "common/fake_node.rs"]
 mod fake_node;
 #[path = "common/fleet_etcd.rs"]

@@ -4,6 +4,8 @@
 //! A missing `chromium` fails the test (scripts/test installs chromium and
 //! chromium-driver).
 
+#[path = "common/etcd_args.rs"]
+mod etcd_args;
 #[path = "common/fake_node.rs"]
 mod fake_node;
 #[path = "common/fleet_etcd.rs"]

@@ -187,26 +187,18 @@ impl TestEtcd {
         let client_url = self.endpoint();
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new("etcd");
-        cmd.arg("--name")
-            .arg(&self.name)
-            .arg("--data-dir")
-            .arg(self.dir.path().join("data"))
-            .arg("--listen-client-urls")
-            .arg(&client_url)
-            .arg("--advertise-client-urls")
-            .arg(&client_url)
-            .arg("--listen-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-cluster")
-            .arg(format!("{}={peer_url}", self.name))
-            .arg("--logger")
-            .arg("zap")
-            .arg("--log-outputs")
-            .arg("stderr")
-            .arg("--auth-token")
-            .arg("simple");
+        cmd.args(super::etcd_args::etcd_args(
+            &self.name,
+            &self.dir.path().join("data"),
+            &client_url,
+            &peer_url,
+        ))
+        .arg("--logger")
+        .arg("zap")
+        .arg("--log-outputs")
+        .arg("stderr")
+        .arg("--auth-token")
+        .arg("simple");
         if let Some(ttl) = self.opts.auth_token_ttl {
             cmd.arg("--auth-token-ttl").arg(ttl.to_string());
         }

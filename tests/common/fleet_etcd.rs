@@ -29,24 +29,13 @@ impl Etcd {
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let child = Command::new("etcd")
-            .args([
-                "--name",
+            .args(crate::etcd_args::etcd_args(
                 "fleet-test",
-                "--data-dir",
-                dir.path().to_str().expect("utf-8 temp path"),
-                "--listen-client-urls",
+                dir.path(),
                 &endpoint,
-                "--advertise-client-urls",
-                &endpoint,
-                "--listen-peer-urls",
                 &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("fleet-test={peer_url}"),
-                "--log-level",
-                "error",
-            ])
+            ))
+            .args(["--log-level", "error"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -5,6 +5,9 @@
 
 #![allow(dead_code)]
 
+#[path = "etcd_args.rs"]
+mod etcd_args;
+
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -177,21 +180,7 @@ impl NsEtcd {
         let peer = format!("http://127.0.0.1:{}", self.port + 1);
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns, "etcd"])
-            .args(["--name", "hub", "--data-dir"])
-            .arg(&self.data)
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("hub={peer}")])
+            .args(etcd_args::etcd_args("hub", &self.data, &client, &peer))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -1,4 +1,5 @@
 //! Shared helpers of the integration tests.
 
 pub mod etcd;
+pub mod etcd_args;
 pub mod ports;

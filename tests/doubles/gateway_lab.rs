@@ -20,6 +20,9 @@
 use crate::netns::{addr, veth, Netns, Topology};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
+#[path = "../common/etcd_args.rs"]
+mod etcd_args;
+
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -241,23 +244,14 @@ impl Lab {
         let client = format!("http://{ETCD_IP}:{ETCD_PORT}");
         let peer = format!("http://127.0.0.1:{}", ETCD_PORT + 1);
         let mut cmd = Command::new("etcd");
-        cmd.args(["--name", "cg", "--data-dir"])
-            .arg(lab.path("etcd"))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("cg={peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args(etcd_args::etcd_args(
+            "cg",
+            &lab.path("etcd"),
+            &client,
+            &peer,
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         lab.etcd = Some(spawn_in(&lab.etcd_ns, cmd));
         wait_for("etcd to answer", Duration::from_secs(20), || {
             lab.etcd_ns
