@@ -463,56 +463,40 @@ impl SettingsLayer {
     /// `meduza.*` keys are not errors here (see [`KernelCmdline::unknown_keys`]): a typo
     /// on a provisioning line must not stop a remote box from coming up.
     pub fn from_cmdline(c: &KernelCmdline) -> Result<Self, SettingsError> {
-        let o = Origin::Cmdline;
-        let mut l = SettingsLayer::default();
-        let get = |k: &str| c.get(k).map(|v| (format!("meduza.{k}"), v));
-        if let Some((k, v)) = get("node_id") {
-            l.node_id = Some(parse_node_id(o, &k, v)?);
+        /// `meduza.<key>` through `parse`, or `None` when the key is absent.
+        fn field<T>(
+            c: &KernelCmdline,
+            key: &str,
+            parse: impl Fn(Origin, &str, &str) -> Result<T, SettingsError>,
+        ) -> Result<Option<T>, SettingsError> {
+            c.get(key)
+                .map(|v| parse(Origin::Cmdline, &format!("meduza.{key}"), v))
+                .transpose()
         }
-        if let Some((k, v)) = get("etcd") {
-            l.etcd_endpoints = Some(parse_endpoints(o, &k, v.split(','))?);
-        }
-        if let Some((k, v)) = get("etcd_ca") {
-            l.etcd_ca = Some(parse_abs_path(o, &k, v)?);
-        }
-        if let Some((k, v)) = get("etcd_cert") {
-            l.etcd_cert = Some(parse_abs_path(o, &k, v)?);
-        }
-        if let Some((k, v)) = get("etcd_key") {
-            l.etcd_key = Some(parse_abs_path(o, &k, v)?);
-        }
-        if let Some((_, v)) = get("etcd_user") {
-            l.etcd_user = Some(v.to_string());
-        }
-        if let Some((_, v)) = get("etcd_pass") {
-            l.etcd_pass = Some(v.to_string());
-        }
-        if let Some((k, v)) = get("default_gw") {
-            l.default_gw = Some(parse_ip(o, &k, v)?);
-        }
-        if let Some((k, v)) = get("root") {
-            l.root = Some(parse_abs_path(o, &k, v)?);
-        }
-        if let Some((k, v)) = get("state") {
-            l.state_device = Some(parse_state_device(o, &k, v)?);
-        }
-        if let Some((k, v)) = get("state_dir") {
-            l.state_dir = Some(parse_abs_path(o, &k, v)?);
-        }
-        if let Some((k, v)) = get("dns_listen") {
-            l.dns_listen = Some(parse_sockets(o, &k, v.split(','))?);
-        }
-        if let Some((k, v)) = get("api_listen") {
-            l.api_listen = Some(parse_socket(o, &k, v)?);
-        }
-        if let Some((k, v)) = get("dataplane") {
-            l.dataplane = Some(parse_dataplane(o, &k, v)?);
-        }
-        if let Some((k, v)) = get("boot") {
+        let text = |_: Origin, _: &str, v: &str| Ok(v.to_string());
+        Ok(SettingsLayer {
+            node_id: field(c, "node_id", parse_node_id)?,
+            etcd_endpoints: field(c, "etcd", |o, k, v| parse_endpoints(o, k, v.split(',')))?,
+            etcd_ca: field(c, "etcd_ca", parse_abs_path)?,
+            etcd_cert: field(c, "etcd_cert", parse_abs_path)?,
+            etcd_key: field(c, "etcd_key", parse_abs_path)?,
+            etcd_user: field(c, "etcd_user", text)?,
+            etcd_pass: field(c, "etcd_pass", text)?,
+            default_gw: field(c, "default_gw", parse_ip)?,
+            root: field(c, "root", parse_abs_path)?,
+            state_dir: field(c, "state_dir", parse_abs_path)?,
+            state_device: field(c, "state", parse_state_device)?,
+            dns_listen: field(c, "dns_listen", |o, k, v| parse_sockets(o, k, v.split(',')))?,
+            api_listen: field(c, "api_listen", parse_socket)?,
+            dataplane: field(c, "dataplane", parse_dataplane)?,
             // A bare `meduza.boot` means yes.
-            l.boot = Some(v.is_empty() || parse_bool(o, &k, v)?);
-        }
-        Ok(l)
+            boot: field(
+                c,
+                "boot",
+                |o, k, v| Ok(v.is_empty() || parse_bool(o, k, v)?),
+            )?,
+            bins: BTreeMap::new(),
+        })
     }
 }
 

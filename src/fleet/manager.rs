@@ -756,6 +756,19 @@ mod tests {
             .unwrap();
     }
 
+    /// A store with one committed configuration change; returns its commit revision.
+    async fn committed_store() -> (MemStore, i64) {
+        let store = MemStore::new();
+        let commit = store
+            .write_and_commit(vec![WriteOp::Put {
+                key: "/global/x".into(),
+                value: "1".into(),
+            }])
+            .await
+            .unwrap();
+        (store, commit)
+    }
+
     fn answer(c: &FakeClient, id: &str, rx: u64) {
         let mut b = c.bodies.lock().unwrap();
         b.insert(
@@ -768,14 +781,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_pull_minute_runs_out_between_rounds() {
-        let store = MemStore::new();
-        let commit = store
-            .write_and_commit(vec![WriteOp::Put {
-                key: "/global/x".into(),
-                value: "1".into(),
-            }])
-            .await
-            .unwrap();
+        let (store, commit) = committed_store().await;
         seed(&store, "a", Some(commit), "[]").await;
         let client = Arc::new(FakeClient::default());
         answer(&client, "a", 1000);
@@ -812,14 +818,7 @@ mod tests {
 
     #[tokio::test]
     async fn round_computes_statuses_from_store_and_pulls() {
-        let store = MemStore::new();
-        let commit = store
-            .write_and_commit(vec![WriteOp::Put {
-                key: "/global/x".into(),
-                value: "1".into(),
-            }])
-            .await
-            .unwrap();
+        let (store, commit) = committed_store().await;
         seed(&store, "a", Some(commit), "[]").await;
         seed(
             &store,
