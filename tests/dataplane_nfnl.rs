@@ -131,8 +131,19 @@ fn apply_twice(ns: &Netns, plan: &TproxyPlan) -> (String, NftChange, NftChange, 
             let dp = dataplane();
             let first = dp.apply(&p).await.unwrap().nft;
             let g1 = nfnl::generation().unwrap();
+            let t = std::time::Instant::now();
             let second = dp.apply(&p).await.unwrap().nft;
+            let known = t.elapsed();
+            // A fresh instance does not know the table: it lists and compares.
+            let t = std::time::Instant::now();
+            let third = dataplane().apply(&p).await.unwrap().nft;
+            let listed = t.elapsed();
+            assert_eq!(third, NftChange::Unchanged, "a listed equal table is left alone");
             let g2 = nfnl::generation().unwrap();
+            eprintln!(
+                "no-op apply of {} source CIDRs: {known:?} with the table known, {listed:?} listing it",
+                p.proxy_src.len()
+            );
             (first, second, g1, g2)
         })
     });

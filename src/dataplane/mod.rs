@@ -201,24 +201,50 @@ impl<N: Nft, R: Routing> Dataplane<N, R> {
     /// Make the kernel match `plan`: the table (one transaction, skipped when the
     /// installed table already equals the desired one) and the routing items (each
     /// added only when missing).
+    ///
+    /// The table is only listed (`nft -j list`, 65 ms at 10,000 CIDRs) when the plan
+    /// changed or someone committed an nftables transaction since we last knew the
+    /// table's content: the ruleset generation counts every committed transaction,
+    /// of anyone, so an unmoved generation proves the table is as we left it.
     pub async fn apply(&self, plan: &TproxyPlan) -> Result<ApplyReport, DataplaneError> {
-        let rs = ruleset::build(plan);
         let generation = self.nft.generation().await.ok();
-        let installed = match self.nft.list_table().await? {
-            Some(listing) => ruleset::view_of_listing(&listing)?,
-            None => None,
+        let known = {
+            let memo = self.memo();
+            generation.is_some()
+                && memo.verified_generation == generation
+                && memo.last_plan.as_ref() == Some(plan)
         };
-        // The desired view is only needed to compare; skip it on a first apply.
-        let nft = match &installed {
-            Some(view) if *view == ruleset::desired_view(&rs) => NftChange::Unchanged,
-            Some(_) => NftChange::Replaced,
-            None => NftChange::Created,
+        // Built only when the table is not known to be equal.
+        let rs = (!known).then(|| ruleset::build(plan));
+        let nft = if let Some(rs) = &rs {
+            let installed = match self.nft.list_table().await? {
+                Some(listing) => ruleset::view_of_listing(&listing)?,
+                None => None,
+            };
+            // The desired view is only needed to compare; skip it on a first apply.
+            let nft = match &installed {
+                Some(view) if *view == ruleset::desired_view(rs) => NftChange::Unchanged,
+                Some(_) => NftChange::Replaced,
+                None => NftChange::Created,
+            };
+            match nft {
+                NftChange::Created => self.nft.apply(Transaction::Create(rs)).await?,
+                NftChange::Replaced => self.nft.apply(Transaction::Replace(rs)).await?,
+                _ => {}
+            }
+            nft
+        } else {
+            NftChange::Unchanged
         };
-        match nft {
-            NftChange::Created => self.nft.apply(Transaction::Create(&rs)).await?,
-            NftChange::Replaced => self.nft.apply(Transaction::Replace(&rs)).await?,
-            _ => {}
-        }
+        // After our transaction, a generation exactly one past the one read before
+        // proves no other transaction came in between: the table is what we sent.
+        let verified = match nft {
+            NftChange::Created | NftChange::Replaced => {
+                let after = self.nft.generation().await.ok();
+                after.filter(|&a| generation.map(|g| g.wrapping_add(1)) == Some(a))
+            }
+            _ => generation,
+        };
         let spec = routing_spec(plan);
         let present = self.routing.present(spec).await?;
         let ops = routing::plan_routing(true, &present);
@@ -230,13 +256,7 @@ impl<N: Nft, R: Routing> Dataplane<N, R> {
         .await?;
         let mut memo = self.memo();
         memo.last_plan = Some(plan.clone());
-        // Only an untouched table proves the generation read before listing is
-        // "ours"; after a transaction the next check re-lists once.
-        memo.verified_generation = if nft == NftChange::Unchanged {
-            generation
-        } else {
-            None
-        };
+        memo.verified_generation = verified;
         let report = ApplyReport { nft, routing: ops };
         if report.changed() {
             tracing::info!(nft = ?report.nft, routing = ?report.routing, "tproxy applied");
@@ -279,35 +299,19 @@ impl<N: Nft, R: Routing> Dataplane<N, R> {
         Ok(report)
     }
 
-    /// The drift check: converge to `desired` cheaply. When the nftables generation
-    /// is the one at which the table was last verified and all routing items are
-    /// there (or, for `None`, absent), nothing is listed or sent; otherwise this is
-    /// a full [`apply`](Self::apply) / [`remove`](Self::remove).
+    /// The drift check: converge to `desired` cheaply. While the nftables generation
+    /// is the one at which the table was last known equal to the plan, nothing is
+    /// listed (see [`apply`](Self::apply)); the routing items are always checked.
+    /// Returns the report only when something was changed.
     pub async fn ensure(
         &self,
         desired: Option<&TproxyPlan>,
     ) -> Result<Option<ApplyReport>, DataplaneError> {
-        let generation = self.nft.generation().await.ok();
-        match desired {
-            Some(plan) => {
-                let spec = routing_spec(plan);
-                let shortcut = {
-                    let memo = self.memo();
-                    memo.last_plan.as_ref() == Some(plan)
-                        && generation.is_some()
-                        && memo.verified_generation == generation
-                };
-                if shortcut && self.routing.present(spec).await?.len() == RouteItem::ALL.len() {
-                    return Ok(None);
-                }
-                let report = self.apply(plan).await?;
-                Ok(report.changed().then_some(report))
-            }
-            None => {
-                let report = self.remove().await?;
-                Ok(report.changed().then_some(report))
-            }
-        }
+        let report = match desired {
+            Some(plan) => self.apply(plan).await?,
+            None => self.remove().await?,
+        };
+        Ok(report.changed().then_some(report))
     }
 
     /// What is installed now.
@@ -495,10 +499,10 @@ mod tests {
     async fn ensure_skips_listing_while_generation_is_verified() {
         let dp = dp();
         assert!(dp.ensure(Some(&plan())).await.unwrap().is_some());
-        // First check after our own transaction re-lists once and records the
-        // generation; later checks only read the generation.
-        assert!(dp.ensure(Some(&plan())).await.unwrap().is_none());
+        // Our own transaction moved the generation by exactly one: the table is known,
+        // later checks only read the generation.
         let lists = dp.nft().state().lists;
+        assert!(dp.ensure(Some(&plan())).await.unwrap().is_none());
         for _ in 0..5 {
             assert!(dp.ensure(Some(&plan())).await.unwrap().is_none());
         }
@@ -508,6 +512,29 @@ mod tests {
         assert!(dp.ensure(Some(&plan())).await.unwrap().is_none());
         assert_eq!(dp.nft().state().lists, lists + 1);
         assert_eq!(dp.nft().state().applies, 1);
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_plan_is_not_listed_again_until_someone_commits() {
+        let dp = dp();
+        dp.apply(&plan()).await.unwrap();
+        let lists = dp.nft().state().lists;
+        for _ in 0..3 {
+            assert_eq!(dp.apply(&plan()).await.unwrap().nft, NftChange::Unchanged);
+        }
+        assert_eq!(dp.nft().state().lists, lists, "no listing while known");
+        // A different plan is always compared against the listing.
+        let mut p2 = plan();
+        p2.exclude_ports.push(1194);
+        assert_eq!(dp.apply(&p2).await.unwrap().nft, NftChange::Replaced);
+        assert_eq!(dp.nft().state().lists, lists + 1);
+        // Someone else's transaction: the next apply lists again and finds it intact.
+        dp.nft().touch_foreign("docker_standin");
+        assert_eq!(dp.apply(&p2).await.unwrap().nft, NftChange::Unchanged);
+        assert_eq!(dp.nft().state().lists, lists + 2);
+        // Our table flushed by someone else: listed, found missing, created again.
+        dp.nft().delete_table_externally();
+        assert_eq!(dp.apply(&p2).await.unwrap().nft, NftChange::Created);
     }
 
     #[tokio::test]

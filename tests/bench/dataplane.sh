@@ -8,7 +8,10 @@
 #            and the four policy-routing items over rtnetlink
 #   ours_cli the same through the CLI, `meduza dataplane apply --plan P`, wall clock
 #            (adds meduza's own process start)
-#   noop     a second apply that finds everything in place (one `nft -j list`)
+#   noop     a second apply that finds everything in place, by the same instance (the
+#            daemon's case: the table is known while the ruleset generation is unmoved)
+#   listed   the same by a fresh instance (the CLI, a restarted daemon): one
+#            `nft -j list` of the table and the comparison
 #   nft      `nft -f R` of the same ruleset as text (R = `meduza dataplane ruleset`),
 #            wall clock: the anchor; ratio ours/nft, target <= 1.2
 #   iptables the predecessor's approach: one iptables/ip6tables/ip call per rule
@@ -166,11 +169,11 @@ echo "# medians of $REPS runs (iptables: $IPT_REPS), wall clock, in a fresh netw
 for name in small big; do
     plan="$WORK/$name.json"
     rules=$(wc -l < <(ipt_script "$plan"))
-    read -r o noop < <("$MEDUZA" dataplane bench --reps "$REPS" --plan "$plan" \
-        | sed -E 's/apply_us=([0-9]+) noop_us=([0-9]+)/\1 \2/')
+    read -r o noop listed < <("$MEDUZA" dataplane bench --reps "$REPS" --plan "$plan" \
+        | sed -E 's/apply_us=([0-9]+) noop_us=([0-9]+) listed_us=([0-9]+)/\1 \2 \3/')
     cli=$(time_ours "$plan")
     n=$(time_nft "$plan")
     i=$(time_ipt "$plan")
-    echo "plan=$name  ours=$(ms "$o")  ours_cli=$(ms "$cli")  noop=$(ms "$noop")  nft_f=$(ms "$n")  iptables($rules calls)=$(ms "$i")"
+    echo "plan=$name  ours=$(ms "$o")  ours_cli=$(ms "$cli")  noop=$(ms "$noop")  listed=$(ms "$listed")  nft_f=$(ms "$n")  iptables($rules calls)=$(ms "$i")"
     echo "plan=$name  ours/nft=$(ratio "$o" "$n") (target <= 1.2)  ours_cli/nft=$(ratio "$cli" "$n")  iptables/ours=$(ratio "$i" "$o") (target >= 20; 0 = skipped)  load=$(cut -d' ' -f1 /proc/loadavg)"
 done
