@@ -16,7 +16,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
 
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
@@ -393,7 +392,9 @@ pub fn batch_socket(len: usize) -> Result<Socket, NfnlError> {
     let want = i32::try_from(len + 4096).unwrap_or(i32::MAX);
     set_int_opt(&sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want);
     let timeout = libc::timeval {
-        tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
+        // `time_t` is i64 on every target we build; i32 converts into it losslessly
+        // (naming `libc::time_t` is deprecated on musl, whose time_t is changing).
+        tv_sec: RECV_TIMEOUT_SECS.into(),
         tv_usec: 0,
     };
     // SAFETY: `sock` is open; `timeout` is a timeval on the stack whose size is passed.
@@ -496,7 +497,7 @@ pub fn send_batch_on(sock: &Socket, batch: &Batch) -> Result<(), NfnlError> {
 
 /// How long to wait for acknowledgements. The kernel answers before `sendmsg`
 /// returns; this only bounds a kernel that answers nothing.
-const RECV_TIMEOUT: Duration = Duration::from_secs(10);
+const RECV_TIMEOUT_SECS: i32 = 10;
 
 /// A single request (not a batch) and its replies, up to `NLMSG_DONE` or the ack.
 fn request(msg: &[u8]) -> io::Result<Vec<(u16, Vec<u8>)>> {
