@@ -104,6 +104,12 @@ fn tproxy_follows_mihomo_health_end_to_end() {
     let tproxy = lab.status("tproxy").unwrap_or_default();
     assert!(tproxy.starts_with("removed "), "{tproxy}");
     assert!(
+        tproxy.ends_with(
+            " waiting for the startup chain: mihomo healthy, MosDNS rule files, MosDNS started"
+        ),
+        "what TPROXY waits for: {tproxy}"
+    );
+    assert!(
         !lab.table_present(),
         "TPROXY applied while mihomo is unhealthy"
     );

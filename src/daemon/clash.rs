@@ -226,7 +226,11 @@ impl ClashOrchestrator {
         tproxy: Option<TproxyPlan>,
     ) {
         // The cached plan: re-applied by the gate; pushed now if TPROXY is on.
-        *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = tproxy.clone();
+        let was_configured = std::mem::replace(
+            &mut *self.plan.lock().unwrap_or_else(|p| p.into_inner()),
+            tproxy.clone(),
+        )
+        .is_some();
         if self.shared.dataplane.desired().is_some() {
             match &tproxy {
                 Some(p) => {
@@ -241,9 +245,16 @@ impl ClashOrchestrator {
             }
         } else if tproxy.is_none() {
             self.shared.set_tproxy("removed", "TPROXY not configured");
-        } else {
-            self.shared
-                .set_tproxy("removed", "waiting for mihomo to be healthy");
+        } else if !was_configured {
+            // Newly configured (a later pass keeps the gate's own reason, such as
+            // "mihomo exited"). With MosDNS the chain is strict: TPROXY is armed
+            // only once MosDNS has its rule files and has started.
+            let waiting = if mosdns.is_some() && clash.is_some() {
+                "waiting for the startup chain: mihomo healthy, MosDNS rule files, MosDNS started"
+            } else {
+                "waiting for mihomo to be healthy"
+            };
+            self.shared.set_tproxy_reason("removed", waiting);
         }
 
         match &clash {

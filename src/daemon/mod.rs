@@ -104,10 +104,26 @@ pub struct Shared {
 
 impl Shared {
     /// Publish `/updated/<id>/tproxy` = `"applied|removed <ts> <reason>"` when the state
-    /// changes (not on every pass).
+    /// changes (not on every pass): the first reason of a state is the one that
+    /// caused it ("mihomo exited", "Clash disabled"), and later passes keep it.
     pub fn set_tproxy(&self, state: &str, reason: &str) {
+        self.publish_tproxy(state, reason, false);
+    }
+
+    /// Like [`Shared::set_tproxy`], but a new reason replaces the old one in the same
+    /// state (TPROXY newly configured: "not configured" becomes what it waits for).
+    pub fn set_tproxy_reason(&self, state: &str, reason: &str) {
+        self.publish_tproxy(state, reason, true);
+    }
+
+    fn publish_tproxy(&self, state: &str, reason: &str, new_reason_counts: bool) {
         let mut cur = self.tproxy_status.lock().unwrap_or_else(|p| p.into_inner());
-        if cur.as_deref().and_then(|v| v.split(' ').next()) == Some(state) {
+        let unchanged = cur.as_deref().is_some_and(|v| {
+            let mut parts = v.splitn(3, ' ');
+            let same_state = parts.next() == Some(state);
+            same_state && (!new_reason_counts || parts.nth(1) == Some(reason))
+        });
+        if unchanged {
             return;
         }
         let value = format!("{state} {} {reason}", crate::reconcile::unix_now());
