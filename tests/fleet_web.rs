@@ -295,13 +295,13 @@ async fn fleet_page_in_headless_chromium() {
     }
     assert!(!dom.contains(ADMIN));
 
-    // The screenshot: checked every run, written to docs/fleet.png only with
-    // UPDATE_SCREENSHOT=1 (like UPDATE_GOLDEN=1), so a test run leaves the tree clean.
-    let shot_dir = tempfile::tempdir().unwrap();
+    // The screenshot: taken and checked every run and kept under cargo's target dir
+    // (the path is printed); written to docs/fleet.png only with UPDATE_SCREENSHOT=1
+    // (like UPDATE_GOLDEN=1), so a test run leaves the tree clean.
     let png: PathBuf = if std::env::var_os("UPDATE_SCREENSHOT").is_some() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fleet.png")
     } else {
-        shot_dir.path().join("fleet.png")
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet.png")
     };
     let _ = std::fs::remove_file(&png);
     chromium(&[&format!("--screenshot={}", png.display())], &url).await;
