@@ -224,32 +224,7 @@ impl NsEtcd {
 
     /// Put a value (passed on stdin, so multi-line values and leading dashes are safe).
     pub fn put(&self, key: &str, value: &str) {
-        use std::io::Write as _;
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns,
-                "etcdctl",
-                "--endpoints",
-                &self.endpoint,
-                "put",
-                key,
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn etcdctl");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(value.as_bytes())
-            .expect("write value");
-        assert!(
-            child.wait().expect("etcdctl").success(),
-            "etcdctl put {key} failed"
-        );
+        etcd_args::etcdctl_put_in_netns(&self.ns, &self.endpoint, key, value);
     }
 
     pub fn get(&self, key: &str) -> Option<String> {

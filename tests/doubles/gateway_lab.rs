@@ -266,20 +266,7 @@ impl Lab {
     }
 
     pub fn put(&self, key: &str, value: &str) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", self.etcd_ns.name(), "etcdctl"])
-            .args(["--endpoints", &Self::endpoint(), "put", key])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("etcdctl must be installed");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(value.as_bytes())
-            .expect("write value");
-        assert!(child.wait().expect("etcdctl").success(), "put {key} failed");
+        etcd_args::etcdctl_put_in_netns(self.etcd_ns.name(), &Self::endpoint(), key, value);
     }
 
     /// `/updated/<node>/<suffix>`, if set.
