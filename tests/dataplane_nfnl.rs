@@ -104,8 +104,8 @@ fn list(ns: &Netns) -> String {
     ns.exec(&["nft", "list", "table", "inet", "meduza"])
 }
 
-/// What `nft -f` of `meduza dataplane ruleset --plan P` installs, as listed.
-fn oracle_listing(ns: &Netns, plan: &TproxyPlan) -> String {
+/// Loads `meduza dataplane ruleset --plan P` into `ns` with `nft -f`.
+fn load_with_nft_f(ns: &Netns, plan: &TproxyPlan) {
     let plan_file = write_plan(plan);
     let text = netns::run(&[
         env!("CARGO_BIN_EXE_meduza"),
@@ -117,6 +117,11 @@ fn oracle_listing(ns: &Netns, plan: &TproxyPlan) -> String {
     let mut rf = tempfile::NamedTempFile::new().unwrap();
     rf.write_all(text.as_bytes()).unwrap();
     ns.exec(&["nft", "-f", rf.path().to_str().unwrap()]);
+}
+
+/// What `nft -f` of `meduza dataplane ruleset --plan P` installs, as listed.
+fn oracle_listing(ns: &Netns, plan: &TproxyPlan) -> String {
+    load_with_nft_f(ns, plan);
     let listed = list(ns);
     ns.exec(&["nft", "delete", "table", "inet", "meduza"]);
     listed
@@ -195,17 +200,7 @@ fn big_plan_lists_exactly_like_nft_f() {
 fn table_loaded_by_nft_f_is_unchanged_and_replace_converges() {
     let ns = Netns::new("nfr");
     // Loaded by nft itself: our comparison finds it equal and sends nothing.
-    let plan_file = write_plan(&small_plan());
-    let text = netns::run(&[
-        env!("CARGO_BIN_EXE_meduza"),
-        "dataplane",
-        "ruleset",
-        "--plan",
-        plan_file.path().to_str().unwrap(),
-    ]);
-    let mut rf = tempfile::NamedTempFile::new().unwrap();
-    rf.write_all(text.as_bytes()).unwrap();
-    ns.exec(&["nft", "-f", rf.path().to_str().unwrap()]);
+    load_with_nft_f(&ns, &small_plan());
     let oracle = list(&ns);
     ns.exec(&["nft", "add", "table", "inet", "fw4_standin"]);
     ns.exec(&[
