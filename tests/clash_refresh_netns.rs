@@ -28,7 +28,7 @@ mod netns;
 #[path = "doubles/gateway_lab.rs"]
 mod gateway_lab;
 
-use gateway_lab::{wait_for, Lab, HTTP_PORT, NODE, PROXY_OUT};
+use gateway_lab::{wait_for, Lab, Mihomo, HTTP_PORT, NODE, PROXY_OUT};
 use netns::Topology;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -133,7 +133,10 @@ fn subscription_and_rule_refresh_end_to_end() {
     lab.put(&node("mosdns/enable"), "true");
     lab.put(&node("mosdns/refresh"), "5");
     lab.put("/commit", "1");
-    lab.start_meduza(&[("MEDUZA_MINUTE_MS", "200"), ("MEDUZA_DATAPLANE", "off")]);
+    lab.start_meduza(
+        Mihomo::Double,
+        &[("MEDUZA_MINUTE_MS", "200"), ("MEDUZA_DATAPLANE", "off")],
+    );
 
     lab.wait_status("clash/health", Duration::from_secs(30), |v| {
         v.starts_with("healthy ")

@@ -61,6 +61,45 @@ pub struct ClashGlobal {
     pub base: Option<serde_yaml::Mapping>,
     /// `/global/clash/subscriptions/<name>/url`.
     pub subscriptions: BTreeMap<String, String>,
+    /// `/global/clash/health/*`, defaults filled in; a node's effective values are
+    /// [`Clash::health`].
+    pub health: ClashHealthCheck,
+}
+
+/// `clash/health/*`: mihomo's own health checks (proxy provider and the default
+/// url-test group) and meduza's active delay tests of the node each URLTest group uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClashHealthCheck {
+    /// `clash/health/url`: fetched through the proxy under test (mihomo's url-test
+    /// groups, provider health checks and meduza's delay tests).
+    pub url: String,
+    /// `clash/health/interval`: seconds between mihomo's own checks over all members.
+    pub interval_secs: u64,
+    /// `clash/health/probe_interval`: seconds between meduza's delay tests of the node
+    /// in use.
+    pub probe_interval_secs: u64,
+    /// `clash/health/timeout`: milliseconds one delay test may take before the node
+    /// counts as dead.
+    pub timeout_ms: u64,
+}
+
+impl ClashHealthCheck {
+    /// Google's 204 endpoint, mihomo's own default test URL.
+    pub const DEFAULT_URL: &'static str = "https://www.gstatic.com/generate_204";
+    pub const DEFAULT_INTERVAL_SECS: u64 = 300;
+    pub const DEFAULT_PROBE_INTERVAL_SECS: u64 = 10;
+    pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
+}
+
+impl Default for ClashHealthCheck {
+    fn default() -> Self {
+        Self {
+            url: Self::DEFAULT_URL.to_string(),
+            interval_secs: Self::DEFAULT_INTERVAL_SECS,
+            probe_interval_secs: Self::DEFAULT_PROBE_INTERVAL_SECS,
+            timeout_ms: Self::DEFAULT_TIMEOUT_MS,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Default)]
@@ -217,6 +256,9 @@ pub struct Clash {
     /// `clash/secret`: API secret; when absent the daemon generates one per node.
     #[serde(skip)]
     pub secret: Option<String>,
+    /// Effective `clash/health/*`: each of the node's keys, else the global one, else
+    /// the default.
+    pub health: ClashHealthCheck,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -429,6 +471,7 @@ fn parse_global(r: &mut Reader<'_>) -> Global {
             Err(e) => Err(format!("YAML does not parse: {e}")),
         }
     });
+    let health = parse_clash_health(r, "/global/", &ClashHealthCheck::default());
     let mut subscriptions = BTreeMap::new();
     for (name, base) in r.named_children("/global/clash/subscriptions/", "url", "subscription") {
         let key = format!("{base}url");
@@ -487,6 +530,7 @@ fn parse_global(r: &mut Reader<'_>) -> Global {
         clash: ClashGlobal {
             base,
             subscriptions,
+            health,
         },
         mosdns: MosdnsGlobal {
             rule_files,
@@ -496,6 +540,75 @@ fn parse_global(r: &mut Reader<'_>) -> Global {
         fleet_proxy,
         fleet_nodes,
     }
+}
+
+/// `<base>clash/health/*` (`base` is `/global/` or `/nodes/<id>/`): each key present
+/// wins, each absent or invalid one keeps `fallback`'s value (the global settings for a
+/// node, the defaults for the global keys).
+fn parse_clash_health(
+    r: &mut Reader<'_>,
+    base: &str,
+    fallback: &ClashHealthCheck,
+) -> ClashHealthCheck {
+    let k = |s: &str| format!("{base}clash/health/{s}");
+    ClashHealthCheck {
+        url: r
+            .parsed(&k("url"), parse_health_url)
+            .unwrap_or_else(|| fallback.url.clone()),
+        interval_secs: r
+            .u64_in(&k("interval"), 5, 86_400)
+            .unwrap_or(fallback.interval_secs),
+        probe_interval_secs: r
+            .u64_in(&k("probe_interval"), 1, 3600)
+            .unwrap_or(fallback.probe_interval_secs),
+        timeout_ms: r
+            .u64_in(&k("timeout"), 100, 60_000)
+            .unwrap_or(fallback.timeout_ms),
+    }
+}
+
+/// `clash/health/url`: an absolute http(s) URL with a host (`host`, `host:port` or
+/// `[v6]:port`). mihomo dials that host through every proxy it tests, so a URL without
+/// one would make every node look dead.
+fn parse_health_url(v: &str) -> Result<String, String> {
+    let url = parse::parse_http_url(v)?;
+    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err("URL must not carry user information".into());
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or("URL has an unclosed [ in its host")?;
+            h.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| "URL host in [] is not an IPv6 address".to_string())?;
+            match after {
+                "" => (h, None),
+                _ => (
+                    h,
+                    Some(
+                        after
+                            .strip_prefix(':')
+                            .ok_or("URL host [v6] may only be followed by :port")?,
+                    ),
+                ),
+            }
+        }
+        None => match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("URL has no host".into());
+    }
+    parse::validate_host(host).map_err(|e| format!("URL {e}"))?;
+    if let Some(p) = port {
+        parse::parse_port(p).map_err(|e| format!("URL {e}"))?;
+    }
+    Ok(url)
 }
 
 /// Cipher/digest names: OpenSSL names such as `aes-256-cbc`, `sha256`.
@@ -962,6 +1075,7 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
                 Err("secret must be at least 16 printable characters without spaces".into())
             }
         }),
+        health: parse_clash_health(r, &p, &global.clash.health),
     };
     if let Some(sub) = &clash.active_subscription {
         if !global.clash.subscriptions.contains_key(sub) {
@@ -1222,6 +1336,145 @@ fn cross_checks(r: &mut Reader<'_>, global: &Global, nodes: &BTreeMap<String, No
                 "",
                 "eBGP over a VPN needs this node's bgp/asn",
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(keys: &[(&str, &str)]) -> Result<Config, ValidationErrors> {
+        let mut snap = Snapshot::default();
+        snap.0.insert("/nodes/a/lan".into(), "10.0.0.0/24".into());
+        snap.0.insert("/nodes/b/lan".into(), "10.0.1.0/24".into());
+        for (k, v) in keys {
+            snap.0.insert((*k).to_string(), (*v).to_string());
+        }
+        Config::parse(&snap)
+    }
+
+    fn health(keys: &[(&str, &str)], node: &str) -> ClashHealthCheck {
+        let cfg = parse(keys).expect("valid snapshot");
+        cfg.node(node).expect("node").clash.health.clone()
+    }
+
+    #[test]
+    fn clash_health_defaults() {
+        let d = ClashHealthCheck::default();
+        assert_eq!(d.url, "https://www.gstatic.com/generate_204");
+        assert_eq!(
+            (d.interval_secs, d.probe_interval_secs, d.timeout_ms),
+            (300, 10, 5000)
+        );
+        let cfg = parse(&[]).expect("valid snapshot");
+        assert_eq!(cfg.global.clash.health, d);
+        assert_eq!(cfg.node("a").expect("a").clash.health, d);
+    }
+
+    #[test]
+    fn clash_health_global_keys_apply_to_every_node() {
+        let keys = [
+            ("/global/clash/health/url", "http://cp.cloudflare.com/"),
+            ("/global/clash/health/interval", "600"),
+            ("/global/clash/health/probe_interval", "2"),
+            ("/global/clash/health/timeout", "1500"),
+        ];
+        let want = ClashHealthCheck {
+            url: "http://cp.cloudflare.com/".into(),
+            interval_secs: 600,
+            probe_interval_secs: 2,
+            timeout_ms: 1500,
+        };
+        assert_eq!(health(&keys, "a"), want);
+        assert_eq!(health(&keys, "b"), want);
+    }
+
+    #[test]
+    fn clash_health_node_keys_are_parsed() {
+        let keys = [
+            (
+                "/nodes/a/clash/health/url",
+                "https://[2001:db8::1]:8443/204?x=1",
+            ),
+            ("/nodes/a/clash/health/interval", "5"),
+            ("/nodes/a/clash/health/probe_interval", "3600"),
+            ("/nodes/a/clash/health/timeout", "60000"),
+        ];
+        let want = ClashHealthCheck {
+            url: "https://[2001:db8::1]:8443/204?x=1".into(),
+            interval_secs: 5,
+            probe_interval_secs: 3600,
+            timeout_ms: 60_000,
+        };
+        assert_eq!(health(&keys, "a"), want);
+        assert_eq!(health(&keys, "b"), ClashHealthCheck::default());
+    }
+
+    #[test]
+    fn clash_health_node_key_wins_over_global_key() {
+        let keys = [
+            ("/global/clash/health/url", "http://cp.cloudflare.com/"),
+            ("/global/clash/health/interval", "600"),
+            ("/global/clash/health/probe_interval", "20"),
+            ("/global/clash/health/timeout", "3000"),
+            ("/nodes/a/clash/health/url", "http://captive.apple.com"),
+            ("/nodes/a/clash/health/timeout", "800"),
+        ];
+        // Key by key: the node's keys win, its absent keys take the global values.
+        assert_eq!(
+            health(&keys, "a"),
+            ClashHealthCheck {
+                url: "http://captive.apple.com".into(),
+                interval_secs: 600,
+                probe_interval_secs: 20,
+                timeout_ms: 800,
+            }
+        );
+        assert_eq!(health(&keys, "b").url, "http://cp.cloudflare.com/");
+        assert_eq!(health(&keys, "b").timeout_ms, 3000);
+    }
+
+    #[test]
+    fn clash_health_invalid_values_are_refused_naming_the_key() {
+        // (leaf, bad value, words of the reason)
+        const CASES: &[(&str, &str, &str)] = &[
+            ("url", "ftp://example.com/", "http:// or https://"),
+            ("url", "www.gstatic.com/generate_204", "http:// or https://"),
+            ("url", "https://", "no host"),
+            ("url", "http:///generate_204", "no host"),
+            ("url", "http://:80/x", "no host"),
+            ("url", "https://exa mple.com/", "whitespace"),
+            ("url", "https://$(reboot)/", "host may only contain"),
+            ("url", "https://example.com:0/", "port"),
+            ("url", "https://example.com:http/", "port"),
+            ("url", "https://user@example.com/", "user information"),
+            ("url", "https://[::1/", "unclosed"),
+            ("url", "https://[example]/", "IPv6"),
+            ("url", "https://[::1]x/", ":port"),
+            ("interval", "4", "out of range 5-86400"),
+            ("interval", "86401", "out of range 5-86400"),
+            ("interval", "5m", "not a whole number"),
+            ("probe_interval", "0", "out of range 1-3600"),
+            ("probe_interval", "3601", "out of range 1-3600"),
+            ("probe_interval", "-1", "not a whole number"),
+            ("timeout", "99", "out of range 100-60000"),
+            ("timeout", "60001", "out of range 100-60000"),
+            ("timeout", "1.5", "not a whole number"),
+        ];
+        for base in ["/global/", "/nodes/a/"] {
+            for (leaf, value, reason) in CASES {
+                let key = format!("{base}clash/health/{leaf}");
+                let errs = parse(&[(&key, value)]).expect_err(&format!("{key} = {value:?}"));
+                assert_eq!(errs.0.len(), 1, "{key} = {value:?}: {errs}");
+                let e = &errs.0[0];
+                assert_eq!((e.key.as_str(), e.value.as_str()), (key.as_str(), *value));
+                assert!(
+                    e.reason.contains(reason),
+                    "{key} = {value:?}: reason {:?} lacks {reason:?}",
+                    e.reason
+                );
+            }
         }
     }
 }

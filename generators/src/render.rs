@@ -12,7 +12,7 @@
 
 use crate::error::ValidationError;
 use crate::gen;
-use crate::model::{ClashMode, Config, MeshType, Node};
+use crate::model::{ClashHealthCheck, ClashMode, Config, MeshType, Node};
 use crate::plan::dns::DnsPlan;
 use crate::plan::service::ServiceSpec;
 use crate::plan::tproxy::TproxyPlan;
@@ -138,6 +138,9 @@ pub struct ClashRuntime {
     /// Where the subscription is stored (`/etc/mihomo/providers/<name>.yaml`); empty
     /// when no subscription is active.
     pub provider_path: String,
+    /// The node's `clash/health/*`: the URL, interval and timeout mihomo's checks use,
+    /// and how often and how patiently the monitor delay-tests the node in use.
+    pub health: ClashHealthCheck,
 }
 
 /// What the MosDNS orchestration needs: rule files to download before start.

@@ -281,13 +281,101 @@ pub fn render(node_id: &str, m: &MetricsSnapshot) -> String {
         "1 while the TPROXY rules are applied.",
     );
     o.sample("meduza_tproxy_applied", &[], flag(m.tproxy_applied));
+
+    if let Some(t) = m.mihomo_traffic {
+        o.family(
+            "meduza_mihomo_traffic_bytes_total",
+            "counter",
+            "Bytes through mihomo since meduza started (its /connections uploadTotal and downloadTotal, carried over mihomo restarts).",
+        );
+        for (direction, bytes) in [("uplink", t.uplink), ("downlink", t.downlink)] {
+            o.sample(
+                "meduza_mihomo_traffic_bytes_total",
+                &[("direction", direction)],
+                bytes.to_string(),
+            );
+        }
+    }
     o.0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::types::{ServiceMetric, UpstreamMetric};
+    use crate::api::types::{ServiceMetric, Traffic, UpstreamMetric};
+
+    /// The lines of family `name`: its HELP and TYPE lines and its samples.
+    fn family<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix("# HELP ")
+                    .or_else(|| l.strip_prefix("# TYPE "))
+                    .unwrap_or(l)
+                    .split(['{', ' '])
+                    .next()
+                    == Some(name)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn restart_counter_and_gauge() {
+        let m = MetricsSnapshot {
+            services: vec![ServiceMetric {
+                name: "tinc".into(),
+                state: ServiceState::Running,
+                restarts_total: 12,
+                restarts_last_hour: 2,
+            }],
+            ..Default::default()
+        };
+        let text = render("n1", &m);
+        let total = family(&text, "meduza_service_restarts_total");
+        assert_eq!(total.len(), 3, "{text}");
+        assert!(total[0].starts_with("# HELP meduza_service_restarts_total "));
+        assert_eq!(total[1], "# TYPE meduza_service_restarts_total counter");
+        assert_eq!(
+            total[2],
+            r#"meduza_service_restarts_total{service="tinc"} 12"#
+        );
+        let hour = family(&text, "meduza_service_restarts_last_hour");
+        assert_eq!(hour.len(), 3, "{text}");
+        assert!(hour[0].starts_with("# HELP meduza_service_restarts_last_hour "));
+        assert_eq!(hour[1], "# TYPE meduza_service_restarts_last_hour gauge");
+        assert_eq!(
+            hour[2],
+            r#"meduza_service_restarts_last_hour{service="tinc"} 2"#
+        );
+    }
+
+    #[test]
+    fn mihomo_traffic_counter() {
+        let off = render("n1", &MetricsSnapshot::default());
+        assert!(
+            family(&off, "meduza_mihomo_traffic_bytes_total").is_empty(),
+            "no family while Clash is off or mihomo never answered: {off}"
+        );
+        let m = MetricsSnapshot {
+            mihomo_traffic: Some(Traffic {
+                uplink: 5,
+                downlink: 7,
+            }),
+            ..Default::default()
+        };
+        let text = render("n1", &m);
+        let lines = family(&text, "meduza_mihomo_traffic_bytes_total");
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("# HELP meduza_mihomo_traffic_bytes_total "));
+        assert_eq!(lines[1], "# TYPE meduza_mihomo_traffic_bytes_total counter");
+        assert_eq!(
+            lines[2],
+            r#"meduza_mihomo_traffic_bytes_total{direction="uplink"} 5"#
+        );
+        assert_eq!(
+            lines[3],
+            r#"meduza_mihomo_traffic_bytes_total{direction="downlink"} 7"#
+        );
+    }
 
     #[test]
     fn escapes_and_histograms() {

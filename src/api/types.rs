@@ -135,7 +135,9 @@ pub struct ConfigError {
 /// Counters the daemon owns, for `/v1/stats`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct StatsSources {
-    /// mihomo's traffic totals (bytes since it started); `None` while it is not running.
+    /// mihomo's traffic totals: bytes since meduza started, from its `GET /connections`
+    /// `uploadTotal`/`downloadTotal`, carried over restarts of mihomo so they only go
+    /// up. `None` while Clash is disabled or before mihomo first answered.
     pub mihomo: Option<Traffic>,
     /// Named counters of the `inet meduza` table.
     pub tproxy_counters: Vec<NftCounter>,
@@ -205,13 +207,17 @@ pub struct MetricsSnapshot {
     pub dns: DnsMetrics,
     /// TPROXY rules currently applied.
     pub tproxy_applied: bool,
+    /// mihomo's traffic totals, as in [`StatsSources::mihomo`].
+    pub mihomo_traffic: Option<Traffic>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceMetric {
     pub name: String,
     pub state: ServiceState,
+    /// Restarts since meduza started (a counter: never goes down).
     pub restarts_total: u64,
+    /// Restarts in the rolling hour of the restart budget (a gauge).
     pub restarts_last_hour: u32,
 }
 

@@ -1,8 +1,8 @@
-//! mihomo's REST API (external controller) client and the pure health verdict.
+//! mihomo's REST API (external controller) client.
 //!
 //! Owns: HTTP calls to mihomo's controller with `Authorization: Bearer <secret>` and
-//! short timeouts, and [`verdict`], which decides from a `GET /proxies` reply whether
-//! mihomo passes traffic.
+//! short timeouts, and [`full_health`], which puts the process, the API and the pure
+//! [`verdict`] (module `verdict`) together.
 //! Must not: act on the verdict (the monitor decides when TPROXY goes), start or signal
 //! mihomo, or write files.
 //!
@@ -10,6 +10,7 @@
 //! is set (401 `{"message":"Unauthorized"}` otherwise); `PUT /configs` answers 204 even
 //! when applying the new configuration fails, so callers must verify a reload.
 
+pub use crate::clash::verdict::{verdict, Health};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -42,66 +43,6 @@ pub enum ApiError {
     },
     #[error("mihomo API {url}: bad reply: {reason}")]
     BadReply { url: String, reason: String },
-}
-
-/// mihomo's health as the gateway sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Health {
-    /// Process alive, API answers, every URLTest group has a live pick.
-    Healthy,
-    /// Some, not all, URLTest groups are `REJECT` or empty: not strictly healthy (so
-    /// TPROXY is not *re*-applied) but still passing traffic (so it is not removed).
-    Degraded { reason: String },
-    /// Process dead, API unreachable or stalled, or every URLTest group `REJECT`.
-    Unhealthy { reason: String },
-}
-
-impl Health {
-    pub fn is_healthy(&self) -> bool {
-        matches!(self, Health::Healthy)
-    }
-}
-
-/// The verdict on a `GET /proxies` reply (`{"proxies": {name: {...}}}`).
-///
-/// A `URLTest` group is down when its `now` is empty or `REJECT`. No URLTest group at
-/// all is healthy (the API answered). All of them down is unhealthy; some down is
-/// degraded. The reason names the groups, sorted, so it is stable between probes.
-pub fn verdict(proxies: &Value) -> Health {
-    let Some(map) = proxies.get("proxies").and_then(Value::as_object) else {
-        return Health::Unhealthy {
-            reason: "malformed /proxies reply: no \"proxies\" object".to_string(),
-        };
-    };
-    let mut total = 0usize;
-    let mut down: Vec<String> = Vec::new();
-    for (name, entry) in map {
-        if entry.get("type").and_then(Value::as_str) != Some("URLTest") {
-            continue;
-        }
-        total += 1;
-        let now = entry.get("now").and_then(Value::as_str).unwrap_or("");
-        if now.is_empty() || now == "REJECT" {
-            let shown = if now.is_empty() { "empty" } else { now };
-            down.push(format!("{name}={shown}"));
-        }
-    }
-    down.sort();
-    if down.is_empty() {
-        Health::Healthy
-    } else if down.len() == total {
-        Health::Unhealthy {
-            reason: format!("every URLTest group is down: {}", down.join(", ")),
-        }
-    } else {
-        Health::Degraded {
-            reason: format!(
-                "{} of {total} URLTest groups down: {}",
-                down.len(),
-                down.join(", ")
-            ),
-        }
-    }
 }
 
 /// Full health: the supervisor's view of the process, then the API, then the verdict.
@@ -306,6 +247,76 @@ impl MihomoApi {
         self.get_json(&["proxies", name]).await
     }
 
+    /// `GET /proxies/{name}/delay?url=..&timeout=..`: mihomo tests `name` now, records
+    /// the result (its `alive` flips on failure) and answers the delay in ms. A failed
+    /// test is an error (mihomo answers 503 or 504).
+    pub async fn proxy_delay(
+        &self,
+        name: &str,
+        test_url: &str,
+        timeout: Duration,
+    ) -> Result<u64, ApiError> {
+        let v = self
+            .delay(&["proxies", name, "delay"], test_url, timeout)
+            .await?;
+        v.get("delay")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| ApiError::BadReply {
+                url: self.url(&["proxies", name, "delay"]).to_string(),
+                reason: format!("no \"delay\" in {v}"),
+            })
+    }
+
+    /// `GET /group/{name}/delay?url=..&timeout=..`: mihomo tests every member of the
+    /// group (a url-test group then re-picks its fastest live member) and answers
+    /// `{member: delay}` for the members that passed.
+    pub async fn group_delay(
+        &self,
+        name: &str,
+        test_url: &str,
+        timeout: Duration,
+    ) -> Result<Value, ApiError> {
+        self.delay(&["group", name, "delay"], test_url, timeout)
+            .await
+    }
+
+    async fn delay(
+        &self,
+        segments: &[&str],
+        test_url: &str,
+        timeout: Duration,
+    ) -> Result<Value, ApiError> {
+        let mut url = self.url(segments);
+        url.query_pairs_mut()
+            .append_pair("url", test_url)
+            .append_pair("timeout", &timeout.as_millis().to_string());
+        // mihomo bounds the test by `timeout`; the HTTP call gets a margin on top.
+        let budget = timeout + self.timeout;
+        let resp = self
+            .send(
+                self.request(reqwest::Method::GET, url.clone()),
+                &url,
+                budget,
+            )
+            .await?;
+        resp.json::<Value>().await.map_err(|e| ApiError::BadReply {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// `GET /providers/proxies`: every proxy provider with its `proxies` list.
+    pub async fn providers(&self) -> Result<Value, ApiError> {
+        self.get_json(&["providers", "proxies"]).await
+    }
+
+    /// `PUT /providers/proxies/{name}`: mihomo fetches the provider again from its URL.
+    pub async fn update_provider(&self, name: &str) -> Result<(), ApiError> {
+        let url = self.url(&["providers", "proxies", name]);
+        let req = self.request(reqwest::Method::PUT, url.clone());
+        self.send(req, &url, RELOAD_TIMEOUT).await.map(|_| ())
+    }
+
     /// `GET /configs`: the running general configuration (ports, mode, ...).
     pub async fn configs(&self) -> Result<Value, ApiError> {
         self.get_json(&["configs"]).await
@@ -361,68 +372,8 @@ mod tests {
     }
 
     #[test]
-    fn verdict_table() {
-        let direct = json!({"type": "Direct", "history": []});
-        let cases: Vec<(Value, Health)> = vec![
-            (
-                json!({}),
-                Health::Unhealthy {
-                    reason: "malformed /proxies reply: no \"proxies\" object".into(),
-                },
-            ),
-            (json!({"proxies": {"DIRECT": direct}}), Health::Healthy),
-            (
-                json!({"proxies": {"auto": group("URLTest", "hk1")}}),
-                Health::Healthy,
-            ),
-            (
-                json!({"proxies": {"auto": group("URLTest", "REJECT")}}),
-                Health::Unhealthy {
-                    reason: "every URLTest group is down: auto=REJECT".into(),
-                },
-            ),
-            (
-                json!({"proxies": {"auto": group("URLTest", "")}}),
-                Health::Unhealthy {
-                    reason: "every URLTest group is down: auto=empty".into(),
-                },
-            ),
-            (
-                json!({"proxies": {"auto": {"type": "URLTest", "all": []}}}),
-                Health::Unhealthy {
-                    reason: "every URLTest group is down: auto=empty".into(),
-                },
-            ),
-            (
-                json!({"proxies": {"hk": group("URLTest", "REJECT"), "us": group("URLTest", "us1")}}),
-                Health::Degraded {
-                    reason: "1 of 2 URLTest groups down: hk=REJECT".into(),
-                },
-            ),
-            (
-                json!({"proxies": {"us": group("URLTest", "REJECT"), "hk": group("URLTest", "")}}),
-                Health::Unhealthy {
-                    reason: "every URLTest group is down: hk=empty, us=REJECT".into(),
-                },
-            ),
-            // Only URLTest groups count: a Selector on REJECT is an operator's choice.
-            (
-                json!({"proxies": {"sel": group("Selector", "REJECT"), "auto": group("URLTest", "x")}}),
-                Health::Healthy,
-            ),
-            (
-                json!({"proxies": {"fb": group("Fallback", "REJECT")}}),
-                Health::Healthy,
-            ),
-        ];
-        for (input, want) in cases {
-            assert_eq!(verdict(&input), want, "input {input}");
-        }
-    }
-
-    #[test]
     fn full_health_order() {
-        let ok = json!({"proxies": {"auto": group("URLTest", "x")}});
+        let ok = json!({"proxies": {"auto": group("URLTest", "x"), "x": {"type": "Socks5", "alive": true}}});
         assert!(matches!(
             full_health(false, Ok(&ok)),
             Health::Unhealthy { .. }

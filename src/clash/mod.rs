@@ -1,9 +1,11 @@
 //! Mihomo (Clash Meta) and MosDNS orchestration (DESIGN §9).
 //!
-//! Owns: the mihomo REST API client and health verdict (`api`), the crash monitor that
-//! gates TPROXY on mihomo's health (`monitor`), MosDNS rule-file downloads (`rules`),
-//! subscription download and mihomo hot reload (`subscription`), and the startup chain
-//! DNS → mihomo healthy → rules → MosDNS → TPROXY (`chain`).
+//! Owns: the mihomo REST API client (`api`), the pure health verdict that follows each
+//! URLTest group to its leaf proxy (`verdict`), the active delay tests of the nodes in
+//! use (`liveness`), the crash monitor that gates TPROXY on mihomo's health
+//! (`monitor`), MosDNS rule-file downloads (`rules`), subscription download and mihomo
+//! hot reload (`subscription`), and the startup chain DNS → mihomo healthy → rules →
+//! MosDNS → TPROXY (`chain`).
 //!
 //! Must not: spawn or signal processes itself (the supervisor does, through the
 //! traits defined here), touch nftables or routes (the data plane does, behind
@@ -12,9 +14,11 @@
 
 pub mod api;
 pub mod chain;
+pub mod liveness;
 pub mod monitor;
 pub mod rules;
 pub mod subscription;
+pub mod verdict;
 
 pub use api::{verdict, Health, MihomoApi};
 pub use chain::{ChainConfig, ChainDeps, ChainStep};

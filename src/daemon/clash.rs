@@ -1,11 +1,13 @@
 //! Glue between the Clash orchestration (`crate::clash`), the supervisor, the data
 //! plane and the DNS frontend: the TPROXY gate is the data plane's desired state, the
 //! health sink feeds the status keys and the DNS chain, and the startup chain holds
-//! MosDNS back until its rule files are in place (DESIGN §9).
+//! MosDNS back until its rule files are in place (DESIGN §9). Next to the monitor, a
+//! poller keeps mihomo's traffic totals in `Shared` for the node API.
 
 use super::Shared;
 use crate::clash::api::{MihomoApi, PROBE_TIMEOUT};
 use crate::clash::chain::{self, ChainConfig, ChainDeps};
+use crate::clash::liveness::{self, LivenessConfig};
 use crate::clash::monitor::{
     ClashHealthSink, ClashMonitor, GateError, HealthStatus, MonitorConfig, MonitorHandle, Phase,
     ProcessEvent, TproxyGate,
@@ -26,9 +28,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 const MIHOMO_SERVICE: &str = "mihomo";
+/// How often mihomo's traffic totals are read for `/v1/stats` and `/metrics`.
+const TRAFFIC_POLL: Duration = Duration::from_secs(2);
+/// Timeout of one read: `GET /connections` lists every open connection, so its reply
+/// is larger than a health probe's; still under [`TRAFFIC_POLL`] so reads never pile up.
+const TRAFFIC_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Retry period of a rule-file round that left a file missing.
 const RULES_RETRY: Duration = Duration::from_secs(60);
 
@@ -133,6 +140,29 @@ struct RunningMonitor {
     handle: MonitorHandle,
     task: JoinHandle<()>,
     forward: JoinHandle<()>,
+    /// [`poll_traffic`]: starts and stops with the monitor.
+    traffic: Option<JoinHandle<()>>,
+}
+
+/// Read mihomo's `GET /connections` totals every [`TRAFFIC_POLL`] into
+/// `Shared::mihomo_traffic`, so the node API answers from memory and never waits on
+/// mihomo. A failed read keeps the last value (the monitor reports mihomo's health).
+async fn poll_traffic(api: MihomoApi, shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(TRAFFIC_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match api.totals().await {
+            Ok(totals) => {
+                shared
+                    .mihomo_traffic
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .observe(totals);
+            }
+            Err(err) => debug!(%err, "[clash] traffic totals not read"),
+        }
+    }
 }
 
 struct RunningChain {
@@ -152,6 +182,8 @@ pub struct ClashOrchestrator {
     mosdns_spec: Option<ServiceSpec>,
     /// The subscription refresh task and what it was started for.
     refresh: Option<(String, JoinHandle<()>)>,
+    /// The active delay tests of the nodes in use, keyed by what they run with.
+    liveness: Option<(String, JoinHandle<()>)>,
     /// One configured minute of the refresh intervals ([`minute_from`]).
     minute: Duration,
 }
@@ -205,6 +237,7 @@ impl ClashOrchestrator {
             mosdns_released: Arc::new(AtomicBool::new(false)),
             mosdns_spec: None,
             refresh: None,
+            liveness: None,
             minute,
         }
     }
@@ -273,6 +306,13 @@ impl ClashOrchestrator {
                 if self.monitor.is_some() {
                     self.stop_monitor().await;
                 }
+                // mihomo is stopped with Clash: its totals go into the base, and
+                // `/v1/stats` and `/metrics` show no mihomo entries until it is back.
+                self.shared
+                    .mihomo_traffic
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retire();
                 self.shared.publisher.remove("clash/health");
                 self.shared.clash_healthy.store(false, Ordering::SeqCst);
                 update_dns_chain(&self.shared);
@@ -280,6 +320,7 @@ impl ClashOrchestrator {
         }
 
         self.sync_refresh(clash.as_ref());
+        self.sync_liveness(clash.as_ref());
         // A new monitor needs arming again: the chain restarts with it.
         let chain_key = format!(
             "{}|{}|{:?}|{:?}",
@@ -296,6 +337,33 @@ impl ClashOrchestrator {
                 self.mosdns_released.store(false, Ordering::SeqCst);
             }
             self.start_chain(chain_key, clash.is_some(), tproxy.is_some(), mosdns);
+        }
+    }
+
+    /// Runs the active delay tests ([`liveness`]) while Clash is enabled; restarts them
+    /// when the controller, the secret or `clash/health/*` change.
+    fn sync_liveness(&mut self, clash: Option<&ClashRuntime>) {
+        let want = clash.and_then(|rt| {
+            let api = MihomoApi::new(&rt.controller.to_string(), &rt.secret, PROBE_TIMEOUT).ok()?;
+            let cfg = LivenessConfig {
+                test_url: rt.health.url.clone(),
+                every: Duration::from_secs(rt.health.probe_interval_secs),
+                timeout: Duration::from_millis(rt.health.timeout_ms),
+            };
+            let key = format!("{}|{}|{cfg:?}", rt.controller, rt.secret);
+            Some((key, api, cfg))
+        });
+        let current = self.liveness.as_ref().map(|(k, _)| k.as_str());
+        if current == want.as_ref().map(|(k, _, _)| k.as_str()) {
+            return;
+        }
+        if let Some((_, task)) = self.liveness.take() {
+            task.abort();
+        }
+        if let Some((key, api, cfg)) = want {
+            info!(url = %cfg.test_url, every_s = cfg.every.as_secs(), timeout_ms = cfg.timeout.as_millis() as u64,
+                "[clash] delay tests of the nodes in use started");
+            self.liveness = Some((key, tokio::spawn(liveness::run(api, cfg))));
         }
     }
 
@@ -324,6 +392,14 @@ impl ClashOrchestrator {
         };
         let sink = Sink {
             shared: Arc::clone(&self.shared),
+        };
+        let traffic = match MihomoApi::new(&rt.controller.to_string(), &rt.secret, TRAFFIC_TIMEOUT)
+        {
+            Ok(api) => Some(tokio::spawn(poll_traffic(api, Arc::clone(&self.shared)))),
+            Err(err) => {
+                warn!(%err, "[clash] cannot build the mihomo API client; no traffic totals");
+                None
+            }
         };
         let (monitor, handle) = ClashMonitor::new(cfg, api, gate, sink, rx, alive);
         let task = tokio::spawn(monitor.run());
@@ -356,6 +432,7 @@ impl ClashOrchestrator {
             handle,
             task,
             forward,
+            traffic,
         });
     }
 
@@ -385,6 +462,11 @@ impl ClashOrchestrator {
 
     async fn stop_monitor_because(&mut self, reason: &str) {
         if let Some(m) = self.monitor.take() {
+            if let Some(traffic) = m.traffic {
+                // Awaited: no reading may land after `retire` (Clash disabled).
+                traffic.abort();
+                let _ = traffic.await;
+            }
             m.handle.disarm(reason).await;
             m.handle.shutdown().await;
             m.forward.abort();
@@ -514,6 +596,7 @@ impl ClashOrchestrator {
         if let Some((_, task)) = self.refresh.take() {
             task.abort();
         }
+        self.sync_liveness(None);
         if let Some(c) = self.chain.take() {
             c.task.abort();
         }

@@ -100,6 +100,8 @@ pub struct Shared {
     /// Revision of the newest `/commit` seen.
     pub commit_revision: Mutex<Option<i64>>,
     pub api_token: watch::Sender<Option<String>>,
+    /// mihomo's traffic totals, written by the Clash glue's poller, read by the API.
+    pub mihomo_traffic: Mutex<view::MihomoTraffic>,
 }
 
 impl Shared {
@@ -267,6 +269,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tproxy_status: Mutex::new(None),
         commit_revision: Mutex::new(None),
         api_token: token_tx,
+        mihomo_traffic: Mutex::new(view::MihomoTraffic::default()),
     });
     shared.publisher.set_last("starting");
 

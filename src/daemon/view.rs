@@ -1,18 +1,81 @@
 //! The node API's view of the live daemon (`api::NodeView`) and its configuration
 //! store over the etcd `Kv` (`api::ConfigStore`).
+//!
+//! Owns: [`MihomoTraffic`], the monotonic form of mihomo's traffic totals that
+//! `/v1/stats` and `/metrics` publish. Must not: block on mihomo (the Clash glue polls
+//! it and stores the totals in `Shared`; the view only reads them).
 
 use super::Shared;
 use crate::api::types::{
     self as t, AddressTest, ClashState, Condition, ConfigError, FailoverResult, MetricsSnapshot,
-    NodeStatus, StatsSources, TproxyState, UpstreamHealth, UpstreamTest,
+    NodeStatus, StatsSources, TproxyState, Traffic, UpstreamHealth, UpstreamTest,
 };
 use crate::api::{ApiError, NodeView};
+use crate::clash::api::Totals;
 use crate::dns::Health;
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
 pub struct DaemonView {
     pub shared: Arc<Shared>,
+}
+
+/// mihomo's traffic totals, made monotonic over meduza's lifetime.
+///
+/// mihomo's `GET /connections` `uploadTotal`/`downloadTotal` are bytes since *that
+/// mihomo process* started: they fall back to 0 when it restarts (a crash and exit
+/// restart, a health or manual restart, Clash disabled and enabled again). Consumers of
+/// `/v1/stats` and `/metrics` compute deltas, so the published value is
+/// `base + last`, where `base` sums the last totals of every earlier process. A new
+/// process is recognised by a total that went down, or told by [`Self::retire`].
+/// A restart whose new process passes the old totals before the next poll is not
+/// seen: the value then stays monotonic but undercounts the old process's tail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MihomoTraffic {
+    /// Sum of the last totals of every earlier mihomo process.
+    base: Traffic,
+    /// The last totals read from the current process; `None` before it answered.
+    last: Option<Totals>,
+}
+
+impl MihomoTraffic {
+    /// Take a reading of `/connections`; returns the published value.
+    pub fn observe(&mut self, now: Totals) -> Traffic {
+        if let Some(last) = self.last {
+            if now.upload < last.upload || now.download < last.download {
+                // A new mihomo counts from 0: what the old one counted is kept.
+                self.fold(last);
+            }
+        }
+        self.last = Some(now);
+        self.add(now)
+    }
+
+    /// The process behind the last reading is gone (Clash disabled: mihomo is
+    /// stopped): its totals move into the base, and nothing is published until a new
+    /// mihomo answers. Idempotent.
+    pub fn retire(&mut self) {
+        if let Some(last) = self.last.take() {
+            self.fold(last);
+        }
+    }
+
+    /// What `/v1/stats` and `/metrics` show: `None` until mihomo answered, and again
+    /// after [`Self::retire`].
+    pub fn value(&self) -> Option<Traffic> {
+        self.last.map(|last| self.add(last))
+    }
+
+    fn fold(&mut self, last: Totals) {
+        self.base = self.add(last);
+    }
+
+    fn add(&self, t: Totals) -> Traffic {
+        Traffic {
+            uplink: self.base.uplink.saturating_add(t.upload),
+            downlink: self.base.downlink.saturating_add(t.download),
+        }
+    }
 }
 
 fn health(h: Health) -> UpstreamHealth {
@@ -116,7 +179,7 @@ impl NodeView for DaemonView {
 
     fn stats_sources(&self) -> StatsSources {
         StatsSources {
-            mihomo: None,
+            mihomo: self.mihomo_traffic(),
             tproxy_counters: Vec::new(),
         }
     }
@@ -133,7 +196,7 @@ impl NodeView for DaemonView {
                 .map(|st| t::ServiceMetric {
                     name: st.name,
                     state: service_state(st.state),
-                    restarts_total: u64::from(st.restarts_last_hour),
+                    restarts_total: st.restarts_total,
                     restarts_last_hour: st.restarts_last_hour,
                 })
                 .collect(),
@@ -168,6 +231,7 @@ impl NodeView for DaemonView {
                     .collect(),
             },
             tproxy_applied: s.dataplane.desired().is_some(),
+            mihomo_traffic: self.mihomo_traffic(),
         }
     }
 
@@ -250,5 +314,94 @@ impl NodeView for DaemonView {
     }
 }
 
+impl DaemonView {
+    /// The latest reading the traffic poller stored (never waits on mihomo).
+    fn mihomo_traffic(&self) -> Option<Traffic> {
+        self.shared
+            .mihomo_traffic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .value()
+    }
+}
+
 /// `api::ConfigStore` over the daemon's etcd client.
 pub use crate::api::KvStore;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(upload: u64, download: u64) -> Totals {
+        Totals { upload, download }
+    }
+
+    fn traffic(uplink: u64, downlink: u64) -> Traffic {
+        Traffic { uplink, downlink }
+    }
+
+    #[test]
+    fn mihomo_traffic_is_monotonic_across_restarts() {
+        let mut m = MihomoTraffic::default();
+        assert_eq!(m.value(), None, "nothing before mihomo answered");
+        let published: Vec<Traffic> = [
+            totals(100, 1000),
+            totals(150, 1800),
+            totals(150, 1800), // idle
+            totals(10, 20),    // mihomo restarted: 150/1800 kept in the base
+            totals(40, 90),
+            totals(0, 0), // restarted again, nothing counted yet
+            totals(5, 7),
+        ]
+        .into_iter()
+        .map(|t| m.observe(t))
+        .collect();
+        assert_eq!(
+            published,
+            [
+                traffic(100, 1000),
+                traffic(150, 1800),
+                traffic(150, 1800),
+                traffic(160, 1820),
+                traffic(190, 1890),
+                traffic(190, 1890),
+                traffic(195, 1897),
+            ]
+        );
+        assert!(published
+            .windows(2)
+            .all(|w| w[1].uplink >= w[0].uplink && w[1].downlink >= w[0].downlink));
+        assert_eq!(m.value(), Some(traffic(195, 1897)));
+    }
+
+    #[test]
+    fn one_direction_going_down_is_a_restart() {
+        let mut m = MihomoTraffic::default();
+        m.observe(totals(100, 1000));
+        // The new process has uploaded more than the old one in its first seconds,
+        // but its download total gives the restart away.
+        assert_eq!(m.observe(totals(120, 5)), traffic(220, 1005));
+    }
+
+    #[test]
+    fn retire_hides_the_value_and_keeps_the_base() {
+        let mut m = MihomoTraffic::default();
+        m.retire();
+        assert_eq!(m.value(), None, "retire before any reading");
+        m.observe(totals(300, 400));
+        m.retire();
+        m.retire(); // idempotent: every pass with Clash disabled retires
+        assert_eq!(m.value(), None, "Clash disabled: no entries");
+        // Enabled again: the new mihomo's first reading is above the old one's last,
+        // which drop detection alone would have taken for the same process.
+        assert_eq!(m.observe(totals(500, 600)), traffic(800, 1000));
+        assert_eq!(m.value(), Some(traffic(800, 1000)));
+    }
+
+    #[test]
+    fn saturates_instead_of_wrapping() {
+        let mut m = MihomoTraffic::default();
+        m.observe(totals(u64::MAX - 1, 1));
+        assert_eq!(m.observe(totals(5, 0)), traffic(u64::MAX, 1));
+    }
+}

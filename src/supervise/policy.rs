@@ -182,6 +182,10 @@ pub struct RestartState {
     pub history: Vec<RestartRecord>,
     /// Backoff step of the next exit restart.
     pub backoff_attempt: u32,
+    /// Restarts of any source recorded since meduza started. Unlike `history` it is
+    /// never pruned (and not persisted): it only goes up, so it can back a Prometheus
+    /// counter (`meduza_service_restarts_total`) where `history` backs the rolling hour.
+    pub restarts_total: u64,
 }
 
 impl RestartState {
@@ -191,6 +195,7 @@ impl RestartState {
             backoff,
             history: Vec::new(),
             backoff_attempt: 0,
+            restarts_total: 0,
         }
     }
 
@@ -199,9 +204,11 @@ impl RestartState {
         self.history.retain(|r| in_window(r.at, now));
     }
 
-    /// Record a performed restart and prune.
+    /// Record a performed restart and prune. The one place a restart is counted: the
+    /// rolling `history` and the monotonic `restarts_total` both change here.
     pub fn record(&mut self, now: u64, source: RestartSource) {
         self.history.push(RestartRecord { at: now, source });
+        self.restarts_total = self.restarts_total.saturating_add(1);
         self.prune(now);
     }
 
@@ -434,5 +441,28 @@ mod tests {
         );
         assert_eq!(s.restarts_last_hour(T0), 2);
         assert_eq!(s.restarts_last_hour(T0 + 3550), 1);
+    }
+
+    #[test]
+    fn restarts_total_survives_pruning() {
+        let mut s = state(&[]);
+        let mut seen = Vec::new();
+        // Six restarts 20 minutes apart: the rolling hour never holds more than three.
+        for (i, source) in [Health, Exit, Cron, Manual, Exit, Health]
+            .into_iter()
+            .enumerate()
+        {
+            let now = T0 + 1200 * i as u64;
+            s.record(now, source);
+            seen.push((s.restarts_total, s.restarts_last_hour(now)));
+        }
+        assert_eq!(seen, [(1, 1), (2, 2), (3, 3), (4, 3), (5, 3), (6, 3)]);
+        // An hour of quiet empties the window; the total stays.
+        let later = T0 + 1200 * 5 + WINDOW_SECS;
+        s.prune(later);
+        assert!(s.history.is_empty());
+        assert_eq!((s.restarts_total, s.restarts_last_hour(later)), (6, 0));
+        s.record(later, Cron);
+        assert_eq!((s.restarts_total, s.restarts_last_hour(later)), (7, 1));
     }
 }

@@ -96,6 +96,9 @@ pub struct ServiceStatus {
     /// Unix time the current process was started.
     pub started_at: Option<u64>,
     pub restarts_last_hour: u32,
+    /// Restarts of any source (exit, health, cron, manual) since meduza started; only
+    /// goes up, also across a stop and a later start of the service by `apply`.
+    pub restarts_total: u64,
     pub last_exit: Option<ExitInfo>,
 }
 
@@ -315,6 +318,9 @@ struct Shared {
     events: broadcast::Sender<ServiceEvent>,
     status: watch::Sender<BTreeMap<String, ServiceStatus>>,
     frr: Arc<dyn FrrReloader>,
+    /// `restarts_total` of services `apply` stopped, taken up again if they come back,
+    /// so the counter of a service name never goes down while meduza runs.
+    retired_totals: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl Shared {
@@ -360,6 +366,7 @@ impl Supervisor {
                 events,
                 status,
                 frr: Arc::new(NoFrrReloader),
+                retired_totals: std::sync::Mutex::new(BTreeMap::new()),
             }),
             registry: tokio::sync::Mutex::new(Registry::default()),
         }
@@ -425,7 +432,13 @@ impl Supervisor {
                 Op::Stop(name) => {
                     self.stop_one(&mut reg, name).await;
                     self.shared.status.send_modify(|m| {
-                        m.remove(name);
+                        if let Some(st) = m.remove(name) {
+                            self.shared
+                                .retired_totals
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(name.clone(), st.restarts_total);
+                        }
                     });
                 }
                 Op::Start(name) => {
@@ -600,6 +613,13 @@ impl Supervisor {
                 warn!(svc = %name, %err, "restart budget unreadable; starting with an empty one")
             }
         }
+        policy.restarts_total = self
+            .shared
+            .retired_totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name)
+            .unwrap_or(0);
         let (tx, rx) = mpsc::channel(16);
         let (started_tx, started_rx) = oneshot::channel();
         let actor = Actor {
@@ -750,6 +770,7 @@ impl Actor {
             pid: self.pid,
             started_at: self.started_at,
             restarts_last_hour: self.policy.restarts_last_hour(now),
+            restarts_total: self.policy.restarts_total,
             last_exit: self.last_exit,
         };
         self.shared.status.send_modify(|m| {
@@ -1211,5 +1232,64 @@ mod tests {
         assert!(validate(&[cron]).is_err());
         let empty = ServiceSpec::new("a", vec![]);
         assert!(validate(&[empty]).is_err());
+    }
+
+    /// `restarts_total` counts every restart path (manual, exit), survives the rolling
+    /// hour and a stop/start of the service, while `restarts_last_hour` goes back down.
+    #[tokio::test(start_paused = true)]
+    async fn restarts_total_only_goes_up() {
+        use crate::supervise::{ExitInfo, FakeClock, FakeSpawner};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = FakeSpawner::new();
+        let sup = Supervisor::new(
+            Arc::new(fake.clone()),
+            Arc::new(FakeClock::new(1_800_000_000)),
+            SupervisorConfig::new(dir.path()),
+        );
+        let counts = |sup: &Supervisor| {
+            sup.status()
+                .into_iter()
+                .find(|s| s.name == "svc")
+                .map(|s| (s.restarts_total, s.restarts_last_hour))
+        };
+        sup.apply(vec![spec("svc", &[])], &BTreeSet::new())
+            .await
+            .expect("apply");
+        assert_eq!(counts(&sup), Some((0, 0)));
+        for _ in 0..3 {
+            sup.restart("svc", RestartSource::Manual)
+                .await
+                .expect("restart");
+        }
+        assert_eq!(counts(&sup), Some((3, 3)));
+
+        // The window moves past those three; the total does not.
+        tokio::time::advance(Duration::from_secs(3700)).await;
+        sup.restart("svc", RestartSource::Manual)
+            .await
+            .expect("restart");
+        assert_eq!(counts(&sup), Some((4, 1)));
+
+        // An exit restart (after its backoff) counts too.
+        let mut rx = sup.watch_status();
+        assert!(fake.exit("svc", ExitInfo::Code(1)));
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            rx.wait_for(|m| m.get("svc").is_some_and(|s| s.restarts_total == 5)),
+        )
+        .await
+        .expect("exit restart within its backoff")
+        .expect("status channel");
+        assert_eq!(counts(&sup), Some((5, 2)));
+
+        // Removed and added again: the counter picks up where it was.
+        sup.apply(Vec::new(), &BTreeSet::new())
+            .await
+            .expect("apply");
+        assert_eq!(counts(&sup), None);
+        sup.apply(vec![spec("svc", &[])], &BTreeSet::new())
+            .await
+            .expect("apply");
+        assert_eq!(counts(&sup), Some((5, 2)));
     }
 }

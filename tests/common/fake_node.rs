@@ -167,6 +167,7 @@ impl NodeView for FakeNode {
                     .collect(),
             },
             tproxy_applied: true,
+            mihomo_traffic: None,
         }
     }
 

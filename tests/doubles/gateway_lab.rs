@@ -1,15 +1,22 @@
 //! The gateway lab of the end-to-end Clash tests: the real `meduza run` in a gateway
-//! network namespace, with the mihomo and MosDNS doubles as its children, etcd in a
-//! namespace of its own, an "internet" namespace serving HTTP content the test can
-//! change while it runs (and recording who asked) plus a TCP echo of the peer
-//! address, and a LAN client namespace.
+//! network namespace with the real mihomo v1.19.2 (or, for the one fault it cannot be
+//! made to show, the mihomo double) and the MosDNS double as its children, etcd in a
+//! namespace of its own, and an "internet" namespace with
+//! * the proxy node: a second real mihomo with a shadowsocks `listeners:` inbound
+//!   (TCP and UDP) on 203.0.113.2:8388, which the subscription names `node-a`;
+//! * HTTP content the test can change while it runs (recording who asked);
+//! * a TCP echo and a UDP echo of the peer address, so a LAN connection tells where it
+//!   came from: `server 192.168.50.2` direct, `server 203.0.113.2` through the node
+//!   (the node dials from the server's own address), `server 203.0.113.1` from the
+//!   gateway itself (mihomo's DIRECT: a leak past the proxy).
 //!
 //! ```text
-//!  etcd ns 10.97.0.2 ── etc0 10.97.0.1  gw ns (meduza run, mihomo double, MosDNS double)
-//!  lan ns 192.168.50.2 / fd00:50::2 ── lan0 │ wan0 203.0.113.1 (+ .3: mihomo's outbound)
+//!  etcd ns 10.97.0.2 ── etc0 10.97.0.1  gw ns (meduza run, mihomo, MosDNS double)
+//!  lan ns 192.168.50.2 / fd00:50::2 ── lan0 │ wan0 203.0.113.1 / 2001:db8:1::1
 //!                                           └── inet ns 203.0.113.2 / 2001:db8:1::2
+//!                                               :8388 the node (real mihomo, ss)
 //!                                               :8080 HTTP (Lab::serve)
-//!                                               :9000 "server <peer>" echo
+//!                                               :9000 TCP, :9001 UDP "server <peer>"
 //! ```
 //!
 //! Included with `#[path = "common/netns.rs"] mod netns;` and
@@ -23,7 +30,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 #[path = "../common/etcd_args.rs"]
 mod etcd_args;
 
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -37,6 +44,60 @@ pub const ETCD_PORT: u16 = 23791;
 pub const PROXY_OUT: &str = "203.0.113.3";
 pub const HTTP_PORT: u16 = 8080;
 pub const ECHO_PORT: u16 = 9000;
+pub const UDP_ECHO_PORT: u16 = 9001;
+/// The proxy node's shadowsocks inbound (the real mihomo in the internet namespace).
+pub const NODE_PORT: u16 = 8388;
+pub const NODE_PASSWORD: &str = "meduza-lab-node";
+/// What the node serves: TCP and UDP, as a subscription names it.
+pub fn node_proxy(name: &str, port: u16) -> String {
+    format!(
+        "{{name: {name}, type: ss, server: 203.0.113.2, port: {port}, cipher: aes-128-gcm, password: {NODE_PASSWORD}, udp: true}}"
+    )
+}
+/// The URL mihomo's groups and meduza's delay tests fetch through the node.
+pub fn health_url() -> String {
+    format!("http://203.0.113.2:{HTTP_PORT}/generate_204")
+}
+
+/// Which mihomo meduza runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mihomo {
+    /// The real mihomo v1.19.2 that `scripts/install-deps` caches.
+    Real,
+    /// `tests/doubles/fake_mihomo.py`, for a fault the real one cannot be made to show.
+    Double,
+}
+
+/// The real mihomo binary: `MEDUZA_TEST_MIHOMO`, else `MIHOMO_BIN` of
+/// `scripts/mihomo-path` (the path's one owner), installed by `scripts/install-deps`.
+pub fn real_mihomo() -> PathBuf {
+    if let Some(p) = std::env::var_os("MEDUZA_TEST_MIHOMO") {
+        return PathBuf::from(p);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(". scripts/mihomo-path && printf %s \"$MIHOMO_BIN\"")
+        .current_dir(repo)
+        .output()
+        .expect("bash");
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).to_string());
+    assert!(
+        path.is_file(),
+        "the real mihomo is not at {path:?}: run scripts/install-deps"
+    );
+    path
+}
+
+/// A home for `mihomo -d DIR` with Country.mmdb in it, as the firmware image has it,
+/// so mihomo never tries to download it.
+pub fn mihomo_home(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("mihomo home");
+    let mmdb = real_mihomo().with_file_name("Country.mmdb");
+    if mmdb.is_file() {
+        std::fs::copy(&mmdb, dir.join("Country.mmdb")).expect("copy Country.mmdb");
+    }
+}
 
 /// One request seen by the internet namespace's HTTP server.
 #[derive(Debug, Clone)]
@@ -53,9 +114,13 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
     pub etcd: Option<Child>,
     pub meduza: Option<Child>,
+    /// The proxy node (real mihomo) in the internet namespace.
+    pub node: Option<Child>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// What the HTTP server answers: path → body (anything else is a 404).
     pub routes: Routes,
+    /// Which mihomo `start_meduza` gave meduza.
+    pub mihomo: Mihomo,
 }
 
 /// The HTTP server's content, changeable while it runs.
@@ -76,9 +141,10 @@ impl Drop for Lab {
         if let Some(mut m) = self.meduza.take() {
             stop(&mut m, Duration::from_secs(8));
         }
-        if let Some(mut e) = self.etcd.take() {
-            let _ = e.kill();
-            let _ = e.wait();
+        for child in [self.etcd.take(), self.node.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
         }
         // Whatever still runs inside our namespaces was started by this test.
         for ns in [
@@ -186,6 +252,14 @@ fn http_server(listener: TcpListener, seen: Arc<Mutex<Vec<Seen>>>, routes: Route
     }
 }
 
+/// Answers every datagram with `server <peer-ip>\n`.
+fn udp_echo_server(sock: UdpSocket) {
+    let mut buf = [0u8; 512];
+    while let Ok((_, peer)) = sock.recv_from(&mut buf) {
+        let _ = sock.send_to(format!("server {}\n", peer.ip()).as_bytes(), peer);
+    }
+}
+
 /// Answers every connection with `server <peer-ip>\n`.
 fn echo_server(listener: TcpListener) {
     for conn in listener.incoming() {
@@ -222,8 +296,10 @@ impl Lab {
             dir,
             etcd: None,
             meduza: None,
+            node: None,
             seen: Arc::new(Mutex::new(Vec::new())),
             routes: Arc::new(Mutex::new(BTreeMap::new())),
+            mihomo: Mihomo::Real,
         };
 
         // The internet: HTTP and echo servers on IPv4 and IPv6.
@@ -238,7 +314,13 @@ impl Lab {
                 TcpListener::bind(SocketAddr::new(ip, ECHO_PORT)).expect("bind echo")
             });
             std::thread::spawn(move || echo_server(echo));
+            let udp = lab.topo.inet.run_in(move || {
+                UdpSocket::bind(SocketAddr::new(ip, UDP_ECHO_PORT)).expect("bind udp echo")
+            });
+            std::thread::spawn(move || udp_echo_server(udp));
         }
+        lab.serve("/generate_204", "");
+        lab.start_node();
 
         // etcd in its own namespace.
         let client = format!("http://{ETCD_IP}:{ETCD_PORT}");
@@ -267,6 +349,11 @@ impl Lab {
 
     pub fn put(&self, key: &str, value: &str) {
         etcd_args::etcdctl_put_in_netns(self.etcd_ns.name(), &Self::endpoint(), key, value);
+    }
+
+    pub fn del(&self, key: &str) {
+        self.etcd_ns
+            .exec(&["etcdctl", "--endpoints", &Self::endpoint(), "del", key]);
     }
 
     /// `/updated/<node>/<suffix>`, if set.
@@ -316,26 +403,56 @@ impl Lab {
         std::fs::read_to_string(self.path("meduza.log")).unwrap_or_default()
     }
 
-    /// Start `meduza run` in the gateway namespace, with `extra_env` on top of the
-    /// test environment.
-    pub fn start_meduza(&mut self, extra_env: &[(&str, &str)]) {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let bin = self.path("bin");
-        std::fs::create_dir_all(&bin).expect("bin dir");
-        // The supervisor gives children a clean environment: the double's knobs go
-        // through a wrapper that execs it (same pid).
-        let wrapper = bin.join("mihomo");
+    /// Start the proxy node: the real mihomo with a shadowsocks inbound, TCP and UDP.
+    pub fn start_node(&mut self) {
+        assert!(self.node.is_none(), "the node already runs");
+        let home = self.path("node");
+        mihomo_home(&home);
         std::fs::write(
-            &wrapper,
+            home.join("config.yaml"),
             format!(
-                "#!/bin/sh\nexport FAKE_MIHOMO_CONTROL='{}'\nexport FAKE_MIHOMO_OUTBOUND_BIND={PROXY_OUT}\nexec /usr/bin/python3 '{}' \"$@\"\n",
-                self.path("control.json").display(),
-                repo.join("tests/doubles/fake_mihomo.py").display()
+                "log-level: warning\nmode: direct\nlisteners:\n  - {{name: ss-in, type: shadowsocks, listen: 203.0.113.2, port: {NODE_PORT}, cipher: aes-128-gcm, password: {NODE_PASSWORD}, udp: true}}\n"
             ),
         )
-        .expect("wrapper");
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        .expect("node config");
+        let mut cmd = Command::new(real_mihomo());
+        cmd.arg("-d")
+            .arg(&home)
+            .arg("-f")
+            .arg(home.join("config.yaml"))
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.node = Some(spawn_in(&self.topo.inet, cmd));
+        let node = SocketAddr::new(Topology::server(false), NODE_PORT);
+        wait_for("the node's inbound", Duration::from_secs(10), || {
+            self.topo
+                .inet
+                .run_in(move || TcpStream::connect_timeout(&node, Duration::from_millis(200)).ok())
+                .map(|_| ())
+        });
+    }
+
+    /// Kill the proxy node (SIGKILL): its port refuses from now on.
+    pub fn kill_node(&mut self) {
+        let mut node = self.node.take().expect("the node runs");
+        let _ = node.kill();
+        let _ = node.wait();
+    }
+
+    /// Start `meduza run` in the gateway namespace with `mihomo` as its mihomo, and
+    /// `extra_env` on top of the test environment.
+    pub fn start_meduza(&mut self, mihomo: Mihomo, extra_env: &[(&str, &str)]) {
+        self.mihomo = mihomo;
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let bin = match mihomo {
+            Mihomo::Real => {
+                mihomo_home(&self.path("root/etc/mihomo"));
+                real_mihomo()
+            }
+            Mihomo::Double => self.double_wrapper(repo),
+        };
         let log = std::fs::File::create(self.path("meduza.log")).expect("log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meduza"));
         cmd.arg("run")
@@ -351,7 +468,7 @@ impl Lab {
             .env("MEDUZA_API_LISTEN", "127.0.0.1:9100")
             .env("MEDUZA_DATAPLANE", "nft")
             .env("MEDUZA_LEASE_TTL", "5")
-            .env("MEDUZA_BIN_MIHOMO", &wrapper)
+            .env("MEDUZA_BIN_MIHOMO", &bin)
             .env(
                 "MEDUZA_BIN_MOSDNS",
                 repo.join("tests/doubles/fake_mosdns.py"),
@@ -361,6 +478,35 @@ impl Lab {
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         self.meduza = Some(spawn_in(&self.topo.gw, cmd));
+    }
+
+    /// The double's knobs go through a wrapper that execs it (same pid): the
+    /// supervisor gives children a clean environment.
+    fn double_wrapper(&self, repo: &Path) -> PathBuf {
+        let bin = self.path("bin");
+        std::fs::create_dir_all(&bin).expect("bin dir");
+        let wrapper = bin.join("mihomo");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexport FAKE_MIHOMO_CONTROL='{}'\nexport FAKE_MIHOMO_OUTBOUND_BIND={PROXY_OUT}\nexec /usr/bin/python3 '{}' \"$@\"\n",
+                self.path("control.json").display(),
+                repo.join("tests/doubles/fake_mihomo.py").display()
+            ),
+        )
+        .expect("wrapper");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        wrapper
+    }
+
+    /// Pid of meduza's mihomo (the real one or the double): the process whose command
+    /// line names the home meduza gives it under our temp dir.
+    pub fn mihomo_pid(&self) -> Option<i32> {
+        self.pid_of(match self.mihomo {
+            Mihomo::Real => "root/etc/mihomo",
+            Mihomo::Double => "fake_mihomo.py",
+        })
     }
 
     /// Pid of the double whose command line names `script` and our temp dir.
@@ -436,20 +582,64 @@ impl Lab {
             "{when} (IPv4)"
         );
         assert_eq!(self.lan_connect(true), "server fd00:50::2", "{when} (IPv6)");
+        if self.mihomo == Mihomo::Real {
+            assert_eq!(self.lan_udp(false), "server 192.168.50.2", "{when} (UDP)");
+            assert_eq!(
+                self.lan_udp(true),
+                "server fd00:50::2",
+                "{when} (UDP, IPv6)"
+            );
+        }
     }
 
-    /// LAN traffic lands on the double's TPROXY listener (IPv4 and IPv6).
+    /// A UDP datagram from the LAN client to the internet server's UDP echo; the
+    /// first line of the answer.
+    pub fn lan_udp(&self, v6: bool) -> String {
+        let dst = SocketAddr::new(Topology::server(v6), UDP_ECHO_PORT);
+        self.topo.lan.run_in(move || {
+            let any: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
+            let sock = UdpSocket::bind(any).expect("bind");
+            sock.set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+            sock.send_to(b"ping", dst).expect("send");
+            let mut buf = [0u8; 512];
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("LAN UDP exchange with {dst}: {e}"));
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+    }
+
+    /// LAN traffic lands on the proxy: through the node with the real mihomo (TCP and
+    /// UDP), on the double's TPROXY listener with the double (TCP), IPv4 and IPv6.
     pub fn assert_proxied(&self, when: &str) {
-        assert_eq!(
-            self.lan_connect(false),
-            format!("fake-mihomo tproxy 203.0.113.2:{ECHO_PORT}"),
-            "{when} (IPv4)"
-        );
-        assert_eq!(
-            self.lan_connect(true),
-            format!("fake-mihomo tproxy [2001:db8:1::2]:{ECHO_PORT}"),
-            "{when} (IPv6)"
-        );
+        match self.mihomo {
+            Mihomo::Real => {
+                for (v6, via) in [
+                    (false, "server 203.0.113.2"),
+                    (true, "server 2001:db8:1::2"),
+                ] {
+                    assert_eq!(self.lan_connect(v6), via, "{when} (TCP, IPv6 {v6})");
+                    assert_eq!(self.lan_udp(v6), via, "{when} (UDP, IPv6 {v6})");
+                }
+            }
+            Mihomo::Double => {
+                assert_eq!(
+                    self.lan_connect(false),
+                    format!("fake-mihomo tproxy 203.0.113.2:{ECHO_PORT}"),
+                    "{when} (IPv4)"
+                );
+                assert_eq!(
+                    self.lan_connect(true),
+                    format!("fake-mihomo tproxy [2001:db8:1::2]:{ECHO_PORT}"),
+                    "{when} (IPv6)"
+                );
+            }
+        }
     }
 
     /// Every request for `path` the HTTP server saw, oldest first.

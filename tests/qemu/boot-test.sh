@@ -8,15 +8,20 @@
 #   - the DNS frontend answers a /dns/hosts/ record through the forwarded port,
 #   - /updated/<id>/tproxy says "applied", and inside the guest the nft table
 #     `inet meduza` exists with nft_tproxy/nft_socket loaded,
+#   - the real mihomo (scripts/install-deps' cached build) runs:
+#     /updated/<id>/clash/health is healthy, and in the guest its controller
+#     answers GET /version with the image's mihomo version given the rendered
+#     secret, 401 without it; its PROXY group uses the subscription's node-1 (a
+#     second mihomo on the host's loopback) and a delay test through it passes,
 #   - `poweroff` stops meduza's children and meduza before the kernel halts.
 # Prints boot-to-/init and boot-to-applied times (QEMU start as zero).
 #
 #   tests/qemu/boot-test.sh [--no-build] [--smoke] [--keep]
 #
-# --no-build  reuse tests/qemu/build/{vmlinuz,initrd.cpio.gz}
+# --no-build  reuse tests/qemu/build/{vmlinuz,initrd.cpio.gz,mihomo-version}
 # --smoke     only check the image: /init runs, the guest reaches the host's
-#             etcd, `meduza --help` runs, the data-plane modules load, clean
-#             poweroff (no `meduza run` assertions)
+#             etcd, `meduza --help` and `mihomo -v` run, the data-plane modules
+#             load, clean poweroff (no `meduza run` assertions)
 # --keep      keep the temporary directory (console log, etcd data)
 set -euo pipefail
 
@@ -36,18 +41,18 @@ for a in "$@"; do
 	esac
 done
 
-require_programs etcd etcdctl qemu-system-x86_64 dig jq python3 mkfifo curl tac paste
+require_programs etcd etcdctl qemu-system-x86_64 dig jq python3 mkfifo curl tac paste dnsmasq
 if [ "$BUILD_IMAGE" = 1 ]; then
 	"$HERE/build-image.sh"
 fi
-[ -f "$QEMU_BUILD/vmlinuz" ] && [ -f "$QEMU_BUILD/initrd.cpio.gz" ] ||
+[ -f "$QEMU_BUILD/vmlinuz" ] && [ -f "$QEMU_BUILD/initrd.cpio.gz" ] && [ -f "$QEMU_BUILD/mihomo-version" ] ||
 	qdie "no image in $QEMU_BUILD (run tests/qemu/build-image.sh)"
 
 TMP="$(mktemp -d /tmp/meduza-qemu.XXXXXX)"
 cleanup() {
 	local rc=$?
 	exec 7>&- 2>/dev/null || true
-	for p in ${QEMU_PID:-} ${SUB_PID:-} ${ETCD_PID:-}; do
+	for p in ${QEMU_PID:-} ${NODE_PID:-} ${SUB_PID:-} ${UPSTREAM_PID:-} ${ETCD_PID:-}; do
 		kill "$p" 2>/dev/null || true
 	done
 	wait 2>/dev/null || true
@@ -65,7 +70,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 start_etcd "$TMP"
+start_proxy_node "$TMP"
 start_subscription_server "$TMP"
+start_dns_upstream "$TMP"
 seed_config
 qlog "etcd on 127.0.0.1:$ETCD_PORT (guest: 10.0.2.2:$ETCD_PORT), /commit revision $COMMIT_REV"
 
@@ -87,9 +94,14 @@ run_in_guest() {
 	grep -Eo "^MARK-$1-[0-9]+" "$CONSOLE" | head -n1 | sed "s/^MARK-$1-//"
 }
 
+# The mihomo version build-image.sh put in the image (`mihomo -v` on the host).
+mihomo_version="$(cat "$QEMU_BUILD/mihomo-version")"
+
 if [ "$SMOKE" = 1 ]; then
 	rc="$(run_in_guest HELP '/usr/bin/meduza --help >/dev/null 2>&1')"
 	[ "$rc" = 0 ] || qdie "meduza --help failed in the guest (exit $rc)"
+	rc="$(run_in_guest MIHOMOV "/usr/bin/mihomo -v | grep -q 'Mihomo Meta $mihomo_version '")"
+	[ "$rc" = 0 ] || qdie "mihomo -v in the guest does not report $mihomo_version (exit $rc)"
 	rc="$(run_in_guest MODS 'modprobe nft_tproxy && modprobe nft_socket && modprobe nft_fib_inet && modprobe wireguard && modprobe tun && modprobe veth')"
 	[ "$rc" = 0 ] || qdie "data-plane modules did not load in the guest (exit $rc)"
 	rc="$(run_in_guest NFT 'nft add table inet smoke && nft list tables | grep -q smoke && nft delete table inet smoke')"
@@ -134,7 +146,7 @@ qlog "TPROXY applied at ${T_TPROXY}s"
 health="$(etcd_value "/updated/$NODE_ID/clash/health")"
 case "$health" in
 healthy*) ;;
-*) qdie "/updated/$NODE_ID/clash/health is '$health', want healthy (the mihomo double's API with the rendered secret)" ;;
+*) qdie "/updated/$NODE_ID/clash/health is '$health', want healthy (mihomo's controller answering with the rendered secret)" ;;
 esac
 
 # The node's own status through the forwarded API port.
@@ -163,6 +175,20 @@ rc="$(run_in_guest RULE 'ip rule | grep -q "fwmark 0x1 lookup 100"')"
 [ "$rc" = 0 ] || qdie "policy rule fwmark 0x1 lookup 100 missing in the guest"
 rc="$(run_in_guest HOST '[ "$(hostname)" = "'"$NODE_ID"'" ]')"
 [ "$rc" = 0 ] || qdie "hostname is not the node id (boot duties)"
+# The real mihomo behind the controller meduza checks: GET /version with the secret
+# of the rendered config reports the version build-image.sh put in the image; without
+# the secret mihomo refuses (401). Its PROXY url-test group (the generator's default
+# over the subscription) picked node-1, the host-side proxy node (lib.sh), and a
+# delay test through node-1 to the health-check URL succeeds: the subscription was
+# fetched and the proxy path guest mihomo -> node-1 works.
+rc="$(run_in_guest MIHOMO "mihomo-get /version | grep -q '\"version\":\"$mihomo_version\"'")"
+[ "$rc" = 0 ] || qdie "mihomo's controller in the guest did not report version $mihomo_version"
+rc="$(run_in_guest NOSECRET 'mihomo-get --no-secret /version | grep -q "^HTTP/1.[01] 401"')"
+[ "$rc" = 0 ] || qdie "mihomo's controller in the guest answered without the secret (want 401)"
+rc="$(run_in_guest PICK "mihomo-get /proxies/PROXY | grep -q '\"now\":\"node-1\"'")"
+[ "$rc" = 0 ] || qdie "mihomo's PROXY group in the guest does not use node-1 (subscription not loaded?)"
+rc="$(run_in_guest DELAY "mihomo-get '/proxies/node-1/delay?timeout=5000&url=$HEALTH_URL' | grep -q '\"delay\":[0-9]'")"
+[ "$rc" = 0 ] || qdie "a delay test through node-1 (the host's proxy node) failed in the guest"
 
 # A steady state: the data plane found its table as planned on every check since
 # (a listing that never matches the plan re-applies it every second).

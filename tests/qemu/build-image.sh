@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Assemble the QEMU test image of the Meduza firmware without Buildroot (which
 # cannot download here): Debian's cloud kernel and the modules the data plane
-# needs, static busybox as init, a static musl `meduza`, the host's `nft`
-# (with its shared libraries) and the repository's overlay/.
+# needs, static busybox as init, a static musl `meduza`, the real mihomo (the
+# static Go release build scripts/install-deps caches, see scripts/mihomo-path)
+# with its Country.mmdb, the host's `nft` (with its shared libraries) and the
+# repository's overlay/.
 #
 # Output (tests/qemu/build/, gitignored):
 #   vmlinuz            the kernel
 #   initrd.cpio.gz     the root filesystem (initramfs)
 #   kernel-release     `uname -r` of the guest
+#   mihomo-version     the version the image's mihomo reports (`mihomo -v`)
 #
 # Idempotent: downloads and the kernel extraction are kept between runs; the
 # rootfs and the initramfs are rebuilt every time (the meduza binary changes).
@@ -15,13 +18,16 @@
 # Environment:
 #   MEDUZA_BIN        use this static meduza instead of building one (default:
 #                     `cargo build --profile qemu --target x86_64-unknown-linux-musl`)
-#   MIHOMO_BIN        put this static binary in the image as /usr/bin/mihomo
-#                     instead of the busybox-httpd test double (tests/qemu/files)
+#   MEDUZA_TEST_MIHOMO  put this static mihomo in the image instead of the cached
+#                     $MIHOMO_BIN (scripts/mihomo-path)
 #   CARGO_TARGET_DIR  as for cargo
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
+# MIHOMO_VERSION, MIHOMO_BIN, MIHOMO_MMDB: the cached real mihomo.
+# shellcheck source=SCRIPTDIR/../../scripts/mihomo-path
+. "$REPO/scripts/mihomo-path"
 BUILD="$HERE/build"
 ROOTFS="$BUILD/rootfs"
 TARGET_TRIPLE=x86_64-unknown-linux-musl
@@ -97,6 +103,17 @@ fi
 file -L "$MEDUZA" | grep -Eq 'static(-pie)? linked|statically linked' ||
 	die "$MEDUZA is not statically linked"
 
+# --- mihomo (the real one, static Go) ---------------------------------------
+MIHOMO="${MEDUZA_TEST_MIHOMO:-$MIHOMO_BIN}"
+[ -x "$MIHOMO" ] || die "no mihomo at $MIHOMO (scripts/install-deps installs $MIHOMO_BIN)"
+[ -f "$MIHOMO_MMDB" ] || die "no Country.mmdb at $MIHOMO_MMDB (scripts/install-deps installs it)"
+file -L "$MIHOMO" | grep -Eq 'static(-pie)? linked|statically linked' ||
+	die "$MIHOMO is not statically linked"
+MIHOMO_REPORTS="$("$MIHOMO" -v | sed -n '1s/^Mihomo Meta \(v[^ ]*\) .*/\1/p')"
+[ -n "$MIHOMO_REPORTS" ] || die "$MIHOMO -v does not print 'Mihomo Meta v<version> ...'"
+[ -n "${MEDUZA_TEST_MIHOMO:-}" ] || [ "$MIHOMO_REPORTS" = "$MIHOMO_VERSION" ] ||
+	die "$MIHOMO reports $MIHOMO_REPORTS, want $MIHOMO_VERSION (rerun scripts/install-deps)"
+
 # --- root filesystem ------------------------------------------------------
 log "assembling rootfs"
 rm -rf "$ROOTFS"
@@ -148,9 +165,12 @@ depmod -b "$ROOTFS" "$KREL"
 # The repository's overlay, then the test image's own files on top.
 cp -a "$REPO/overlay/." "$ROOTFS/"
 cp -a "$HERE/files/." "$ROOTFS/"
-if [ -n "${MIHOMO_BIN:-}" ]; then
-	install -m 0755 "$MIHOMO_BIN" "$ROOTFS/usr/bin/mihomo"
-fi
+# mihomo where the image's settings expect it ([bin] mihomo in meduza.toml), and
+# Country.mmdb in its home (`-d /etc/mihomo`), so it never tries to download one.
+# The /etc overlay of the boot duties keeps /etc as its lower layer.
+install -m 0755 "$MIHOMO" "$ROOTFS/usr/bin/mihomo"
+install -D -m 0644 "$MIHOMO_MMDB" "$ROOTFS/etc/mihomo/Country.mmdb"
+echo "$MIHOMO_REPORTS" > "$BUILD/mihomo-version"
 
 # The overlay's inittab, adapted to an initramfs: devtmpfs first (a kernel
 # with CONFIG_DEVTMPFS_MOUNT does this for a disk root, never for an

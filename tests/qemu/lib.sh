@@ -1,10 +1,15 @@
 # shellcheck shell=bash
 # Shared helpers of tests/qemu/boot-test.sh and tests/qemu/run-demo.sh (sourced).
 # Host side of the QEMU setup: a real etcd on loopback (QEMU user networking
-# maps the guest's 10.0.2.2 to the host's 127.0.0.1), a subscription server,
-# the example node configuration, and QEMU itself.
+# maps the guest's 10.0.2.2 to the host's 127.0.0.1), a proxy node, a
+# subscription server, a DNS upstream, the example node configuration, and QEMU
+# itself. Nothing here sends traffic beyond the host's loopback.
 
 QEMU_HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# MIHOMO_BIN: the real mihomo scripts/install-deps caches (the image's, and the
+# host-side proxy node's).
+# shellcheck source=SCRIPTDIR/../../scripts/mihomo-path
+. "$QEMU_HERE/../../scripts/mihomo-path"
 QEMU_BUILD="$QEMU_HERE/build"
 NODE_ID="${NODE_ID:-qemu1}"
 # The node API token the test node gets (/nodes/<id>/api/token, >= 16 chars).
@@ -14,7 +19,8 @@ qlog() { printf '[qemu] %s\n' "$*" >&2; }
 qdie() { printf '[qemu] FAIL: %s\n' "$*" >&2; exit 1; }
 
 # Programs the test needs; a missing one is a failure, not a skip
-# (scripts/test installs them: etcd-server etcd-client qemu-system-x86 dnsutils jq).
+# (scripts/test installs them: etcd-server etcd-client qemu-system-x86 dnsutils jq
+# dnsmasq-base).
 require_programs() {
 	local p missing=""
 	for p in "$@"; do
@@ -53,39 +59,88 @@ start_etcd() {
 	qdie "etcd did not become healthy on 127.0.0.1:$ETCD_PORT"
 }
 
-# start_subscription_server DIR -> sets SUB_PORT, SUB_PID. Serves a minimal
-# Clash subscription (one SOCKS5 proxy in a url-test group).
+# start_proxy_node DIR -> sets NODE_PORT, NODE_PID. The subscription's one proxy
+# node: a second real mihomo on the host's loopback, SOCKS5 on its mixed port (the
+# guest reaches it at 10.0.2.2:$NODE_PORT). It passes connections to the host's
+# loopback only (the subscription server, which is also the health-check target)
+# and rejects everything else, so the guest's mihomo has a live node to pick and
+# nothing leaves this machine through it.
+start_proxy_node() {
+	local dir="$1/proxy-node" i
+	mkdir -p "$dir"
+	NODE_PORT="$(free_port)"
+	cat > "$dir/config.yaml" <<YAML
+mixed-port: $NODE_PORT
+allow-lan: false
+mode: rule
+log-level: info
+ipv6: false
+dns:
+  enable: false
+rules:
+  - IP-CIDR,127.0.0.0/8,DIRECT,no-resolve
+  - MATCH,REJECT
+YAML
+	"${MEDUZA_TEST_MIHOMO:-$MIHOMO_BIN}" -d "$dir" -f "$dir/config.yaml" > "$1/proxy-node.log" 2>&1 &
+	NODE_PID=$!
+	for i in $(seq 1 100); do
+		(exec 3<>"/dev/tcp/127.0.0.1/$NODE_PORT") 2>/dev/null && return 0
+		kill -0 "$NODE_PID" 2>/dev/null || { cat "$1/proxy-node.log" >&2; qdie "proxy node (mihomo) exited"; }
+		sleep 0.1
+	done
+	qdie "proxy node (mihomo) did not listen on 127.0.0.1:$NODE_PORT within 10 s"
+}
+
+# start_subscription_server DIR -> sets SUB_PORT, SUB_PID, HEALTH_URL. Serves a
+# minimal Clash subscription (only `proxies`, which is all a proxy provider reads:
+# start_proxy_node's node as node-1) and the health-check target HEALTH_URL. The
+# guest's mihomo asks node-1 for HEALTH_URL, so its host is the loopback as the
+# proxy node sees it.
 start_subscription_server() {
 	local dir="$1/www"
+	[ -n "${NODE_PORT:-}" ] || qdie "start_subscription_server: start_proxy_node first"
 	mkdir -p "$dir"
-	cat > "$dir/sub.yaml" <<'YAML'
+	cat > "$dir/sub.yaml" <<YAML
 proxies:
   - name: node-1
     type: socks5
     server: 10.0.2.2
-    port: 1080
-proxy-groups:
-  - name: auto
-    type: url-test
-    proxies: [node-1]
-    url: http://www.gstatic.com/generate_204
-    interval: 300
-rules:
-  - MATCH,auto
+    port: $NODE_PORT
 YAML
+	: > "$dir/generate_204"
 	SUB_PORT="$(free_port)"
 	python3 -m http.server --bind 127.0.0.1 --directory "$dir" "$SUB_PORT" \
 		> "$1/http.log" 2>&1 &
 	SUB_PID=$!
+	HEALTH_URL="http://127.0.0.1:$SUB_PORT/generate_204"
+}
+
+# start_dns_upstream DIR -> sets UPSTREAM_PORT, UPSTREAM_PID. A DNS server on the
+# host's loopback (dnsmasq answering every A query with 10.9.9.9), the test
+# node's only upstream group: without one, the node's upstreams default to
+# public resolvers, which the DNS frontend's health checks and mihomo's DNS
+# (its nameserver list is the node's upstreams) would then query through QEMU's
+# user networking. The tests must not send traffic off this machine.
+start_dns_upstream() {
+	UPSTREAM_PORT="$(free_port)"
+	dnsmasq --keep-in-foreground --pid-file= --no-resolv --no-hosts --bind-interfaces \
+		--listen-address=127.0.0.1 --port="$UPSTREAM_PORT" --address=/#/10.9.9.9 \
+		--log-facility=- > "$1/dnsmasq.log" 2>&1 &
+	UPSTREAM_PID=$!
 }
 
 # seed_config: the test node's configuration (DESIGN §3 keys) for $NODE_ID,
 # then a /commit bump. Sets COMMIT_REV (mod revision of /commit). The node runs
-# what the image carries: mihomo (the test double) in TPROXY mode with MosDNS
-# off, and a generic tunnel (`/bin/sleep`) so that two children show the stop
-# order on poweroff.
+# what the image carries: the real mihomo in TPROXY mode with MosDNS off, and a
+# generic tunnel (`/bin/sleep`) so that two children show the stop order on
+# poweroff. Its subscription, proxy node, health-check URL and DNS upstream are
+# the host-side servers above.
 seed_config() {
 	local e=("${ETCDCTL[@]}")
+	[ -n "${UPSTREAM_PORT:-}" ] || qdie "seed_config: start_dns_upstream first"
+	[ -n "${HEALTH_URL:-}" ] || qdie "seed_config: start_subscription_server first"
+	"${e[@]}" put "/nodes/$NODE_ID/dns/upstreams/host/addresses" "10.0.2.2:$UPSTREAM_PORT" >/dev/null
+	"${e[@]}" put "/nodes/$NODE_ID/clash/health/url" "$HEALTH_URL" >/dev/null
 	"${e[@]}" put "/nodes/$NODE_ID/lan" "192.168.100.0/24" >/dev/null
 	"${e[@]}" put "/nodes/$NODE_ID/private_lan" "192.168.101.0/24" >/dev/null
 	"${e[@]}" put "/nodes/$NODE_ID/api/token" "$API_TOKEN" >/dev/null

@@ -2,7 +2,7 @@
 # Interactive demo of the firmware under QEMU (`scripts/demo --qemu` calls this):
 # builds the test image, starts a local etcd loaded with the example
 # configuration (docs/examples/three-nodes.json) plus the QEMU node's own keys
-# (node qemu1: mihomo test double in TPROXY mode, a generic tunnel, a
+# (node qemu1: the real mihomo in TPROXY mode, a generic tunnel, a
 # /dns/hosts/ record), boots the gateway with the serial console on this
 # terminal and provisioning on the kernel command line (meduza.node_id=,
 # meduza.etcd=).
@@ -10,9 +10,9 @@
 #   tests/qemu/run-demo.sh [--no-build] [--node ID]
 #
 # --node ID   boot as another node of the example (gw-a, gw-b, gw-c); the image
-#             carries only busybox, nft, meduza and the mihomo double, so that
-#             node's other children (tinc, OpenVPN, FRR, ...) report missing
-#             programs in its status.
+#             carries only busybox, nft, meduza and mihomo, so that node's other
+#             children (tinc, OpenVPN, FRR, ...) report missing programs in its
+#             status.
 #
 # In the guest: a root shell on the console; `poweroff` ends the demo (or
 # Ctrl-A X). The addresses to try from another terminal are printed first.
@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
 	esac
 done
 
-require_programs etcd etcdctl qemu-system-x86_64 jq python3
+require_programs etcd etcdctl qemu-system-x86_64 jq python3 dnsmasq
 if [ "$BUILD_IMAGE" = 1 ]; then
 	"$HERE/build-image.sh"
 fi
@@ -41,7 +41,7 @@ fi
 
 TMP="$(mktemp -d /tmp/meduza-demo.XXXXXX)"
 cleanup() {
-	for p in ${SUB_PID:-} ${ETCD_PID:-}; do
+	for p in ${NODE_PID:-} ${SUB_PID:-} ${UPSTREAM_PID:-} ${ETCD_PID:-}; do
 		kill "$p" 2>/dev/null || true
 	done
 	wait 2>/dev/null || true
@@ -51,7 +51,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 start_etcd "$TMP"
+start_proxy_node "$TMP"
 start_subscription_server "$TMP"
+start_dns_upstream "$TMP"
 qlog "loading docs/examples/three-nodes.json"
 ETCDCTL_ENDPOINTS="http://127.0.0.1:$ETCD_PORT" "$REPO/docs/examples/etcd-load.sh" \
 	"$REPO/docs/examples/three-nodes.json"

@@ -12,7 +12,9 @@
 //!
 //! When the base defines no `proxy-groups`/`rules`, a `PROXY` url-test group over the
 //! subscription and `MATCH,PROXY` are added, so a subscription alone gives a working
-//! proxy whose health (every URLTest group's `now`) can be checked.
+//! proxy whose health (every URLTest group's `now`) can be checked. The provider's
+//! health check and that group use the node's `clash/health/*` URL, interval and
+//! timeout ([`crate::model::ClashHealthCheck`]).
 //!
 //! The file holds the API secret: mode 0600. The secret is `/nodes/<id>/clash/secret`,
 //! else the per-node secret the daemon generated ([`RenderEnv::clash_secret`]); there is
@@ -34,10 +36,6 @@ pub const CONFIG_PATH: &str = "/etc/mihomo/config.yaml";
 pub const MIXED_PORT: u16 = 7890;
 /// `routing-mark` of mihomo's own outbound sockets.
 pub const ROUTING_MARK: u32 = 255;
-/// URL of provider and group health checks.
-pub const HEALTH_URL: &str = "https://www.gstatic.com/generate_204";
-/// Seconds between mihomo's own health checks.
-pub const HEALTH_INTERVAL_SECS: u64 = 300;
 /// Name of the default group added when the base defines none.
 pub const DEFAULT_GROUP: &str = "PROXY";
 
@@ -85,6 +83,7 @@ pub fn config_mapping(cfg: &Config, node: &Node, secret: &str) -> Mapping {
             m.insert(s(k), s(v));
         }
     }
+    let health = &node.clash.health;
     if let Some((name, url)) = subscription(cfg, node) {
         // No `interval`: mihomo fetches the provider itself only when the file is
         // missing (first start). The periodic refresh is meduza's own
@@ -100,8 +99,10 @@ pub fn config_mapping(cfg: &Config, node: &Node, secret: &str) -> Mapping {
             "health-check",
             map(vec![
                 ("enable", Value::Bool(true)),
-                ("url", s(HEALTH_URL)),
-                ("interval", Value::from(HEALTH_INTERVAL_SECS)),
+                ("url", s(&health.url)),
+                ("interval", Value::from(health.interval_secs)),
+                // Milliseconds (mihomo's provider `health-check.timeout`).
+                ("timeout", Value::from(health.timeout_ms)),
             ]),
         ));
         let mut providers = match m.get("proxy-providers") {
@@ -117,8 +118,9 @@ pub fn config_mapping(cfg: &Config, node: &Node, secret: &str) -> Mapping {
                     ("name", s(DEFAULT_GROUP)),
                     ("type", s("url-test")),
                     ("use", Value::Sequence(vec![s(&name)])),
-                    ("url", s(HEALTH_URL)),
-                    ("interval", Value::from(HEALTH_INTERVAL_SECS)),
+                    ("url", s(&health.url)),
+                    ("interval", Value::from(health.interval_secs)),
+                    ("timeout", Value::from(health.timeout_ms)),
                 ])]),
             );
             if !m.contains_key("rules") {
@@ -210,6 +212,7 @@ pub fn render(
             .then_some(node.clash.refresh_interval_minutes),
         config_path: CONFIG_PATH.into(),
         home_dir: HOME_DIR.into(),
+        health: node.clash.health.clone(),
     };
     Ok((
         DomainOutput {
@@ -218,4 +221,80 @@ pub fn render(
         },
         runtime,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ClashHealthCheck;
+    use crate::render::Bins;
+    use crate::snapshot::Snapshot;
+
+    const EXAMPLE: &str = include_str!("../../../docs/examples/three-nodes.json");
+
+    fn render_gw_a(overrides: &[(&str, &str)]) -> (Mapping, ClashRuntime) {
+        let mut snap = Snapshot::from_json(EXAMPLE).expect("example is JSON");
+        for (k, v) in overrides {
+            snap.0.insert((*k).to_string(), (*v).to_string());
+        }
+        let cfg = Config::parse(&snap).expect("example validates");
+        let node = cfg.node("gw-a").expect("gw-a");
+        let env = RenderEnv {
+            default_gw: None,
+            clash_secret: "generated-secret-0123456789".into(),
+            bins: Bins::default(),
+        };
+        let (_, runtime) = render(&cfg, node, &env).expect("renders");
+        (config_mapping(&cfg, node, &runtime.secret), runtime)
+    }
+
+    fn at<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
+        path.iter().fold(v, |v, k| &v[*k])
+    }
+
+    #[test]
+    fn health_checks_use_the_nodes_health_settings() {
+        let (m, runtime) = render_gw_a(&[
+            ("/global/clash/health/url", "http://cp.cloudflare.com/"),
+            ("/global/clash/health/interval", "600"),
+            ("/nodes/gw-a/clash/health/timeout", "2500"),
+            ("/nodes/gw-a/clash/health/probe_interval", "3"),
+        ]);
+        let m = Value::Mapping(m);
+        let hc = at(&m, &["proxy-providers", "main", "health-check"]);
+        assert_eq!(hc["url"], s("http://cp.cloudflare.com/"));
+        assert_eq!(hc["interval"], Value::from(600));
+        assert_eq!(hc["timeout"], Value::from(2500));
+        let group = &m["proxy-groups"][0];
+        assert_eq!(group["name"], s(DEFAULT_GROUP));
+        assert_eq!(group["url"], s("http://cp.cloudflare.com/"));
+        assert_eq!(group["interval"], Value::from(600));
+        assert_eq!(group["timeout"], Value::from(2500));
+        assert_eq!(
+            runtime.health,
+            ClashHealthCheck {
+                url: "http://cp.cloudflare.com/".into(),
+                interval_secs: 600,
+                probe_interval_secs: 3,
+                timeout_ms: 2500,
+            }
+        );
+    }
+
+    #[test]
+    fn health_checks_default_without_keys() {
+        let (m, runtime) = render_gw_a(&[]);
+        let m = Value::Mapping(m);
+        let hc = at(&m, &["proxy-providers", "main", "health-check"]);
+        assert_eq!(hc["url"], s(ClashHealthCheck::DEFAULT_URL));
+        assert_eq!(
+            hc["interval"],
+            Value::from(ClashHealthCheck::DEFAULT_INTERVAL_SECS)
+        );
+        assert_eq!(
+            hc["timeout"],
+            Value::from(ClashHealthCheck::DEFAULT_TIMEOUT_MS)
+        );
+        assert_eq!(runtime.health, ClashHealthCheck::default());
+    }
 }
