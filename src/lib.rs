@@ -2,6 +2,7 @@
 //! tests use them directly).
 
 pub mod api;
+pub mod backoff;
 pub mod boot;
 pub mod clash;
 pub mod daemon;

@@ -4,12 +4,15 @@
 //! daemon runs, printing errors as `key: value: reason` (exit 2) or writing the files
 //! a gateway would get. Must not: talk to etcd, start processes or touch the system.
 
+use crate::boot::Tool;
 use crate::files::Fs as _;
 use crate::files::RootFs;
 use meduza_generators::render::{self, Bins, RenderEnv};
 use meduza_generators::{Config, Snapshot, ValidationError};
+use std::collections::BTreeMap;
 use std::io::Read as _;
-use std::path::Path;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 
 /// Exit code for invalid configuration (DESIGN: 2).
 pub const EXIT_INVALID: i32 = 2;
@@ -69,19 +72,44 @@ pub fn print_errors(errors: &[ValidationError]) {
     }
 }
 
-/// `RenderEnv` from the environment (`DEFAULT_GW`, `MEDUZA_BIN_*`).
+/// `RenderEnv` from the environment (`DEFAULT_GW`, `MEDUZA_BIN_*`): the offline
+/// commands, which resolve no settings. `meduza run` uses [`render_env`] with its
+/// resolved settings instead.
 pub fn env_from_process(clash_secret: String) -> RenderEnv {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let bins = Tool::ALL
+        .into_iter()
+        .filter_map(|t| var(&format!("MEDUZA_BIN_{}", t.env_suffix())).map(|v| (t, v.into())))
+        .collect();
+    render_env(
+        var("DEFAULT_GW").and_then(|v| v.parse().ok()),
+        &bins,
+        clash_secret,
+    )
+}
+
+/// The generators' `RenderEnv` from typed settings: `bins` holds the programs set
+/// explicitly (`MEDUZA_BIN_*`, `[bin]` in meduza.toml); the others keep the image's
+/// paths ([`Bins::default`]).
+pub fn render_env(
+    default_gw: Option<IpAddr>,
+    bins: &BTreeMap<Tool, PathBuf>,
+    clash_secret: String,
+) -> RenderEnv {
     let d = Bins::default();
+    let bin = |t: Tool, default: String| {
+        bins.get(&t)
+            .map_or(default, |p| p.to_string_lossy().into_owned())
+    };
     RenderEnv {
-        default_gw: var("DEFAULT_GW").and_then(|v| v.parse().ok()),
+        default_gw,
         clash_secret,
         bins: Bins {
-            mihomo: var("MEDUZA_BIN_MIHOMO").unwrap_or(d.mihomo),
-            mosdns: var("MEDUZA_BIN_MOSDNS").unwrap_or(d.mosdns),
-            easytier: var("MEDUZA_BIN_EASYTIER").unwrap_or(d.easytier),
-            tincd: var("MEDUZA_BIN_TINCD").unwrap_or(d.tincd),
-            openvpn: var("MEDUZA_BIN_OPENVPN").unwrap_or(d.openvpn),
+            mihomo: bin(Tool::Mihomo, d.mihomo),
+            mosdns: bin(Tool::Mosdns, d.mosdns),
+            easytier: bin(Tool::Easytier, d.easytier),
+            tincd: bin(Tool::Tincd, d.tincd),
+            openvpn: bin(Tool::Openvpn, d.openvpn),
         },
     }
 }

@@ -43,6 +43,7 @@ const PLUGINS: &str = "- tag: proxy_domains\n  type: domain_set\n  args:\n    fi
 /// `clash/health/probe_interval` and `clash/health/timeout` of this test: a dead node
 /// must be noticed within probe interval + timeout + one 500 ms probe.
 const PROBE_INTERVAL_S: u64 = 1;
+const API_TOKEN: &str = "lab-api-token-0123456789";
 const TEST_TIMEOUT_MS: u64 = 1000;
 
 /// Sleep until `hold_down` after `removed_at` has passed, with a margin for the
@@ -79,12 +80,7 @@ fn tproxy_follows_real_mihomo_end_to_end() {
 
     // The subscription is not served yet (404): mihomo's provider stays empty.
     lab.put("/global/clash/subscriptions/sub/url", &url("/sub.yaml"));
-    lab.put("/global/clash/health/url", &health_url());
-    lab.put(
-        "/global/clash/health/probe_interval",
-        &PROBE_INTERVAL_S.to_string(),
-    );
-    lab.put("/global/clash/health/timeout", &TEST_TIMEOUT_MS.to_string());
+    lab.put_health_keys(PROBE_INTERVAL_S, TEST_TIMEOUT_MS);
     lab.put(
         "/global/mosdns/rule_files",
         &format!(r#"{{"rules/proxy.txt": "{}"}}"#, url("/rules/proxy.txt")),
@@ -95,6 +91,7 @@ fn tproxy_follows_real_mihomo_end_to_end() {
         &node("lan"),
         &format!("{}\n{}", Topology::LAN4, Topology::LAN6),
     );
+    lab.put(&node("api/token"), API_TOKEN);
     lab.put(&node("clash/enable"), "true");
     lab.put(&node("clash/mode"), "tproxy");
     lab.put(&node("clash/active_subscription"), "sub");
@@ -163,6 +160,39 @@ fn tproxy_follows_real_mihomo_end_to_end() {
         v.starts_with("running ")
     });
     assert_eq!(lab.mosdns_answer("www.listed.example"), "198.51.100.1");
+
+    // mihomo's own byte totals reach the node API (`/v1/stats`, `/metrics`).
+    let totals = wait_for(
+        "mihomo's traffic in /v1/stats",
+        Duration::from_secs(10),
+        || {
+            let stats: serde_json::Value =
+                serde_json::from_str(&lab.api_get("/v1/stats", API_TOKEN)).ok()?;
+            let value = |name: &str| {
+                stats.as_array()?.iter().find(|s| s["name"] == name)?["value"].as_u64()
+            };
+            let up = value("service>>>mihomo>>>traffic>>>uplink")?;
+            let down = value("service>>>mihomo>>>traffic>>>downlink")?;
+            (up > 0 && down > 0).then_some((up, down))
+        },
+    );
+    let metrics = lab.api_get("/metrics", API_TOKEN);
+    for (direction, bytes) in [("uplink", totals.0), ("downlink", totals.1)] {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("meduza_mihomo_traffic_bytes_total{")
+                    && l.contains(&format!("direction=\"{direction}\""))
+            })
+            .unwrap_or_else(|| panic!("no mihomo {direction} counter in /metrics:\n{metrics}"));
+        let value: u64 = line
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .expect("counter value");
+        assert!(value >= bytes, "{line}: went down from {bytes}");
+    }
 
     // 3. The node dies: mihomo keeps `now` on it; the delay test finds it dead.
     random_phase();

@@ -10,7 +10,6 @@ use std::io::{ErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use nix::mount::MsFlags;
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
@@ -179,7 +178,8 @@ impl BootOs for RealBootOs {
 
     fn modprobe(&self, module: &str) -> Result<(), BootError> {
         // argv only: the module name is one of our constants, never a shell string.
-        let out = Command::new(&self.modprobe)
+        // modprobe needs nothing of meduza's environment (which holds ETCD_PASS).
+        let out = crate::supervise::spawn::clean_std_command(&self.modprobe)
             .arg(module)
             .output()
             .map_err(|e| io_err("exec", &self.modprobe, e))?;

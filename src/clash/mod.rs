@@ -26,7 +26,7 @@ pub use monitor::{
     ClashHealthSink, ClashMonitor, HealthStatus, MonitorConfig, MonitorHandle, Phase, ProcessEvent,
     TproxyGate,
 };
-pub use rules::{Backoff, Fetcher, Route, RuleFile, RulesReport};
+pub use rules::{Fetcher, RetryPolicy, Route, RuleFile, RulesReport};
 
 /// mihomo's mixed (HTTP + SOCKS) port, used for downloads while Clash is enabled.
 pub const MIXED_PROXY_URL: &str = "http://127.0.0.1:7890";

@@ -3,14 +3,14 @@
 //!
 //! Owns: choosing the route of a download (through mihomo's mixed port while Clash is
 //! enabled — never direct then — and direct otherwise), retrying with exponential
-//! backoff, and writing rule files atomically under `MEDUZA_ROOT`, reporting which
-//! ones changed so MosDNS is restarted only when one did.
+//! backoff ([`RetryPolicy`]), and writing rule files atomically under `MEDUZA_ROOT`,
+//! reporting which ones changed so MosDNS is restarted only when one did.
 //! Must not: start or restart MosDNS (the chain asks the supervisor), or decide when to
 //! download (the chain and the refresh loop do).
 
+use crate::backoff::Jitter;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -74,14 +74,20 @@ impl std::fmt::Display for Route {
     }
 }
 
-/// Retry policy: `attempts` tries, waiting `first_delay`, then twice as long each time.
+/// Retry policy of a download: `attempts` tries, waiting `first_delay`, then twice as
+/// long each time ([`crate::backoff::Backoff`] without jitter: the waits 1, 2, 4, 8 s are
+/// documented in docs/clash.md, and a download goes to its own origin, not to etcd).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
+pub struct RetryPolicy {
     pub attempts: u32,
     pub first_delay: Duration,
 }
 
-impl Default for Backoff {
+/// The old name of [`RetryPolicy`], kept while `tests/clash_rules.rs` and
+/// `tests/clash_chain.rs` still use it; [`crate::backoff::Backoff`] is the backoff.
+pub type Backoff = RetryPolicy;
+
+impl Default for RetryPolicy {
     /// 5 attempts, waiting 1, 2, 4, 8 s between them.
     fn default() -> Self {
         Self {
@@ -91,12 +97,16 @@ impl Default for Backoff {
     }
 }
 
-impl Backoff {
+impl RetryPolicy {
+    /// The waits between attempts, uncapped and exact.
+    pub fn backoff(&self) -> crate::backoff::Backoff {
+        crate::backoff::Backoff::new(self.first_delay, Duration::MAX, Jitter::None)
+    }
+
     /// The waits between attempts (one fewer than `attempts`).
     pub fn delays(&self) -> Vec<Duration> {
-        (0..self.attempts.saturating_sub(1))
-            .map(|i| self.first_delay.saturating_mul(1u32 << i.min(16)))
-            .collect()
+        let mut backoff = self.backoff();
+        (1..self.attempts).map(|_| backoff.next()).collect()
     }
 }
 
@@ -114,7 +124,7 @@ pub enum Purpose {
 pub struct Fetcher {
     /// Which log prefix the download attempts carry.
     pub purpose: Purpose,
-    pub backoff: Backoff,
+    pub backoff: RetryPolicy,
     pub timeout: Duration,
     pub user_agent: String,
 }
@@ -123,7 +133,7 @@ impl Default for Fetcher {
     fn default() -> Self {
         Self {
             purpose: Purpose::RuleFiles,
-            backoff: Backoff::default(),
+            backoff: RetryPolicy::default(),
             timeout: Duration::from_secs(30),
             // Subscription services pick the Clash YAML format from a "clash" UA.
             user_agent: "clash.meta (meduza)".to_string(),
@@ -159,7 +169,7 @@ impl Fetcher {
     /// failed attempt.
     pub async fn fetch(&self, url: &str, route: &Route) -> Result<Vec<u8>, RulesError> {
         let client = self.client(route)?;
-        let delays = self.backoff.delays();
+        let mut backoff = self.backoff.backoff();
         let attempts = self.backoff.attempts.max(1);
         let mut last = String::new();
         for attempt in 1..=attempts {
@@ -177,8 +187,8 @@ impl Fetcher {
                     last = reason;
                 }
             }
-            if let Some(delay) = delays.get(attempt as usize - 1) {
-                tokio::time::sleep(*delay).await;
+            if attempt < attempts {
+                tokio::time::sleep(backoff.next()).await;
             }
         }
         Err(RulesError::Download {
@@ -340,34 +350,18 @@ pub async fn download_rule_files(
     Ok(report)
 }
 
-/// Writes `content` to `path` by temp file + rename, only when it differs.
-/// Returns whether the file was written.
+/// Mode of rule files and the subscription: MosDNS and mihomo read them.
+const RULE_FILE_MODE: u32 = 0o644;
+
+/// Writes `content` to `path` atomically and durably ([`crate::files::write_if_changed`]),
+/// only when it (or the file's mode) differs. Returns whether the file was written.
 pub fn write_if_changed(path: &Path, content: &[u8]) -> Result<bool, RulesError> {
-    let werr = |source| RulesError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    if std::fs::read(path).is_ok_and(|old| old == content) {
-        return Ok(false);
-    }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(werr)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(content)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(werr(e));
-    }
-    Ok(true)
+    crate::files::write_if_changed(path, content, RULE_FILE_MODE).map_err(|source| {
+        RulesError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -377,10 +371,10 @@ mod tests {
     #[test]
     fn backoff_delays() {
         assert_eq!(
-            Backoff::default().delays(),
+            RetryPolicy::default().delays(),
             [1, 2, 4, 8].map(Duration::from_secs).to_vec()
         );
-        let b = Backoff {
+        let b = RetryPolicy {
             attempts: 1,
             first_delay: Duration::from_secs(1),
         };

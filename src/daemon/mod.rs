@@ -13,9 +13,10 @@ pub mod settings;
 pub mod view;
 pub mod vpnstatus;
 
+use crate::boot::{Dataplane, Settings, Tool};
 use crate::dataplane::task::netlink_triggers;
 use crate::dataplane::wireguard::{status_of, AutoWg, LinkOps, WgBackend as _, WgManager};
-use crate::dataplane::{spawn_task, DataplaneHandle, SystemDataplane};
+use crate::dataplane::{spawn_task, DataplaneHandle, NetlinkNft, SystemDataplane};
 use crate::dns::{DnsConfig, DnsHandle};
 use crate::etcd::status::PublisherConfig;
 use crate::etcd::{
@@ -41,21 +42,33 @@ use tracing::{info, warn};
 
 pub use settings::RunArgs;
 
-/// Resolved settings of one gateway agent.
+/// The `nft` that lists table `inet meduza` (looked up in the children's `PATH`):
+/// `MEDUZA_BIN_NFT` is not a setting of `meduza run` (DESIGN §2 lists no such tool).
+const DEFAULT_NFT: &str = "nft";
+
+/// Resolved settings of one gateway agent, as typed values: nothing below `main`
+/// reads them from the process environment (see [`settings`]).
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub node_id: String,
+    /// Carries `ETCD_USER`/`ETCD_PASS` (its `Debug` redacts the password).
     pub etcd: EtcdConfig,
     pub root: PathBuf,
     pub state_dir: PathBuf,
     pub api_listen: SocketAddr,
     pub dns: DnsConfig,
     pub lease_ttl: i64,
+    /// `MEDUZA_DATAPLANE`.
+    pub dataplane: Dataplane,
+    /// `DEFAULT_GW`.
+    pub default_gw: Option<IpAddr>,
+    /// Child programs set explicitly (`MEDUZA_BIN_*`); the others keep their defaults.
+    pub bins: BTreeMap<Tool, PathBuf>,
 }
 
 impl RunConfig {
     /// From the resolved settings (see [`settings::prepare`]).
-    pub fn from_settings(s: &crate::boot::Settings, lease_ttl: i64) -> anyhow::Result<Self> {
+    pub fn from_settings(s: &Settings, lease_ttl: i64) -> anyhow::Result<Self> {
         meduza_generators::parse::validate_name(&s.node_id)
             .map_err(|r| anyhow::anyhow!("NODE_ID {:?}: {r}", s.node_id))?;
         let etcd = EtcdConfig::build(
@@ -66,8 +79,10 @@ impl RunConfig {
             s.etcd_user.clone(),
             s.etcd_pass.clone(),
         )?;
-        let mut dns = DnsConfig::from_env()?;
-        dns.listen = s.dns_listen.clone();
+        let dns = DnsConfig {
+            listen: s.dns_listen.clone(),
+            ..DnsConfig::default()
+        };
         Ok(Self {
             node_id: s.node_id.clone(),
             etcd,
@@ -76,7 +91,15 @@ impl RunConfig {
             api_listen: s.api_listen,
             dns,
             lease_ttl,
+            dataplane: s.dataplane,
+            default_gw: s.default_gw,
+            bins: s.bins.clone(),
         })
+    }
+
+    /// The explicitly set path of `tool`, if any.
+    fn bin(&self, tool: Tool) -> Option<&Path> {
+        self.bins.get(&tool).map(PathBuf::as_path)
     }
 }
 
@@ -209,7 +232,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let spawner = RealSpawner::new();
     let _reaper = reaper::spawn(spawner.registry());
-    let frr = Arc::new(FrrControl::from_env(&cfg.root));
+    let frr = Arc::new(FrrControl::new(
+        &cfg.root,
+        cfg.bin(Tool::Vtysh),
+        cfg.bin(Tool::FrrReload),
+    ));
     let supervisor = Supervisor::new(
         Arc::new(spawner),
         Arc::new(SystemClock),
@@ -238,10 +265,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let dns = crate::dns::start(cfg.dns.clone(), initial_dns).await?;
     info!(listen = ?dns.local_addrs(), "dns frontend up");
 
-    let dp = SystemDataplane::from_env()?;
+    let dp = SystemDataplane::system(
+        cfg.dataplane == Dataplane::Off,
+        NetlinkNft::new(DEFAULT_NFT),
+    )?;
     let dataplane = spawn_task(Arc::new(dp), None, netlink_triggers()?);
     let wireguard = match LinkOps::new() {
-        Ok(links) => Some(WgManager::new(AutoWg::new(links.clone()), Some(links))),
+        Ok(links) => {
+            let wg_go = cfg.bin(Tool::WireguardGo).map(|p| p.as_os_str().to_owned());
+            let backend = AutoWg::with_userspace_program(links.clone(), wg_go);
+            Some(WgManager::new(backend, Some(links)))
+        }
         Err(err) => {
             warn!(%err, "no rtnetlink: WireGuard devices cannot be managed");
             None
@@ -309,7 +343,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // Reconciler, fed by the etcd watcher.
     let (trigger_tx, trigger_rx) = mpsc::channel(64);
     let secret = clash_secret(&cfg.state_dir)?;
-    let env = crate::offline::env_from_process(secret);
+    let env = crate::offline::render_env(cfg.default_gw, &cfg.bins, secret);
     let clash =
         clash::ClashOrchestrator::new(Arc::clone(&shared), cfg.root.clone(), trigger_tx.clone());
     let effects =
@@ -343,7 +377,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }));
     trigger_tx.send(Trigger::Boot).await.ok();
 
-    let (watcher, mut events) = spawn_watcher(Arc::clone(&kv), WatcherConfig::default(), 0);
+    // With several etcd members the watch checks its member twice a second, so a
+    // frozen member is left within about 1.5 s (docs/etcd-client.md, "Failover").
+    let (watcher, mut events) = spawn_watcher(
+        Arc::clone(&kv),
+        WatcherConfig::for_members(cfg.etcd.endpoints.len()),
+        0,
+    );
     {
         let shared = Arc::clone(&shared);
         let kv = Arc::clone(&kv);

@@ -2,10 +2,12 @@
 //! `/etc/meduza/meduza.toml` > kernel command line > defaults, resolved by
 //! `boot::load_settings`, plus the boot duties when init started us on a firmware.
 //!
-//! The resolved values are exported to the process environment *before* the async
-//! runtime starts (the process is still single-threaded then), so every module that
-//! reads its `MEDUZA_*`/`ETCD_*` variable sees the merged result, and children inherit
-//! the same view.
+//! The resolved [`Settings`] are handed down from `main` as a value (into
+//! [`RunConfig`](super::RunConfig) and from there to the etcd client, the data plane,
+//! WireGuard, FRR and the generators). They are never written back into the process
+//! environment: that would put `ETCD_PASS` where every child could inherit it, and
+//! make a module's view depend on whether it reads before or after the export.
+//! The environment is read once, as the `env` layer of [`boot::load_settings`].
 
 use crate::boot::{self, Settings, SettingsLayer};
 use crate::etcd::EtcdArgs;
@@ -59,8 +61,8 @@ fn flags_layer(args: &RunArgs, etcd: &EtcdArgs) -> SettingsLayer {
     l
 }
 
-/// Resolve the settings, run the boot duties when wanted, and export the result.
-/// Must be called before any thread is started.
+/// Resolve the settings and run the boot duties when wanted. Must be called before
+/// any thread is started (the boot duties mount and remount).
 pub fn prepare(args: &RunArgs, etcd: &EtcdArgs) -> anyhow::Result<Settings> {
     let flags = flags_layer(args, etcd);
     let (mut settings, mut unknown) = boot::load_settings(&flags)?;
@@ -74,49 +76,5 @@ pub fn prepare(args: &RunArgs, etcd: &EtcdArgs) -> anyhow::Result<Settings> {
     for key in unknown {
         warn!(key, "unknown meduza.* kernel parameter ignored");
     }
-    export(&settings);
     Ok(settings)
-}
-
-fn export(s: &Settings) {
-    let mut vars: Vec<(String, String)> = vec![
-        ("NODE_ID".into(), s.node_id.clone()),
-        ("ETCD_ENDPOINTS".into(), s.etcd_endpoints.join(",")),
-        ("MEDUZA_ROOT".into(), s.root.display().to_string()),
-        ("MEDUZA_STATE_DIR".into(), s.state_dir.display().to_string()),
-        (
-            "MEDUZA_DNS_LISTEN".into(),
-            s.dns_listen
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
-        ("MEDUZA_API_LISTEN".into(), s.api_listen.to_string()),
-        (
-            "MEDUZA_DATAPLANE".into(),
-            match s.dataplane {
-                boot::Dataplane::Nft => "nft".into(),
-                boot::Dataplane::Off => "off".into(),
-            },
-        ),
-    ];
-    let opt =
-        |k: &str, v: &Option<PathBuf>| v.as_ref().map(|p| (k.to_string(), p.display().to_string()));
-    vars.extend(opt("ETCD_CA", &s.etcd_ca));
-    vars.extend(opt("ETCD_CERT", &s.etcd_cert));
-    vars.extend(opt("ETCD_KEY", &s.etcd_key));
-    vars.extend(s.etcd_user.clone().map(|u| ("ETCD_USER".into(), u)));
-    vars.extend(s.etcd_pass.clone().map(|p| ("ETCD_PASS".into(), p)));
-    vars.extend(s.default_gw.map(|gw| ("DEFAULT_GW".into(), gw.to_string())));
-    for (tool, path) in &s.bins {
-        vars.push((
-            format!("MEDUZA_BIN_{}", tool.env_suffix()),
-            path.display().to_string(),
-        ));
-    }
-    for (k, v) in vars {
-        // Single-threaded at this point (see the module header).
-        std::env::set_var(k, v);
-    }
 }

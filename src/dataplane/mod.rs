@@ -413,11 +413,18 @@ pub fn mode_off_from_env() -> Result<bool, DataplaneError> {
 }
 
 impl SystemDataplane {
-    /// Build from the environment (`MEDUZA_DATAPLANE`, `MEDUZA_BIN_NFT`). Opens an
-    /// rtnetlink connection in the calling thread's network namespace; needs a tokio
-    /// runtime.
+    /// Build from the environment (`MEDUZA_DATAPLANE`, `MEDUZA_BIN_NFT`): the
+    /// `meduza dataplane` CLI. `meduza run` hands its resolved settings to
+    /// [`SystemDataplane::system`] instead.
     pub fn from_env() -> Result<Self, DataplaneError> {
-        if mode_off_from_env()? {
+        Self::system(mode_off_from_env()?, NetlinkNft::from_env())
+    }
+
+    /// The logging no-op when `off`, else nftables (listing with `nft`) and rtnetlink.
+    /// Opens an rtnetlink connection in the calling thread's network namespace; needs
+    /// a tokio runtime.
+    pub fn system(off: bool, nft: NetlinkNft) -> Result<Self, DataplaneError> {
+        if off {
             tracing::info!("dataplane off: plans are logged, not applied");
             Ok(Dataplane::new(
                 AnyNft::Off(FakeNft::logging()),
@@ -425,7 +432,7 @@ impl SystemDataplane {
             ))
         } else {
             Ok(Dataplane::new(
-                AnyNft::Real(NetlinkNft::from_env()),
+                AnyNft::Real(nft),
                 AnyRouting::Real(RtnlRouting::new()?),
             ))
         }

@@ -12,9 +12,11 @@
 use std::ffi::OsString;
 use std::future::Future;
 use std::io;
+use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use nftables::helper::{self, NftablesError};
+use crate::supervise::spawn::clean_command;
+use nftables::helper::NftablesError;
 use nftables::schema::Nftables;
 use serde_json::Value;
 
@@ -79,7 +81,8 @@ pub struct NetlinkNft {
 }
 
 impl NetlinkNft {
-    /// Listing with `nft` from `MEDUZA_BIN_NFT`, else `nft` on `PATH`.
+    /// Listing with `nft` from `MEDUZA_BIN_NFT`, else `nft` on the children's `PATH`
+    /// (the `meduza dataplane` CLI; `meduza run` uses [`NetlinkNft::new`]).
     pub fn from_env() -> Self {
         Self::new(std::env::var_os(ENV_BIN_NFT).unwrap_or_else(|| OsString::from("nft")))
     }
@@ -111,22 +114,44 @@ impl Nft for NetlinkNft {
             Ok(true) => {}
             Err(err) => tracing::debug!(?err, "nftables table probe failed, asking nft"),
         }
-        let args = ["list", "table", "inet", TABLE];
-        match helper::get_current_ruleset_raw_async(Some(&self.program), args).await {
-            Ok(out) => {
-                serde_json::from_str(&out)
-                    .map(Some)
-                    .map_err(|e| DataplaneError::NftOutput {
-                        reason: e.to_string(),
-                    })
+        // Started here rather than by `nftables::helper`, which would hand nft
+        // meduza's whole environment (ETCD_PASS included): see supervise::spawn.
+        let out = clean_command(&self.program)
+            .args(["-j", "list", "table", "inet", TABLE])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|inner| {
+                self.nft_error(
+                    "list table",
+                    NftablesError::NftExecution {
+                        program: self.program.clone(),
+                        inner,
+                    },
+                )
+            })?;
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        if !out.status.success() {
+            let stderr = text(out.stderr);
+            // The children's POSIX locale keeps this message in English.
+            if stderr.contains("No such file or directory") {
+                return Ok(None);
             }
-            Err(NftablesError::NftFailed { stderr, .. })
-                if stderr.contains("No such file or directory") =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(self.nft_error("list table", e)),
+            return Err(self.nft_error(
+                "list table",
+                NftablesError::NftFailed {
+                    program: self.program.clone(),
+                    hint: format!("listing table inet {TABLE}"),
+                    stdout: text(out.stdout),
+                    stderr,
+                },
+            ));
         }
+        serde_json::from_slice(&out.stdout)
+            .map(Some)
+            .map_err(|e| DataplaneError::NftOutput {
+                reason: e.to_string(),
+            })
     }
 
     async fn apply(&self, tx: Transaction<'_>) -> Result<(), DataplaneError> {

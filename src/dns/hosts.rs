@@ -2,12 +2,13 @@
 //! from, and the `/etc/etcd_hosts` file kept for containers that mount it.
 //!
 //! Owns: converting the plan's map into a lookup table keyed by wire-format name, and
-//! writing the hosts file (only when its content changes, by temp file + rename).
+//! writing the hosts file (only when its content changes, through
+//! [`crate::files::write_atomic`]).
 //! Must not: watch etcd (the reconciler calls `DnsHandle::set_hosts`) or touch any
 //! other file.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{self, Write};
+use std::io;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -64,41 +65,19 @@ pub fn render_hosts_file(hosts: &BTreeMap<String, Vec<IpAddr>>) -> String {
     out
 }
 
-/// Writes `/etc/etcd_hosts` (or `path`) when its content differs from `hosts`.
-/// Returns whether the file was written. Atomic: a reader sees the old or the new
-/// file, never a partial one.
+/// Mode of the hosts file: world-readable, as containers that mount it read it as
+/// any user.
+const HOSTS_FILE_MODE: u32 = 0o644;
+
+/// Writes `/etc/etcd_hosts` (or `path`) when its content (or mode) differs from
+/// `hosts`. Returns whether the file was written. Atomic and durable
+/// ([`crate::files::write_atomic`]): a reader sees the old or the new file, never a
+/// partial one, also after a power cut.
 pub fn write_hosts_file_if_changed(
     path: &Path,
     hosts: &BTreeMap<String, Vec<IpAddr>>,
 ) -> io::Result<bool> {
-    let content = render_hosts_file(hosts);
-    match std::fs::read(path) {
-        Ok(old) if old == content.as_bytes() => return Ok(false),
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path.file_name().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidInput, "hosts path has no file name")
-    })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(content.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map(|()| true)
+    crate::files::write_if_changed(path, render_hosts_file(hosts).as_bytes(), HOSTS_FILE_MODE)
 }
 
 #[cfg(test)]

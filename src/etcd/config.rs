@@ -49,18 +49,40 @@ impl fmt::Debug for EtcdArgs {
     }
 }
 
-/// Timeouts of the connection. Every RPC is additionally bounded by `request` on our
-/// side, because tonic's balanced channel waits without limit for a ready endpoint.
+/// Timeouts of the connection. Every call is bounded by `request` on our side (all its
+/// attempts on all members together), each attempt on one member by
+/// [`EtcdTimeouts::attempt`], because tonic waits without limit for a ready endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EtcdTimeouts {
     /// TCP + TLS connect.
     pub connect: Duration,
-    /// One unary RPC (and the creation of a stream).
+    /// One call (a unary RPC or the creation of a stream), with its failover to other
+    /// members.
     pub request: Duration,
     /// HTTP/2 keep-alive ping interval.
     pub keep_alive_interval: Duration,
     /// HTTP/2 keep-alive ping timeout: a connection that does not answer is dropped.
     pub keep_alive_timeout: Duration,
+}
+
+/// The longest one attempt on one member may take when other members could answer
+/// instead (see [`EtcdTimeouts::attempt`]).
+pub const CLUSTER_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl EtcdTimeouts {
+    /// How long one attempt on one member may take before the call moves on to the
+    /// next member and the silent one is handed to the background probe. With one
+    /// member there is nowhere to go: the whole `request` timeout. With several, at
+    /// most [`CLUSTER_ATTEMPT_TIMEOUT`]: a healthy member answers in milliseconds,
+    /// and a dead or frozen one must not hold a call (a reconcile pass, a status
+    /// write, a lease keep-alive) for the full request timeout.
+    pub fn attempt(&self, members: usize) -> Duration {
+        if members > 1 {
+            self.request.min(CLUSTER_ATTEMPT_TIMEOUT)
+        } else {
+            self.request
+        }
+    }
 }
 
 impl Default for EtcdTimeouts {
@@ -386,6 +408,18 @@ mod tests {
             None
         )
         .is_err());
+    }
+
+    #[test]
+    fn one_attempt_is_short_only_when_another_member_could_answer() {
+        let t = EtcdTimeouts::default();
+        assert_eq!(t.attempt(1), t.request);
+        assert_eq!(t.attempt(3), CLUSTER_ATTEMPT_TIMEOUT);
+        let short = EtcdTimeouts {
+            request: Duration::from_millis(500),
+            ..t
+        };
+        assert_eq!(short.attempt(3), Duration::from_millis(500));
     }
 
     #[test]

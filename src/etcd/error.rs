@@ -46,6 +46,13 @@ pub enum EtcdError {
     /// etcd is unreachable (used by the in-memory fake to model an outage).
     #[error("etcd {op} {key:?} failed: etcd unavailable")]
     Unavailable { op: &'static str, key: String },
+    /// No member could be tried: every one is down (`members` says how each is).
+    #[error("etcd {op} {key:?} failed: no etcd member reachable ({members})")]
+    Unreachable {
+        op: &'static str,
+        key: String,
+        members: String,
+    },
     /// A read at a revision older than the compaction floor.
     #[error("etcd {op} {key:?} at revision {revision}: compacted (floor {compact_revision})")]
     Compacted {
@@ -100,6 +107,39 @@ pub fn is_auth_error(err: &etcd_client::Error) -> bool {
     }
 }
 
+/// Whether an error is the member's fault, so that the same request may succeed on
+/// another member: the connection failed or broke, or the member cannot serve now
+/// (etcd's `ErrGRPCNoLeader`, `ErrGRPCLeaderChanged`, `ErrGRPCTimeout`,
+/// `ErrGRPCStopped`, `ErrGRPCTooManyRequests`, `api/v3rpc/rpctypes/error.go`, and
+/// tonic's transport errors, which come as `Unavailable`, `Cancelled` or `Unknown`).
+/// Everything else — a refused token, "permission denied", "compacted", "lease not
+/// found", a bad argument, and "database space exceeded", which every member would
+/// answer alike — is the request's outcome, and the member counts as healthy.
+pub(crate) fn is_member_failure(err: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match err {
+        etcd_client::Error::GRpcStatus(status) => {
+            if is_auth_error(err) {
+                return false;
+            }
+            match status.code() {
+                Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::Unknown
+                | Code::Internal
+                | Code::DataLoss => true,
+                Code::ResourceExhausted => status.message().contains("too many requests"),
+                _ => false,
+            }
+        }
+        etcd_client::Error::TransportError(_)
+        | etcd_client::Error::IoError(_)
+        | etcd_client::Error::WatchError(_) => true,
+        _ => false,
+    }
+}
+
 /// Whether a message from etcd says the token is invalid. A watch created with a stale
 /// token is not failed but canceled, with the reason "permission denied"
 /// (`etcdserver/api/v3rpc/watch.go`, `isWatchPermitted`), so that counts too.
@@ -130,6 +170,41 @@ mod tests {
             source: e,
         };
         assert!(wrapped.is_auth());
+    }
+
+    #[test]
+    fn member_failures_are_told_from_request_outcomes() {
+        use tonic::Status;
+        let status = |s: Status| etcd_client::Error::GRpcStatus(s);
+        for member in [
+            status(Status::unavailable("etcdserver: no leader")),
+            status(Status::unavailable(
+                "error trying to connect: tcp connect error",
+            )),
+            status(Status::cancelled("Timeout expired")),
+            status(Status::unknown("h2 protocol error")),
+            status(Status::resource_exhausted("etcdserver: too many requests")),
+            etcd_client::Error::WatchError("failed to create lease keeper".into()),
+        ] {
+            assert!(is_member_failure(&member), "{member}");
+        }
+        for outcome in [
+            status(Status::unauthenticated("etcdserver: invalid auth token")),
+            status(Status::permission_denied("etcdserver: permission denied")),
+            status(Status::out_of_range(
+                "etcdserver: mvcc: required revision has been compacted",
+            )),
+            status(Status::not_found("etcdserver: requested lease not found")),
+            status(Status::resource_exhausted(
+                "etcdserver: mvcc: database space exceeded",
+            )),
+            status(Status::invalid_argument(
+                "etcdserver: authentication failed, invalid user ID or password",
+            )),
+            etcd_client::Error::LeaseKeepAliveError("lease not found".into()),
+        ] {
+            assert!(!is_member_failure(&outcome), "{outcome}");
+        }
     }
 
     #[test]

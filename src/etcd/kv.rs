@@ -102,6 +102,11 @@ pub trait WatchConn: Send {
     async fn next(&mut self) -> Result<Option<WatchMsg>, EtcdError>;
     /// Asks the server for a progress response (an empty response with a header).
     async fn request_progress(&mut self) -> Result<(), EtcdError>;
+
+    /// The watcher gives up on this stream: the server left a progress request
+    /// unanswered. The real client then avoids that member (a frozen process answers
+    /// nothing at all) until it answers its probe again.
+    fn mark_unresponsive(&mut self) {}
 }
 
 /// What the daemon needs from etcd. Revisions are etcd store revisions.

@@ -2,9 +2,10 @@
 //! status publishing.
 //!
 //! Owns: turning `ETCD_*` settings into a connected client (TLS, user/password with
-//! token refresh and re-authentication), the [`Kv`] trait every other module uses to
-//! read and write etcd (with the real [`EtcdKv`] and the in-memory [`MemKv`]), loading
-//! a consistent snapshot at one revision, the watch on `/commit` and `/dns/hosts/`
+//! token refresh and re-authentication, failover between the members of a cluster),
+//! the [`Kv`] trait every other module uses to read and write etcd (with the real
+//! [`EtcdKv`] and the in-memory [`MemKv`]), loading a consistent snapshot at one
+//! revision, the watch on `/commit` and `/dns/hosts/`
 //! that survives disconnects, compaction and stalls, the `/updated/<id>/...` status
 //! keys (DESIGN §4), and the `meduza status` / `meduza snapshot` commands.
 //!
@@ -15,6 +16,7 @@
 mod cli;
 mod config;
 mod error;
+mod failover;
 mod kv;
 mod mem;
 mod real;
@@ -23,7 +25,7 @@ pub mod status;
 mod watch;
 
 pub use cli::{run_command, EtcdCommand};
-pub use config::{EtcdArgs, EtcdConfig, EtcdTimeouts};
+pub use config::{EtcdArgs, EtcdConfig, EtcdTimeouts, CLUSTER_ATTEMPT_TIMEOUT};
 pub use error::{is_auth_error, EtcdError};
 pub use kv::{EventKind, KeyRange, Kv, KvEntry, KvEvent, WatchConn, WatchMsg, WriteOp};
 pub use mem::MemKv;

@@ -1,124 +1,436 @@
-//! [`EtcdKv`]: the [`Kv`] trait on etcd-client.
+//! [`EtcdKv`]: the [`Kv`] trait on etcd-client, with failover between the members of
+//! an etcd cluster.
+//!
+//! etcd-client's `Client::connect(endpoints)` puts every endpoint into one tonic
+//! balanced channel (tower's power-of-two-choices balancer over lazily reconnecting
+//! connections). A dead member stays in that pool: its failed connect is stored and
+//! handed to the next request routed to it, so a share of the calls keeps failing
+//! while healthy members answer, and a frozen member (connection up, no answers)
+//! takes requests that hang until our timeout. The channel has no notion of a member
+//! being down, and etcd-client offers only `add_endpoint`/`remove_endpoint` on it. So
+//! [`EtcdKv`] holds one `Client` per member (each a channel of one endpoint) and
+//! chooses the member of every call itself with [`Failover`] (a pure state machine):
+//! - a call tries the preferred member, and on a member failure (connection refused
+//!   or reset, no leader, no answer within [`super::EtcdTimeouts::attempt`]) at once the
+//!   next one, all within the request timeout;
+//! - a failed member is avoided until it answers again; a background probe (a
+//!   count-only linearizable read of `/commit`, which needs a leader and a quorum)
+//!   tries it after a cool-off. A member that timed out is only ever retried by the
+//!   probe, so a frozen member costs one attempt timeout once;
+//! - every request carries etcd's "require leader" (`hasleader=true`, set by
+//!   etcd-client's interceptor from `with_require_leader`): a member cut off from
+//!   the leader refuses unary calls at once and cancels our watch streams after
+//!   three election timeouts (etcd `v3rpc/interceptor.go`, `monitorLeader`);
+//! - a watch stream ends as soon as its member is marked down, by its own error, by
+//!   the watcher's stall check ([`WatchConn::mark_unresponsive`]) or by any other
+//!   call, so the watcher re-creates it on a healthy member.
 //!
 //! etcd-client neither reconnects a watch nor bounds a call while no endpoint is
-//! ready (etcdv3/etcd-client#17, #48), so every call here is bounded by the request
-//! timeout, connects lazily (a daemon started before etcd must come up anyway), and
-//! re-authenticates once and retries when etcd refuses the token.
+//! ready (etcdv3/etcd-client#17, #48), so every attempt is bounded on our side. Each
+//! member's client connects lazily (a daemon started before etcd must come up
+//! anyway) and authenticates with that member; on an auth refusal the call
+//! re-authenticates once and retries. Simple tokens are assigned through raft, so
+//! every member knows a token another one issued.
+//!
+//! Writes are retried on another member after a timeout, when the first member may
+//! have applied them: every write the daemon makes is idempotent (a whole value, a
+//! compare-and-put, a delete); a lease granted twice leaves one unused lease that
+//! expires after its TTL.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
     Client, CompactionOptions, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions,
     Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
-use tokio::sync::Mutex;
-use tracing::{debug, warn};
+use tokio::sync::{watch, Mutex};
+use tokio::time::{sleep_until, Instant};
+use tracing::{debug, info, warn};
 
+use super::error::{is_auth_error, is_member_failure};
+use super::failover::{Failover, FailoverPolicy, Failure, MemberState, Wait};
 use super::kv::{EventKind, KeyRange, Kv, KvEntry, KvEvent, WatchConn, WatchMsg, WriteOp};
+use super::watch::COMMIT_KEY;
 use super::{EtcdConfig, EtcdError};
 
 /// The real etcd, behind the [`Kv`] trait.
 pub struct EtcdKv {
-    config: EtcdConfig,
-    client: Mutex<Option<Client>>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for EtcdKv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdKv")
-            .field("config", &self.config)
+            .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
+}
+
+/// One member: its endpoint and its client, made on first use.
+struct Member {
+    endpoint: String,
+    client: Mutex<Option<Client>>,
+}
+
+/// What the client and its watch streams and probes share.
+struct Inner {
+    config: EtcdConfig,
+    members: Vec<Member>,
+    health: std::sync::Mutex<Failover>,
+    /// Bumped whenever a member goes down or comes back: waiting calls and open
+    /// watch streams look at the health again.
+    changed: watch::Sender<u64>,
+    /// [`super::EtcdTimeouts::attempt`] for this many members.
+    attempt: Duration,
+}
+
+/// How one attempt on one member failed.
+enum AttemptError {
+    /// The member's fault: try another one.
+    Member(EtcdError, Failure),
+    /// The request's outcome (or a setting): every member would answer alike.
+    Final(EtcdError),
 }
 
 impl EtcdKv {
     /// A client that connects on first use (and again after a failed connect).
     pub fn new(config: EtcdConfig) -> Self {
+        let n = config.endpoints.len().max(1);
+        let members = config
+            .endpoints
+            .iter()
+            .map(|e| Member {
+                endpoint: e.clone(),
+                client: Mutex::new(None),
+            })
+            .collect();
+        // A random first member and jitter seed: a fleet spreads over the cluster.
+        let first = rand::random_range(0..n);
+        let health = Failover::new(n, first, FailoverPolicy::default(), rand::random());
+        let attempt = config.timeouts.attempt(n);
         EtcdKv {
-            config,
-            client: Mutex::new(None),
+            inner: Arc::new(Inner {
+                config,
+                members,
+                health: std::sync::Mutex::new(health),
+                changed: watch::Sender::new(0),
+                attempt,
+            }),
         }
     }
 
-    /// A client connected (and authenticated) now; fails if etcd is unreachable.
+    /// A client connected (and authenticated) now, with a read answered by a member;
+    /// fails if no member answers.
     pub async fn connect(config: EtcdConfig) -> Result<Self, EtcdError> {
         let kv = Self::new(config);
-        kv.client().await?;
+        kv.inner.run("connect", COMMIT_KEY, probe_read).await?;
         Ok(kv)
     }
 
     /// The settings this client uses.
     pub fn config(&self) -> &EtcdConfig {
-        &self.config
+        &self.inner.config
     }
 
-    async fn client(&self) -> Result<Client, EtcdError> {
-        let mut guard = self.client.lock().await;
-        if let Some(c) = guard.as_ref() {
-            return Ok(c.clone());
-        }
-        let opts = self.config.connect_options()?;
-        let endpoints = self.config.endpoints_display();
-        // Connecting authenticates when a user is set, so bound it like a request.
-        let limit = self.config.timeouts.connect + self.config.timeouts.request;
-        let client = match tokio::time::timeout(
-            limit,
-            Client::connect(self.config.endpoints.clone(), Some(opts)),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(source)) => return Err(EtcdError::Connect { endpoints, source }),
-            Err(_) => {
-                return Err(EtcdError::Timeout {
-                    op: "connect",
-                    key: endpoints,
-                    timeout: limit,
-                })
-            }
-        };
-        debug!(endpoints = %endpoints, "etcd client connected");
-        *guard = Some(client.clone());
-        Ok(client)
+    /// The endpoints and whether each is currently considered up (for logs and tests).
+    pub fn members_up(&self) -> Vec<(String, bool)> {
+        let h = self.inner.health();
+        self.inner
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.endpoint.clone(), h.is_up(i)))
+            .collect()
     }
 
-    async fn timed<T, Fut>(&self, op: &'static str, key: &str, fut: Fut) -> Result<T, EtcdError>
-    where
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
-    {
-        let timeout = self.config.timeouts.request;
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(EtcdError::Rpc {
-                op,
-                key: key.to_owned(),
-                source,
-            }),
-            Err(_) => Err(EtcdError::Timeout {
-                op,
-                key: key.to_owned(),
-                timeout,
-            }),
-        }
-    }
-
-    /// Runs `f` on a client; on an auth refusal, re-authenticates and retries once.
     async fn call<T, F, Fut>(&self, op: &'static str, key: &str, f: F) -> Result<T, EtcdError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let client = self.client().await?;
-        match self.timed(op, key, f(client.clone())).await {
-            Err(e) if e.is_auth() && self.config.user.is_some() => {
-                warn!(op, key, err = %e, "etcd refused the auth token; re-authenticating");
-                self.timed("authenticate", key, client.refresh_token())
-                    .await?;
-                self.timed(op, key, f(client)).await
+        self.inner.run(op, key, f).await.map(|(_, v)| v)
+    }
+}
+
+/// The probe: a count-only read of `/commit`. Linearizable, so only a member that
+/// reaches the leader and a quorum answers it.
+fn probe_read(mut c: Client) -> impl Future<Output = Result<(), etcd_client::Error>> {
+    async move {
+        c.get(COMMIT_KEY, Some(GetOptions::new().with_count_only()))
+            .await
+            .map(|_| ())
+    }
+}
+
+impl Inner {
+    fn health(&self) -> std::sync::MutexGuard<'_, Failover> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_up(&self, i: usize) -> bool {
+        self.health().is_up(i)
+    }
+
+    /// The member's client, made (and authenticated) on first use.
+    async fn client(&self, i: usize) -> Result<Client, AttemptError> {
+        let member = &self.members[i];
+        let mut guard = member.client.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let opts = self.config.connect_options().map_err(AttemptError::Final)?;
+        match Client::connect([member.endpoint.as_str()], Some(opts)).await {
+            Ok(c) => {
+                debug!(member = %member.endpoint, "etcd client connected");
+                *guard = Some(c.clone());
+                Ok(c)
             }
-            other => other,
+            Err(source) => {
+                let failure = is_member_failure(&source);
+                let err = EtcdError::Connect {
+                    endpoints: member.endpoint.clone(),
+                    source,
+                };
+                Err(if failure {
+                    AttemptError::Member(err, Failure::Refused)
+                } else {
+                    AttemptError::Final(err)
+                })
+            }
+        }
+    }
+
+    fn classify(op: &'static str, key: &str, source: etcd_client::Error) -> AttemptError {
+        let member = is_member_failure(&source);
+        let err = EtcdError::Rpc {
+            op,
+            key: key.to_owned(),
+            source,
+        };
+        if member {
+            AttemptError::Member(err, Failure::Refused)
+        } else {
+            AttemptError::Final(err)
+        }
+    }
+
+    /// One attempt of `f` on member `i`, bounded by `limit`; on an auth refusal it
+    /// re-authenticates and retries once.
+    async fn attempt<T, F, Fut>(
+        &self,
+        i: usize,
+        op: &'static str,
+        key: &str,
+        limit: Duration,
+        f: &F,
+    ) -> Result<T, AttemptError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let work = async {
+            let client = self.client(i).await?;
+            match f(client.clone()).await {
+                Err(e) if is_auth_error(&e) && self.config.user.is_some() => {
+                    warn!(op, key, member = %self.members[i].endpoint, err = %e,
+                        "etcd refused the auth token; re-authenticating");
+                    client
+                        .refresh_token()
+                        .await
+                        .map_err(|e| Self::classify("authenticate", key, e))?;
+                    f(client).await.map_err(|e| Self::classify(op, key, e))
+                }
+                other => other.map_err(|e| Self::classify(op, key, e)),
+            }
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(res) => res,
+            Err(_) => Err(AttemptError::Member(
+                EtcdError::Timeout {
+                    op,
+                    key: key.to_owned(),
+                    timeout: limit,
+                },
+                Failure::TimedOut,
+            )),
+        }
+    }
+
+    /// Records the outcome of an attempt on member `i` (`None`: it answered).
+    fn record(self: &Arc<Self>, i: usize, outcome: Option<(Failure, &EtcdError)>) {
+        let now = Instant::now();
+        let rec = {
+            let mut h = self.health();
+            match outcome {
+                None => h.succeeded(i, now),
+                Some((failure, _)) => h.failed(i, failure, now),
+            }
+        };
+        let member = &self.members[i].endpoint;
+        match outcome {
+            None if rec.transition => info!(member = %member, "etcd member answers again"),
+            None => {}
+            Some((failure, err)) if rec.transition => warn!(member = %member, ?failure, %err,
+                "etcd member unavailable; using the others until it answers again"),
+            Some((failure, err)) => {
+                debug!(member = %member, ?failure, %err, "etcd member still unavailable")
+            }
+        }
+        if rec.transition {
+            self.changed.send_modify(|g| *g = g.wrapping_add(1));
+        }
+        if rec.start_probe {
+            tokio::spawn(probe(Arc::downgrade(self), i));
+        }
+    }
+
+    /// Runs `f` on the best member, moving on to the next one at once when a member
+    /// fails, within the request timeout; returns the member that answered.
+    async fn run<T, F, Fut>(
+        self: &Arc<Self>,
+        op: &'static str,
+        key: &str,
+        f: F,
+    ) -> Result<(usize, T), EtcdError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.config.timeouts.request;
+        let mut tried = vec![false; self.members.len()];
+        let mut last: Option<EtcdError> = None;
+        loop {
+            let mut changed = self.changed.subscribe();
+            let now = Instant::now();
+            let next = self
+                .health()
+                .candidates(now)
+                .into_iter()
+                .find(|&i| !tried[i]);
+            if let Some(i) = next {
+                tried[i] = true;
+                let limit = self.attempt.min(deadline.saturating_duration_since(now));
+                if limit.is_zero() {
+                    break;
+                }
+                match self.attempt(i, op, key, limit, &f).await {
+                    Ok(v) => {
+                        self.record(i, None);
+                        return Ok((i, v));
+                    }
+                    Err(AttemptError::Final(e)) => {
+                        self.record(i, None);
+                        return Err(e);
+                    }
+                    Err(AttemptError::Member(e, failure)) => {
+                        self.record(i, Some((failure, &e)));
+                        last = Some(e);
+                    }
+                }
+                continue;
+            }
+            let wait = self.health().wait(now, deadline);
+            match wait {
+                Wait::Retry => {}
+                Wait::GiveUp => break,
+                Wait::Until(until) => {
+                    tokio::select! {
+                        _ = changed.changed() => {}
+                        _ = sleep_until(until) => {}
+                    }
+                }
+            }
+            tried.fill(false);
+        }
+        Err(last.unwrap_or_else(|| EtcdError::Unreachable {
+            op,
+            key: key.to_owned(),
+            members: self.describe(),
+        }))
+    }
+
+    /// Every member's state, for an error message.
+    fn describe(&self) -> String {
+        let now = Instant::now();
+        let h = self.health();
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| match h.state(i) {
+                MemberState::Up if i == h.preferred() => format!("{} up, preferred", m.endpoint),
+                MemberState::Up => format!("{} up", m.endpoint),
+                MemberState::Down { since, last, .. } => format!(
+                    "{} down for {:.1}s ({})",
+                    m.endpoint,
+                    now.saturating_duration_since(since).as_secs_f64(),
+                    match last {
+                        Failure::Refused => "refused",
+                        Failure::TimedOut => "timed out",
+                    }
+                ),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// A fresh token from the first member that gives one (no-op without a user).
+    async fn reauthenticate(self: &Arc<Self>) -> Result<(), EtcdError> {
+        if self.config.user.is_none() {
+            return Ok(());
+        }
+        let candidates = self.health().candidates(Instant::now());
+        let mut last = None;
+        for i in candidates {
+            let client = self.members[i].client.lock().await.clone();
+            // A member without a client authenticates when it makes one.
+            let Some(client) = client else { continue };
+            match tokio::time::timeout(self.attempt, client.refresh_token()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(source)) => {
+                    last = Some(EtcdError::Rpc {
+                        op: "authenticate",
+                        key: String::new(),
+                        source,
+                    })
+                }
+                Err(_) => {
+                    last = Some(EtcdError::Timeout {
+                        op: "authenticate",
+                        key: String::new(),
+                        timeout: self.attempt,
+                    })
+                }
+            }
+        }
+        last.map_or(Ok(()), Err)
+    }
+}
+
+/// Tries member `i` after each cool-off until it answers; ends early when a call got
+/// an answer from it first, or when the client is dropped.
+async fn probe(inner: std::sync::Weak<Inner>, i: usize) {
+    loop {
+        let due = {
+            let Some(inner) = inner.upgrade() else { return };
+            let due = inner.health().probe_due(i);
+            due
+        };
+        let Some(at) = due else { return };
+        sleep_until(at).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.is_up(i) {
+            continue;
+        }
+        match inner
+            .attempt(i, "probe", COMMIT_KEY, inner.attempt, &probe_read)
+            .await
+        {
+            Ok(()) | Err(AttemptError::Final(_)) => inner.record(i, None),
+            Err(AttemptError::Member(e, failure)) => inner.record(i, Some((failure, &e))),
         }
     }
 }
@@ -346,8 +658,12 @@ impl Kv for EtcdKv {
                 KeyRange::Prefix(_) => o.with_prefix(),
             }
         };
-        let stream = self
-            .call("watch", first.0.as_str(), |mut c| async move {
+        // Subscribed before the stream is opened, so a member marked down meanwhile
+        // is noticed by the first `next`.
+        let health = self.inner.changed.subscribe();
+        let (member, stream) = self
+            .inner
+            .run("watch", first.0.as_str(), |mut c| async move {
                 let mut s = c.watch(first.0.as_str(), Some(opts(first))).await?;
                 for r in rest {
                     s.watch(r.0.as_str(), Some(opts(r))).await?;
@@ -355,29 +671,73 @@ impl Kv for EtcdKv {
                 Ok(s)
             })
             .await?;
-        Ok(Box::new(RealWatch { stream }))
+        debug!(member = %self.inner.members[member].endpoint, "etcd watch stream opened");
+        Ok(Box::new(RealWatch {
+            stream,
+            inner: Arc::clone(&self.inner),
+            member,
+            health,
+        }))
     }
 
     async fn reauthenticate(&self) -> Result<(), EtcdError> {
-        if self.config.user.is_none() {
-            return Ok(());
-        }
-        let client = self.client().await?;
-        self.timed("authenticate", "", client.refresh_token()).await
+        self.inner.reauthenticate().await
     }
 }
 
+/// A watch stream on one member. It ends (with an error) when the stream breaks or
+/// when its member is marked down by anyone, so the watcher re-creates it elsewhere.
 struct RealWatch {
     stream: WatchStream,
+    inner: Arc<Inner>,
+    member: usize,
+    health: watch::Receiver<u64>,
+}
+
+impl RealWatch {
+    fn broken(&self, source: &etcd_client::Error) -> EtcdError {
+        let err = EtcdError::Watch {
+            reason: source.to_string(),
+        };
+        if is_member_failure(source) {
+            self.inner
+                .record(self.member, Some((Failure::Refused, &err)));
+        }
+        err
+    }
 }
 
 #[async_trait]
 impl WatchConn for RealWatch {
     async fn next(&mut self) -> Result<Option<WatchMsg>, EtcdError> {
-        let resp = self.stream.message().await.map_err(|e| EtcdError::Watch {
-            reason: e.to_string(),
-        })?;
-        let Some(resp) = resp else { return Ok(None) };
+        let resp = loop {
+            tokio::select! {
+                biased;
+                msg = self.stream.message() => match msg {
+                    Ok(r) => break r,
+                    Err(e) => return Err(self.broken(&e)),
+                },
+                changed = self.health.changed() => {
+                    if changed.is_err() || !self.inner.is_up(self.member) {
+                        return Err(EtcdError::Watch {
+                            reason: format!(
+                                "etcd member {} is unavailable",
+                                self.inner.members[self.member].endpoint
+                            ),
+                        });
+                    }
+                }
+            }
+        };
+        let Some(resp) = resp else {
+            // The member closed the stream (it is stopping, or was removed).
+            let err = EtcdError::Watch {
+                reason: "stream closed by the server".into(),
+            };
+            self.inner
+                .record(self.member, Some((Failure::Refused, &err)));
+            return Ok(None);
+        };
         let mut events = Vec::with_capacity(resp.events().len());
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
@@ -410,5 +770,13 @@ impl WatchConn for RealWatch {
             .map_err(|e| EtcdError::Watch {
                 reason: e.to_string(),
             })
+    }
+
+    fn mark_unresponsive(&mut self) {
+        let err = EtcdError::Watch {
+            reason: "progress request unanswered".into(),
+        };
+        self.inner
+            .record(self.member, Some((Failure::TimedOut, &err)));
     }
 }

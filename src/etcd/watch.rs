@@ -15,8 +15,11 @@
 //!   event"); we emit [`WatchEvent::Resync`] and watch from the current revision + 1
 //!   (the re-list-then-watch recovery of cilium and tikv/pd);
 //! - stall: every `progress_interval` a progress request is sent; if nothing at all
-//!   arrives within `stall_timeout` the stream is dropped and re-created, and a
-//!   Resync is emitted once the new stream is up.
+//!   arrives within `stall_timeout` the stream is dropped (its member marked
+//!   unresponsive, [`WatchConn::mark_unresponsive`]) and re-created, and a Resync is
+//!   emitted once the new stream is up;
+//! - failover: a stream that was up and ends is re-created at once, without backoff:
+//!   the real [`Kv`] opens it on a member that answers.
 //!
 //! A range's resume point only advances with its own events (and with a Resync),
 //! never with a response header: an unsynced watcher may still owe events below the
@@ -77,6 +80,27 @@ pub struct WatcherConfig {
     pub backoff_max: Duration,
     /// Period of [`WatchEvent::Tick`]; `None` for no ticks.
     pub tick_interval: Option<Duration>,
+}
+
+impl WatcherConfig {
+    /// The timing for a client of `members` etcd members. With several, a progress
+    /// request every 0.5 s and 1 s to answer it: a frozen member (SIGSTOP, a hung
+    /// host: the TCP connection stays up and nothing answers) is left within 1–1.5 s
+    /// and the watch re-created on another member, so a commit is not held back by
+    /// it (etcd 3.4 answers a progress request from memory: two tiny messages a
+    /// second per gateway). With one member there is nowhere to move to: the
+    /// defaults.
+    pub fn for_members(members: usize) -> Self {
+        if members > 1 {
+            WatcherConfig {
+                progress_interval: Duration::from_millis(500),
+                stall_timeout: Duration::from_secs(1),
+                ..WatcherConfig::default()
+            }
+        } else {
+            WatcherConfig::default()
+        }
+    }
 }
 
 impl Default for WatcherConfig {
@@ -233,10 +257,15 @@ impl WatchLoop {
                     continue;
                 }
             };
+            let opened = Instant::now();
             let (end, established) = self.session(conn).await?;
             if established {
                 backoff = self.config.backoff_min;
             }
+            // A stream that was up for a while and then ended is re-created at once:
+            // `Kv::watch` opens it on a member that answers (the real client marked
+            // this one down). Only failing to re-create it backs off.
+            let at_once = established && opened.elapsed() >= self.config.backoff_min;
             match end {
                 End::Compacted(floor) => {
                     warn!(
@@ -264,6 +293,9 @@ impl WatchLoop {
                     warn!(reason = %reason, start = self.oldest_start(), "watch canceled by etcd; resuming");
                     self.after_failure(&EtcdError::Watch { reason }).await;
                 }
+            }
+            if at_once {
+                continue;
             }
             self.pause(backoff).await?;
             backoff = (backoff * 2).min(self.config.backoff_max);
@@ -336,6 +368,7 @@ impl WatchLoop {
                     deadline = Some(Instant::now() + self.config.stall_timeout);
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    conn.mark_unresponsive();
                     return Ok((End::Stalled, created >= ranges));
                 }
                 _ = next_tick(&mut self.tick) => self.emit(WatchEvent::Tick)?,

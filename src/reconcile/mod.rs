@@ -9,6 +9,7 @@
 
 pub mod plan;
 
+use crate::backoff::{Backoff, Jitter};
 use crate::files::{write_atomic, Fs};
 use meduza_generators::plan::dns::DnsPlan;
 use meduza_generators::plan::service::ServiceSpec;
@@ -45,9 +46,16 @@ pub enum Trigger {
 }
 
 /// First delay before retrying a pass that could not load the snapshot; doubled up
-/// to [`RETRY_MAX`] while etcd stays unreachable.
+/// to [`RETRY_MAX`] while etcd stays unreachable, with equal jitter (each wait is
+/// uniform in `[d/2, d]`): a fleet whose etcd restarts must not reload its snapshots in
+/// lockstep (see [`crate::backoff`]).
 pub const RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(1);
 pub const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The backoff of snapshot retries: [`RETRY_MIN`] → [`RETRY_MAX`], equal jitter.
+pub fn retry_backoff() -> Backoff {
+    Backoff::new(RETRY_MIN, RETRY_MAX, Jitter::Equal)
+}
 
 /// Where snapshots come from (etcd in production).
 pub trait ConfigSource: Send {
@@ -113,6 +121,8 @@ pub struct Reconciler<S, E> {
     applied: BTreeMap<Domain, DomainOutput>,
     applied_revision: Option<i64>,
     first_pass_done: bool,
+    /// Waits between retries of a pass whose snapshot could not be loaded.
+    retry: Backoff,
 }
 
 pub use crate::etcd::status::unix_now;
@@ -136,7 +146,14 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             applied: BTreeMap::new(),
             applied_revision: None,
             first_pass_done: false,
+            retry: retry_backoff(),
         }
+    }
+
+    /// Replace the snapshot-retry backoff ([`retry_backoff`] by default).
+    pub fn with_retry_backoff(mut self, retry: Backoff) -> Self {
+        self.retry = retry;
+        self
     }
 
     pub fn effects(&mut self) -> &mut E {
@@ -176,13 +193,14 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             let report = self.pass(&why).await;
             on_pass(&report, started.elapsed());
             retry_in = if report.source_failed {
-                let next = retry_in.map_or(RETRY_MIN, |d| (d * 2).min(RETRY_MAX));
+                let next = self.retry.next();
                 info!(
                     retry_in_ms = next.as_millis() as u64,
                     "snapshot not loaded; pass will be retried"
                 );
                 Some(next)
             } else {
+                self.retry.reset();
                 None
             };
         }
@@ -564,8 +582,16 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_pass_that_could_not_load_is_retried_with_backoff() {
+    /// Pass reports of a run: (applied, from last good, time since start).
+    type Reports = Vec<(bool, bool, std::time::Duration)>;
+
+    /// Boot from the last good snapshot, then a commit whose loads fail `failures - 1`
+    /// times; returns the number of loads and the reports after `run_for`.
+    async fn run_flaky(
+        retry: Backoff,
+        failures: usize,
+        run_for: std::time::Duration,
+    ) -> (usize, Reports) {
         let dir = tempfile::tempdir().unwrap();
         let (mut r, _) = reconciler(dir.path(), Ok((example(), 5)));
         assert!(r.pass(&Trigger::Boot).await.applied);
@@ -573,14 +599,15 @@ mod tests {
         let r = Reconciler::new(
             "gw-a".into(),
             FlakySource {
-                failures: 3,
+                failures,
                 loads: loads.clone(),
             },
             FakeEffects::default(),
             Arc::new(MemFs::default()) as Arc<dyn Fs>,
             dir.path().to_path_buf(),
             r.env.clone(),
-        );
+        )
+        .with_retry_backoff(retry);
         let (tx, rx) = mpsc::channel(4);
         let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = reports.clone();
@@ -590,16 +617,24 @@ mod tests {
                 .unwrap()
                 .push((rep.applied, rep.from_last_good, started.elapsed()));
         }));
-        // The boot pass falls back to the last good snapshot; a commit then hits a
-        // dead etcd twice and is retried (1 s, 2 s) until the load works.
         tx.send(Trigger::Boot).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         tx.send(Trigger::Commit(9)).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        tokio::time::sleep(run_for).await;
         drop(tx);
         task.await.unwrap();
         let reports = reports.lock().unwrap().clone();
-        assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 4);
+        (loads.load(std::sync::atomic::Ordering::SeqCst), reports)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_that_could_not_load_is_retried_with_backoff() {
+        // The boot pass falls back to the last good snapshot; a commit then hits a
+        // dead etcd twice and is retried (1 s, 2 s: no jitter here, to check the
+        // doubling exactly) until the load works.
+        let exact = Backoff::new(RETRY_MIN, RETRY_MAX, Jitter::None);
+        let (loads, reports) = run_flaky(exact, 3, std::time::Duration::from_secs(10)).await;
+        assert_eq!(loads, 4);
         assert_eq!(reports.len(), 4, "{reports:?}");
         assert!(
             reports[0].0 && reports[0].1,
@@ -615,6 +650,33 @@ mod tests {
             gap >= std::time::Duration::from_secs(2) && gap < std::time::Duration::from_secs(3),
             "backoff doubled: {gap:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn snapshot_retries_are_jittered_within_half_to_full_backoff() {
+        // The default backoff: five failed loads after the commit, retried after
+        // nominal 1, 2, 4, 8, 16 s, each wait uniform in [d/2, d].
+        let (loads, reports) =
+            run_flaky(retry_backoff(), 6, std::time::Duration::from_secs(40)).await;
+        assert_eq!(loads, 7);
+        assert_eq!(reports.len(), 7, "{reports:?}");
+        assert!(reports[1..6].iter().all(|r| !r.0) && reports[6].0);
+        let mut exact = 0;
+        for (i, nominal) in [1u64, 2, 4, 8, 16].into_iter().enumerate() {
+            let nominal = std::time::Duration::from_secs(nominal);
+            let gap = reports[i + 2].2 - reports[i + 1].2;
+            // The timer wheel rounds a sleep up to the next millisecond.
+            let slack = std::time::Duration::from_millis(2);
+            assert!(
+                gap >= nominal / 2 && gap <= nominal + slack,
+                "retry {i}: {gap:?} outside [{:?}, {nominal:?}]",
+                nominal / 2
+            );
+            if gap.abs_diff(nominal) < slack {
+                exact += 1;
+            }
+        }
+        assert!(exact < 5, "no jitter: {reports:?}");
     }
 
     #[tokio::test]

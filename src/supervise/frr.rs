@@ -11,13 +11,13 @@
 //! at once. After any daemon (re)start the whole config is pushed again with
 //! `vtysh -f`, because FRR daemons start empty in integrated-config mode.
 
+use super::spawn::clean_command;
 use super::supervisor::FrrReloader;
 use futures::future::BoxFuture;
 use meduza_generators::plan::service::{ReloadStrategy, ServiceSpec};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::process::Command;
 use tracing::{info, warn};
 
 /// The integrated config inside the root.
@@ -57,15 +57,18 @@ pub struct FrrControl {
 }
 
 impl FrrControl {
-    pub fn from_env(root: &std::path::Path) -> Self {
+    /// `vtysh` and `frr_reload` are the resolved settings (`MEDUZA_BIN_VTYSH`,
+    /// `MEDUZA_BIN_FRR_RELOAD`, handed down from `main`); `None` keeps the defaults.
+    /// The daemon directory and the pathspace are test knobs, read here.
+    pub fn new(root: &Path, vtysh: Option<&Path>, frr_reload: Option<&Path>) -> Self {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let path = |p: &Path| p.display().to_string();
         Self {
             daemon_dir: var("MEDUZA_FRR_DIR")
                 .unwrap_or_else(|| "/usr/lib/frr".into())
                 .into(),
-            vtysh: var("MEDUZA_BIN_VTYSH").unwrap_or_else(|| "vtysh".into()),
-            frr_reload: var("MEDUZA_BIN_FRR_RELOAD")
-                .unwrap_or_else(|| "/usr/lib/frr/frr-reload.py".into()),
+            vtysh: vtysh.map_or_else(|| "vtysh".into(), path),
+            frr_reload: frr_reload.map_or_else(|| "/usr/lib/frr/frr-reload.py".into(), path),
             pathspace: var("MEDUZA_FRR_PATHSPACE"),
             conf_path: root.join(FRR_CONF.trim_start_matches('/')),
         }
@@ -108,7 +111,7 @@ impl FrrControl {
     }
 
     async fn vtysh(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(&self.vtysh)
+        let out = clean_command(&self.vtysh)
             .args(self.pathspace_args())
             .args(args)
             .stdin(Stdio::null())
@@ -165,12 +168,12 @@ impl FrrControl {
     /// `frr-reload.py --reload`, falling back to `vtysh -f` when it fails.
     pub async fn reload_diff(&self) -> Result<(), String> {
         let conf = self.conf_path.display().to_string();
-        let mut cmd = Command::new(&self.frr_reload);
+        let mut cmd = clean_command(&self.frr_reload);
         cmd.arg("--reload").arg("--stdout");
         if let Some(ns) = &self.pathspace {
             cmd.args(["--pathspace", ns]);
         }
-        let vtysh_dir = std::path::Path::new(&self.vtysh)
+        let vtysh_dir = Path::new(&self.vtysh)
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map(|p| p.display().to_string());

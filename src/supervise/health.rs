@@ -139,13 +139,8 @@ async fn dns(server: &str, name: &str) -> ProbeResult {
 async fn exec(argv: &[String]) -> ProbeResult {
     let (program, args) = argv.split_first().ok_or_else(|| "empty argv".to_string())?;
     // Like services, probes do not inherit meduza's environment (etcd credentials).
-    let status = tokio::process::Command::new(program)
+    let status = super::spawn::clean_command(program)
         .args(args)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -14,9 +14,11 @@
 //!   the exponential backoff and are recorded with source `exit`.
 //! - manual restarts (operator, config change) are always allowed and recorded.
 
+use crate::backoff::{Backoff, Jitter};
 use meduza_generators::plan::service::RestartProtection;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::time::Duration;
 
 /// Length of the rolling window of the restart budget.
 pub const WINDOW_SECS: u64 = 3600;
@@ -89,13 +91,22 @@ impl Default for BackoffPolicy {
     }
 }
 
+impl BackoffPolicy {
+    /// The shared [`Backoff`] with these bounds, without jitter: the delays 1, 2, 4 ...
+    /// 60 s are a documented contract (DESIGN §6, docs/supervision.md), logged as
+    /// "wait 4s", and only restart a local child; nothing is shared to spread load on.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(
+            Duration::from_secs(self.initial_secs),
+            Duration::from_secs(self.max_secs),
+            Jitter::None,
+        )
+    }
+}
+
 /// Delay before exit restart number `attempt` (0-based): initial · 2^attempt, capped.
 pub fn backoff_delay(policy: &BackoffPolicy, attempt: u32) -> u64 {
-    let factor = 1u64.checked_shl(attempt.min(63)).unwrap_or(u64::MAX);
-    policy
-        .initial_secs
-        .saturating_mul(factor)
-        .min(policy.max_secs)
+    policy.backoff().nominal(attempt).as_secs()
 }
 
 /// What happened that might call for a restart.

@@ -3,6 +3,10 @@
 //! Owns: fork/exec of a `ServiceSpec` (argv without a shell, a fresh environment,
 //! user switch, capability sets), capture of stdout/stderr as `[svc] line` log lines,
 //! and the registry of our own child pids that the orphan reaper must not touch.
+//! Also owns the environment of *every* program meduza starts ([`clean_command`],
+//! [`clean_std_command`]): services, probes, wireguard-go, vtysh, frr-reload.py, nft
+//! and modprobe all start from [`CHILD_ENV`] and nothing of meduza's own environment
+//! (which holds `ETCD_PASS`).
 //! Must not: decide when to start or stop (that is `supervisor`), or reap pids that
 //! are not its own children (that is `reaper`).
 //!
@@ -18,6 +22,7 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::{Gid, Pid, Uid, User};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
 use std::fmt;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -52,6 +57,32 @@ impl fmt::Display for ExitInfo {
 pub struct Spawned {
     pub pid: u32,
     pub exited: BoxFuture<'static, ExitInfo>,
+}
+
+/// `PATH` of every child: fixed, so neither the environment meduza was started with
+/// nor a relative entry decides which program a bare name (`vtysh`, `nft`) runs.
+pub const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The whole environment a child starts with, before what its caller adds (a
+/// service's `HOME`/`USER` and the `env` of its spec, wireguard-go's `LOG_LEVEL`).
+/// Nothing is inherited: meduza's own environment carries its settings, `ETCD_PASS`
+/// among them (DESIGN §2). No locale variable on purpose: children run in the POSIX
+/// locale, so the output meduza reads back (nft, vtysh, modprobe) stays in English.
+pub const CHILD_ENV: &[(&str, &str)] = &[("PATH", CHILD_PATH)];
+
+/// A command for `program` with an explicit environment ([`CHILD_ENV`]) instead of
+/// meduza's. Every program meduza starts goes through here (or [`clean_command`]).
+/// A bare program name is looked up in [`CHILD_PATH`] (std uses the child's `PATH`
+/// when one is set on the command).
+pub fn clean_std_command(program: impl AsRef<OsStr>) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.env_clear().envs(CHILD_ENV.iter().copied());
+    cmd
+}
+
+/// [`clean_std_command`] for tokio.
+pub fn clean_command(program: impl AsRef<OsStr>) -> tokio::process::Command {
+    clean_std_command(program).into()
 }
 
 /// Starts and signals children.
@@ -153,7 +184,6 @@ pub struct RealSpawner {
 /// Longest line kept from a child; longer output is split (a child printing without
 /// newlines must not grow our memory).
 const MAX_LINE: u64 = 8192;
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl RealSpawner {
     pub fn new() -> Self {
@@ -173,8 +203,8 @@ impl RealSpawner {
             reason: e.to_string(),
         })?;
         let drop_bounding = bounding.difference(&keep).copied().collect();
+        // On top of CHILD_ENV (clean_command); the spec's own env may override it.
         let mut env = BTreeMap::new();
-        env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
         let user = match &spec.user {
             Some(name) => {
                 let u = User::from_name(name)
@@ -221,9 +251,8 @@ impl Spawner for RealSpawner {
                 reason: "empty argv".into(),
             })?;
         let (prepared, env) = Self::prepare(spec)?;
-        let mut cmd = tokio::process::Command::new(program);
+        let mut cmd = clean_command(program);
         cmd.args(&spec.argv[1..])
-            .env_clear()
             .envs(&env)
             .current_dir(spec.workdir.as_deref().unwrap_or("/"))
             .stdin(Stdio::null())
@@ -530,5 +559,52 @@ impl Spawner for FakeSpawner {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(out: &[u8]) -> Vec<String> {
+        String::from_utf8_lossy(out)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn clean_std_command_gives_exactly_the_allowlist() {
+        // The test runs with a full environment (cargo's, the shell's, maybe ETCD_*):
+        // none of it reaches the child. `env` as a bare name also shows the lookup
+        // goes through CHILD_PATH.
+        let out = clean_std_command("env").output().expect("run env");
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(lines(&out.stdout), vec![format!("PATH={CHILD_PATH}")]);
+    }
+
+    #[tokio::test]
+    async fn clean_command_gives_the_allowlist_plus_what_the_caller_adds() {
+        let out = clean_command("env")
+            .env("LOG_LEVEL", "error")
+            .output()
+            .await
+            .expect("run env");
+        assert!(out.status.success(), "{out:?}");
+        let mut got = lines(&out.stdout);
+        got.sort();
+        assert_eq!(
+            got,
+            vec!["LOG_LEVEL=error".to_string(), format!("PATH={CHILD_PATH}")]
+        );
+    }
+
+    #[test]
+    fn a_service_gets_home_and_its_spec_env_on_top() {
+        let mut spec = ServiceSpec::new("svc", vec!["/bin/true".into()]);
+        spec.env.insert("FOO".into(), "bar".into());
+        let (_, env) = RealSpawner::prepare(&spec).expect("prepare");
+        let keys: Vec<&str> = env.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["FOO", "HOME"]);
     }
 }

@@ -1,13 +1,13 @@
 //! The persisted restart budget: `$MEDUZA_STATE_DIR/restart/<svc>.state`, one line
 //! `"<unix-ts> <source>"` per restart, pruned past one hour (DESIGN §6).
 //!
-//! Owns: that directory and its files. Writes are atomic (temp file in the same
-//! directory, fsync, rename), so a crash leaves the old or the new file, never half.
+//! Owns: that directory and its files. Writes go through [`crate::files::write_atomic`]
+//! (temp file in the same directory, fsync, rename, fsync of the directory), so a crash
+//! or a power cut leaves the old or the new file, never half.
 //! Must not: decide anything; the policy is in `policy`.
 
 use super::policy::{RestartRecord, RestartSource, WINDOW_SECS};
 use super::SuperviseError;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Parse a state file; malformed lines are skipped (the file is ours, but a
@@ -29,6 +29,9 @@ pub fn render(records: &[RestartRecord]) -> String {
         .map(|r| format!("{} {}\n", r.at, r.source))
         .collect()
 }
+
+/// Mode of a state file: not a secret (timestamps and restart sources).
+const STATE_FILE_MODE: u32 = 0o644;
 
 /// The restart state directory.
 #[derive(Debug, Clone)]
@@ -67,7 +70,8 @@ impl StateStore {
         }
     }
 
-    /// Replace the file with `records`, atomically.
+    /// Replace the file with `records`, atomically and durably: the budget must survive
+    /// a power cut, or a crash-looping service would get a fresh one after each reboot.
     pub fn save(&self, service: &str, records: &[RestartRecord]) -> Result<(), SuperviseError> {
         let path = self.path(service);
         let err = |source| SuperviseError::StateFile {
@@ -75,12 +79,7 @@ impl StateStore {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(&self.dir).map_err(err)?;
-        let tmp = self.dir.join(format!(".{service}.state.tmp"));
-        let mut file = std::fs::File::create(&tmp).map_err(err)?;
-        file.write_all(render(records).as_bytes()).map_err(err)?;
-        file.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &path).map_err(err)
+        crate::files::write_atomic(&path, render(records).as_bytes(), STATE_FILE_MODE).map_err(err)
     }
 }
 
@@ -98,6 +97,11 @@ mod tests {
         store.save("svc", &records).expect("save");
         let text = std::fs::read_to_string(dir.path().join("restart/svc.state")).expect("read");
         assert_eq!(text, "5000 health\n9000 cron\n9500 exit\n");
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("restart"))
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["svc.state"], "no temp file left");
         let loaded = store.load("svc", 9000 + 3599).expect("load");
         assert_eq!(
             loaded.iter().map(|r| r.at).collect::<Vec<_>>(),

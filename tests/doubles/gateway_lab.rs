@@ -107,6 +107,9 @@ pub struct Seen {
     pub via: Option<String>,
 }
 
+/// One lab at a time per test binary: the namespaces and etcd's port are fixed.
+static ONE_LAB: Mutex<()> = Mutex::new(());
+
 /// Everything the test started; torn down in `Drop` even when an assertion fails.
 pub struct Lab {
     pub topo: Topology,
@@ -121,6 +124,8 @@ pub struct Lab {
     pub routes: Routes,
     /// Which mihomo `start_meduza` gave meduza.
     pub mihomo: Mihomo,
+    /// Held until the namespaces are gone (declared last: dropped last).
+    _one_lab: std::sync::MutexGuard<'static, ()>,
 }
 
 /// The HTTP server's content, changeable while it runs.
@@ -278,6 +283,8 @@ impl Lab {
     }
 
     pub fn new() -> Self {
+        // A test that failed while holding it poisons it; the next lab may still run.
+        let one_lab = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
         let topo = Topology::new("cg");
         let etcd_ns = Netns::new("cge");
         veth(&topo.gw, "etc0", &etcd_ns, "eth0");
@@ -300,6 +307,7 @@ impl Lab {
             seen: Arc::new(Mutex::new(Vec::new())),
             routes: Arc::new(Mutex::new(BTreeMap::new())),
             mihomo: Mihomo::Real,
+            _one_lab: one_lab,
         };
 
         // The internet: HTTP and echo servers on IPv4 and IPv6.
@@ -349,6 +357,32 @@ impl Lab {
 
     pub fn put(&self, key: &str, value: &str) {
         etcd_args::etcdctl_put_in_netns(self.etcd_ns.name(), &Self::endpoint(), key, value);
+    }
+
+    /// Point mihomo's and meduza's delay tests at the lab's `/generate_204` (through the
+    /// node): the default URL is on the internet, which the lab has none of.
+    pub fn put_health_keys(&self, probe_interval_s: u64, timeout_ms: u64) {
+        self.put("/global/clash/health/url", &health_url());
+        self.put(
+            "/global/clash/health/probe_interval",
+            &probe_interval_s.to_string(),
+        );
+        self.put("/global/clash/health/timeout", &timeout_ms.to_string());
+    }
+
+    /// `GET path` of meduza's node API (127.0.0.1:9100 in the gateway namespace) with
+    /// `token`; the body.
+    pub fn api_get(&self, path: &str, token: &str) -> String {
+        self.topo.gw.exec(&[
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "3",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            &format!("http://127.0.0.1:9100{path}"),
+        ])
     }
 
     pub fn del(&self, key: &str) {

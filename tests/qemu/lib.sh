@@ -109,7 +109,9 @@ proxies:
 YAML
 	: > "$dir/generate_204"
 	SUB_PORT="$(free_port)"
-	python3 -m http.server --bind 127.0.0.1 --directory "$dir" "$SUB_PORT" \
+	# HTTP/1.1 keeps the connection open: mihomo's delay test (`unified-delay`) sends
+	# its second HEAD on the same connection.
+	python3 -m http.server --protocol HTTP/1.1 --bind 127.0.0.1 --directory "$dir" "$SUB_PORT" \
 		> "$1/http.log" 2>&1 &
 	SUB_PID=$!
 	HEALTH_URL="http://127.0.0.1:$SUB_PORT/generate_204"
@@ -125,7 +127,7 @@ start_dns_upstream() {
 	UPSTREAM_PORT="$(free_port)"
 	dnsmasq --keep-in-foreground --pid-file= --no-resolv --no-hosts --bind-interfaces \
 		--listen-address=127.0.0.1 --port="$UPSTREAM_PORT" --address=/#/10.9.9.9 \
-		--log-facility=- > "$1/dnsmasq.log" 2>&1 &
+		--log-queries --log-facility=- > "$1/dnsmasq.log" 2>&1 &
 	UPSTREAM_PID=$!
 }
 

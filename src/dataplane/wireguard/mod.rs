@@ -14,6 +14,7 @@ pub mod genl;
 pub mod uapi;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -439,10 +440,16 @@ pub struct AutoWg {
 }
 
 impl AutoWg {
+    /// With `wireguard-go` from the children's `PATH` as the userspace fallback.
     pub fn new(links: LinkOps) -> Self {
+        Self::with_userspace_program(links, None)
+    }
+
+    /// `wireguard_go`: the resolved `MEDUZA_BIN_WIREGUARD_GO` setting, if any.
+    pub fn with_userspace_program(links: LinkOps, wireguard_go: Option<OsString>) -> Self {
         Self {
             kernel: genl::KernelWg::new(links.clone()),
-            user: uapi::UserspaceWg::from_env(links),
+            user: uapi::UserspaceWg::new(links, wireguard_go),
             kernel_unavailable: Mutex::new(false),
         }
     }

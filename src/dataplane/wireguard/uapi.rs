@@ -17,12 +17,13 @@ use std::time::{Duration, Instant, SystemTime};
 use ipnet::IpNet;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use super::{Key, LinkOps, PeerChange, WgBackend, WgError, WgPeerState, WgSet, WgState};
 
-/// Environment variable naming the wireguard-go binary.
-pub const ENV_BIN_WIREGUARD_GO: &str = "MEDUZA_BIN_WIREGUARD_GO";
+/// The wireguard-go program when the settings name none (`MEDUZA_BIN_WIREGUARD_GO`),
+/// looked up in the children's fixed `PATH`.
+pub const DEFAULT_PROGRAM: &str = "wireguard-go";
 /// Where wireguard-go (and boringtun) put their UAPI sockets (fixed upstream).
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
 /// How long a starting wireguard-go may take to open its socket.
@@ -188,11 +189,11 @@ pub struct UserspaceWg {
 }
 
 impl UserspaceWg {
-    /// wireguard-go from `MEDUZA_BIN_WIREGUARD_GO`, else `wireguard-go` on `PATH`.
-    pub fn from_env(links: LinkOps) -> Self {
+    /// `program` is the resolved setting `MEDUZA_BIN_WIREGUARD_GO` (handed down from
+    /// `main`, never read from the environment here); `None` means [`DEFAULT_PROGRAM`].
+    pub fn new(links: LinkOps, program: Option<OsString>) -> Self {
         Self {
-            program: std::env::var_os(ENV_BIN_WIREGUARD_GO)
-                .unwrap_or_else(|| OsString::from("wireguard-go")),
+            program: program.unwrap_or_else(|| OsString::from(DEFAULT_PROGRAM)),
             socket_dir: PathBuf::from(SOCKET_DIR),
             links,
             children: Mutex::new(HashMap::new()),
@@ -241,7 +242,9 @@ impl UserspaceWg {
     }
 
     async fn start(&self, dev: &str) -> Result<(), WgError> {
-        let mut child = Command::new(&self.program)
+        // An explicit environment: wireguard-go needs only LOG_LEVEL, and meduza's own
+        // holds ETCD_PASS.
+        let mut child = crate::supervise::spawn::clean_command(&self.program)
             .arg("-f")
             .arg(dev)
             .env("LOG_LEVEL", "error")
