@@ -20,6 +20,7 @@
 //!   `hold_down_max`) when TPROXY is removed again within `flap_window` of its last
 //!   application, so a flapping mihomo cannot flap the ruleset.
 
+use crate::backoff::{Backoff, Jitter};
 use crate::clash::api::{Health, MihomoApi};
 use std::future::Future;
 use std::pin::Pin;
@@ -48,6 +49,14 @@ pub struct MonitorConfig {
     /// Clash runs in TPROXY mode: the gate is driven. In `mixed` mode health is still
     /// tracked and published, but TPROXY is never applied.
     pub manage_tproxy: bool,
+}
+
+impl MonitorConfig {
+    /// The hold-down after `n` flaps in a row: `hold_down_base · 2ⁿ`, at most
+    /// `hold_down_max`; no jitter (one gateway's own ruleset, nothing to spread).
+    pub fn hold_down(&self) -> Backoff {
+        Backoff::new(self.hold_down_base, self.hold_down_max, Jitter::None)
+    }
 }
 
 impl Default for MonitorConfig {
@@ -184,6 +193,8 @@ pub struct MonitorState {
     pub last_applied: Option<Instant>,
     pub last_removed: Option<Instant>,
     pub hold_down: Duration,
+    /// Removals in a row, each within `flap_window` of the application before it.
+    pub flaps: u32,
     /// The hold-down deferral was already logged for the current recovery.
     pub held_logged: bool,
     pub published: Option<HealthStatus>,
@@ -204,6 +215,7 @@ impl MonitorState {
             last_applied: None,
             last_removed: None,
             hold_down: cfg.hold_down_base,
+            flaps: 0,
             held_logged: false,
             published: None,
         }
@@ -356,11 +368,12 @@ fn remove(
         let flapping = s
             .last_applied
             .is_some_and(|t| now.saturating_duration_since(t) < cfg.flap_window);
-        s.hold_down = if flapping {
-            (s.hold_down * 2).min(cfg.hold_down_max)
+        s.flaps = if flapping {
+            s.flaps.saturating_add(1)
         } else {
-            cfg.hold_down_base
+            0
         };
+        s.hold_down = cfg.hold_down().nominal(s.flaps);
     }
     s.applied = false;
     s.remove_pending = false;
