@@ -105,7 +105,8 @@ impl Backoff {
     }
 
     /// The next wait, drawing jitter from the thread RNG.
-    #[allow(clippy::should_implement_trait)] // not an iterator: it never ends
+    // Not an `Iterator`: the sequence never ends, and `Option` would only add unwraps.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Duration {
         self.next_with(&mut rand::rng())
     }

@@ -88,8 +88,8 @@ impl RootFs {
 ///    file system), created with `mode` and `fchmod`ed to it before any byte is
 ///    written, so a secret (0600) is never readable by others, even briefly;
 /// 3. `fsync` the temp file: its data is on disk before its name can point at it
-///    (ext4 and f2fs may otherwise persist the rename before the data, leaving an
-///    empty file after a power cut);
+///    (with delayed allocation a file system may otherwise persist the rename before
+///    the data, leaving an empty or partial file after a power cut);
 /// 4. `rename` it over the target: readers see the old or the new file, never half;
 /// 5. `fsync` the directory, so the rename itself survives a power cut (fsync(2):
 ///    "an explicit fsync() on a file descriptor for the directory is also needed").

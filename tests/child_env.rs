@@ -1,12 +1,18 @@
 //! No secret in a child's environment (issue 13, item 5): the real `meduza run`,
 //! started with etcd user and password (against a real etcd with auth enabled), a
 //! fleet token and an unrelated variable in its environment, runs two tunnels (one of
-//! them a shell with a child of its own). Every process below meduza is found by
-//! walking `/proc` for the parent pid, recursively, and its `/proc/<pid>/environ` must
-//! hold none of those secrets, no `ETCD_*`, only the documented allowlist
-//! (`supervise::spawn::CHILD_ENV` plus a service's `HOME`/`USER`), while meduza still
-//! authenticates, applies the commit and publishes `applied`. Needs root (the
-//! supervisor drops capabilities) and etcd; a missing one fails the test.
+//! them a shell with a child of its own) and FRR. Every process below meduza is found
+//! by walking `/proc` for the parent pid, recursively, and its `/proc/<pid>/environ`
+//! must hold none of those secrets, no `ETCD_*`, and (for meduza's own children) only
+//! the documented allowlist (`supervise::spawn::CHILD_ENV` plus a service's
+//! `HOME`/`USER`), while meduza still authenticates, applies each commit and publishes
+//! `applied`.
+//!
+//! The short-lived programs meduza runs itself rather than as services, `vtysh` and
+//! `frr-reload.py`, are stand-ins (FRR's daemons too, through the `MEDUZA_FRR_DIR`
+//! knob): each copies its own `/proc/$$/environ` into a file before answering, so the
+//! same checks apply to them. Needs root (the supervisor drops capabilities) and etcd;
+//! a missing one fails the test.
 
 mod common;
 
@@ -173,6 +179,59 @@ fn tunnel(etcd: &TestEtcd, name: &str, command: &str, args: &str) {
     etcd.etcdctl(&["put", "--", &format!("{p}/args"), args]);
 }
 
+fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("script dir");
+    std::fs::write(path, format!("#!/bin/sh\n{body}")).expect("write script");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// FRR stand-ins under `dir`: the four daemons (a long sleep each), `vtysh` and
+/// `frr-reload.py`. Each records the environment meduza started it with in
+/// `dir/environ/<name>.<pid>` (`/proc/$$/environ` of the shell running the script).
+fn fake_frr(dir: &Path) {
+    let record = |name: &str| {
+        format!(
+            "/bin/cat /proc/$$/environ > '{}/environ/{name}.'$$\n",
+            dir.display()
+        )
+    };
+    std::fs::create_dir_all(dir.join("environ")).expect("environ dir");
+    for (i, daemon) in ["zebra", "staticd", "bgpd", "ospfd"].iter().enumerate() {
+        write_script(
+            &dir.join("frr").join(daemon),
+            &format!("{}exec /bin/sleep {}\n", record(daemon), 3620 + i),
+        );
+    }
+    write_script(
+        &dir.join("bin/vtysh"),
+        &format!(
+            "{}case \"$*\" in *'show daemons'*) echo 'zebra staticd bgpd ospfd' ;; esac\n",
+            record("vtysh")
+        ),
+    );
+    write_script(&dir.join("bin/frr-reload.py"), &record("frr-reload"));
+}
+
+/// The environments the stand-ins recorded: (file name, variables).
+fn recorded(dir: &Path) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = std::fs::read_dir(dir.join("environ"))
+        .expect("environ dir")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let raw = std::fs::read(e.path()).ok()?;
+            let vars = raw
+                .split(|b| *b == 0)
+                .filter(|f| !f.is_empty())
+                .map(|f| String::from_utf8_lossy(f).into_owned())
+                .collect();
+            Some((e.file_name().to_string_lossy().into_owned(), vars))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 fn start_meduza(etcd: &TestEtcd, dir: &Path) -> Meduza {
     let log = dir.join("meduza.log");
     let out = std::fs::File::create(&log).expect("log file");
@@ -200,6 +259,9 @@ fn start_meduza(etcd: &TestEtcd, dir: &Path) -> Meduza {
         .env("MEDUZA_DATAPLANE", "off")
         .env("MEDUZA_LEASE_TTL", "5")
         .env("MEDUZA_LOG", "info")
+        .env("MEDUZA_FRR_DIR", dir.join("frr"))
+        .env("MEDUZA_BIN_VTYSH", dir.join("bin/vtysh"))
+        .env("MEDUZA_BIN_FRR_RELOAD", dir.join("bin/frr-reload.py"))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -211,6 +273,49 @@ fn start_meduza(etcd: &TestEtcd, dir: &Path) -> Meduza {
     }
 }
 
+/// Checks one child's environment; `direct`: started by meduza itself (then only the
+/// allowlist may be there; deeper processes may carry what their parent added, as a
+/// shell exports `PWD`).
+fn check_environ(who: &str, environ: &[String], direct: bool, secrets: &[&str]) {
+    let allowed: BTreeSet<&str> = ["PATH", "HOME", "USER"].into();
+    for var in environ {
+        for secret in secrets {
+            assert!(
+                !var.contains(secret),
+                "{who} has a secret in its environment: {var}"
+            );
+        }
+        let name = var.split('=').next().unwrap_or_default();
+        assert!(!name.starts_with("ETCD_"), "{who} has {var}");
+        assert!(
+            allowed.contains(name) || !direct,
+            "{who}: {name} is not in the allowlist; environment {environ:?}"
+        );
+    }
+    assert!(
+        environ.contains(&format!("PATH={CHILD_PATH}")),
+        "{who}: {environ:?}"
+    );
+}
+
+fn commit(etcd: &TestEtcd, value: &str) -> i64 {
+    etcd.put("/commit", value);
+    mod_revision(etcd, "/commit")
+}
+
+fn wait_applied(etcd: &TestEtcd, meduza: &Meduza, rev: i64) {
+    wait_for(
+        &format!("applied {rev} published"),
+        Duration::from_secs(30),
+        meduza,
+        || {
+            let applied = status(etcd, "applied")?;
+            let r: i64 = applied.split_whitespace().next()?.parse().ok()?;
+            (r >= rev).then_some(())
+        },
+    );
+}
+
 #[test]
 fn children_of_a_gateway_with_etcd_credentials_hold_no_secret() {
     let mut etcd = TestEtcd::start();
@@ -220,13 +325,17 @@ fn children_of_a_gateway_with_etcd_credentials_hold_no_secret() {
     // a plain program.
     tunnel(&etcd, "ta", "/bin/sh", "-c\n/bin/sleep 3611 & wait");
     tunnel(&etcd, "tb", "/bin/sleep", "3612");
-    etcd.put("/commit", "child-env-1");
-    let rev = mod_revision(&etcd, "/commit");
+    // FRR (stand-ins): vtysh loads the config once the daemons run.
+    etcd.put(&format!("/nodes/{NODE}/bgp/enable"), "true");
+    etcd.put(&format!("/nodes/{NODE}/bgp/asn"), "65001");
+    etcd.put(&format!("/nodes/{NODE}/bgp/router_id"), "10.99.0.1");
+    let rev = commit(&etcd, "child-env-1");
 
     let dir = tempfile::Builder::new()
         .prefix("meduza-child-env-")
         .tempdir()
         .expect("temp dir");
+    fake_frr(dir.path());
     let mut meduza = start_meduza(&etcd, dir.path());
     let pid = meduza.pid();
 
@@ -239,23 +348,28 @@ fn children_of_a_gateway_with_etcd_credentials_hold_no_secret() {
         || proc_fields(pid, "environ").filter(|e| !e.is_empty()),
     );
     assert!(own.contains(&format!("ETCD_PASS={PASS}")), "{own:?}");
-    wait_for(
-        "applied published",
-        Duration::from_secs(30),
-        &meduza,
-        || {
-            let applied = status(&etcd, "applied")?;
-            let r: i64 = applied.split_whitespace().next()?.parse().ok()?;
-            (r >= rev).then_some(())
-        },
-    );
-    for svc in ["tunnel-ta", "tunnel-tb"] {
+    wait_applied(&etcd, &meduza, rev);
+    for svc in ["tunnel-ta", "tunnel-tb", "frr-zebra", "frr-bgpd"] {
         wait_for(svc, Duration::from_secs(10), &meduza, || {
             status(&etcd, &format!("services/{svc}/status")).filter(|s| s.starts_with("running"))
         });
     }
+    wait_for("vtysh -f", Duration::from_secs(20), &meduza, || {
+        meduza.log().contains("frr config loaded").then_some(())
+    });
+    // A changed frr.conf goes through frr-reload.py.
+    etcd.put(&format!("/nodes/{NODE}/bgp/router_id"), "10.99.0.2");
+    let rev = commit(&etcd, "child-env-2");
+    wait_applied(&etcd, &meduza, rev);
+    wait_for("frr-reload.py", Duration::from_secs(20), &meduza, || {
+        meduza
+            .log()
+            .contains("frr-reload.py applied the diff")
+            .then_some(())
+    });
+
     let procs = wait_for(
-        "both sleeps below meduza",
+        "every sleep below meduza",
         Duration::from_secs(10),
         &meduza,
         || {
@@ -264,7 +378,10 @@ fn children_of_a_gateway_with_etcd_credentials_hold_no_secret() {
                 .filter_map(|p| Some((p, proc_fields(p, "cmdline")?.join(" "))))
                 .collect();
             let has = |n: &str| procs.iter().any(|(_, c)| c == n);
-            (has("/bin/sleep 3611") && has("/bin/sleep 3612")).then_some(procs)
+            let all = ["3611", "3612", "3620", "3621", "3622", "3623"]
+                .iter()
+                .all(|n| has(&format!("/bin/sleep {n}")));
+            all.then_some(procs)
         },
     );
     let grandchild = procs
@@ -285,39 +402,39 @@ fn children_of_a_gateway_with_etcd_credentials_hold_no_secret() {
         INHERITED,
         clash_secret.as_str(),
     ];
-    let allowed: BTreeSet<&str> = ["PATH", "HOME", "USER"].into();
     let mut checked = 0;
     for (child, cmdline) in &procs {
         let Some(environ) = proc_fields(*child, "environ") else {
             continue; // exited meanwhile
         };
         checked += 1;
-        for var in &environ {
-            for secret in secrets {
-                assert!(
-                    !var.contains(secret),
-                    "pid {child} ({cmdline}) has a secret in its environment: {var}"
-                );
-            }
-            let name = var.split('=').next().unwrap_or_default();
-            assert!(
-                !name.starts_with("ETCD_"),
-                "pid {child} ({cmdline}) has {var}"
-            );
-            // meduza's own children get exactly the allowlist; deeper ones may carry
-            // what their parent added (a shell exports PWD).
-            assert!(
-                allowed.contains(name) || ppid(*child) != Some(pid),
-                "pid {child} ({cmdline}): {name} is not in the allowlist; environment {environ:?}"
-            );
-        }
-        assert!(
-            environ.contains(&format!("PATH={CHILD_PATH}")),
-            "pid {child} ({cmdline}): {environ:?}"
+        // The FRR stand-ins exec their sleep from a shell, which exports PWD; what
+        // meduza handed them is in their records, checked below.
+        let stand_in = cmdline.starts_with("/bin/sleep 362");
+        let direct = ppid(*child) == Some(pid) && !stand_in;
+        check_environ(
+            &format!("pid {child} ({cmdline})"),
+            &environ,
+            direct,
+            &secrets,
         );
     }
-    assert!(checked >= 3, "checked {checked} processes: {procs:?}");
-    eprintln!("{checked} processes below meduza checked: {procs:?}");
+    assert!(checked >= 7, "checked {checked} processes: {procs:?}");
+    let records = recorded(dir.path());
+    for (name, environ) in &records {
+        check_environ(name, environ, true, &secrets);
+    }
+    let ran = |p: &str| records.iter().filter(|(n, _)| n.starts_with(p)).count();
+    assert!(ran("vtysh.") >= 2, "vtysh show daemons and -f: {records:?}");
+    assert!(ran("frr-reload.") >= 1, "frr-reload.py: {records:?}");
+    assert!(
+        ran("zebra.") >= 1 && ran("bgpd.") >= 1,
+        "daemons: {records:?}"
+    );
+    eprintln!(
+        "{checked} processes below meduza and {} recorded environments checked: {procs:?}",
+        records.len()
+    );
 
     // And nothing of it in meduza's log either.
     assert!(!meduza.log().contains(PASS), "the password is in the log");
