@@ -59,14 +59,15 @@ async fn proxies_shape_and_verdicts() {
     assert_eq!(
         api.probe().await,
         Health::Degraded {
-            reason: "1 of 2 URLTest groups down: auto=REJECT".into()
+            reason: "1 of 2 URLTest groups down: auto=REJECT (rejects)".into()
         }
     );
     m.control(json!({"reject_all": true})).await;
     assert_eq!(
         api.probe().await,
         Health::Unhealthy {
-            reason: "every URLTest group is down: auto=REJECT, hk auto=REJECT".into()
+            reason: "every URLTest group is down: auto=REJECT (rejects), hk auto=REJECT (rejects)"
+                .into()
         }
     );
     m.control(json!({"groups": {"auto": ""}, "reject_all": false}))
@@ -89,7 +90,7 @@ async fn single_rejected_group_is_named() {
     assert_eq!(
         api.probe().await,
         Health::Unhealthy {
-            reason: "every URLTest group is down: auto=REJECT".into()
+            reason: "every URLTest group is down: auto=REJECT (rejects)".into()
         }
     );
 }

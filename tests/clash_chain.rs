@@ -1,14 +1,17 @@
-//! The startup chain end to end with both doubles: nothing is downloaded, MosDNS is not
-//! started and TPROXY is not applied while mihomo is unhealthy; once it is healthy the
-//! rule files come through its proxy, MosDNS starts with them and TPROXY follows.
-//! With Clash disabled: direct download, MosDNS started, no TPROXY.
-//! Also checks the MosDNS double's strictness (unknown keys, missing rule files).
+//! The startup chain end to end on loopback with the real mihomo v1.19.2
+//! (`tests/doubles/real_mihomo.rs`: mihomo and a second real mihomo as the proxy node)
+//! and the MosDNS double (no registry here ships MosDNS): nothing is downloaded, MosDNS
+//! is not started and TPROXY is not applied while mihomo is unhealthy (its url-test
+//! group holds only `REJECT`); once it is healthy (the group reloaded onto the node)
+//! the rule files come through mihomo's mixed port and the node, MosDNS starts with
+//! them and TPROXY follows. With Clash disabled: direct download, MosDNS started, no
+//! TPROXY. Also checks the MosDNS double's strictness (unknown keys, missing rule files).
 
 #[path = "doubles/harness.rs"]
 mod harness;
 
-use harness::{doubles_dir, free_port, FakeMihomo, MihomoOpts, Origin, SECRET};
-use meduza::clash::api::{MihomoApi, PROBE_TIMEOUT};
+use harness::real_mihomo::{Members, Node, RealMihomo};
+use harness::{doubles_dir, free_port, Origin};
 use meduza::clash::chain::{plan, run_chain, ChainConfig, ChainDeps};
 use meduza::clash::monitor::{
     ClashHealthSink, ClashMonitor, GateError, HealthStatus, MonitorConfig, MonitorHandle,
@@ -18,7 +21,6 @@ use meduza::clash::rules::{
     download_rule_files, parse_rule_files, Backoff, Fetcher, Route, RuleFile, RulesError,
     RulesReport,
 };
-use serde_json::json;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -153,19 +155,23 @@ fn fetcher() -> Fetcher {
 
 #[tokio::test]
 async fn chain_waits_for_healthy_mihomo_then_runs_in_order() {
-    let m = FakeMihomo::start(MihomoOpts {
-        control: json!({"reject_all": true}),
-        ..Default::default()
-    })
-    .await;
     let origin = Origin::start().await;
+    origin.route_204("/generate_204");
+    let node = Node::start().await;
+    let m = RealMihomo::start(&Members::RejectOnly, &origin.url("/generate_204")).await;
+    // Every request the origin gets names the process that connected: the node (the
+    // proxied path), mihomo itself (its DIRECT: a leak) or this test (a direct fetch).
+    origin.track_owners(&[
+        ("node", node.pid()),
+        ("mihomo", m.pid),
+        ("test", std::process::id()),
+    ]);
     let (root, files, listen) = setup(&origin);
     let log: Log = Arc::default();
-    let api = MihomoApi::new(&m.controller, SECRET, PROBE_TIMEOUT).expect("client");
     let (_events, erx) = tokio::sync::mpsc::channel(1);
     let (monitor, handle) = ClashMonitor::new(
         MonitorConfig::default(),
-        api,
+        m.api(),
         Gate(log.clone()),
         Sink,
         erx,
@@ -194,10 +200,11 @@ async fn chain_waits_for_healthy_mihomo_then_runs_in_order() {
         ["dns up"],
         "nothing else while mihomo is unhealthy"
     );
-    assert!(origin.seen().is_empty());
+    assert!(origin.seen().is_empty(), "{:?}", origin.seen());
     assert_eq!(handle.health().borrow().phase.as_str(), "waiting");
 
-    m.control(json!({})).await;
+    // The url-test group reloaded onto the node: mihomo is healthy.
+    m.apply(&node.members()).await;
     tokio::time::timeout(Duration::from_secs(10), chain)
         .await
         .expect("chain done")
@@ -213,11 +220,23 @@ async fn chain_waits_for_healthy_mihomo_then_runs_in_order() {
             "tproxy applied"
         ]
     );
+    // Through mihomo: the fetcher was given only mihomo's mixed port, mihomo routed
+    // the download by `MATCH,PROXY` to `node-a`, and the connection that reached the
+    // origin was the node's (never mihomo's own DIRECT or a direct fetch).
     let seen = origin.seen();
     assert!(
-        seen.iter()
-            .all(|s| s.peer.ip() == "127.0.0.2".parse::<std::net::IpAddr>().expect("ip")),
-        "{seen:?}"
+        seen.iter().any(|s| s.path() == "/blocked.txt"),
+        "rule file never requested: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|s| s.owner.as_deref() == Some("node")),
+        "a request reached the origin other than through the node: {seen:?}"
+    );
+    let routed = format!("--> {} match Match using PROXY[node-a]", origin.addr);
+    assert!(
+        m.log().contains(&routed),
+        "mihomo's log has no {routed:?}:\n{}",
+        m.log()
     );
     // MosDNS loaded the downloaded rules.
     assert_eq!(
@@ -237,6 +256,7 @@ async fn chain_waits_for_healthy_mihomo_then_runs_in_order() {
 #[tokio::test]
 async fn clash_disabled_direct_mosdns_no_tproxy() {
     let origin = Origin::start().await;
+    origin.track_owners(&[("test", std::process::id())]);
     let (root, files, listen) = setup(&origin);
     let log: Log = Arc::default();
     let deps = Deps {
@@ -259,9 +279,15 @@ async fn clash_disabled_direct_mosdns_no_tproxy() {
         *log.lock().expect("lock"),
         ["dns up", "rules downloaded via direct", "mosdns started"]
     );
+    let seen = origin.seen();
     assert_eq!(
-        origin.seen()[0].peer.ip(),
+        seen[0].peer.ip(),
         "127.0.0.1".parse::<std::net::IpAddr>().expect("ip")
+    );
+    // Direct: the connection was this process's own.
+    assert!(
+        seen.iter().all(|s| s.owner.as_deref() == Some("test")),
+        "{seen:?}"
     );
     assert_eq!(
         harness::dns_a(listen, "blocked.example").await,

@@ -167,4 +167,11 @@ pub trait Kv: Send + Sync {
     async fn reauthenticate(&self) -> Result<(), EtcdError> {
         Ok(())
     }
+
+    /// Resolves when etcd answers again after calls failed: a member that was down
+    /// came back. A hint for loops waiting out a backoff to retry now rather than at
+    /// its end. Only changes after the call count; the default never resolves.
+    async fn recovered(&self) {
+        std::future::pending::<()>().await;
+    }
 }

@@ -5,9 +5,9 @@
 //! token refresh and re-authentication, failover between the members of a cluster),
 //! the [`Kv`] trait every other module uses to read and write etcd (with the real
 //! [`EtcdKv`] and the in-memory [`MemKv`]), loading a consistent snapshot at one
-//! revision, the watch on `/commit` and `/dns/hosts/`
-//! that survives disconnects, compaction and stalls, the `/updated/<id>/...` status
-//! keys (DESIGN §4), and the `meduza status` / `meduza snapshot` commands.
+//! revision, the watch on `/commit` and `/dns/hosts/` that survives disconnects,
+//! compaction, stalls and the loss of its member, the `/updated/<id>/...` status keys
+//! (DESIGN §4), and the `meduza status` / `meduza snapshot` commands.
 //!
 //! Must not: parse configuration values (that is `meduza-generators`), decide what a
 //! change means (the reconciler does; the watcher only *triggers*), or block a caller

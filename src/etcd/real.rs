@@ -21,9 +21,11 @@
 //!   etcd-client's interceptor from `with_require_leader`): a member cut off from
 //!   the leader refuses unary calls at once and cancels our watch streams after
 //!   three election timeouts (etcd `v3rpc/interceptor.go`, `monitorLeader`);
-//! - a watch stream ends as soon as its member is marked down, by its own error, by
-//!   the watcher's stall check ([`WatchConn::mark_unresponsive`]) or by any other
-//!   call, so the watcher re-creates it on a healthy member.
+//! - a watch stream that breaks or stalls (the watcher's progress check,
+//!   [`WatchConn::mark_unresponsive`]) marks its member down, and the watcher
+//!   re-creates it on a healthy one;
+//! - an attempt still waiting on a member that something else marked down meanwhile
+//!   (a frozen member found by the watch) is abandoned and the call moves on.
 //!
 //! etcd-client neither reconnects a watch nor bounds a call while no endpoint is
 //! ready (etcdv3/etcd-client#17, #48), so every attempt is bounded on our side. Each
@@ -92,6 +94,9 @@ struct Inner {
 enum AttemptError {
     /// The member's fault: try another one.
     Member(EtcdError, Failure),
+    /// Given up because something else marked the member down meanwhile: try another
+    /// one (nothing to record, the member is down already).
+    Abandoned(EtcdError),
     /// The request's outcome (or a setting): every member would answer alike.
     Final(EtcdError),
 }
@@ -247,16 +252,43 @@ impl Inner {
                 other => other.map_err(|e| Self::classify(op, key, e)),
             }
         };
-        match tokio::time::timeout(limit, work).await {
-            Ok(res) => res,
-            Err(_) => Err(AttemptError::Member(
-                EtcdError::Timeout {
-                    op,
-                    key: key.to_owned(),
-                    timeout: limit,
-                },
-                Failure::TimedOut,
-            )),
+        let started = Instant::now();
+        let mut changes = self.changed.subscribe();
+        // The member went down after this attempt started (a member that was down
+        // already, retried after its cool-off or by its probe, is not given up on).
+        let marked_down = async {
+            loop {
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                if let MemberState::Down { since, .. } = self.health().state(i) {
+                    if since >= started {
+                        return;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            res = tokio::time::timeout(limit, work) => match res {
+                Ok(res) => res,
+                Err(_) => Err(AttemptError::Member(
+                    EtcdError::Timeout {
+                        op,
+                        key: key.to_owned(),
+                        timeout: limit,
+                    },
+                    Failure::TimedOut,
+                )),
+            },
+            () = marked_down => Err(AttemptError::Abandoned(EtcdError::Rpc {
+                op,
+                key: key.to_owned(),
+                source: etcd_client::Error::GRpcStatus(tonic::Status::unavailable(format!(
+                    "member {} marked unavailable while the call waited",
+                    self.members[i].endpoint
+                ))),
+            })),
         }
     }
 
@@ -328,6 +360,10 @@ impl Inner {
                     }
                     Err(AttemptError::Member(e, failure)) => {
                         self.record(i, Some((failure, &e)));
+                        last = Some(e);
+                    }
+                    Err(AttemptError::Abandoned(e)) => {
+                        debug!(op, key, member = %self.members[i].endpoint, "etcd member marked down meanwhile; trying the next one");
                         last = Some(e);
                     }
                 }
@@ -431,6 +467,7 @@ async fn probe(inner: std::sync::Weak<Inner>, i: usize) {
         {
             Ok(()) | Err(AttemptError::Final(_)) => inner.record(i, None),
             Err(AttemptError::Member(e, failure)) => inner.record(i, Some((failure, &e))),
+            Err(AttemptError::Abandoned(_)) => {}
         }
     }
 }
@@ -658,9 +695,6 @@ impl Kv for EtcdKv {
                 KeyRange::Prefix(_) => o.with_prefix(),
             }
         };
-        // Subscribed before the stream is opened, so a member marked down meanwhile
-        // is noticed by the first `next`.
-        let health = self.inner.changed.subscribe();
         let (member, stream) = self
             .inner
             .run("watch", first.0.as_str(), |mut c| async move {
@@ -676,22 +710,39 @@ impl Kv for EtcdKv {
             stream,
             inner: Arc::clone(&self.inner),
             member,
-            health,
         }))
     }
 
     async fn reauthenticate(&self) -> Result<(), EtcdError> {
         self.inner.reauthenticate().await
     }
+
+    async fn recovered(&self) {
+        let mut changes = self.inner.changed.subscribe();
+        loop {
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            // A change is a member going down or coming back; only the latter counts.
+            let h = self.inner.health();
+            let back = (0..self.inner.members.len()).any(|i| h.is_up(i));
+            drop(h);
+            if back {
+                return;
+            }
+        }
+    }
 }
 
-/// A watch stream on one member. It ends (with an error) when the stream breaks or
-/// when its member is marked down by anyone, so the watcher re-creates it elsewhere.
+/// A watch stream on one member. Its own errors and stalls mark the member down; it
+/// does not end when other calls mark its member down: a unary call that timed out
+/// because the cluster is electing a leader says nothing about a watch stream, which
+/// goes on delivering after the election, and a frozen member is caught by the
+/// watcher's own progress check within `progress_interval + stall_timeout`.
 struct RealWatch {
     stream: WatchStream,
     inner: Arc<Inner>,
     member: usize,
-    health: watch::Receiver<u64>,
 }
 
 impl RealWatch {
@@ -710,24 +761,9 @@ impl RealWatch {
 #[async_trait]
 impl WatchConn for RealWatch {
     async fn next(&mut self) -> Result<Option<WatchMsg>, EtcdError> {
-        let resp = loop {
-            tokio::select! {
-                biased;
-                msg = self.stream.message() => match msg {
-                    Ok(r) => break r,
-                    Err(e) => return Err(self.broken(&e)),
-                },
-                changed = self.health.changed() => {
-                    if changed.is_err() || !self.inner.is_up(self.member) {
-                        return Err(EtcdError::Watch {
-                            reason: format!(
-                                "etcd member {} is unavailable",
-                                self.inner.members[self.member].endpoint
-                            ),
-                        });
-                    }
-                }
-            }
+        let resp = match self.stream.message().await {
+            Ok(r) => r,
+            Err(e) => return Err(self.broken(&e)),
         };
         let Some(resp) = resp else {
             // The member closed the stream (it is stopping, or was removed).

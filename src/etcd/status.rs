@@ -5,8 +5,9 @@
 //! channel. The task keeps the `online` key on a lease (TTL 15 s, refreshed every
 //! 5 s, re-granted and re-put when it expired or etcd lost it), writes a key only when
 //! its value changed, and while etcd is unreachable keeps the newest value per key in a
-//! pending map that is flushed when etcd answers again. After an outage every known
-//! key is written once more, in case etcd came back from an older backup.
+//! pending map that is flushed when etcd answers again (at the end of the retry
+//! backoff, or at once when the client reports a member back). After an outage every
+//! known key is written once more, in case etcd came back from an older backup.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -280,6 +281,7 @@ impl Task {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         let mut keep_alive = tokio::time::interval(self.config.keep_alive_interval);
         keep_alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let kv = Arc::clone(&self.kv);
         loop {
             tokio::select! {
                 cmd = rx.recv() => {
@@ -309,6 +311,11 @@ impl Task {
                 }
                 _ = keep_alive.tick() => self.keep_alive().await,
                 _ = sleep_until(self.retry_at.unwrap_or_else(Instant::now)), if self.retry_at.is_some() => {
+                    self.retry_at = None;
+                    self.flush().await;
+                }
+                // etcd answers again: flush now, not at the end of the grown backoff.
+                () = kv.recovered(), if self.retry_at.is_some() => {
                     self.retry_at = None;
                     self.flush().await;
                 }

@@ -211,12 +211,21 @@ impl WatchLoop {
         self.tx.send(ev).map_err(|_| Closed)
     }
 
-    /// Sleeps `d`, still delivering ticks.
+    /// Sleeps `d`, still delivering ticks; ends early when etcd answers again
+    /// ([`Kv::recovered`]: after an outage the watch resumes when a member is back,
+    /// not at the end of a backoff that grew during the outage).
     async fn pause(&mut self, d: Duration) -> Result<(), Closed> {
         let until = Instant::now() + d;
+        let kv = Arc::clone(&self.kv);
+        let recovered = kv.recovered();
+        tokio::pin!(recovered);
         loop {
             tokio::select! {
                 _ = sleep_until(until) => return Ok(()),
+                () = &mut recovered => {
+                    debug!("etcd answers again; retrying the watch now");
+                    return Ok(());
+                }
                 _ = next_tick(&mut self.tick) => self.emit(WatchEvent::Tick)?,
             }
         }

@@ -68,36 +68,10 @@ pub enum Mihomo {
     Double,
 }
 
-/// The real mihomo binary: `MEDUZA_TEST_MIHOMO`, else `MIHOMO_BIN` of
-/// `scripts/mihomo-path` (the path's one owner), installed by `scripts/install-deps`.
-pub fn real_mihomo() -> PathBuf {
-    if let Some(p) = std::env::var_os("MEDUZA_TEST_MIHOMO") {
-        return PathBuf::from(p);
-    }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(". scripts/mihomo-path && printf %s \"$MIHOMO_BIN\"")
-        .current_dir(repo)
-        .output()
-        .expect("bash");
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).to_string());
-    assert!(
-        path.is_file(),
-        "the real mihomo is not at {path:?}: run scripts/install-deps"
-    );
-    path
-}
-
-/// A home for `mihomo -d DIR` with Country.mmdb in it, as the firmware image has it,
-/// so mihomo never tries to download it.
-pub fn mihomo_home(dir: &Path) {
-    std::fs::create_dir_all(dir).expect("mihomo home");
-    let mmdb = real_mihomo().with_file_name("Country.mmdb");
-    if mmdb.is_file() {
-        std::fs::copy(&mmdb, dir.join("Country.mmdb")).expect("copy Country.mmdb");
-    }
-}
+/// Where the real mihomo is, and its home: one copy, shared with the loopback tests.
+#[path = "real_mihomo.rs"]
+mod real_mihomo;
+pub use real_mihomo::{mihomo_home, real_mihomo};
 
 /// One request seen by the internet namespace's HTTP server.
 #[derive(Debug, Clone)]

@@ -1,6 +1,8 @@
-//! Shared helpers for the clash integration tests: start the mihomo/MosDNS doubles on
-//! loopback with free ports, drive their control file, and a tiny HTTP origin server
-//! that records who connected. Included with `#[path = "doubles/harness.rs"] mod harness;`.
+//! Shared helpers for the clash integration tests: the real mihomo and its proxy node
+//! on loopback (`real_mihomo.rs`, re-exported here), the mihomo/MosDNS doubles with
+//! free ports and their control file, and a tiny HTTP origin server that records who
+//! connected (and, when asked, which process held the connecting socket). Included
+//! with `#[path = "doubles/harness.rs"] mod harness;`.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -18,13 +20,14 @@ pub fn doubles_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/doubles")
 }
 
-#[path = "../common/ports.rs"]
-mod ports;
+#[path = "real_mihomo.rs"]
+pub mod real_mihomo;
 
-/// A free TCP port on loopback (also free for UDP in practice; the OS picks it),
-/// never handed out twice in one test binary (see `tests/common/ports.rs`).
+/// A free TCP port on loopback, never handed out twice in one test binary. The one
+/// copy of `tests/common/ports.rs` in the binary is `real_mihomo.rs`'s, so the ports of
+/// the real mihomo and of everything else come from one set.
 pub fn free_port() -> u16 {
-    ports::unique_free_port()
+    real_mihomo::free_port()
 }
 
 fn write_atomic(path: &Path, content: &str) {
@@ -214,6 +217,9 @@ pub struct Seen {
     pub peer: SocketAddr,
     pub request_line: String,
     pub headers: Vec<(String, String)>,
+    /// Which of the processes named with [`Origin::track_owners`] held the connecting
+    /// socket while the request was served (`None`: none of them, or not tracked).
+    pub owner: Option<String>,
 }
 
 impl Seen {
@@ -223,15 +229,76 @@ impl Seen {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+
+    /// The request's path.
+    pub fn path(&self) -> &str {
+        self.request_line.split(' ').nth(1).unwrap_or("/")
+    }
 }
 
-/// A minimal HTTP/1.1 origin: serves `routes` (path → body), answers 503 to the first
-/// `fail_first` requests, and records every request with its peer address.
+/// `/proc/net/tcp{,6}`'s spelling of a socket address: each 32-bit word of the
+/// address as the kernel's `%08X` of its in-memory value, then `:%04X` of the port.
+fn proc_net_addr(addr: SocketAddr) -> String {
+    let words = |octets: &[u8]| -> String {
+        octets
+            .chunks(4)
+            .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+            .collect()
+    };
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) => words(&v4.octets()),
+        std::net::IpAddr::V6(v6) => words(&v6.octets()),
+    };
+    format!("{ip}:{:04X}", addr.port())
+}
+
+/// The socket inode of the TCP connection `local` → `remote` on this host, from
+/// `/proc/net/tcp` (or `tcp6`, as an IPv4-mapped address).
+fn tcp_inode(local: SocketAddr, remote: SocketAddr) -> Option<String> {
+    let mapped = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    };
+    for (table, l, r) in [
+        ("/proc/net/tcp", local, remote),
+        ("/proc/net/tcp6", mapped(local), mapped(remote)),
+    ] {
+        let (l, r) = (proc_net_addr(l), proc_net_addr(r));
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[1] == l && f[2] == r {
+                return Some(f[9].to_string());
+            }
+        }
+    }
+    None
+}
+
+/// Which of `owners` (name, pid) has the socket with `inode` among its descriptors.
+fn socket_owner(inode: &str, owners: &[(String, u32)]) -> Option<String> {
+    let want = format!("socket:[{inode}]");
+    owners.iter().find_map(|(name, pid)| {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        fds.flatten()
+            .any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|l| l.as_os_str() == std::ffi::OsStr::new(&want))
+            })
+            .then(|| name.clone())
+    })
+}
+
+/// A minimal HTTP/1.1 origin: serves `routes` (path → body) and 204 on the paths of
+/// `no_content`, answers 503 to the first `fail_first` requests, and records every
+/// request with its peer address (and its owner, see [`Origin::track_owners`]).
 pub struct Origin {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub routes: Arc<Mutex<std::collections::HashMap<String, String>>>,
+    pub no_content: Arc<Mutex<std::collections::HashSet<String>>>,
     pub fail_first: Arc<Mutex<u32>>,
+    pub owners: Arc<Mutex<Vec<(String, u32)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -247,14 +314,22 @@ impl Origin {
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let routes = Arc::new(Mutex::new(std::collections::HashMap::new()));
+        let no_content = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let fail_first = Arc::new(Mutex::new(0u32));
-        let (s, r, f) = (seen.clone(), routes.clone(), fail_first.clone());
+        let owners = Arc::new(Mutex::new(Vec::new()));
+        let (s, r, nc, f, o) = (
+            seen.clone(),
+            routes.clone(),
+            no_content.clone(),
+            fail_first.clone(),
+            owners.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut sock, peer)) = listener.accept().await else {
                     return;
                 };
-                let (s, r, f) = (s.clone(), r.clone(), f.clone());
+                let (s, r, nc, f, o) = (s.clone(), r.clone(), nc.clone(), f.clone(), o.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -264,6 +339,13 @@ impl Origin {
                             Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                     }
+                    // The peer still waits for the answer, so its socket is still open.
+                    let owners: Vec<(String, u32)> = o.lock().unwrap().clone();
+                    let owner = if owners.is_empty() {
+                        None
+                    } else {
+                        tcp_inode(peer, addr).and_then(|inode| socket_owner(&inode, &owners))
+                    };
                     let text = String::from_utf8_lossy(&buf).to_string();
                     let mut lines = text.split("\r\n");
                     let request_line = lines.next().unwrap_or("").to_string();
@@ -272,12 +354,14 @@ impl Origin {
                         .filter_map(|l| l.split_once(':'))
                         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
                         .collect();
-                    s.lock().unwrap().push(Seen {
+                    let seen = Seen {
                         peer,
                         request_line: request_line.clone(),
                         headers,
-                    });
-                    let path = request_line.split(' ').nth(1).unwrap_or("/").to_string();
+                        owner,
+                    };
+                    let path = seen.path().to_string();
+                    s.lock().unwrap().push(seen);
                     let fail = {
                         let mut f = f.lock().unwrap();
                         if *f > 0 {
@@ -287,16 +371,22 @@ impl Origin {
                             false
                         }
                     };
-                    let body = r.lock().unwrap().get(&path).cloned();
-                    let (status, body) = match (fail, body) {
-                        (true, _) => ("503 Service Unavailable", "busy".to_string()),
-                        (false, Some(b)) => ("200 OK", b),
-                        (false, None) => ("404 Not Found", "no".to_string()),
+                    let resp = if !fail && nc.lock().unwrap().contains(&path) {
+                        "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_string()
+                    } else {
+                        let body = r.lock().unwrap().get(&path).cloned();
+                        let (status, body) = match (fail, body) {
+                            (true, _) => ("503 Service Unavailable", "busy".to_string()),
+                            (false, Some(b)) => ("200 OK", b),
+                            (false, None) => ("404 Not Found", "no".to_string()),
+                        };
+                        let head = request_line.starts_with("HEAD ");
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                            body.len(),
+                            if head { "" } else { body.as_str() }
+                        )
                     };
-                    let resp = format!(
-                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
                     let _ = sock.write_all(resp.as_bytes()).await;
                     let _ = sock.shutdown().await;
                 });
@@ -306,7 +396,9 @@ impl Origin {
             addr,
             seen,
             routes,
+            no_content,
             fail_first,
+            owners,
             task,
         }
     }
@@ -318,12 +410,34 @@ impl Origin {
             .insert(path.to_string(), body.to_string());
     }
 
+    /// `path` answers `204 No Content` (a delay-test URL).
+    pub fn route_204(&self, path: &str) {
+        self.no_content.lock().unwrap().insert(path.to_string());
+    }
+
+    /// From now on each request records which of these processes (name, pid) held
+    /// the connecting socket, looked up in `/proc` while the request is served.
+    pub fn track_owners(&self, owners: &[(&str, u32)]) {
+        *self.owners.lock().unwrap() = owners
+            .iter()
+            .map(|(name, pid)| (name.to_string(), *pid))
+            .collect();
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// The requests for `path`, oldest first.
+    pub fn seen_path(&self, path: &str) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.path() == path)
+            .collect()
     }
 }
 
