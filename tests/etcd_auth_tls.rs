@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::etcd::{EtcdOptions, TestEtcd};
+use meduza::backoff::Jitter;
 use meduza::etcd::{spawn_watcher, EtcdConfig, EtcdKv, Kv, WatchEvent, WatcherConfig};
 
 fn watcher_config() -> WatcherConfig {
@@ -15,6 +16,7 @@ fn watcher_config() -> WatcherConfig {
         stall_timeout: Duration::from_secs(2),
         backoff_min: Duration::from_millis(200),
         backoff_max: Duration::from_secs(1),
+        jitter: Jitter::None,
         tick_interval: None,
     }
 }

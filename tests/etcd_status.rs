@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::etcd::TestEtcd;
+use meduza::backoff::Jitter;
 use meduza::etcd::status::PublisherConfig;
 use meduza::etcd::{read_status, EtcdKv, Kv, StatusPublisher};
 
@@ -17,6 +18,7 @@ fn short_ttl() -> PublisherConfig {
         keep_alive_interval: Duration::from_secs(1),
         retry_min: Duration::from_millis(200),
         retry_max: Duration::from_secs(1),
+        jitter: Jitter::None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::etcd::{CutProxy, TestEtcd};
+use meduza::backoff::Jitter;
 use meduza::etcd::{spawn_watcher, EtcdKv, Kv, WatchEvent, WatcherConfig};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -16,6 +17,7 @@ fn config() -> WatcherConfig {
         stall_timeout: Duration::from_secs(1),
         backoff_min: Duration::from_millis(200),
         backoff_max: Duration::from_secs(1),
+        jitter: Jitter::None,
         tick_interval: None,
     }
 }

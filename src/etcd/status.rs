@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use super::kv::{KeyRange, Kv};
 use super::watch::COMMIT_KEY;
 use super::EtcdError;
+use crate::backoff::{Backoff, Jitter};
 
 /// Root of every node's status keys.
 pub const STATUS_ROOT: &str = "/updated/";
@@ -92,9 +93,13 @@ pub struct PublisherConfig {
     pub ttl_secs: i64,
     /// Keep-alive period of the lease.
     pub keep_alive_interval: Duration,
-    /// First retry delay after a failed write, doubled up to `retry_max`.
+    /// First retry delay after a failed write, doubled up to `retry_max` (the shared
+    /// [`Backoff`]).
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// Jitter of the retry delays (equal jitter by default: a fleet's retries after an
+    /// etcd restart spread out).
+    pub jitter: Jitter,
 }
 
 impl Default for PublisherConfig {
@@ -104,6 +109,7 @@ impl Default for PublisherConfig {
             keep_alive_interval: Duration::from_secs(5),
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_secs(10),
+            jitter: Jitter::Equal,
         }
     }
 }
@@ -144,7 +150,7 @@ impl StatusPublisher {
             online_written: false,
             healthy: true,
             retry_at: None,
-            backoff: config.retry_min,
+            backoff: Backoff::new(config.retry_min, config.retry_max, config.jitter),
         };
         let task = tokio::spawn(task.run(rx));
         StatusPublisher {
@@ -262,6 +268,19 @@ impl StatusPublisher {
     }
 }
 
+/// A lease keep-alive running beside the status task; aborted when dropped (the
+/// publisher dropped like a crash renews nothing more).
+struct Renewal {
+    lease: i64,
+    task: JoinHandle<Result<bool, EtcdError>>,
+}
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 struct Task {
     kv: Arc<dyn Kv>,
     prefix: String,
@@ -274,7 +293,7 @@ struct Task {
     online_written: bool,
     healthy: bool,
     retry_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 impl Task {
@@ -282,6 +301,10 @@ impl Task {
         let mut keep_alive = tokio::time::interval(self.config.keep_alive_interval);
         keep_alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let kv = Arc::clone(&self.kv);
+        // The keep-alive in flight (its lease and task). It runs beside the writes:
+        // around a leader election a renewal can wait a while, and `applied` must not
+        // wait behind it.
+        let mut renewing: Option<Renewal> = None;
         loop {
             tokio::select! {
                 cmd = rx.recv() => {
@@ -296,6 +319,8 @@ impl Task {
                             Cmd::Set(k, v) => self.enqueue(k, v),
                             Cmd::Flush(resp) => waiting.push(resp),
                             Cmd::Shutdown(resp) => {
+                                // No renewal after the revoke.
+                                drop(renewing.take());
                                 self.flush().await;
                                 self.revoke().await;
                                 let _ = resp.send(());
@@ -309,7 +334,28 @@ impl Task {
                         let _ = w.send(done);
                     }
                 }
-                _ = keep_alive.tick() => self.keep_alive().await,
+                _ = keep_alive.tick(), if renewing.is_none() => match self.lease {
+                    Some(id) => {
+                        let kv = Arc::clone(&self.kv);
+                        renewing = Some(Renewal {
+                            lease: id,
+                            task: tokio::spawn(async move { kv.lease_keep_alive(id).await }),
+                        });
+                    }
+                    None => self.flush().await,
+                },
+                res = async { (&mut renewing.as_mut().expect("guarded by the condition").task).await },
+                    if renewing.is_some() =>
+                {
+                    let id = renewing.take().expect("guarded by the condition").lease;
+                    let res = res.unwrap_or_else(|e| {
+                        Err(EtcdError::Unavailable {
+                            op: "lease-keep-alive",
+                            key: format!("{id:x}: {e}"),
+                        })
+                    });
+                    self.renewed(id, res).await;
+                }
                 _ = sleep_until(self.retry_at.unwrap_or_else(Instant::now)), if self.retry_at.is_some() => {
                     self.retry_at = None;
                     self.flush().await;
@@ -337,8 +383,7 @@ impl Task {
             debug!(%err, "status publishing still paused");
         }
         self.healthy = false;
-        self.retry_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(self.config.retry_max);
+        self.retry_at = Some(Instant::now() + self.backoff.next());
     }
 
     /// Grants the lease and writes `online` if needed.
@@ -403,15 +448,16 @@ impl Task {
         }
         self.healthy = true;
         self.retry_at = None;
-        self.backoff = self.config.retry_min;
+        self.backoff.reset();
     }
 
-    async fn keep_alive(&mut self) {
-        let Some(id) = self.lease else {
-            self.flush().await;
+    /// The answer to a keep-alive of lease `id`.
+    async fn renewed(&mut self, id: i64, res: Result<bool, EtcdError>) {
+        if self.lease != Some(id) {
+            // Re-granted meanwhile: this answer is about the old lease.
             return;
-        };
-        match self.kv.lease_keep_alive(id).await {
+        }
+        match res {
             Ok(true) => {
                 if !self.healthy || !self.pending.is_empty() || !self.online_written {
                     self.flush().await;
@@ -615,6 +661,7 @@ mod tests {
             keep_alive_interval: Duration::from_millis(50),
             retry_min: Duration::from_millis(10),
             retry_max: Duration::from_millis(40),
+            jitter: Jitter::None,
         }
     }
 

@@ -41,6 +41,7 @@ use tracing::{debug, info, warn};
 
 use super::kv::{EventKind, KeyRange, Kv, KvEvent, WatchConn};
 use super::EtcdError;
+use crate::backoff::{Backoff, Jitter};
 
 /// The configuration trigger key.
 pub const COMMIT_KEY: &str = "/commit";
@@ -75,9 +76,12 @@ pub struct WatcherConfig {
     /// How long after a progress request (or the create request) a stream may stay
     /// silent before it counts as stalled.
     pub stall_timeout: Duration,
-    /// First reconnect delay, doubled up to `backoff_max`.
+    /// First reconnect delay, doubled up to `backoff_max` (the shared [`Backoff`]).
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Jitter of the reconnect delays: equal jitter spreads a fleet's reconnects after
+    /// an etcd restart (docs/benchmarks.md, "reconnect storm").
+    pub jitter: Jitter,
     /// Period of [`WatchEvent::Tick`]; `None` for no ticks.
     pub tick_interval: Option<Duration>,
 }
@@ -110,6 +114,7 @@ impl Default for WatcherConfig {
             stall_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(10),
+            jitter: Jitter::Equal,
             tick_interval: Some(Duration::from_secs(300)),
         }
     }
@@ -232,7 +237,11 @@ impl WatchLoop {
     }
 
     async fn run(&mut self) -> Result<(), Closed> {
-        let mut backoff = self.config.backoff_min;
+        let mut backoff = Backoff::new(
+            self.config.backoff_min,
+            self.config.backoff_max,
+            self.config.jitter,
+        );
         loop {
             if let Some(reason) = self.resync_from_current.clone() {
                 match self.kv.get_ranges(&[self.ranges[0].0.clone()]).await {
@@ -248,10 +257,10 @@ impl WatchLoop {
                         })?;
                     }
                     Err(err) => {
-                        warn!(%err, ?backoff, "cannot read the current etcd revision; retrying");
+                        let delay = backoff.next();
+                        warn!(%err, ?delay, "cannot read the current etcd revision; retrying");
                         self.after_failure(&err).await;
-                        self.pause(backoff).await?;
-                        backoff = (backoff * 2).min(self.config.backoff_max);
+                        self.pause(delay).await?;
                         continue;
                     }
                 }
@@ -259,17 +268,17 @@ impl WatchLoop {
             let conn = match self.kv.watch(&self.ranges).await {
                 Ok(c) => c,
                 Err(err) => {
-                    warn!(%err, start = self.oldest_start(), ?backoff, "cannot open etcd watch; retrying");
+                    let delay = backoff.next();
+                    warn!(%err, start = self.oldest_start(), ?delay, "cannot open etcd watch; retrying");
                     self.after_failure(&err).await;
-                    self.pause(backoff).await?;
-                    backoff = (backoff * 2).min(self.config.backoff_max);
+                    self.pause(delay).await?;
                     continue;
                 }
             };
             let opened = Instant::now();
             let (end, established) = self.session(conn).await?;
             if established {
-                backoff = self.config.backoff_min;
+                backoff.reset();
             }
             // A stream that was up for a while and then ended is re-created at once:
             // `Kv::watch` opens it on a member that answers (the real client marked
@@ -295,7 +304,7 @@ impl WatchLoop {
                     self.resync_when_up = Some("stalled watch re-created".to_owned());
                 }
                 End::Broken(err) => {
-                    warn!(%err, start = self.oldest_start(), ?backoff, "watch stream broken; resuming");
+                    warn!(%err, start = self.oldest_start(), "watch stream broken; resuming");
                     self.after_failure(&err).await;
                 }
                 End::Canceled(reason) => {
@@ -306,8 +315,7 @@ impl WatchLoop {
             if at_once {
                 continue;
             }
-            self.pause(backoff).await?;
-            backoff = (backoff * 2).min(self.config.backoff_max);
+            self.pause(backoff.next()).await?;
         }
     }
 
@@ -426,6 +434,7 @@ mod tests {
             stall_timeout: Duration::from_millis(100),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(50),
+            jitter: Jitter::None,
             tick_interval: None,
         }
     }

@@ -239,13 +239,10 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         };
         let span = info_span!("reconcile", revision, trigger = ?why);
         let mut report = self
-            .apply_snapshot(&snapshot, revision)
+            .apply_snapshot(&snapshot, revision, from_last_good)
             .instrument(span)
             .await;
         report.from_last_good = from_last_good;
-        if report.applied && !from_last_good {
-            self.save_last_good(&snapshot, revision);
-        }
         info!(
             revision,
             applied = report.applied,
@@ -256,7 +253,15 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         report
     }
 
-    async fn apply_snapshot(&mut self, snapshot: &Snapshot, revision: i64) -> PassReport {
+    /// Applies `snapshot`; on success the snapshot is saved as the last good one
+    /// (unless it is that file) *before* `applied` is published, so a gateway that
+    /// loses power the moment etcd shows `applied` comes back on that revision.
+    async fn apply_snapshot(
+        &mut self,
+        snapshot: &Snapshot,
+        revision: i64,
+        from_last_good: bool,
+    ) -> PassReport {
         let mut report = PassReport {
             revision,
             ..PassReport::default()
@@ -365,6 +370,9 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         self.first_pass_done = true;
         report.changed = changed.iter().map(Domain::label).collect();
         if failures.is_empty() {
+            if !from_last_good {
+                self.save_last_good(snapshot, revision);
+            }
             self.applied_revision = Some(revision);
             self.effects.publish("errors", "[]".into());
             self.effects

@@ -51,7 +51,9 @@ fi
 TMP="$(mktemp -d /tmp/meduza-qemu.XXXXXX)"
 cleanup() {
 	local rc=$?
-	exec 7>&- 2>/dev/null || true
+	# Closing fd 7 only: `exec 7>&- 2>/dev/null` would send the rest of cleanup's
+	# stderr (the console tail below) to /dev/null.
+	exec 7>&-
 	for p in ${QEMU_PID:-} ${NODE_PID:-} ${SUB_PID:-} ${UPSTREAM_PID:-} ${ETCD_PID:-}; do
 		kill "$p" 2>/dev/null || true
 	done
@@ -84,15 +86,6 @@ qlog "boot-to-/init: ${T_INIT}s"
 T_NET="$(wait_for 60 "guest reaches host etcd" console_has 'MEDUZA-TEST: probe .*etcdserver')"
 qlog "guest fetched etcd /version from 10.0.2.2 at ${T_NET}s"
 T_SHELL="$(wait_for 60 "rcS finished" console_has 'MEDUZA-TEST: rcS done')"
-
-# Commands typed on the serial root shell. The marker is split in the typed
-# text (M""ARK) so only the command's output matches.
-run_in_guest() {
-	# $1 marker name, $2 shell command line (constant text of this script)
-	send "$2; echo M\"\"ARK-$1-\$?"
-	wait_for 60 "guest command $1" console_has "^MARK-$1-[0-9]+" >/dev/null
-	grep -Eo "^MARK-$1-[0-9]+" "$CONSOLE" | head -n1 | sed "s/^MARK-$1-//"
-}
 
 # The mihomo version build-image.sh put in the image (`mihomo -v` on the host).
 mihomo_version="$(cat "$QEMU_BUILD/mihomo-version")"
@@ -150,14 +143,9 @@ healthy*) ;;
 esac
 
 # The node's own status through the forwarded API port.
-api() { curl -sf --max-time 5 -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$API_PORT$1"; }
-health="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$API_PORT/v1/health" || true)"
+health="$(api_health_code)"
 [ "$health" = 200 ] || qdie "node API /v1/health through the forwarded port returned '$health'"
-# Children count as running once they stayed up past the supervisor's start grace.
-children_running() {
-	api /v1/status | jq -e '[.services[] | select(.state == "running") | .name] | sort == ["mihomo", "tunnel-keepalive"]'
-}
-T_RUNNING="$(wait_for 60 "mihomo and tunnel-keepalive running (node API)" children_running)"
+T_RUNNING="$(wait_for 60 "mihomo and tunnel-keepalive running (node API)" services_running mihomo tunnel-keepalive)"
 qlog "children running at ${T_RUNNING}s"
 status="$(api /v1/status)" || qdie "node API /v1/status failed"
 [ "$(jq -r .tproxy.state <<<"$status")" = applied ] ||

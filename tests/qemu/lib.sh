@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Shared helpers of tests/qemu/boot-test.sh and tests/qemu/run-demo.sh (sourced).
+# Shared helpers of tests/qemu/boot-test.sh, power-cut-test.sh and run-demo.sh
+# (sourced).
 # Host side of the QEMU setup: a real etcd on loopback (QEMU user networking
 # maps the guest's 10.0.2.2 to the host's 127.0.0.1), a proxy node, a
 # subscription server, a DNS upstream, the example node configuration, and QEMU
@@ -176,17 +177,29 @@ etcd_value() {
 # user networking with the host's loopback at 10.0.2.2; the guest's DNS (53,
 # UDP and TCP) and node API (9100) are forwarded to 127.0.0.1:$DNS_PORT and
 # 127.0.0.1:$API_PORT. Provisioning is on the kernel command line.
+# Optional, set by the caller:
+#   QEMU_SMP            vCPUs (default 1; meduza's tokio runtime has one worker per CPU)
+#   QEMU_EXTRA (array)  more QEMU arguments (a disk, a monitor: state-disk.sh)
+#   QEMU_ON_RESET       `exit` (default, -no-reboot: a reset or a panic ends QEMU, so
+#                       a test fails fast) or `reboot` (the guest boots again in the
+#                       same QEMU with the same disks, as hardware does after a reset)
 qemu_cmd() {
 	local extra="$1"
 	DNS_PORT="$(free_port)"
 	API_PORT="$(free_port)"
 	local append="console=ttyS0 printk.time=1 panic=-1"
 	append="$append meduza.node_id=$NODE_ID meduza.etcd=http://10.0.2.2:$ETCD_PORT $extra"
-	QEMU_CMD=(qemu-system-x86_64 -M q35 -m 512 -nographic -no-reboot
+	QEMU_CMD=(qemu-system-x86_64 -M q35 -m 512 -smp "${QEMU_SMP:-1}" -nographic
 		-kernel "$QEMU_BUILD/vmlinuz" -initrd "$QEMU_BUILD/initrd.cpio.gz"
 		-append "$append"
 		-netdev "user,id=n0,hostfwd=udp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$API_PORT-:9100"
 		-device virtio-net-pci,netdev=n0 -device virtio-rng-pci)
+	case "${QEMU_ON_RESET:-exit}" in
+	exit) QEMU_CMD+=(-no-reboot) ;;
+	reboot) ;;
+	*) qdie "QEMU_ON_RESET must be exit or reboot, not '$QEMU_ON_RESET'" ;;
+	esac
+	QEMU_CMD+=(${QEMU_EXTRA[@]+"${QEMU_EXTRA[@]}"})
 }
 
 # start_qemu DIR EXTRA_APPEND -> sets QEMU_PID, DNS_PORT, API_PORT, CONSOLE,
@@ -234,6 +247,40 @@ wait_for() {
 }
 
 console_has() { grep -Eq "$1" "$CONSOLE"; }
+
+# run_in_guest NAME COMMAND_LINE: type a command on the serial root shell and print
+# its exit status. The marker is split in the typed text (M""ARK) so only the
+# command's output matches; NAME must be unique over the console log (which
+# spans every boot of one QEMU).
+run_in_guest() {
+	send "$2; echo M\"\"ARK-$1-\$?"
+	wait_for 60 "guest command $1" console_has "^MARK-$1-[0-9]+" >/dev/null
+	grep -Eo "^MARK-$1-[0-9]+" "$CONSOLE" | head -n1 | sed "s/^MARK-$1-//"
+}
+
+# guest_output NAME COMMAND_LINE: the standard output of a command typed on the
+# serial shell, each line tagged in the guest (OUT-NAME: ...) so that kernel and
+# meduza log lines interleaved on the console are left out. NAME as for run_in_guest.
+guest_output() {
+	send "{ $2; } 2>&1 | sed \"s/^/O\"\"UT-$1: /\"; echo E\"\"ND-$1"
+	wait_for 60 "guest output $1" console_has "^END-$1" >/dev/null
+	sed -n "s/^OUT-$1: //p" "$CONSOLE" | sed 's/\r$//'
+}
+
+# api PATH: GET from the node API through the forwarded port, with the test node's
+# token (the API serves the token of the configuration meduza applied).
+api() { curl -sf --max-time 5 -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$API_PORT$1"; }
+
+# api_health_code: the HTTP status of the unauthenticated /v1/health (000: no answer).
+api_health_code() {
+	curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$API_PORT/v1/health" || true
+}
+
+# services_running NAME...: the node API lists exactly these services as running
+# (a child counts as running once it stayed up past the supervisor's start grace).
+services_running() {
+	api /v1/status | jq -e --args '[.services[] | select(.state == "running") | .name] | sort == ($ARGS.positional | sort)' "$@"
+}
 
 # poweroff_guest DEADLINE: type `poweroff` and wait for QEMU to exit.
 poweroff_guest() {
