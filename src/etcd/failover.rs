@@ -204,7 +204,7 @@ impl Failover {
             retry_at: now + wait,
             last: failure,
         };
-        if self.all_down_since.is_none() && !self.members.iter().any(|s| *s == MemberState::Up) {
+        if self.all_down_since.is_none() && !self.members.contains(&MemberState::Up) {
             self.all_down_since = Some(now);
         }
         let start_probe = !self.probing[i];

@@ -25,7 +25,9 @@
 //!   [`WatchConn::mark_unresponsive`]) marks its member down, and the watcher
 //!   re-creates it on a healthy one;
 //! - an attempt still waiting on a member that something else marked down meanwhile
-//!   (a frozen member found by the watch) is abandoned and the call moves on.
+//!   (a frozen member found by the watch), or overtaken by a later request that was
+//!   answered (a write dropped in a leader election, [`OVERTAKEN_AFTER`]), is given
+//!   up and the call moves on.
 //!
 //! etcd-client neither reconnects a watch nor bounds a call while no endpoint is
 //! ready (etcdv3/etcd-client#17, #48), so every attempt is bounded on our side. Each
@@ -86,16 +88,28 @@ struct Inner {
     /// Bumped whenever a member goes down or comes back: waiting calls and open
     /// watch streams look at the health again.
     changed: watch::Sender<u64>,
+    /// The start of the newest attempt a member answered: an older attempt still
+    /// waiting was overtaken (see [`OVERTAKEN_AFTER`]).
+    served: watch::Sender<Instant>,
     /// [`super::EtcdTimeouts::attempt`] for this many members.
     attempt: Duration,
 }
+
+/// An attempt still unanswered this long after it started, while an attempt that
+/// started after it was answered, is given up and made again. A write that reached a
+/// follower just before the leader died is forwarded to the dead leader and dropped
+/// (raft drops proposals without a leader); etcd answers it only at its own request
+/// timeout, seconds later, although the new leader serves new requests within one
+/// election. A healthy member answers in milliseconds, so overtaking by this much
+/// means the request is lost, not slow.
+const OVERTAKEN_AFTER: Duration = Duration::from_millis(250);
 
 /// How one attempt on one member failed.
 enum AttemptError {
     /// The member's fault: try another one.
     Member(EtcdError, Failure),
-    /// Given up because something else marked the member down meanwhile: try another
-    /// one (nothing to record, the member is down already).
+    /// Given up because something else marked the member down meanwhile, or because
+    /// a later attempt was answered first: try another one (nothing to record).
     Abandoned(EtcdError),
     /// The request's outcome (or a setting): every member would answer alike.
     Final(EtcdError),
@@ -123,6 +137,7 @@ impl EtcdKv {
                 members,
                 health: std::sync::Mutex::new(health),
                 changed: watch::Sender::new(0),
+                served: watch::Sender::new(Instant::now()),
                 attempt,
             }),
         }
@@ -141,17 +156,6 @@ impl EtcdKv {
         &self.inner.config
     }
 
-    /// The endpoints and whether each is currently considered up (for logs and tests).
-    pub fn members_up(&self) -> Vec<(String, bool)> {
-        let h = self.inner.health();
-        self.inner
-            .members
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.endpoint.clone(), h.is_up(i)))
-            .collect()
-    }
-
     async fn call<T, F, Fut>(&self, op: &'static str, key: &str, f: F) -> Result<T, EtcdError>
     where
         F: Fn(Client) -> Fut,
@@ -163,12 +167,10 @@ impl EtcdKv {
 
 /// The probe: a count-only read of `/commit`. Linearizable, so only a member that
 /// reaches the leader and a quorum answers it.
-fn probe_read(mut c: Client) -> impl Future<Output = Result<(), etcd_client::Error>> {
-    async move {
-        c.get(COMMIT_KEY, Some(GetOptions::new().with_count_only()))
-            .await
-            .map(|_| ())
-    }
+async fn probe_read(mut c: Client) -> Result<(), etcd_client::Error> {
+    c.get(COMMIT_KEY, Some(GetOptions::new().with_count_only()))
+        .await
+        .map(|_| ())
 }
 
 impl Inner {
@@ -224,13 +226,16 @@ impl Inner {
     }
 
     /// One attempt of `f` on member `i`, bounded by `limit`; on an auth refusal it
-    /// re-authenticates and retries once.
+    /// re-authenticates and retries once. A call's attempt (`may_give_up`) is given up
+    /// early when the member is marked down meanwhile or the attempt is overtaken; a
+    /// probe's is not: it is there to wait for a member that does not answer.
     async fn attempt<T, F, Fut>(
         &self,
         i: usize,
         op: &'static str,
         key: &str,
         limit: Duration,
+        may_give_up: bool,
         f: &F,
     ) -> Result<T, AttemptError>
     where
@@ -257,6 +262,9 @@ impl Inner {
         // The member went down after this attempt started (a member that was down
         // already, retried after its cool-off or by its probe, is not given up on).
         let marked_down = async {
+            if !may_give_up {
+                std::future::pending::<()>().await;
+            }
             loop {
                 if changes.changed().await.is_err() {
                     std::future::pending::<()>().await;
@@ -268,7 +276,32 @@ impl Inner {
                 }
             }
         };
-        tokio::select! {
+        let mut served = self.served.subscribe();
+        let overtaken = async {
+            if !may_give_up {
+                std::future::pending::<()>().await;
+            }
+            loop {
+                if served.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                if *served.borrow_and_update() > started {
+                    sleep_until(started + OVERTAKEN_AFTER).await;
+                    return;
+                }
+            }
+        };
+        let abandoned = |why: &str| {
+            AttemptError::Abandoned(EtcdError::Rpc {
+                op,
+                key: key.to_owned(),
+                source: etcd_client::Error::GRpcStatus(tonic::Status::unavailable(format!(
+                    "gave up on member {}: {why}",
+                    self.members[i].endpoint
+                ))),
+            })
+        };
+        let res = tokio::select! {
             biased;
             res = tokio::time::timeout(limit, work) => match res {
                 Ok(res) => res,
@@ -281,15 +314,19 @@ impl Inner {
                     Failure::TimedOut,
                 )),
             },
-            () = marked_down => Err(AttemptError::Abandoned(EtcdError::Rpc {
-                op,
-                key: key.to_owned(),
-                source: etcd_client::Error::GRpcStatus(tonic::Status::unavailable(format!(
-                    "member {} marked unavailable while the call waited",
-                    self.members[i].endpoint
-                ))),
-            })),
+            () = marked_down => Err(abandoned("marked unavailable while the call waited")),
+            () = overtaken => Err(abandoned("a later request was answered first")),
+        };
+        if matches!(res, Ok(_) | Err(AttemptError::Final(_))) {
+            self.served.send_if_modified(|t| {
+                let newer = started > *t;
+                if newer {
+                    *t = started;
+                }
+                newer
+            });
         }
+        res
     }
 
     /// Records the outcome of an attempt on member `i` (`None`: it answered).
@@ -349,7 +386,7 @@ impl Inner {
                 if limit.is_zero() {
                     break;
                 }
-                match self.attempt(i, op, key, limit, &f).await {
+                match self.attempt(i, op, key, limit, true, &f).await {
                     Ok(v) => {
                         self.record(i, None);
                         return Ok((i, v));
@@ -363,7 +400,7 @@ impl Inner {
                         last = Some(e);
                     }
                     Err(AttemptError::Abandoned(e)) => {
-                        debug!(op, key, member = %self.members[i].endpoint, "etcd member marked down meanwhile; trying the next one");
+                        debug!(op, key, err = %e, "etcd attempt given up; trying the next member");
                         last = Some(e);
                     }
                 }
@@ -421,8 +458,12 @@ impl Inner {
         let candidates = self.health().candidates(Instant::now());
         let mut last = None;
         for i in candidates {
-            let client = self.members[i].client.lock().await.clone();
-            // A member without a client authenticates when it makes one.
+            // A member without a client (or still making one) authenticates when it
+            // makes it.
+            let client = match self.members[i].client.try_lock() {
+                Ok(guard) => guard.clone(),
+                Err(_) => None,
+            };
             let Some(client) = client else { continue };
             match tokio::time::timeout(self.attempt, client.refresh_token()).await {
                 Ok(Ok(())) => return Ok(()),
@@ -462,7 +503,7 @@ async fn probe(inner: std::sync::Weak<Inner>, i: usize) {
             continue;
         }
         match inner
-            .attempt(i, "probe", COMMIT_KEY, inner.attempt, &probe_read)
+            .attempt(i, "probe", COMMIT_KEY, inner.attempt, false, &probe_read)
             .await
         {
             Ok(()) | Err(AttemptError::Final(_)) => inner.record(i, None),
