@@ -371,7 +371,7 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         report.changed = changed.iter().map(Domain::label).collect();
         if failures.is_empty() {
             if !from_last_good {
-                self.save_last_good(snapshot, revision);
+                self.save_last_good(snapshot, revision).await;
             }
             self.applied_revision = Some(revision);
             self.effects.publish("errors", "[]".into());
@@ -400,11 +400,21 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         report
     }
 
-    fn save_last_good(&self, snapshot: &Snapshot, revision: i64) {
-        let body = serde_json::json!({ "revision": revision, "snapshot": snapshot });
+    /// Writes the last good snapshot durably. The fsyncs run on the blocking pool: on
+    /// slow flash they take up to seconds, which must not stall the runtime's other
+    /// tasks (DNS, the status publisher); the pass itself waits for them.
+    async fn save_last_good(&self, snapshot: &Snapshot, revision: i64) {
+        let body = serde_json::json!({ "revision": revision, "snapshot": snapshot }).to_string();
         let path = self.last_good_path();
         // The snapshot holds secrets (keys, tokens): 0600.
-        if let Err(err) = write_atomic(&path, body.to_string().as_bytes(), 0o600) {
+        let write = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || write_atomic(&path, body.as_bytes(), 0o600))
+        };
+        let result = write
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(err) = result {
             warn!(path = %path.display(), %err, "could not persist the last good snapshot");
         }
     }
