@@ -19,7 +19,7 @@ mod etcd_cluster;
 #[path = "common/ports.rs"]
 mod ports;
 
-use etcd_cluster::{runtime, Cluster};
+use etcd_cluster::Cluster;
 use meduza::backoff::{Backoff, Jitter};
 use meduza::etcd::status::PublisherConfig;
 use meduza::etcd::{
@@ -93,7 +93,12 @@ struct Figures {
 /// One storm: start the fleet, stop the cluster for [`OUTAGE`], start it, commit.
 fn storm(jitter: Jitter) -> Figures {
     let mut cluster = Cluster::start(3);
-    let rt = runtime();
+    // A runtime of its own threads: the fleet runs while the test thread sleeps.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let endpoints = cluster.endpoints();
     let tasks: Vec<_> = (0..GATEWAYS)
         .map(|i| rt.spawn(gateway(format!("gw{i:03}"), endpoints.clone(), jitter)))
@@ -143,7 +148,12 @@ fn storm(jitter: Jitter) -> Figures {
         cluster.start_again(i);
     }
     cluster.wait_leader(Duration::from_secs(20));
+    let leader_at = restarted.elapsed();
     let newest = cluster.put("/commit", "2", Duration::from_secs(10));
+    println!(
+        "storm {jitter:?}: members started and a leader after {leader_at:?}, /commit written after {:?}",
+        restarted.elapsed()
+    );
 
     // Sample the request counters while waiting for convergence.
     let mut samples: Vec<(Instant, u64)> = Vec::new();
