@@ -290,3 +290,25 @@ poweroff_guest() {
 	wait_for "$1" "QEMU exits after poweroff" sh -c "! ps -o stat= -p $qpid | grep -qv '^Z'" >/dev/null
 	wait "$qpid" 2>/dev/null || true
 }
+
+# The EXIT trap of the QEMU tests: stop what the test started (by pid), show the
+# guest console on failure, keep the temp dir on failure or with KEEP=1.
+qemu_cleanup() {
+	local rc=$?
+	# Closing fd 7 only: `exec 7>&- 2>/dev/null` would send the rest of cleanup's
+	# stderr (the console tail below) to /dev/null.
+	exec 7>&-
+	for p in ${WATCH_PID:-} ${QEMU_PID:-} ${NODE_PID:-} ${SUB_PID:-} ${UPSTREAM_PID:-} ${ETCD_PID:-}; do
+		kill "$p" 2>/dev/null || true
+	done
+	wait 2>/dev/null || true
+	if [ "$rc" != 0 ] && [ -f "${CONSOLE:-/nonexistent}" ]; then
+		echo "----- guest console (last 80 lines) -----" >&2
+		tail -n 80 "$CONSOLE" >&2
+	fi
+	if [ "$KEEP" = 1 ] || [ "$rc" != 0 ]; then
+		qlog "kept $TMP"
+	else
+		rm -rf "$TMP"
+	fi
+}

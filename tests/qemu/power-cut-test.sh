@@ -67,26 +67,7 @@ fi
 
 T_START="$(now)"
 TMP="$(mktemp -d /tmp/meduza-powercut.XXXXXX)"
-cleanup() {
-	local rc=$?
-	# Closing fd 7 only: `exec 7>&- 2>/dev/null` would send the rest of cleanup's
-	# stderr (the console tail below) to /dev/null.
-	exec 7>&-
-	for p in ${WATCH_PID:-} ${QEMU_PID:-} ${NODE_PID:-} ${SUB_PID:-} ${UPSTREAM_PID:-} ${ETCD_PID:-}; do
-		kill "$p" 2>/dev/null || true
-	done
-	wait 2>/dev/null || true
-	if [ "$rc" != 0 ] && [ -f "${CONSOLE:-/nonexistent}" ]; then
-		echo "----- guest console (last 80 lines) -----" >&2
-		tail -n 80 "$CONSOLE" >&2
-	fi
-	if [ "$KEEP" = 1 ] || [ "$rc" != 0 ]; then
-		qlog "kept $TMP"
-	else
-		rm -rf "$TMP"
-	fi
-}
-trap cleanup EXIT
+trap qemu_cleanup EXIT
 trap 'exit 130' INT TERM
 
 STATE=/var/lib/meduza
