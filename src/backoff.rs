@@ -56,6 +56,29 @@ impl Jitter {
     }
 }
 
+/// After etcd answers again, a waiting task retries after a delay uniform in
+/// `[0, window)` under [`Jitter::Equal`], at once under [`Jitter::None`]: the wake-up
+/// on a member's return (`Kv::recovered`) reaches a whole fleet in the same moment,
+/// and only spreading the wake-up itself spreads its retries (docs/benchmarks.md,
+/// "Reconnect storm").
+pub fn wake_spread<R: Rng + ?Sized>(jitter: Jitter, window: Duration, rng: &mut R) -> Duration {
+    match jitter {
+        Jitter::None => Duration::ZERO,
+        Jitter::Equal => {
+            let nanos = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+            Duration::from_nanos(if nanos == 0 {
+                0
+            } else {
+                rng.random_range(0..nanos)
+            })
+        }
+    }
+}
+
+/// How long after etcd's return a fleet's retries are spread over: longer than the
+/// 1 s in which a fleet's reconnects otherwise land, short against an outage.
+pub const WAKE_WINDOW: Duration = Duration::from_secs(3);
+
 /// Exponential backoff: the `n`-th wait (0-based) since the last [`reset`](Self::reset)
 /// is `min(base · 2ⁿ, max)`, randomised by the [`Jitter`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +155,22 @@ mod tests {
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
+    }
+
+    #[test]
+    fn wake_spread_is_uniform_in_the_window_or_zero() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let draws: Vec<Duration> = (0..200)
+            .map(|_| wake_spread(Jitter::Equal, secs(1), &mut rng))
+            .collect();
+        assert!(draws.iter().all(|d| *d < secs(1)));
+        assert!(draws.iter().any(|d| *d < Duration::from_millis(250)));
+        assert!(draws.iter().any(|d| *d > Duration::from_millis(750)));
+        assert_eq!(wake_spread(Jitter::None, secs(1), &mut rng), Duration::ZERO);
+        assert_eq!(
+            wake_spread(Jitter::Equal, Duration::ZERO, &mut rng),
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 
 use super::kv::{EventKind, KeyRange, Kv, KvEvent, WatchConn};
 use super::EtcdError;
-use crate::backoff::{Backoff, Jitter};
+use crate::backoff::{wake_spread, Backoff, Jitter, WAKE_WINDOW};
 
 /// The configuration trigger key.
 pub const COMMIT_KEY: &str = "/commit";
@@ -228,7 +228,9 @@ impl WatchLoop {
             tokio::select! {
                 _ = sleep_until(until) => return Ok(()),
                 () = &mut recovered => {
-                    debug!("etcd answers again; retrying the watch now");
+                    let spread = wake_spread(self.config.jitter, WAKE_WINDOW, &mut rand::rng());
+                    debug!(?spread, "etcd answers again; retrying the watch");
+                    tokio::time::sleep(spread).await;
                     return Ok(());
                 }
                 _ = next_tick(&mut self.tick) => self.emit(WatchEvent::Tick)?,
