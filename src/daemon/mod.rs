@@ -25,7 +25,7 @@ use crate::etcd::{
 use crate::files::{write_atomic, RootFs};
 use crate::reconcile::{ConfigSource, Reconciler, Trigger};
 use crate::supervise::frr::FrrControl;
-use crate::supervise::{reaper, RealSpawner, Supervisor, SupervisorConfig, SystemClock};
+use crate::supervise::{reaper, RealSpawner, Supervisor, SystemClock};
 use anyhow::Context as _;
 use meduza_generators::model::{default_upstreams, parse_hostname};
 use meduza_generators::plan::dns::DnsPlan;
@@ -227,8 +227,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
-    // OpenVPN's management sockets live here.
-    let _ = std::fs::create_dir_all("/run/meduza");
+    // OpenVPN's management sockets live here (`/var/run/meduza` under the root).
+    if let Some(dir) = vpnstatus::openvpn_socket(&cfg.root, "-").parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
 
     let spawner = RealSpawner::new();
     let _reaper = reaper::spawn(spawner.registry());
@@ -240,7 +242,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let supervisor = Supervisor::new(
         Arc::new(spawner),
         Arc::new(SystemClock),
-        SupervisorConfig::new(&cfg.state_dir),
+        settings::supervisor_config(&cfg.state_dir),
     )
     .with_frr_reloader(frr.clone());
 
@@ -310,7 +312,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut tasks = vec![
         tokio::spawn(publish_services(Arc::clone(&shared))),
         tokio::spawn(publish_dns(Arc::clone(&shared))),
-        tokio::spawn(publish_links(Arc::clone(&shared))),
+        tokio::spawn(publish_links(Arc::clone(&shared), cfg.root.clone())),
         tokio::spawn(keep_frr_loaded(Arc::clone(&shared), Arc::clone(&frr))),
     ];
 
@@ -586,7 +588,7 @@ async fn publish_dns(shared: Arc<Shared>) {
 }
 
 /// OpenVPN (management socket) and WireGuard (handshake age) status every 5 s.
-async fn publish_links(shared: Arc<Shared>) {
+async fn publish_links(shared: Arc<Shared>, root: PathBuf) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let mut last: BTreeMap<String, &'static str> = BTreeMap::new();
     loop {
@@ -594,7 +596,7 @@ async fn publish_links(shared: Arc<Shared>) {
         let mut now: BTreeMap<String, &'static str> = BTreeMap::new();
         for st in shared.supervisor.status() {
             if let Some(name) = st.name.strip_prefix("openvpn-") {
-                let sock = PathBuf::from(format!("/run/meduza/openvpn-{name}.sock"));
+                let sock = vpnstatus::openvpn_socket(&root, name);
                 let state = vpnstatus::openvpn_state(&sock).await;
                 now.insert(format!("openvpn/{name}/status"), state.as_str());
             }

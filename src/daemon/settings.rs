@@ -7,11 +7,13 @@
 //! WireGuard, FRR and the generators). They are never written back into the process
 //! environment: that would put `ETCD_PASS` where every child could inherit it, and
 //! make a module's view depend on whether it reads before or after the export.
-//! The environment is read once, as the `env` layer of [`boot::load_settings`].
+//! The environment is read once, as the `env` layer of [`boot::load_settings`]; only
+//! the hidden test knobs (`MEDUZA_LEASE_TTL`, `MEDUZA_MINUTE_MS`) are read beside it.
 
 use crate::boot::{self, Settings, SettingsLayer};
 use crate::etcd::EtcdArgs;
-use std::path::PathBuf;
+use crate::supervise::SupervisorConfig;
+use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 /// Flags of `meduza run` (each also has its environment variable, read by the
@@ -77,4 +79,20 @@ pub fn prepare(args: &RunArgs, etcd: &EtcdArgs) -> anyhow::Result<Settings> {
         warn!(key, "unknown meduza.* kernel parameter ignored");
     }
     Ok(settings)
+}
+
+/// The supervisor's tunables in `meduza run`: the state directory, and one minute of
+/// supervision time from the test knob `MEDUZA_MINUTE_MS` (parsed by
+/// [`super::clash::minute_from`], its one parser; the Clash glue reads the same knob for
+/// its refresh intervals). Unset, a minute is 60 s; set, the scheduled restarts, the
+/// 120 s cooldown and the rolling hour all shrink by the same factor
+/// (docs/supervision.md, `tests/gateway_cron.rs`). Operators leave it unset.
+pub fn supervisor_config(state_dir: &Path) -> SupervisorConfig {
+    let mut config = SupervisorConfig::new(state_dir);
+    let raw = std::env::var(super::clash::MINUTE_MS_ENV).ok();
+    match super::clash::minute_from(raw.as_deref()) {
+        Ok(minute) => config.minute = minute,
+        Err(reason) => warn!(%reason, "ignored; one minute of supervision time is 60 s"),
+    }
+    config
 }

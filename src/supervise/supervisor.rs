@@ -13,7 +13,7 @@
 //! of one service can never overlap. Restarts of different services do not wait for
 //! each other.
 
-use super::clock::Clock;
+use super::clock::{Clock, ScaledClock};
 use super::health::{run_probe, ProbeContext};
 use super::logbuf::LogBuffer;
 use super::policy::{decide, BackoffPolicy, Decision, Event, RestartSource, RestartState};
@@ -49,6 +49,14 @@ pub struct SupervisorConfig {
     /// Output lines kept per service for log scans and the API.
     pub log_lines: usize,
     pub backoff: BackoffPolicy,
+    /// How long one minute of supervision time lasts: 60 s, shorter only under the test
+    /// knob `MEDUZA_MINUTE_MS` (docs/supervision.md). A short minute speeds up, by the
+    /// same factor, the clock of the restart policy (cooldown, rolling hour, grace
+    /// period, status timestamps: a [`ScaledClock`]) and the timers set in configured
+    /// units (scheduled restarts, health interval and retry delay). Bounds on how fast
+    /// a real program answers stay real: probe timeout, stop timeout, `start_secs`,
+    /// the exit backoff delays.
+    pub minute: Duration,
 }
 
 impl SupervisorConfig {
@@ -59,7 +67,14 @@ impl SupervisorConfig {
             start_secs: 1,
             log_lines: 200,
             backoff: BackoffPolicy::default(),
+            minute: Duration::from_secs(60),
         }
+    }
+
+    /// The timer duration of `secs` seconds of supervision time ([`Self::minute`]).
+    pub fn duration(&self, secs: u64) -> Duration {
+        let nanos = self.minute.as_nanos().saturating_mul(u128::from(secs)) / 60;
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 }
 
@@ -355,6 +370,15 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn new(spawner: Arc<dyn Spawner>, clock: Arc<dyn Clock>, config: SupervisorConfig) -> Self {
+        let clock: Arc<dyn Clock> = if config.minute == Duration::from_secs(60) {
+            clock
+        } else {
+            info!(
+                minute_ms = config.minute.as_millis() as u64,
+                "supervision time scaled by MEDUZA_MINUTE_MS (test knob)"
+            );
+            Arc::new(ScaledClock::new(clock.now(), config.minute))
+        };
         let (events, _) = broadcast::channel(256);
         let (status, _) = watch::channel(BTreeMap::new());
         Self {
@@ -758,7 +782,7 @@ impl Actor {
     fn cron_deadline(&self) -> Option<Instant> {
         self.spec
             .scheduled_restart_minutes
-            .map(|m| Instant::now() + Duration::from_secs(u64::from(m) * 60))
+            .map(|m| Instant::now() + self.shared.config.duration(u64::from(m) * 60))
     }
 
     fn publish(&self) {
@@ -1063,7 +1087,7 @@ async fn health_loop(
     tx: mpsc::Sender<Cmd>,
     log: Arc<LogBuffer>,
 ) {
-    let interval = Duration::from_secs(spec.interval_secs);
+    let interval = shared.config.duration(spec.interval_secs);
     let mut wait = interval;
     loop {
         tokio::time::sleep(wait).await;
@@ -1102,7 +1126,7 @@ async fn health_loop(
                 Err(reason) => {
                     warn!(svc = %name, attempt, attempts = spec.attempts, "Health check FAIL (attempt {attempt}/{}): {reason}", spec.attempts);
                     if attempt < spec.attempts {
-                        tokio::time::sleep(Duration::from_secs(spec.retry_delay_secs)).await;
+                        tokio::time::sleep(shared.config.duration(spec.retry_delay_secs)).await;
                     }
                 }
             }
@@ -1124,7 +1148,7 @@ async fn health_loop(
             return;
         }
         if let Ok(Some(Decision::Denied { retry_in_secs, .. })) = rx.await {
-            wait = interval.min(Duration::from_secs(retry_in_secs));
+            wait = interval.min(shared.config.duration(retry_in_secs));
         }
     }
 }
@@ -1291,5 +1315,54 @@ mod tests {
             .await
             .expect("apply");
         assert_eq!(counts(&sup), Some((5, 2)));
+    }
+
+    /// The scheduled-restart timer itself (not `restart(Cron)`), on a 600 ms minute:
+    /// a restart every 10 minutes (6 s) until the sixth in the hour is denied by the
+    /// budget, measured on the scaled clock. `tests/gateway_cron.rs` shows the same
+    /// with the real `meduza run`.
+    #[tokio::test(start_paused = true)]
+    async fn cron_timer_runs_on_the_scaled_minute_until_the_budget_denies() {
+        use crate::supervise::{FakeClock, FakeSpawner};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = SupervisorConfig::new(dir.path());
+        config.minute = Duration::from_millis(600);
+        assert_eq!(config.duration(600), Duration::from_secs(6));
+        let sup = Supervisor::new(
+            Arc::new(FakeSpawner::new()),
+            Arc::new(FakeClock::new(1_800_000_000)),
+            config,
+        );
+        let mut events = sup.subscribe();
+        let mut svc = spec("svc", &[]);
+        svc.scheduled_restart_minutes = Some(10);
+        sup.apply(vec![svc], &BTreeSet::new()).await.expect("apply");
+        let t0 = Instant::now();
+        let mut restarts = Vec::new();
+        while restarts.len() < 6 {
+            let ev = tokio::time::timeout(Duration::from_secs(60), events.recv())
+                .await
+                .expect("an event within a minute")
+                .expect("event channel");
+            match ev.kind {
+                EventKind::Restarted { source } => {
+                    assert_eq!(source, RestartSource::Cron);
+                    restarts.push(t0.elapsed().as_millis());
+                }
+                EventKind::StateChanged {
+                    state: ServiceState::Fatal,
+                    ..
+                } => restarts.push(t0.elapsed().as_millis()),
+                _ => {}
+            }
+        }
+        assert_eq!(restarts, [6000, 12000, 18000, 24000, 30000, 36000]);
+        let st = sup.status().pop().expect("status");
+        assert_eq!((st.state, st.restarts_last_hour), (ServiceState::Fatal, 5));
+        assert_eq!(
+            st.since,
+            1_800_000_000 + 3600,
+            "the clock ran 100 times faster"
+        );
     }
 }
