@@ -127,6 +127,10 @@ pub struct Global {
     pub fleet_nodes: BTreeMap<String, String>,
 }
 
+/// The EasyTier release whose config format the generator writes: the firmware's
+/// `easytier` package and the tests' `easytier-core` (crates.io) are this version.
+pub const EASYTIER_VERSION: &str = "2.0.3";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Easytier {
     pub enable: bool,
@@ -134,7 +138,6 @@ pub struct Easytier {
     /// `ipv4`: address with optional prefix (`10.144.144.1/24`).
     pub ipv4: Option<IpNet>,
     pub listeners: Vec<String>,
-    pub mapped_listeners: Vec<String>,
     pub peers: Vec<String>,
 }
 
@@ -196,6 +199,10 @@ pub struct OpenVpn {
     pub tls_auth: Option<String>,
     #[serde(skip)]
     pub tls_crypt: Option<String>,
+    /// Standard OpenVPN directives passed through from `openvpn/<name>/<directive>`
+    /// keys (name → arguments, empty for a flag), checked against
+    /// [`crate::gen::openvpn::DIRECTIVES`].
+    pub directives: BTreeMap<String, String>,
     pub bgp: Option<BgpPeer>,
 }
 
@@ -325,9 +332,77 @@ pub struct Tunnel {
     pub args: Vec<String>,
     /// Local SOCKS5 port of a client tunnel (paqet/icmptunnel), default 1080.
     pub socks_port: u16,
-    /// TCP listener of a waterwall client (`host:port`).
+    /// TCP listener of a waterwall tunnel (`ip:port`).
     pub listen: Option<String>,
+    /// `test_url`: what a paqet/icmptunnel client's health probe fetches through the
+    /// tunnel (default [`crate::plan::service::TUNNEL_TEST_URL`]).
+    pub test_url: Option<String>,
+    /// What the preset's configuration file is generated from; `None` on a generic
+    /// tunnel, and on a disabled one that lacks a required key.
+    pub settings: Option<TunnelSettings>,
     pub overrides: ServiceOverrides,
+}
+
+/// The keys a preset's configuration file is generated from (docs/tunnels.md), typed
+/// and complete: a missing required key is a validation error, never a default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelSettings {
+    Paqet(PaqetSettings),
+    Icmptunnel(IcmptunnelSettings),
+    Waterwall(WaterwallSettings),
+}
+
+/// paqet (github.com/hanselime/paqet): KCP over raw TCP packets sent through pcap on
+/// `interface`, so it needs the local address and the next hop's MAC itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PaqetSettings {
+    pub interface: String,
+    /// `local_ip`: source address of the crafted packets.
+    pub local_ip: Ipv4Addr,
+    /// `router_mac`: the gateway's (or the on-link server's) MAC, `aa:bb:cc:dd:ee:ff`.
+    pub router_mac: String,
+    /// Client: `server`, the server's `ip:port`.
+    pub server: Option<std::net::SocketAddrV4>,
+    /// Server: `port`, where it receives.
+    pub port: Option<u16>,
+    /// `key`: the KCP encryption key (shared by both ends).
+    #[serde(skip)]
+    pub key: String,
+    /// `mtu`: KCP MTU, 50–1500 (paqet's default 1350).
+    pub mtu: u16,
+}
+
+/// ICMPTunnel (github.com/Qteam-official/ICMPTunnel, the predecessor's build).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IcmptunnelSettings {
+    /// Client: `server`, the server's IPv4 address (ICMP has no port).
+    pub server: Option<Ipv4Addr>,
+    /// `key`: the shared authentication key, a whole number.
+    #[serde(skip)]
+    pub key: u64,
+    /// `encrypt_key`: enables `encrypt_data` with this key when set.
+    #[serde(skip)]
+    pub encrypt_key: Option<String>,
+    /// `api_port`: the statistics API (default 8080).
+    pub api_port: u16,
+    /// `dns`: upstream resolver of the tunnel (default 8.8.8.8).
+    pub dns: IpAddr,
+    /// `timeout`: connection timeout in seconds (default 20).
+    pub timeout_secs: u32,
+}
+
+/// WaterWall (github.com/radkesvat/WaterWall): a `TcpListener` → [`Encryption*`] →
+/// `TcpConnector` chain (the predecessor's "direct" profile).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WaterwallSettings {
+    /// `listen`: the `TcpListener`'s bind address.
+    pub listen: SocketAddr,
+    /// Where the `TcpConnector` dials: `server` on a client, `backend` on a server.
+    pub connect: (String, u16),
+    /// `password`: adds `EncryptionClient`/`EncryptionServer` with this password.
+    #[serde(skip)]
+    pub password: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -729,6 +804,127 @@ fn parse_upstreams(r: &mut Reader<'_>, prefix: &str) -> BTreeMap<String, Upstrea
     out
 }
 
+/// The keys of an OpenVPN instance itself (besides `bgp/...`); every other key right
+/// under `openvpn/<name>/` is a standard OpenVPN directive.
+const OPENVPN_KEYS: &[&str] = &[
+    "enable",
+    "dev",
+    "proto",
+    "port",
+    "remote",
+    "ifconfig",
+    "keepalive",
+    "cipher",
+    "key_direction",
+    "secret",
+    "ca",
+    "cert",
+    "key",
+    "tls_auth",
+    "tls_crypt",
+];
+
+/// `openvpn/<name>/<directive>` keys: each must be on the allowlist of
+/// [`crate::gen::openvpn::DIRECTIVES`] with a valid value; an error names the key.
+fn parse_ovpn_directives(
+    r: &mut Reader<'_>,
+    base: &str,
+    proto: OvpnProto,
+) -> BTreeMap<String, String> {
+    let snap = r.snap;
+    let mut out = BTreeMap::new();
+    for (key, value) in snap.prefix(base) {
+        let leaf = &key[base.len()..];
+        let value = value.trim();
+        if leaf.is_empty() || leaf.contains('/') || OPENVPN_KEYS.contains(&leaf) || value.is_empty()
+        {
+            continue;
+        }
+        match crate::gen::openvpn::check_directive(leaf, value, proto) {
+            Ok(Some(args)) => {
+                out.insert(leaf.to_string(), args);
+            }
+            Ok(None) => {}
+            Err(reason) => {
+                // Key material pasted under OpenVPN's hyphenated spelling
+                // (`tls-auth`, `tls-crypt`) must not be echoed into the published
+                // errors: multi-line and PEM values are never shown.
+                let shown = if value.contains('\n') || value.contains("-----BEGIN") {
+                    "<redacted>"
+                } else {
+                    value
+                };
+                r.error(key, shown, reason)
+            }
+        }
+    }
+    out
+}
+
+/// An inline OpenVPN static key (`secret`, `tls_auth`, `tls_crypt`).
+fn ovpn_static_key(v: &str) -> Result<String, String> {
+    let v = inline_block(v, "OpenVPN Static key V1")?;
+    crate::gen::openvpn::check_inline(&v)?;
+    Ok(v)
+}
+
+/// Inline OpenVPN PEM (`ca`, `cert`, `key`).
+fn ovpn_pem(v: &str, kind: &str) -> Result<String, String> {
+    let v = pem(v, kind)?;
+    crate::gen::openvpn::check_inline(&v)?;
+    Ok(v)
+}
+
+/// The key material of an enabled instance: a static `secret`, or TLS with `ca`,
+/// `cert` and `key` together and at most one of `tls_auth` / `tls_crypt` (OpenVPN
+/// refuses both, and refuses either without TLS).
+fn check_ovpn_keys(r: &mut Reader<'_>, b: &str, inst: &OpenVpn) {
+    let tls_parts = [("ca", &inst.ca), ("cert", &inst.cert), ("key", &inst.key)];
+    let any_tls = tls_parts.iter().any(|(_, v)| v.is_some())
+        || inst.tls_auth.is_some()
+        || inst.tls_crypt.is_some();
+    if inst.secret.is_some() {
+        if any_tls {
+            r.error(
+                &format!("{b}secret"),
+                "",
+                "static-key mode cannot be combined with ca/cert/key/tls_auth/tls_crypt; \
+                 keep one mode",
+            );
+        }
+        return;
+    }
+    // A value that did not parse was reported on its own key already.
+    let present: Vec<bool> = tls_parts
+        .iter()
+        .map(|(k, _)| r.str(&format!("{b}{k}")).is_some())
+        .collect();
+    if !present.contains(&true) {
+        r.error(
+            &format!("{b}secret"),
+            "",
+            "needs a static secret or ca+cert+key",
+        );
+        return;
+    }
+    for ((k, _), there) in tls_parts.iter().zip(present) {
+        if !there {
+            r.error(
+                &format!("{b}{k}"),
+                "",
+                "required for TLS: ca, cert and key go together",
+            );
+        }
+    }
+    if inst.tls_auth.is_some() && inst.tls_crypt.is_some() {
+        r.error(
+            &format!("{b}tls_crypt"),
+            "",
+            "tls_auth and tls_crypt are mutually exclusive (OpenVPN refuses both)",
+        );
+    }
+}
+
 fn parse_bgp_peer(r: &mut Reader<'_>, base: &str) -> Option<BgpPeer> {
     let k = |s: &str| format!("{base}bgp/{s}");
     if !r.bool(&k("enable"), false) {
@@ -812,7 +1008,6 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
             }
         }),
         listeners: r.list(&k("easytier/listeners"), parse_et_url),
-        mapped_listeners: r.list(&k("easytier/mapped_listeners"), parse_et_url),
         peers: r.list(&k("easytier/peers"), |v| {
             if v.parse::<u16>().is_ok() {
                 return Err("a peer is a URL (proto://host:port), not a port".into());
@@ -820,6 +1015,19 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
             parse_et_url(v)
         }),
     };
+
+    // EasyTier 2.0.3 (the version the firmware ships and the tests run) has no mapped
+    // listeners (added in 2.1.2) and would ignore the TOML key without a word.
+    let mapped = k("easytier/mapped_listeners");
+    if let Some(v) = r.str(&mapped) {
+        r.error(
+            &mapped,
+            v,
+            format!(
+                "not supported by EasyTier {EASYTIER_VERSION} (mapped listeners came in 2.1.2)"
+            ),
+        );
+    }
 
     let default_tinc_name: String = id
         .chars()
@@ -939,18 +1147,13 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
             key_direction: r
                 .u32_in(&format!("{b}key_direction"), 0, 1)
                 .map(|d| d as u8),
-            secret: r.parsed(&format!("{b}secret"), |v| {
-                inline_block(v, "OpenVPN Static key V1")
-            }),
-            ca: r.parsed(&format!("{b}ca"), |v| pem(v, "CERTIFICATE")),
-            cert: r.parsed(&format!("{b}cert"), |v| pem(v, "CERTIFICATE")),
-            key: r.parsed(&format!("{b}key"), |v| pem(v, "PRIVATE KEY")),
-            tls_auth: r.parsed(&format!("{b}tls_auth"), |v| {
-                inline_block(v, "OpenVPN Static key V1")
-            }),
-            tls_crypt: r.parsed(&format!("{b}tls_crypt"), |v| {
-                inline_block(v, "OpenVPN Static key V1")
-            }),
+            secret: r.parsed(&format!("{b}secret"), ovpn_static_key),
+            ca: r.parsed(&format!("{b}ca"), |v| ovpn_pem(v, "CERTIFICATE")),
+            cert: r.parsed(&format!("{b}cert"), |v| ovpn_pem(v, "CERTIFICATE")),
+            key: r.parsed(&format!("{b}key"), |v| ovpn_pem(v, "PRIVATE KEY")),
+            tls_auth: r.parsed(&format!("{b}tls_auth"), ovpn_static_key),
+            tls_crypt: r.parsed(&format!("{b}tls_crypt"), ovpn_static_key),
+            directives: parse_ovpn_directives(r, &b, proto),
             bgp: parse_bgp_peer(r, &b),
         };
         if inst.enable {
@@ -961,14 +1164,7 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
                     "tcp-client needs at least one remote",
                 );
             }
-            let tls = inst.ca.is_some() && inst.cert.is_some() && inst.key.is_some();
-            if inst.secret.is_none() && !tls {
-                r.error(
-                    &format!("{b}secret"),
-                    "",
-                    "needs a static secret or ca+cert+key",
-                );
-            }
+            check_ovpn_keys(r, &b, &inst);
         }
         openvpn.push(inst);
     }
@@ -1144,18 +1340,33 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
             );
         }
         let args = r.list(&format!("{b}args"), |l| Ok(l.to_string()));
+        let enable = r.bool(&format!("{b}enable"), false);
+        let socks_port = r.port(&format!("{b}socks_port")).unwrap_or(1080);
+        let listen = r.parsed(&format!("{b}listen"), |v| {
+            parse::parse_host_port(v).map(|_| v.to_string())
+        });
+        let test_url = r.parsed(&format!("{b}test_url"), parse::parse_http_url);
         let Some(kind) = kind else { continue };
+        let preset = TunnelPreset {
+            base: &b,
+            kind,
+            role,
+            enable,
+            socks_port,
+            listen: listen.as_deref(),
+        };
+        let settings = parse_tunnel_settings(r, &preset);
         tunnels.push(Tunnel {
             name: name.clone(),
-            enable: r.bool(&format!("{b}enable"), false),
+            enable,
             kind,
             role,
             command,
             args,
-            socks_port: r.port(&format!("{b}socks_port")).unwrap_or(1080),
-            listen: r.parsed(&format!("{b}listen"), |v| {
-                parse::parse_host_port(v).map(|_| v.to_string())
-            }),
+            socks_port,
+            listen,
+            test_url,
+            settings,
             overrides: parse_overrides(r, &b),
         });
     }
@@ -1184,6 +1395,217 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
         services,
         tunnels,
         api_token,
+    }
+}
+
+/// What [`parse_tunnel_settings`] needs besides the reader.
+struct TunnelPreset<'a> {
+    /// `/nodes/<id>/tunnels/<name>/`.
+    base: &'a str,
+    kind: TunnelKind,
+    role: TunnelRole,
+    enable: bool,
+    socks_port: u16,
+    /// The `listen` value when it parsed as `host:port`.
+    listen: Option<&'a str>,
+}
+
+/// The preset keys of one tunnel (docs/tunnels.md). Every present key is checked; a
+/// missing required one is an error only while the tunnel is enabled (a disabled
+/// tunnel may be half configured). `None` for `generic` and for an incomplete tunnel.
+fn parse_tunnel_settings(r: &mut Reader<'_>, t: &TunnelPreset<'_>) -> Option<TunnelSettings> {
+    let key = |leaf: &str| format!("{}{leaf}", t.base);
+    let client = t.role == TunnelRole::Client;
+    // A required value: reported when absent (a present but invalid value has been
+    // reported by its parser already).
+    let need = |r: &mut Reader<'_>, leaf: &str, present: bool, why: &str| {
+        let k = key(leaf);
+        if !present && t.enable && r.str(&k).is_none() {
+            r.error(&k, "", why);
+        }
+    };
+    match t.kind {
+        TunnelKind::Generic => None,
+        TunnelKind::Paqet => {
+            let interface = r.iface(&key("interface"));
+            let local_ip = r.ipv4(&key("local_ip"));
+            let router_mac = r.parsed(&key("router_mac"), parse_mac);
+            let server = r.parsed(&key("server"), |v| {
+                v.parse::<std::net::SocketAddrV4>().map_err(|_| {
+                    "expected IPv4:port (the generated paqet config has an IPv4 network block only)"
+                        .to_string()
+                })
+            });
+            let port = r.port(&key("port"));
+            let secret = r.parsed(&key("key"), parse_tunnel_secret);
+            let mtu = r.u32_in(&key("mtu"), 50, 1500).unwrap_or(1350);
+            need(
+                r,
+                "interface",
+                interface.is_some(),
+                "required: the interface paqet captures and sends on",
+            );
+            need(
+                r,
+                "local_ip",
+                local_ip.is_some(),
+                "required: this node's IPv4 address on interface",
+            );
+            need(
+                r,
+                "router_mac",
+                router_mac.is_some(),
+                "required: MAC address of the next hop (the gateway, or the server when on-link)",
+            );
+            need(
+                r,
+                "key",
+                secret.is_some(),
+                "required: the KCP key shared with the other end",
+            );
+            if client {
+                need(
+                    r,
+                    "server",
+                    server.is_some(),
+                    "required on a client: the paqet server's IPv4:port",
+                );
+            } else {
+                need(
+                    r,
+                    "port",
+                    port.is_some(),
+                    "required on a server: the port paqet receives on",
+                );
+            }
+            let (server, port) = if client {
+                (Some(server?), None)
+            } else {
+                (None, Some(port?))
+            };
+            Some(TunnelSettings::Paqet(PaqetSettings {
+                interface: interface?,
+                local_ip: local_ip?,
+                router_mac: router_mac?,
+                server,
+                port,
+                key: secret?,
+                mtu: u16::try_from(mtu).ok()?,
+            }))
+        }
+        TunnelKind::Icmptunnel => {
+            let server = r.ipv4(&key("server"));
+            // ICMPTunnel's `key` is a JSON number read into a Go `int`: keep it within
+            // 32 bits so it fits on 32-bit targets too.
+            let secret = r.parsed(&key("key"), |v| match v.parse::<u64>() {
+                Ok(n) if (1..=i32::MAX as u64).contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "must be a whole number 1-{} (ICMPTunnel's key is a JSON number)",
+                    i32::MAX
+                )),
+            });
+            let encrypt_key = r.parsed(&key("encrypt_key"), parse_tunnel_secret);
+            let api_port = r.port(&key("api_port")).unwrap_or(8080);
+            let dns = r
+                .ip(&key("dns"))
+                .unwrap_or(IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)));
+            let timeout_secs = r.u32_in(&key("timeout"), 1, 3600).unwrap_or(20);
+            need(
+                r,
+                "key",
+                secret.is_some(),
+                "required: the authentication key shared with the other end",
+            );
+            if client {
+                need(
+                    r,
+                    "server",
+                    server.is_some(),
+                    "required on a client: the ICMPTunnel server's IPv4 address",
+                );
+                if api_port == t.socks_port {
+                    r.error(&key("api_port"), &api_port.to_string(), "the statistics API and the SOCKS5 listener (socks_port) need different ports");
+                }
+            }
+            Some(TunnelSettings::Icmptunnel(IcmptunnelSettings {
+                server: if client { Some(server?) } else { None },
+                key: secret?,
+                encrypt_key,
+                api_port,
+                dns,
+                timeout_secs,
+            }))
+        }
+        TunnelKind::Waterwall => {
+            // WaterWall's TcpListener binds an address, it does not resolve a name.
+            let listen = t.listen.and_then(|v| match v.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    r.error(
+                        &key("listen"),
+                        v,
+                        "WaterWall's TcpListener binds an IP address: expected ip:port",
+                    );
+                    None
+                }
+            });
+            let host_port = |v: &str| parse::parse_host_port(v);
+            let server = r.parsed(&key("server"), host_port);
+            let backend = r.parsed(&key("backend"), host_port);
+            let password = r.parsed(&key("password"), parse_tunnel_secret);
+            need(
+                r,
+                "listen",
+                listen.is_some(),
+                "required: the ip:port WaterWall's TcpListener binds",
+            );
+            let connect = if client {
+                need(
+                    r,
+                    "server",
+                    server.is_some(),
+                    "required on a client: the WaterWall server's host:port",
+                );
+                server
+            } else {
+                need(
+                    r,
+                    "backend",
+                    backend.is_some(),
+                    "required on a server: the host:port the server forwards to",
+                );
+                backend
+            };
+            Some(TunnelSettings::Waterwall(WaterwallSettings {
+                listen: listen?,
+                connect: connect?,
+                password,
+            }))
+        }
+    }
+}
+
+/// A MAC address `aa:bb:cc:dd:ee:ff` (or with `-`), normalised to lowercase with `:`.
+fn parse_mac(v: &str) -> Result<String, String> {
+    let octets: Vec<&str> = v.split([':', '-']).collect();
+    if octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        Ok(octets.join(":").to_ascii_lowercase())
+    } else {
+        Err("expected a MAC address aa:bb:cc:dd:ee:ff".into())
+    }
+}
+
+/// A tunnel key or password: 1-256 printable ASCII characters. It is written into a
+/// YAML or JSON string by a serializer, so quotes and backslashes are fine.
+fn parse_tunnel_secret(v: &str) -> Result<String, String> {
+    if (1..=256).contains(&v.len()) && v.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        Ok(v.to_string())
+    } else {
+        Err("must be 1-256 printable ASCII characters".into())
     }
 }
 
@@ -1237,9 +1659,15 @@ fn parse_et_url(v: &str) -> Result<String, String> {
     let (scheme, rest) = v
         .split_once("://")
         .ok_or("expected proto://host:port or a port")?;
-    const PROTOS: [&str; 8] = ["tcp", "udp", "ring", "wg", "ws", "wss", "quic", "faketcp"];
+    // What easytier-core 2.0.3 built with its default features listens on and dials
+    // (`instance/listeners.rs`, `connector/mod.rs`): QUIC is a non-default feature
+    // there and faketcp came later.
+    const PROTOS: [&str; 6] = ["tcp", "udp", "ring", "wg", "ws", "wss"];
     if !PROTOS.contains(&scheme) {
-        return Err(format!("unknown EasyTier protocol `{scheme}`"));
+        return Err(format!(
+            "unknown EasyTier {EASYTIER_VERSION} protocol `{scheme}` (one of: {})",
+            PROTOS.join(", ")
+        ));
     }
     let hostport = rest.split('/').next().unwrap_or_default();
     parse::parse_host_port(hostport)?;

@@ -251,7 +251,10 @@ pub fn render_node(
     }
     domains.insert(Domain::Hosts, gen::hosts::render(cfg));
     for t in node.tunnels.iter().filter(|t| t.enable) {
-        domains.insert(Domain::Tunnel(t.name.clone()), tunnel(node, t)?);
+        domains.insert(
+            Domain::Tunnel(t.name.clone()),
+            gen::tunnels::render(node, t)?,
+        );
     }
     let tproxy = (node.clash.enable && node.clash.mode == ClashMode::Tproxy)
         .then(|| tproxy_plan(cfg, node, env));
@@ -264,45 +267,6 @@ pub fn render_node(
         mosdns,
         frr_enabled,
         api_token: node.api_token.clone(),
-    })
-}
-
-/// A tunnel child: its kind's preset (argv, health probe) with the node's
-/// `tunnels/<name>/health|restart/*` overrides applied.
-fn tunnel(node: &Node, t: &crate::model::Tunnel) -> Result<DomainOutput, ValidationError> {
-    use crate::model::{TunnelKind as K, TunnelRole as R};
-    use crate::plan::service::{tunnel_preset, TunnelKind, TunnelParams, TunnelRole};
-    let kind = match t.kind {
-        K::Paqet => TunnelKind::Paqet,
-        K::Icmptunnel => TunnelKind::Icmptunnel,
-        K::Waterwall => TunnelKind::Waterwall,
-        K::Generic => TunnelKind::Generic,
-    };
-    let role = match t.role {
-        R::Client => TunnelRole::Client,
-        R::Server => TunnelRole::Server,
-    };
-    let params = TunnelParams {
-        name: t.name.clone(),
-        command: t.command.clone(),
-        args: (!t.args.is_empty()).then(|| t.args.clone()),
-        socks_port: Some(t.socks_port),
-        listen_addr: t.listen.clone(),
-        ..TunnelParams::default()
-    };
-    let mut spec = tunnel_preset(kind, role, &params);
-    let base = format!("/nodes/{}/tunnels/{}/", node.id, t.name);
-    gen::apply_overrides(&base, &t.overrides, &mut spec)?;
-    if spec.argv.first().is_none_or(|p| p.is_empty()) {
-        return Err(ValidationError::new(
-            format!("{base}command"),
-            "",
-            "this tunnel needs a command",
-        ));
-    }
-    Ok(DomainOutput {
-        files: Vec::new(),
-        services: vec![spec],
     })
 }
 

@@ -214,19 +214,13 @@ impl crate::clash::subscription::Signaller for SupervisorSignaller {
 }
 
 impl ClashOrchestrator {
-    /// Reads [`MINUTE_MS_ENV`] (once: the orchestrator lives as long as `meduza run`).
-    pub fn new(shared: Arc<Shared>, root: PathBuf, triggers: mpsc::Sender<Trigger>) -> Self {
-        let raw = std::env::var(MINUTE_MS_ENV).ok();
-        let minute = minute_from(raw.as_deref()).unwrap_or_else(|reason| {
-            warn!(%reason, "ignored; one minute is 60 s");
-            Duration::from_secs(60)
-        });
-        if minute != Duration::from_secs(60) {
-            info!(
-                minute_ms = minute.as_millis() as u64,
-                "refresh intervals scaled by MEDUZA_MINUTE_MS (test knob)"
-            );
-        }
+    /// `minute`: one minute of the refresh intervals ([`super::settings::minute`]).
+    pub fn new(
+        shared: Arc<Shared>,
+        root: PathBuf,
+        triggers: mpsc::Sender<Trigger>,
+        minute: Duration,
+    ) -> Self {
         Self {
             shared,
             root,

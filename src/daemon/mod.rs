@@ -239,10 +239,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cfg.bin(Tool::Vtysh),
         cfg.bin(Tool::FrrReload),
     ));
+    let minute = settings::minute();
     let supervisor = Supervisor::new(
         Arc::new(spawner),
         Arc::new(SystemClock),
-        settings::supervisor_config(&cfg.state_dir),
+        settings::supervisor_config(&cfg.state_dir, minute),
     )
     .with_frr_reloader(frr.clone());
 
@@ -346,8 +347,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let (trigger_tx, trigger_rx) = mpsc::channel(64);
     let secret = clash_secret(&cfg.state_dir)?;
     let env = crate::offline::render_env(cfg.default_gw, &cfg.bins, secret);
-    let clash =
-        clash::ClashOrchestrator::new(Arc::clone(&shared), cfg.root.clone(), trigger_tx.clone());
+    let clash = clash::ClashOrchestrator::new(
+        Arc::clone(&shared),
+        cfg.root.clone(),
+        trigger_tx.clone(),
+        minute,
+    );
     let effects =
         effects::DaemonEffects::new(Arc::clone(&shared), Arc::clone(&frr), clash, &cfg.root);
     let source = EtcdSource {

@@ -14,6 +14,7 @@ use crate::boot::{self, Settings, SettingsLayer};
 use crate::etcd::EtcdArgs;
 use crate::supervise::SupervisorConfig;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tracing::{info, warn};
 
 /// Flags of `meduza run` (each also has its environment variable, read by the
@@ -81,18 +82,29 @@ pub fn prepare(args: &RunArgs, etcd: &EtcdArgs) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
-/// The supervisor's tunables in `meduza run`: the state directory, and one minute of
-/// supervision time from the test knob `MEDUZA_MINUTE_MS` (parsed by
-/// [`super::clash::minute_from`], its one parser; the Clash glue reads the same knob for
-/// its refresh intervals). Unset, a minute is 60 s; set, the scheduled restarts, the
-/// 120 s cooldown and the rolling hour all shrink by the same factor
-/// (docs/supervision.md, `tests/gateway_cron.rs`). Operators leave it unset.
-pub fn supervisor_config(state_dir: &Path) -> SupervisorConfig {
-    let mut config = SupervisorConfig::new(state_dir);
+/// One minute of `meduza run`'s timers: the test knob `MEDUZA_MINUTE_MS` (parsed by
+/// [`super::clash::minute_from`]), its one reader. Unset, a minute is 60 s; set, the
+/// Clash and MosDNS refresh intervals, the scheduled restarts, the 120 s cooldown and
+/// the rolling hour all shrink by the same factor (docs/supervision.md,
+/// `tests/gateway_cron.rs`). Operators leave it unset.
+pub fn minute() -> Duration {
     let raw = std::env::var(super::clash::MINUTE_MS_ENV).ok();
-    match super::clash::minute_from(raw.as_deref()) {
-        Ok(minute) => config.minute = minute,
-        Err(reason) => warn!(%reason, "ignored; one minute of supervision time is 60 s"),
+    let minute = super::clash::minute_from(raw.as_deref()).unwrap_or_else(|reason| {
+        warn!(%reason, "MEDUZA_MINUTE_MS ignored; one minute is 60 s");
+        Duration::from_secs(60)
+    });
+    if minute != Duration::from_secs(60) {
+        info!(
+            minute_ms = minute.as_millis() as u64,
+            "timers scaled by MEDUZA_MINUTE_MS (test knob)"
+        );
     }
+    minute
+}
+
+/// The supervisor's tunables in `meduza run`: the state directory and [`minute`].
+pub fn supervisor_config(state_dir: &Path, minute: Duration) -> SupervisorConfig {
+    let mut config = SupervisorConfig::new(state_dir);
+    config.minute = minute;
     config
 }

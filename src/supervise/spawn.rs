@@ -17,7 +17,7 @@ use super::logbuf::LogBuffer;
 use super::SuperviseError;
 use caps::{CapSet, Capability, CapsHashSet};
 use futures::future::BoxFuture;
-use meduza_generators::plan::service::ServiceSpec;
+use meduza_generators::plan::service::{Redact, ServiceSpec};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::{Gid, Pid, Uid, User};
 use serde::Serialize;
@@ -290,10 +290,15 @@ impl Spawner for RealSpawner {
         drop(registry);
 
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump(spec.name.clone(), out, log.clone()));
+            tokio::spawn(pump(
+                spec.name.clone(),
+                out,
+                log.clone(),
+                spec.redact.clone(),
+            ));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump(spec.name.clone(), err, log));
+            tokio::spawn(pump(spec.name.clone(), err, log, spec.redact.clone()));
         }
         let registry = self.registry.clone();
         let service = spec.name.clone();
@@ -349,8 +354,14 @@ impl Spawner for RealSpawner {
     }
 }
 
-/// Copy a child's output into its log buffer and tracing, line by line.
-async fn pump(service: String, stream: impl AsyncRead + Unpin, log: Arc<LogBuffer>) {
+/// Copy a child's output into its log buffer and tracing, line by line, with the
+/// spec's secrets cut out.
+async fn pump(
+    service: String,
+    stream: impl AsyncRead + Unpin,
+    log: Arc<LogBuffer>,
+    redact: Redact,
+) {
     use tokio::io::AsyncReadExt;
     let mut reader = BufReader::new(stream);
     let mut buf = Vec::with_capacity(256);
@@ -366,7 +377,7 @@ async fn pump(service: String, stream: impl AsyncRead + Unpin, log: Arc<LogBuffe
                 while matches!(buf.last(), Some(b'\n' | b'\r')) {
                     buf.pop();
                 }
-                let line = String::from_utf8_lossy(&buf).into_owned();
+                let line = redact.apply(String::from_utf8_lossy(&buf).into_owned());
                 // The `[svc] line` form is the contract for child output (DESIGN §6).
                 tracing::info!(target: "meduza::child", svc = %service, "[{service}] {line}");
                 log.push(line);

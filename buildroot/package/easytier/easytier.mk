@@ -4,27 +4,28 @@
 #
 ################################################################################
 
-EASYTIER_VERSION = 2.6.4
-EASYTIER_SITE = $(call github,EasyTier,EasyTier,v$(EASYTIER_VERSION))
-EASYTIER_LICENSE = LGPL-3.0
+# The version meduza's generator writes for (model::EASYTIER_VERSION) and its tests
+# run (scripts/easytier-path builds the same crate): EasyTier 2.0.3 is the release
+# published on crates.io, fetched here as the crate archive.
+EASYTIER_VERSION = 2.0.3
+EASYTIER_SOURCE = easytier-$(EASYTIER_VERSION).crate
+EASYTIER_SITE = https://static.crates.io/crates/easytier
+EASYTIER_LICENSE = Apache-2.0
 EASYTIER_LICENSE_FILES = LICENSE
 
 # Build scripts compile .proto files with prost-build (needs protoc).
 EASYTIER_DEPENDENCIES = host-protobuf
 EASYTIER_CARGO_ENV = PROTOC=$(HOST_DIR)/bin/protoc
 
-# The workspace also holds the Tauri GUI, the web console and FFI crates:
-# build only the two binaries of the `easytier` crate. The default feature
-# set minus `kcp`, whose kcp-sys build runs bindgen and would need libclang
-# on the host; KCP proxying is optional and meduza does not configure it.
-EASYTIER_CARGO_BUILD_OPTS = \
-	--package easytier --bin easytier-core --bin easytier-cli \
-	--no-default-features \
-	--features wireguard,websocket,smoltcp,tun,socks5,quic,faketcp,magic-dns,zstd
+# A .crate is a gzip'd tar with one top directory; Buildroot does not know the
+# suffix, so extract it by hand.
+define EASYTIER_EXTRACT_CMDS
+	$(TAR) -xzf $(EASYTIER_DL_DIR)/$(EASYTIER_SOURCE) --strip-components=1 -C $(@D)
+endef
 
-# Upstream's .cargo/config.toml forces mold as linker for *-linux-gnu; the
-# vendoring step replaces that file with the vendor configuration, so the
-# Buildroot cross linker is used.
+# The crate's two binaries with its default features (wireguard, mimalloc,
+# websocket, smoltcp, tun, socks5): the set the tests' build uses.
+EASYTIER_CARGO_BUILD_OPTS = --bin easytier-core --bin easytier-cli
 
 define EASYTIER_INSTALL_TARGET_CMDS
 	$(foreach b,easytier-core easytier-cli,\

@@ -1,20 +1,42 @@
 //! EasyTier: `/etc/easytier/config.toml` and the `easytier-core -c` service.
 //!
-//! The TOML layout is EasyTier's `TomlConfigLoader` (top-level `instance_name`,
-//! `hostname`, `ipv4`, `dhcp`, `listeners`, `mapped_listeners`, `[network_identity]`,
-//! `[[peer]]`, `[flags]`). Command-line flags would override the file, so the argv
-//! carries only `-c`. TOML is written by hand (a handful of keys) with every string
-//! escaped as a TOML basic string.
+//! The TOML layout is that of EasyTier 2.0.3's `TomlConfigLoader`
+//! (`src/common/config.rs`: top-level `instance_name`, `hostname`, `ipv4`, `dhcp`,
+//! `listeners`, `[network_identity]`, `[[peer]]`, `[flags]`), the version the firmware
+//! ships and the tests run (`model::EASYTIER_VERSION`). That loader ignores keys it
+//! does not know, at the top level and in `[flags]`, without a word, so nothing is
+//! written that 2.0.3 would drop:
+//! - `private_mode` (a flag since 2.3.1) is written as 2.0.3's
+//!   `foreign_network_whitelist = ""`: no foreign network name matches the empty
+//!   pattern, so this node neither accepts nor relays another network's peers;
+//! - `mapped_listeners` (since 2.1.2) is refused by the model.
+//!
+//! Each IPv4 LAN (`lan`, `private_lan`) is a `[[proxy_network]]`. EasyTier's TUN device
+//! is layer 3: a packet the kernel routes into it (by the OSPF or BGP route to another
+//! node's LAN) carries no next hop, and easytier-core picks the peer by destination
+//! address alone, among the peers' overlay addresses and their proxy networks
+//! (`peer_ospf_route.rs`, `get_peer_id_by_ipv4`); without the entry it drops the packet
+//! ("no peer id for ipv4"). The owner delivers it through its subnet proxy (NAT to its
+//! own address). `routes = []` keeps easytier-core from adding kernel routes of its
+//! own for those networks (a manual route list replaces the learned one,
+//! `run_proxy_cidrs_route_updater`): the routes into the mesh are FRR's.
+//!
+//! With `-c`, easytier-core ignores every other command-line flag ("will ignore all
+//! command line flags"), so the argv carries only `-c`. TOML is written by hand (a
+//! handful of keys) with every string escaped as a TOML basic string.
 
 use super::{apply_service_overrides, header_hash, service, MODE_SECRET};
 use crate::error::ValidationError;
 use crate::model::{Config, Node};
-use crate::plan::service::{ReloadStrategy, ServiceSpec};
+use crate::plan::service::{Redact, ReloadStrategy, ServiceSpec};
 use crate::render::{DomainOutput, FileOut, RenderEnv};
+use ipnet::IpNet;
 use std::fmt::Write as _;
 
 pub const CONFIG_PATH: &str = "/etc/easytier/config.toml";
 pub const SERVICE: &str = "easytier";
+/// easytier-core's management RPC, where `easytier-cli` looks by default.
+pub const RPC_PORTAL: &str = "127.0.0.1:15888";
 
 /// The TOML text (holds the network secret: mode 0600).
 pub fn config_toml(cfg: &Config, node: &Node) -> String {
@@ -31,9 +53,11 @@ pub fn config_toml(cfg: &Config, node: &Node) -> String {
     }
     let listeners: Vec<String> = et.listeners.iter().flat_map(|l| listener_urls(l)).collect();
     let _ = writeln!(s, "listeners = {}", toml_list(&listeners));
-    if !et.mapped_listeners.is_empty() {
-        let _ = writeln!(s, "mapped_listeners = {}", toml_list(&et.mapped_listeners));
-    }
+    // No kernel routes from easytier-core: FRR owns the routing table.
+    s.push_str("routes = []\n");
+    // Without it a file-configured 2.0.3 serves no RPC and `easytier-cli` (whose
+    // default this is) cannot ask it anything. Loopback only.
+    let _ = writeln!(s, "rpc_portal = {}", toml_str(RPC_PORTAL));
     s.push_str("\n[network_identity]\n");
     let _ = writeln!(
         s,
@@ -48,9 +72,20 @@ pub fn config_toml(cfg: &Config, node: &Node) -> String {
     for peer in &et.peers {
         let _ = write!(s, "\n[[peer]]\nuri = {}\n", toml_str(peer));
     }
+    for lan in node.lan.iter().chain(&node.private_lan) {
+        if let IpNet::V4(lan) = lan {
+            let _ = write!(
+                s,
+                "\n[[proxy_network]]\ncidr = {}\n",
+                toml_str(&lan.to_string())
+            );
+        }
+    }
     s.push_str("\n[flags]\n");
     let _ = writeln!(s, "dev_name = {}", toml_str(&et.dev_name));
-    let _ = writeln!(s, "private_mode = {}", g.private_mode);
+    if g.private_mode {
+        s.push_str("foreign_network_whitelist = \"\"\n");
+    }
     s
 }
 
@@ -63,7 +98,16 @@ pub fn render(cfg: &Config, node: &Node, env: &RenderEnv) -> Result<DomainOutput
         vec![CONFIG_PATH.into()],
         ReloadStrategy::Restart,
     );
-    let svc: ServiceSpec = apply_service_overrides(node, svc)?;
+    let mut svc: ServiceSpec = apply_service_overrides(node, svc)?;
+    // easytier-core prints the config it loaded, secret included, at every start: as
+    // given and as a TOML basic string's body (its printer may escape it).
+    if let Some(secret) = cfg.global.easytier.network_secret.as_deref() {
+        let quoted = toml_str(secret);
+        svc.redact = Redact(vec![
+            secret.to_string(),
+            quoted[1..quoted.len() - 1].to_string(),
+        ]);
+    }
     Ok(DomainOutput {
         files: vec![FileOut::new(
             CONFIG_PATH,
@@ -163,7 +207,10 @@ mod file_tests {
             v["network_identity"]["network_secret"].as_str(),
             Some("quote\" back\\slash")
         );
-        assert_eq!(v["flags"]["private_mode"].as_bool(), Some(true));
+        // private_mode: no foreign network is accepted (2.0.3 has no private_mode).
+        assert_eq!(v["flags"]["foreign_network_whitelist"].as_str(), Some(""));
+        assert!(v["flags"].get("private_mode").is_none());
+        assert!(v.get("mapped_listeners").is_none());
         assert_eq!(v["flags"]["dev_name"].as_str(), Some("et0"));
         let listeners: Vec<&str> = v["listeners"]
             .as_array()

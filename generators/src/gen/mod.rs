@@ -12,12 +12,15 @@ pub mod hosts;
 pub mod mosdns;
 pub mod openvpn;
 pub mod tinc;
+pub mod tunnels;
 pub mod wireguard;
 
 use crate::error::ValidationError;
 use crate::model::{Node, ProbeKind, ServiceOverrides};
 use crate::parse;
-use crate::plan::service::{HealthSpec, Probe, ReloadStrategy, RestartProtection, ServiceSpec};
+use crate::plan::service::{
+    HealthSpec, Probe, Redact, ReloadStrategy, RestartProtection, ServiceSpec,
+};
 use std::collections::BTreeMap;
 
 /// Mode of files without secrets.
@@ -57,6 +60,7 @@ pub fn service(
         health: None,
         scheduled_restart_minutes: None,
         protection: RestartProtection::default(),
+        redact: Redact::default(),
     }
 }
 

@@ -62,6 +62,40 @@ pub struct ServiceSpec {
     pub scheduled_restart_minutes: Option<u32>,
     #[serde(default)]
     pub protection: RestartProtection,
+    /// Secrets the child is known to print (easytier-core 2.0.3 prints its whole
+    /// config, network secret included, when it starts): the supervisor replaces
+    /// each occurrence in a captured output line with [`Redact::MARK`] before the
+    /// line reaches the log or the log buffer.
+    #[serde(default, skip_serializing)]
+    pub redact: Redact,
+}
+
+/// Strings to cut out of a child's output. Never serialized and never printed by
+/// `Debug` (only their count): the values are secrets.
+#[derive(Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Redact(pub Vec<String>);
+
+impl Redact {
+    /// What replaces a secret in a line.
+    pub const MARK: &'static str = "<redacted>";
+
+    /// `line` with every non-empty secret replaced by [`Self::MARK`].
+    pub fn apply(&self, line: String) -> String {
+        self.0.iter().filter(|s| !s.is_empty()).fold(line, |l, s| {
+            if l.contains(s.as_str()) {
+                l.replace(s.as_str(), Self::MARK)
+            } else {
+                l
+            }
+        })
+    }
+}
+
+impl std::fmt::Debug for Redact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redact({} values)", self.0.len())
+    }
 }
 
 impl ServiceSpec {
@@ -81,6 +115,7 @@ impl ServiceSpec {
             health: None,
             scheduled_restart_minutes: None,
             protection: RestartProtection::default(),
+            redact: Redact::default(),
         }
     }
 
@@ -209,10 +244,15 @@ pub struct TunnelParams {
     /// Full argument list (`args` key, newline-separated there); default: the
     /// kind's `config_file` arguments.
     pub args: Option<Vec<String>>,
-    /// The tunnel's config file as written by its generator.
+    /// The tunnel's config file as written by its generator: passed with `-c`
+    /// (paqet) or `-config` (ICMPTunnel); WaterWall reads `core.json` from its
+    /// working directory, the directory of this file.
     pub config_file: Option<String>,
     /// Client SOCKS5 port (paqet, icmptunnel); default 1080.
     pub socks_port: Option<u16>,
+    /// URL the client probe fetches through the SOCKS5 port; default
+    /// [`TUNNEL_TEST_URL`].
+    pub test_url: Option<String>,
     /// Client TCP listener `host:port` (waterwall).
     pub listen_addr: Option<String>,
     /// Override of the whole probe (`health/*` keys); `None` = the preset's probe.
@@ -229,18 +269,22 @@ pub struct TunnelParams {
 /// (client: SOCKS5 fetch through the tunnel, waterwall client: TCP listener check,
 /// server: log scan), with every override in `p` applied.
 pub fn tunnel_preset(kind: TunnelKind, role: TunnelRole, p: &TunnelParams) -> ServiceSpec {
-    // Without a config file the preset passes no `-c` (the operator's args say it all).
-    let with_config = |mut before: Vec<String>| match &p.config_file {
+    // Without a config file the preset passes no config flag (the operator's args say
+    // it all).
+    let with_config = |mut before: Vec<String>, flag: &str| match &p.config_file {
         Some(c) => {
-            before.extend(["-c".to_string(), c.clone()]);
+            before.extend([flag.to_string(), c.clone()]);
             before
         }
         None => before,
     };
     let (program, default_args, log_pattern): (&str, Vec<String>, &str) = match kind {
-        TunnelKind::Paqet => ("paqet", with_config(vec!["run".into()]), "error"),
-        TunnelKind::Icmptunnel => ("icmptunnel", with_config(Vec::new()), "error"),
-        // WaterWall reads core.json from its working directory (set below).
+        // paqet's cobra command `run` with `-c/--config` (cmd/run/run.go).
+        TunnelKind::Paqet => ("paqet", with_config(vec!["run".into()], "-c"), "error"),
+        // ICMPTunnel's Go flag `-config` (Qteam-official/ICMPTunnel install.sh units).
+        TunnelKind::Icmptunnel => ("icmptunnel", with_config(Vec::new(), "-config"), "error"),
+        // WaterWall takes no arguments: it reads core.json from its working directory
+        // (core/main.c), set below.
         TunnelKind::Waterwall => ("Waterwall", Vec::new(), "error"),
         TunnelKind::Generic => ("", Vec::new(), "error"),
     };
@@ -258,7 +302,10 @@ pub fn tunnel_preset(kind: TunnelKind, role: TunnelRole, p: &TunnelParams) -> Se
             .or(Some(Probe::Process)),
         (_, TunnelRole::Client) => Some(Probe::Socks5 {
             proxy: socks,
-            url: TUNNEL_TEST_URL.to_string(),
+            url: p
+                .test_url
+                .clone()
+                .unwrap_or_else(|| TUNNEL_TEST_URL.to_string()),
         }),
         (_, TunnelRole::Server) => Some(Probe::LogScan {
             pattern: log_pattern.to_string(),
@@ -275,16 +322,25 @@ pub fn tunnel_preset(kind: TunnelKind, role: TunnelRole, p: &TunnelParams) -> Se
         .map(|probe| HealthSpec::with_defaults(probe, interval));
 
     let mut spec = ServiceSpec::new(format!("tunnel-{}", p.name), argv);
-    if kind == TunnelKind::Waterwall {
+    // The config's directory: WaterWall needs it (core.json, its `log/`); ICMPTunnel's
+    // own units run it there too (a closed binary may look beside its config).
+    if matches!(kind, TunnelKind::Waterwall | TunnelKind::Icmptunnel) {
         spec.workdir = p
             .config_file
             .as_deref()
             .and_then(|f| f.rsplit_once('/'))
             .map(|(dir, _)| if dir.is_empty() { "/" } else { dir }.to_string());
     }
-    // Raw sockets (icmptunnel, paqet's pcap) and TUN devices need these two.
+    // Raw sockets (icmptunnel, paqet's pcap) and TUN devices need these two; WaterWall
+    // listeners are often on ports below 1024 (443), which need CAP_NET_BIND_SERVICE
+    // even as root once the capability set is reduced.
     spec.caps = match kind {
         TunnelKind::Generic => Vec::new(),
+        TunnelKind::Waterwall => vec![
+            "CAP_NET_ADMIN".into(),
+            "CAP_NET_BIND_SERVICE".into(),
+            "CAP_NET_RAW".into(),
+        ],
         _ => vec!["CAP_NET_ADMIN".into(), "CAP_NET_RAW".into()],
     };
     spec.config_files = p.config_file.iter().cloned().collect();
@@ -297,6 +353,24 @@ pub fn tunnel_preset(kind: TunnelKind, role: TunnelRole, p: &TunnelParams) -> Se
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redact_cuts_every_secret_and_never_shows_them() {
+        let r = Redact(vec!["s3cret".into(), String::new(), "k\\\"q".into()]);
+        assert_eq!(
+            r.apply("network_secret = 's3cret' and s3cret, \"k\\\"q\"".into()),
+            "network_secret = '<redacted>' and <redacted>, \"<redacted>\""
+        );
+        assert_eq!(r.apply("nothing here".into()), "nothing here");
+        assert_eq!(format!("{r:?}"), "Redact(3 values)");
+        let mut spec = ServiceSpec::new("x", vec!["/bin/true".into()]);
+        spec.redact = r;
+        let json = serde_json::to_string(&spec).expect("serialize");
+        assert!(
+            !json.contains("s3cret") && !json.contains("redact"),
+            "{json}"
+        );
+    }
 
     fn params() -> TunnelParams {
         TunnelParams {
