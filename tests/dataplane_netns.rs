@@ -777,8 +777,30 @@ fn wg_status(agent: &WgAgent, dev: &str) -> (WgLinkStatus, WgImpl) {
     rx.recv_timeout(Duration::from_secs(20)).unwrap()
 }
 
+/// Whether the running kernel offers WireGuard: the rtnetlink request `AutoWg` tries
+/// first (`ip link add ... type wireguard`, which also loads the module on demand),
+/// made in a scratch namespace so nothing outside it changes.
+fn kernel_has_wireguard() -> bool {
+    let probe = Netns::new("wgp");
+    netns::try_run(&[
+        "ip",
+        "-n",
+        probe.name(),
+        "link",
+        "add",
+        "wgprobe",
+        "type",
+        "wireguard",
+    ])
+}
+
 #[test]
 fn wireguard_gateways_handshake_and_ping() {
+    let expected = if kernel_has_wireguard() {
+        WgImpl::Kernel
+    } else {
+        WgImpl::Userspace
+    };
     let a = Netns::new("wga");
     let b = Netns::new("wgb");
     netns::veth(&a, "eth0", &b, "eth0");
@@ -817,10 +839,27 @@ fn wireguard_gateways_handshake_and_ping() {
     });
     let (status, imp) = wg_status(&agent_a, &dev_a);
     assert_eq!(status, WgLinkStatus::Up);
+    // AutoWg serves the device with what this kernel offers: its own WireGuard
+    // when `type wireguard` links can be created, else wireguard-go (a TUN device
+    // with a UAPI socket). The QEMU boot test covers the kernel case on a kernel
+    // that has the module.
     assert_eq!(
-        imp,
-        WgImpl::Userspace,
-        "this kernel has no wireguard module"
+        imp, expected,
+        "AutoWg did not use what the running kernel offers"
+    );
+    let details = a.ip(&["-d", "link", "show", &dev_a]);
+    let kind = match expected {
+        WgImpl::Kernel => "wireguard",
+        WgImpl::Userspace => "tun type tun",
+    };
+    assert!(
+        details.contains(kind),
+        "{dev_a} is not a {kind} link: {details}"
+    );
+    assert_eq!(
+        std::path::Path::new(&format!("/var/run/wireguard/{dev_a}.sock")).exists(),
+        expected == WgImpl::Userspace,
+        "UAPI socket of {dev_a}"
     );
 
     // Peers change in place: same interface index before and after.

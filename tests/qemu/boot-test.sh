@@ -8,13 +8,20 @@
 #   - the DNS frontend answers a /dns/hosts/ record through the forwarded port,
 #   - /updated/<id>/tproxy says "applied", and inside the guest the nft table
 #     `inet meduza` exists with nft_tproxy/nft_socket loaded,
+#   - a WireGuard instance committed on the running gateway becomes a *kernel*
+#     device (the guest's Debian kernel has the module), configured over generic
+#     netlink, that completes a handshake with wireguard-go in a namespace on the
+#     host (lib.sh start_wg_host): /updated/<id>/wireguard/<name>/status = up,
+#     `wg show` on both sides, ping through the tunnel both ways; a commit
+#     without changes sends nothing to the device,
 #   - the real mihomo (scripts/install-deps' cached build) runs:
 #     /updated/<id>/clash/health is healthy, and in the guest its controller
 #     answers GET /version with the image's mihomo version given the rendered
 #     secret, 401 without it; its PROXY group uses the subscription's node-1 (a
 #     second mihomo on the host's loopback) and a delay test through it passes,
 #   - `poweroff` stops meduza's children and meduza before the kernel halts.
-# Prints boot-to-/init and boot-to-applied times (QEMU start as zero).
+# Prints boot-to-/init and boot-to-applied times (QEMU start as zero) and the
+# WireGuard commit-to-up time.
 #
 #   tests/qemu/boot-test.sh [--no-build] [--smoke] [--keep]
 #
@@ -41,7 +48,8 @@ for a in "$@"; do
 	esac
 done
 
-require_programs etcd etcdctl qemu-system-x86_64 dig jq python3 mkfifo curl tac paste dnsmasq
+require_programs etcd etcdctl qemu-system-x86_64 dig jq python3 mkfifo curl tac paste dnsmasq \
+	ip wg wireguard-go socat busybox
 if [ "$BUILD_IMAGE" = 1 ]; then
 	"$HERE/build-image.sh"
 fi
@@ -58,8 +66,13 @@ start_subscription_server "$TMP"
 start_dns_upstream "$TMP"
 seed_config
 qlog "etcd on 127.0.0.1:$ETCD_PORT (guest: 10.0.2.2:$ETCD_PORT), /commit revision $COMMIT_REV"
+WG_APPEND=""
+if [ "$SMOKE" = 0 ]; then
+	start_wg_host "$TMP"
+	qlog "WireGuard peer: wireguard-go $WG_DEV in namespace $WG_NS, $WG_LINK_HOST:$WG_PORT"
+fi
 
-start_qemu "$TMP" "test.probe=10.0.2.2:$ETCD_PORT"
+start_qemu "$TMP" "test.probe=10.0.2.2:$ETCD_PORT $WG_APPEND"
 qlog "QEMU started (pid $QEMU_PID); DNS on 127.0.0.1:$DNS_PORT, API on 127.0.0.1:$API_PORT"
 
 T_INIT="$(wait_for 60 "kernel runs /init" console_has 'Run /init as init process')"
@@ -159,6 +172,86 @@ rc="$(run_in_guest PICK "mihomo-get /proxies/PROXY | grep -q '\"now\":\"node-1\"
 rc="$(run_in_guest DELAY "mihomo-get '/proxies/node-1/delay?timeout=5000&url=$HEALTH_URL' | grep -q '\"delay\":[0-9]'")"
 [ "$rc" = 0 ] || qdie "a delay test through node-1 (the host's proxy node) failed in the guest"
 
+# --- kernel WireGuard ----------------------------------------------------------------
+# An instance whose one peer is the host-side wireguard-go (lib.sh start_wg_host),
+# committed on the running gateway. The guest's kernel has WireGuard, so AutoWg must
+# create a kernel device and configure it over generic netlink; the image has no
+# wireguard-go, so a wrong fallback to userspace fails the apply as well.
+WG_NAME=host
+WG_GUEST_DEV="wg-$WG_NAME"
+wgk="/nodes/$NODE_ID/wireguard/$WG_NAME"
+"${ETCDCTL[@]}" put "$wgk/enable" true >/dev/null
+# shellcheck disable=SC2153 # WG_GUEST_KEY: set by start_wg_host (lib.sh)
+"${ETCDCTL[@]}" put "$wgk/private_key" "$WG_GUEST_KEY" >/dev/null
+"${ETCDCTL[@]}" put "$wgk/listen_port" "$WG_PORT" >/dev/null
+"${ETCDCTL[@]}" put "$wgk/address" "$WG_TUN_GUEST/24" >/dev/null
+"${ETCDCTL[@]}" put "$wgk/peer/hub/public_key" "$WG_HOST_PUB" >/dev/null
+"${ETCDCTL[@]}" put "$wgk/peer/hub/endpoint" "$WG_LINK_HOST:$WG_PORT" >/dev/null
+"${ETCDCTL[@]}" put "$wgk/peer/hub/allowed_ips" "$WG_TUN_HOST/32" >/dev/null
+# A keepalive makes the kernel send a handshake as soon as the device is up
+# (wg_open), without waiting for traffic.
+"${ETCDCTL[@]}" put "$wgk/peer/hub/persistent_keepalive" 25 >/dev/null
+t_commit="$(now)"
+commit "qemu boot test: kernel wireguard"
+# The first handshake as the host-side peer sees it (`wg show` there is cheap to
+# poll, unlike etcdctl); meduza publishes the status on its next 5 s tick.
+wg_handshake_seen() { wg_host wg show "$WG_DEV" latest-handshakes | awk '$2 > 0 { ok = 1 } END { exit !ok }'; }
+(wait_for 60 "a handshake seen by the host-side peer" wg_handshake_seen >/dev/null) ||
+	qdie "no handshake after the wireguard commit; /updated/$NODE_ID/errors: $(etcd_value "/updated/$NODE_ID/errors")"
+T_WG_HANDSHAKE="$(elapsed "$t_commit" "$(now)")"
+wait_for 60 "/updated/$NODE_ID/applied = $COMMIT_REV (wireguard commit)" applied_current >/dev/null
+errors="$(etcd_value "/updated/$NODE_ID/errors")"
+[ "$errors" = "[]" ] || qdie "/updated/$NODE_ID/errors after the wireguard commit: $errors"
+wg_up() { etcd_value "/updated/$NODE_ID/wireguard/$WG_NAME/status" | grep -q '^up '; }
+wait_for 60 "/updated/$NODE_ID/wireguard/$WG_NAME/status = up" wg_up >/dev/null
+T_WG_UP="$(elapsed "$t_commit" "$(now)")"
+qlog "wireguard: commit -> handshake ${T_WG_HANDSHAKE}s, commit -> status up ${T_WG_UP}s"
+
+# A kernel device: the wireguard driver's device type, not a TUN device (which
+# wireguard-go would have made), no UAPI socket, no wireguard-go process; the module
+# loaded (by the boot duties).
+wgdev="$(guest_output WGDEV "cat /sys/class/net/$WG_GUEST_DEV/uevent; [ -e /sys/class/net/$WG_GUEST_DEV/tun_flags ] && echo TUN-DEVICE; [ -e /var/run/wireguard/$WG_GUEST_DEV.sock ] && echo UAPI-SOCKET; pidof wireguard-go >/dev/null && echo WIREGUARD-GO; grep -o '^wireguard ' /proc/modules")"
+grep -qx "DEVTYPE=wireguard" <<<"$wgdev" ||
+	qdie "$WG_GUEST_DEV in the guest is not a kernel WireGuard device: $(paste -sd' ' <<<"$wgdev")"
+! grep -Eqx "TUN-DEVICE|UAPI-SOCKET|WIREGUARD-GO" <<<"$wgdev" ||
+	qdie "$WG_GUEST_DEV in the guest is served by a userspace implementation: $(paste -sd' ' <<<"$wgdev")"
+grep -qx "wireguard " <<<"$wgdev" || qdie "the wireguard module is not loaded in the guest"
+! console_has 'kernel wireguard unavailable' || qdie "meduza fell back from kernel WireGuard"
+
+# What the kernel holds, read with wg (a second client of the generic netlink
+# family): the public key of the private key meduza sent, the port, the peer with
+# its endpoint, allowed IPs and keepalive, and a handshake.
+dump="$(guest_output WGSHOW "wg show $WG_GUEST_DEV dump | awk 'NR == 1 { print \"dev\", \$2, \$3; next } { print \"peer\", \$1, \$3, \$4, \$5, \$8 }'")"
+[ "$(sed -n 's/^dev //p' <<<"$dump")" = "$WG_GUEST_PUB $WG_PORT" ] ||
+	qdie "guest device: want public key $WG_GUEST_PUB and port $WG_PORT, wg show says: $dump"
+read -r g_peer g_endpoint g_allowed g_handshake g_keepalive <<<"$(sed -n 's/^peer //p' <<<"$dump")"
+[ "$g_peer $g_endpoint $g_allowed $g_keepalive" = "$WG_HOST_PUB $WG_LINK_HOST:$WG_PORT $WG_TUN_HOST/32 25" ] ||
+	qdie "guest peer differs from the etcd keys, wg show says: $dump"
+[ "${g_handshake:-0}" -gt 0 ] || qdie "guest: no handshake with the host-side peer: $dump"
+read -r _ _ h_endpoint _ h_handshake _ <<<"$(wg_host wg show "$WG_DEV" dump | sed -n 2p)"
+[ "$h_endpoint" = "$WG_LINK_GUEST:$WG_PORT" ] ||
+	qdie "host-side peer learnt endpoint '$h_endpoint', want $WG_LINK_GUEST:$WG_PORT"
+[ "${h_handshake:-0}" -gt 0 ] || qdie "host side: no handshake with the guest"
+rc="$(run_in_guest WGADDR "ip -4 addr show $WG_GUEST_DEV | grep -q 'inet $WG_TUN_GUEST/24'")"
+[ "$rc" = 0 ] || qdie "$WG_GUEST_DEV in the guest does not have $WG_TUN_GUEST/24"
+rc="$(run_in_guest WGPING "ping -c 1 -W 5 $WG_TUN_HOST >/dev/null")"
+[ "$rc" = 0 ] || qdie "guest cannot ping the host-side peer $WG_TUN_HOST through the tunnel"
+wg_host busybox ping -c 1 -W 5 "$WG_TUN_GUEST" >/dev/null ||
+	qdie "host-side peer cannot ping the guest $WG_TUN_GUEST through the tunnel"
+
+# Converged: a commit without changes reads the device back and sends nothing (the
+# plan compares the kernel's own report with the keys; a field read back wrong would
+# upsert the peer again on every pass).
+commit "qemu boot test: no change"
+wait_for 60 "/updated/$NODE_ID/applied = $COMMIT_REV (unchanged commit)" applied_current >/dev/null
+sed 's/\x1b\[[0-9;]*m//g; s/\r$//' "$CONSOLE" | grep -o 'report=WgDeviceReport {[^}]*}' > "$TMP/wg-reports.txt" || true
+[ "$(grep -c . "$TMP/wg-reports.txt")" -ge 2 ] || qdie "fewer than two wireguard apply reports on the console"
+[ "$(grep -c 'created: true' "$TMP/wg-reports.txt")" = 1 ] ||
+	qdie "$WG_GUEST_DEV was created more than once: $(cat "$TMP/wg-reports.txt")"
+tail -n 1 "$TMP/wg-reports.txt" |
+	grep -q 'created: false, peers_upserted: 0, peers_removed: 0, key_or_port_set: false, link_changed: false' ||
+	qdie "an unchanged commit changed $WG_GUEST_DEV: $(tail -n 1 "$TMP/wg-reports.txt")"
+
 # A steady state: the data plane found its table as planned on every check since
 # (a listing that never matches the plan re-applies it every second).
 drift="$(grep -c 'tproxy drift repaired' "$CONSOLE" || true)"
@@ -198,4 +291,5 @@ esac
 	qdie "/updated/$NODE_ID/online still present after an orderly stop (lease not revoked)"
 
 echo "boot-to-/init: ${T_INIT}s; online: ${T_ONLINE}s; boot-to-applied: ${T_APPLIED}s; DNS: ${T_DNS}s; TPROXY: ${T_TPROXY}s (TCG, QEMU start = 0)"
+echo "kernel WireGuard: commit -> handshake ${T_WG_HANDSHAKE}s, commit -> status up ${T_WG_UP}s (status published every 5 s)"
 echo "qemu boot test: 1 passed, 0 failed"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Assemble the QEMU test image of the Meduza firmware without Buildroot (which
 # cannot download here): Debian's cloud kernel and the modules the data plane
-# needs, static busybox as init, a static musl `meduza`, the real mihomo (the
-# static Go release build scripts/install-deps caches, see scripts/mihomo-path)
-# with its Country.mmdb, the host's `nft` (with its shared libraries) and the
-# repository's overlay/.
+# needs (WireGuard among them: the kernel module and its crypto and UDP tunnel
+# dependencies), static busybox as init, a static musl `meduza`, the real mihomo
+# (the static Go release build scripts/install-deps caches, see
+# scripts/mihomo-path) with its Country.mmdb, the host's `nft` and `wg` (with their
+# shared libraries) and the repository's overlay/.
 #
 # Output (tests/qemu/build/, gitignored):
 #   vmlinuz            the kernel
@@ -56,6 +57,7 @@ need_cmd cpio cpio
 need_cmd depmod kmod
 need_cmd musl-gcc musl-tools
 need_cmd nft nftables
+need_cmd wg wireguard-tools
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 &&
 	file -L /bin/busybox 2>/dev/null | grep -q 'statically linked' ||
 	{ log "installing busybox-static"; DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null; }
@@ -142,6 +144,10 @@ copy_with_libs() {
 	done
 }
 copy_with_libs "$(command -v nft)" /usr/sbin/nft
+# wg (wireguard-tools, as the firmware ships): the boot test reads the kernel
+# WireGuard device meduza configured with it, a second client of the same
+# generic netlink family.
+copy_with_libs "$(command -v wg)" /usr/bin/wg
 
 # Kernel modules: the data plane's (boot duties load them), the expressions
 # nft loads on demand, virtio drivers; each with its dependencies.

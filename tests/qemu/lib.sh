@@ -51,8 +51,7 @@ start_etcd() {
 		> "$dir/etcd.log" 2>&1 &
 	ETCD_PID=$!
 	ETCDCTL=(env ETCDCTL_API=3 etcdctl --endpoints "http://127.0.0.1:$ETCD_PORT")
-	local i
-	for i in $(seq 1 100); do
+	for _ in $(seq 1 100); do
 		"${ETCDCTL[@]}" endpoint health >/dev/null 2>&1 && return 0
 		kill -0 "$ETCD_PID" 2>/dev/null || { cat "$dir/etcd.log" >&2; qdie "etcd exited"; }
 		sleep 0.1
@@ -67,7 +66,7 @@ start_etcd() {
 # and rejects everything else, so the guest's mihomo has a live node to pick and
 # nothing leaves this machine through it.
 start_proxy_node() {
-	local dir="$1/proxy-node" i
+	local dir="$1/proxy-node"
 	mkdir -p "$dir"
 	NODE_PORT="$(free_port)"
 	cat > "$dir/config.yaml" <<YAML
@@ -84,7 +83,7 @@ rules:
 YAML
 	"${MEDUZA_TEST_MIHOMO:-$MIHOMO_BIN}" -d "$dir" -f "$dir/config.yaml" > "$1/proxy-node.log" 2>&1 &
 	NODE_PID=$!
-	for i in $(seq 1 100); do
+	for _ in $(seq 1 100); do
 		(exec 3<>"/dev/tcp/127.0.0.1/$NODE_PORT") 2>/dev/null && return 0
 		kill -0 "$NODE_PID" 2>/dev/null || { cat "$1/proxy-node.log" >&2; qdie "proxy node (mihomo) exited"; }
 		sleep 0.1
@@ -131,6 +130,77 @@ start_dns_upstream() {
 		--log-queries --log-facility=- > "$1/dnsmasq.log" 2>&1 &
 	UPSTREAM_PID=$!
 }
+
+# The boot test's WireGuard link (start_wg_host): the guest's second NIC and the
+# host-side peer's tap share 10.77.0.0/24; the tunnel itself carries 10.78.0.0/24.
+WG_LINK_HOST=10.77.0.1
+WG_LINK_GUEST=10.77.0.2
+WG_TUN_HOST=10.78.0.1
+WG_TUN_GUEST=10.78.0.2
+WG_PORT=51820
+
+# start_wg_host DIR -> sets WG_NS, WG_DEV, WG_BRIDGE_PID, WG_GO_PID, WG_HOST_PUB,
+# WG_GUEST_KEY, WG_GUEST_PUB, WG_APPEND, and adds the guest's second NIC to
+# QEMU_EXTRA (call before start_qemu; pass WG_APPEND to it).
+#
+# The far end of the guest's kernel WireGuard device: wireguard-go (userspace, as
+# this host's kernel has no WireGuard) in a network namespace of its own, so the
+# host's own network configuration is never touched. The guest reaches that
+# namespace over a second virtio NIC, not over QEMU's user networking (whose
+# UDP port forwards end on the host's loopback, which a namespace cannot see):
+# QEMU sends that NIC's Ethernet frames as datagrams to a Unix socket
+# (`-netdev dgram`, QEMU >= 7.2), where socat, started inside the namespace,
+# writes them to a tap device and sends the tap's frames back. Unix socket paths
+# are in the file system, shared by all namespaces. The peer has no endpoint: it
+# learns the guest's from the guest's first handshake, as a hub does.
+start_wg_host() {
+	local dir="$1/wg"
+	mkdir -p "$dir"
+	WG_NS="meduza-qemu-wg-$$"
+	# wireguard-go's UAPI socket (/var/run/wireguard/<dev>.sock) is global: the name
+	# must not collide with another test's device.
+	WG_DEV="mdzwg$$"
+	ip netns add "$WG_NS"
+	ip -n "$WG_NS" link set lo up
+	# No IPv6 in the namespace: the tap then sends nothing on its own (no router
+	# solicitation, no DAD), so socat never sends before QEMU's socket exists
+	# (socat exits on a failed send).
+	ip netns exec "$WG_NS" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 \
+		net.ipv6.conf.default.disable_ipv6=1
+	ip netns exec "$WG_NS" socat "UNIX-SENDTO:$dir/qemu.sock,bind=$dir/ns.sock" \
+		"TUN:$WG_LINK_HOST/24,tun-type=tap,tun-name=wgtap,iff-up,iff-no-pi" \
+		> "$1/wg-bridge.log" 2>&1 &
+	WG_BRIDGE_PID=$!
+	ip netns exec "$WG_NS" wireguard-go -f "$WG_DEV" > "$1/wireguard-go.log" 2>&1 &
+	WG_GO_PID=$!
+	for _ in $(seq 1 100); do
+		[ -S "/var/run/wireguard/$WG_DEV.sock" ] && ip -n "$WG_NS" link show wgtap >/dev/null 2>&1 && break
+		kill -0 "$WG_BRIDGE_PID" 2>/dev/null || { cat "$1/wg-bridge.log" >&2; qdie "socat (tap bridge) exited"; }
+		kill -0 "$WG_GO_PID" 2>/dev/null || { cat "$1/wireguard-go.log" >&2; qdie "wireguard-go exited"; }
+		sleep 0.1
+	done
+	[ -S "/var/run/wireguard/$WG_DEV.sock" ] || qdie "wireguard-go did not create its UAPI socket within 10 s"
+	ip -n "$WG_NS" link show wgtap >/dev/null 2>&1 || qdie "socat did not create the tap within 10 s"
+	local host_key
+	host_key="$(wg genkey)"
+	# shellcheck disable=SC2034 # WG_HOST_PUB and WG_APPEND are for the caller
+	WG_HOST_PUB="$(printf '%s\n' "$host_key" | wg pubkey)"
+	WG_GUEST_KEY="$(wg genkey)"
+	WG_GUEST_PUB="$(printf '%s\n' "$WG_GUEST_KEY" | wg pubkey)"
+	(umask 077 && printf '%s\n' "$host_key" > "$dir/host.key")
+	ip netns exec "$WG_NS" wg set "$WG_DEV" private-key "$dir/host.key" listen-port "$WG_PORT" \
+		peer "$WG_GUEST_PUB" allowed-ips "$WG_TUN_GUEST/32"
+	ip -n "$WG_NS" addr add "$WG_TUN_HOST/24" dev "$WG_DEV"
+	ip -n "$WG_NS" link set "$WG_DEV" up
+	# No option ROM for the second NIC: SeaBIOS would load it for nothing (-kernel).
+	QEMU_EXTRA+=(-netdev "dgram,id=wg0,local.type=unix,local.path=$dir/qemu.sock,remote.type=unix,remote.path=$dir/ns.sock"
+		-device "virtio-net-pci,netdev=wg0,mac=52:54:00:77:00:02,romfile=")
+	# shellcheck disable=SC2034
+	WG_APPEND="test.eth1=$WG_LINK_GUEST/24"
+}
+
+# wg_host COMMAND...: run a command in the host-side WireGuard peer's namespace.
+wg_host() { ip netns exec "$WG_NS" "$@"; }
 
 # seed_config: the test node's configuration (DESIGN §3 keys) for $NODE_ID,
 # then a /commit bump. Sets COMMIT_REV (mod revision of /commit). The node runs
@@ -193,7 +263,7 @@ qemu_cmd() {
 		-kernel "$QEMU_BUILD/vmlinuz" -initrd "$QEMU_BUILD/initrd.cpio.gz"
 		-append "$append"
 		-netdev "user,id=n0,hostfwd=udp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$API_PORT-:9100"
-		-device virtio-net-pci,netdev=n0 -device virtio-rng-pci)
+		-device "virtio-net-pci,netdev=n0" -device virtio-rng-pci)
 	case "${QEMU_ON_RESET:-exit}" in
 	exit) QEMU_CMD+=(-no-reboot) ;;
 	reboot) ;;
@@ -298,10 +368,15 @@ qemu_cleanup() {
 	# Closing fd 7 only: `exec 7>&- 2>/dev/null` would send the rest of cleanup's
 	# stderr (the console tail below) to /dev/null.
 	exec 7>&-
-	for p in ${WATCH_PID:-} ${QEMU_PID:-} ${NODE_PID:-} ${SUB_PID:-} ${UPSTREAM_PID:-} ${ETCD_PID:-}; do
+	for p in ${WATCH_PID:-} ${QEMU_PID:-} ${NODE_PID:-} ${SUB_PID:-} ${UPSTREAM_PID:-} ${ETCD_PID:-} \
+		${WG_GO_PID:-} ${WG_BRIDGE_PID:-}; do
 		kill "$p" 2>/dev/null || true
 	done
 	wait 2>/dev/null || true
+	if [ -n "${WG_NS:-}" ]; then
+		ip netns del "$WG_NS" 2>/dev/null || true
+		rm -f "/var/run/wireguard/$WG_DEV.sock"
+	fi
 	if [ "$rc" != 0 ] && [ -f "${CONSOLE:-/nonexistent}" ]; then
 		echo "----- guest console (last 80 lines) -----" >&2
 		tail -n 80 "$CONSOLE" >&2
