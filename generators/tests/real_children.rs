@@ -200,18 +200,24 @@ fn openvpn_static_key_pair_comes_up() {
     ] {
         let root = tmp.path().join(id);
         let d = render(&cfg, id, &Domain::Openvpn(inst.into()));
-        // The management socket lives under /run/meduza on a node; here under the root.
+        // The management socket lives under /var/run/meduza on a node; here under the root.
         let sock = root.join(format!("openvpn-{inst}.sock"));
-        let from = format!("/run/meduza/openvpn-{inst}.sock");
-        write_files(&root, &d, |c| c.replace(&from, &sock.display().to_string()));
+        write_files(&root, &d, |c| c.to_string());
         let conf = root.join(format!("etc/openvpn/{inst}.conf"));
         let mut argv = d.services[0].argv.clone();
         assert_eq!(
             argv[1..],
-            ["--config", &format!("/etc/openvpn/{inst}.conf")]
+            [
+                "--config",
+                &format!("/etc/openvpn/{inst}.conf"),
+                "--management",
+                &format!("/var/run/meduza/openvpn-{inst}.sock"),
+                "unix"
+            ]
         );
         argv[0] = OPENVPN.into();
         argv[2] = conf.display().to_string();
+        argv[4] = sock.display().to_string();
         ns.spawn(&netns, &argv, &root.join("openvpn.log"));
     }
     for id in ["gw-a", "gw-b"] {

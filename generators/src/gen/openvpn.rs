@@ -1,9 +1,18 @@
 //! OpenVPN 2.6: one `/etc/openvpn/<name>.conf` and one `openvpn-<name>` service per
 //! enabled instance.
 //!
+//! Owns: the text of the configuration file, the argv of the child, the management
+//! socket's path, and which standard OpenVPN directives may be passed through from
+//! etcd ([`DIRECTIVES`], checked by [`check_directive`]). Must not: let a value from
+//! etcd add a directive that runs a program, reads or writes a file of its choosing,
+//! or opens another control channel (see `docs/openvpn.md`).
+//!
 //! Point-to-point tunnels: a static key (`secret`) or TLS (`ca`+`cert`+`key`, with the
 //! `tcp-server` side, or a `udp` side without `remote`, acting as TLS server). Keys are
-//! inline blocks (`<secret>`, `<ca>`, ...), so the file is mode 0600.
+//! inline blocks (`<secret>`, `<ca>`, ...), so the file is mode 0600. OpenVPN ends an
+//! inline block at the first line that starts with its closing tag, so no line of an
+//! inline value may start with `<` ([`check_inline`]): a value holding `</ca>` would
+//! otherwise add directives of its own.
 //!
 //! Static-key mode is deprecated in OpenVPN 2.6 (it logs `DEPRECATED OPTION`) but still
 //! works; 2.7 removes it unless `allow-deprecated-insecure-static-crypto` is given, an
@@ -13,8 +22,10 @@
 //! BF-CBC not supported", checked), so both ends must say the same `cipher`.
 //!
 //! Status comes from the management interface on a unix socket
-//! (`/run/meduza/openvpn-<name>.sock`), which needs no password because only root can
-//! open it.
+//! ([`management_socket`]), which needs no password because only root can open it.
+//! It is given on the command line, not in the file: the daemon re-roots `/var/...`
+//! arguments under `MEDUZA_ROOT`, so two gateways under test on one host get a socket
+//! each (a path inside the file would be shared).
 
 use super::{apply_service_overrides, header_hash, service, MODE_SECRET};
 use crate::error::ValidationError;
@@ -22,6 +33,7 @@ use crate::model::{Node, OpenVpn, OvpnProto};
 use crate::plan::service::ReloadStrategy;
 use crate::render::{DomainOutput, FileOut, RenderEnv};
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 /// Static-key data-channel cipher when `cipher` is not set.
 pub const DEFAULT_STATIC_CIPHER: &str = "AES-256-CBC";
@@ -30,13 +42,41 @@ pub fn config_path(inst: &OpenVpn) -> String {
     format!("/etc/openvpn/{}.conf", inst.name)
 }
 
-/// The management socket the status loop reads (`state`, `bytecount`).
-pub fn management_socket(inst: &OpenVpn) -> String {
-    format!("/run/meduza/openvpn-{}.sock", inst.name)
+/// The management socket of instance `name`, which the status loop reads (`state all`).
+/// `/var/run` is `/run` on the image (and on Debian); under `/var` the daemon re-roots
+/// it with the other arguments. A unix socket path holds at most 107 bytes
+/// (`sun_path`, unix(7)), root included.
+pub fn management_socket(name: &str) -> String {
+    format!("/var/run/meduza/openvpn-{name}.sock")
 }
 
 pub fn service_name(inst: &OpenVpn) -> String {
     format!("openvpn-{}", inst.name)
+}
+
+/// Whether this end is the TLS server: the listening side (`tcp-server`, or `udp`
+/// without `remote`).
+pub fn is_tls_server(inst: &OpenVpn) -> bool {
+    match inst.proto {
+        OvpnProto::TcpServer => true,
+        OvpnProto::TcpClient => false,
+        OvpnProto::Udp => inst.remotes.is_empty(),
+    }
+}
+
+/// `key-direction`: the `key_direction` key, else in TLS mode with `tls_auth` the
+/// usual pairing (server 0, client 1) so that each direction has its own HMAC key. In
+/// static-key mode only an explicit value is written (both ends may omit it).
+pub fn key_direction(inst: &OpenVpn) -> Option<u8> {
+    inst.key_direction.or_else(|| {
+        (inst.secret.is_none() && inst.tls_auth.is_some()).then(|| {
+            if is_tls_server(inst) {
+                0
+            } else {
+                1
+            }
+        })
+    })
 }
 
 /// The configuration file text.
@@ -65,9 +105,20 @@ pub fn config_text(node: &Node, inst: &OpenVpn) -> String {
     if let Some((interval, timeout)) = inst.keepalive {
         let _ = writeln!(s, "keepalive {interval} {timeout}");
     }
+    // The management socket is on the command line (see the module comment).
     s.push_str("persist-tun\npersist-key\nscript-security 1\nverb 3\n");
-    let _ = writeln!(s, "management {} unix", management_socket(inst));
-    if let Some(d) = inst.key_direction {
+    if !inst.directives.is_empty() {
+        let _ = writeln!(
+            s,
+            "# Passed through from /nodes/{}/openvpn/{}/<directive>:",
+            node.id, inst.name
+        );
+    }
+    for (name, args) in &inst.directives {
+        let sep = if args.is_empty() { "" } else { " " };
+        let _ = writeln!(s, "{name}{sep}{args}");
+    }
+    if let Some(d) = key_direction(inst) {
         let _ = writeln!(s, "key-direction {d}");
     }
     if let Some(secret) = &inst.secret {
@@ -78,13 +129,9 @@ pub fn config_text(node: &Node, inst: &OpenVpn) -> String {
         );
         inline(&mut s, "secret", secret);
     } else {
-        // TLS: the listening side is the TLS server.
-        let server = match inst.proto {
-            OvpnProto::TcpServer => true,
-            OvpnProto::TcpClient => false,
-            OvpnProto::Udp => inst.remotes.is_empty(),
-        };
-        if server {
+        // TLS: the listening side is the TLS server. `dh none`: ECDHE only (OpenVPN
+        // 2.4+), so no DH parameter file is needed.
+        if is_tls_server(inst) {
             s.push_str("tls-server\ndh none\n");
         } else {
             s.push_str("tls-client\n");
@@ -97,12 +144,12 @@ pub fn config_text(node: &Node, inst: &OpenVpn) -> String {
                 inline(&mut s, tag, v);
             }
         }
-    }
-    if let Some(v) = &inst.tls_auth {
-        inline(&mut s, "tls-auth", v);
-    }
-    if let Some(v) = &inst.tls_crypt {
-        inline(&mut s, "tls-crypt", v);
+        if let Some(v) = &inst.tls_auth {
+            inline(&mut s, "tls-auth", v);
+        }
+        if let Some(v) = &inst.tls_crypt {
+            inline(&mut s, "tls-crypt", v);
+        }
     }
     s
 }
@@ -125,7 +172,14 @@ pub fn render(
     let path = config_path(inst);
     let svc = service(
         &service_name(inst),
-        vec![env.bins.openvpn.clone(), "--config".into(), path.clone()],
+        vec![
+            env.bins.openvpn.clone(),
+            "--config".into(),
+            path.clone(),
+            "--management".into(),
+            management_socket(&inst.name),
+            "unix".into(),
+        ],
         &["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"],
         vec![path.clone()],
         ReloadStrategy::Restart,
@@ -134,4 +188,618 @@ pub fn render(
         files: vec![FileOut::new(path, config_text(node, inst), MODE_SECRET)],
         services: vec![apply_service_overrides(node, svc)?],
     })
+}
+
+/// Check an inline value (`<ca>`, `<secret>`, `<tls-crypt>`, ...): printable ASCII
+/// lines, none starting with `<`. OpenVPN closes the block at the first line that
+/// starts (after blanks) with `</tag>` (`read_inline_file` in `options.c`), so such a
+/// line would end the block early and turn the rest of the value into directives.
+pub fn check_inline(v: &str) -> Result<(), String> {
+    if let Some(c) = v
+        .chars()
+        .find(|c| !(c.is_ascii_graphic() || matches!(c, ' ' | '\t' | '\n' | '\r')))
+    {
+        return Err(format!(
+            "inline content must be printable ASCII (found {c:?})"
+        ));
+    }
+    if v.lines().any(|l| l.trim_start().starts_with('<')) {
+        return Err(
+            "no line of inline content may start with `<` (it would end the \
+                    OpenVPN inline block)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// How the value of a passed-through directive is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectiveArg {
+    /// `true` writes the bare directive, `false` leaves it out.
+    Flag,
+    /// One whole number in `min..=max`.
+    Uint(u64, u64),
+    /// One of these words.
+    Word(&'static [&'static str]),
+    /// An IP address literal (no host name: nothing is resolved at start).
+    Ip,
+    /// A `:`-separated list of OpenSSL names (`A-Z a-z 0-9 _ - + ! @ = .`).
+    NameList,
+    /// `n [max]` seconds (`connect-retry`).
+    RetrySecs,
+    /// `n` seconds or `infinite` (`resolv-retry`).
+    SecsOrInfinite,
+    /// `1.2|1.3 [or-highest]` (`tls-version-min`): TLS 1.0 and 1.1 are refused.
+    TlsVersion,
+    /// `name [subject|name|name-prefix]` (`verify-x509-name`).
+    X509Name,
+}
+
+/// The standard OpenVPN directives that may be set as
+/// `/nodes/<id>/openvpn/<name>/<directive>` (named exactly as in openvpn(8)). Each only
+/// tunes the link or tightens TLS: none runs a program, names a file, opens a socket
+/// other than the link's, changes routes (FRR owns them) or weakens the crypto. Why
+/// each other kind is left out is in [`refusal`] and `docs/openvpn.md`.
+pub const DIRECTIVES: &[(&str, DirectiveArg)] = &[
+    // The link.
+    ("tun-mtu", DirectiveArg::Uint(576, 9000)),
+    ("mssfix", DirectiveArg::Uint(0, 9000)),
+    ("sndbuf", DirectiveArg::Uint(0, 16 << 20)),
+    ("rcvbuf", DirectiveArg::Uint(0, 16 << 20)),
+    ("txqueuelen", DirectiveArg::Uint(1, 100_000)),
+    ("local", DirectiveArg::Ip),
+    ("float", DirectiveArg::Flag),
+    ("explicit-exit-notify", DirectiveArg::Uint(1, 10)),
+    ("connect-retry", DirectiveArg::RetrySecs),
+    ("resolv-retry", DirectiveArg::SecsOrInfinite),
+    // TLS.
+    ("hand-window", DirectiveArg::Uint(1, 3600)),
+    ("reneg-sec", DirectiveArg::Uint(0, 604_800)),
+    ("tls-version-min", DirectiveArg::TlsVersion),
+    ("tls-cipher", DirectiveArg::NameList),
+    ("tls-ciphersuites", DirectiveArg::NameList),
+    ("tls-groups", DirectiveArg::NameList),
+    ("auth", DirectiveArg::NameList),
+    ("remote-cert-tls", DirectiveArg::Word(&["server", "client"])),
+    ("verify-x509-name", DirectiveArg::X509Name),
+];
+
+/// Why a directive that is not on [`DIRECTIVES`] is refused, for the well-known ones.
+fn refusal(name: &str) -> Option<String> {
+    let owned = |key: &str| Some(format!("set by meduza from the `{key}` key"));
+    match name {
+        "dev" | "dev-type" | "dev-node" => owned("dev"),
+        "proto" => owned("proto"),
+        "port" | "lport" | "bind" | "nobind" => owned("port"),
+        "remote" | "rport" | "remote-random" => owned("remote"),
+        "ifconfig" => owned("ifconfig"),
+        "keepalive" | "ping" | "ping-restart" | "ping-exit" => owned("keepalive"),
+        "cipher" | "data-ciphers" | "data-ciphers-fallback" | "ncp-ciphers" => owned("cipher"),
+        "key-direction" => owned("key_direction"),
+        "secret" | "ca" | "cert" | "key" | "tls-auth" | "tls-crypt" => {
+            owned(&name.replace('-', "_"))
+        }
+        "tls-server" | "tls-client" | "mode" | "server" | "client" | "pull" | "dh" => {
+            Some("meduza runs point-to-point links; the TLS role follows proto and remote".into())
+        }
+        "persist-tun" | "persist-key" | "verb" | "mute" | "status-version" => {
+            Some("set by meduza (supervision and logging)".into())
+        }
+        "route" | "route-ipv6" | "route-gateway" | "redirect-gateway" | "redirect-private"
+        | "route-nopull" | "route-noexec" | "route-metric" | "route-delay" | "ifconfig-ipv6" => {
+            Some("routes over the tunnel come from FRR (openvpn/<name>/bgp/...)".into())
+        }
+        "comp-lzo" | "compress" | "allow-compression" | "comp-noadapt" => Some(
+            "compression before encryption leaks plaintext (VORACLE); OpenVPN 2.6 \
+             disables it by default"
+                .into(),
+        ),
+        "mark" => Some("packet marks belong to meduza's TPROXY rules".into()),
+        "user" | "group" | "chroot" | "daemon" | "nice" | "setcon" => {
+            Some("the supervisor owns the process (user, directory, priority)".into())
+        }
+        _ if name.starts_with("management") => {
+            Some("meduza owns the management interface (status)".into())
+        }
+        "up"
+        | "down"
+        | "route-up"
+        | "route-pre-down"
+        | "ipchange"
+        | "tls-verify"
+        | "learn-address"
+        | "client-connect"
+        | "client-disconnect"
+        | "auth-user-pass-verify"
+        | "plugin"
+        | "script-security"
+        | "iproute"
+        | "cd"
+        | "setenv"
+        | "setenv-safe"
+        | "up-restart"
+        | "down-pre"
+        | "up-delay"
+        | "config"
+        | "log"
+        | "log-append"
+        | "status"
+        | "writepid"
+        | "syslog"
+        | "tmp-dir"
+        | "replay-persist"
+        | "crl-verify"
+        | "capath"
+        | "pkcs12"
+        | "extra-certs"
+        | "askpass"
+        | "auth-user-pass"
+        | "tls-export-cert"
+        | "tls-crypt-v2"
+        | "peer-fingerprint"
+        | "http-proxy"
+        | "socks-proxy"
+        | "ifconfig-pool-persist"
+        | "client-config-dir"
+        | "echo"
+        | "dev-node-file" => Some(
+            "it runs a program or reads or writes a file on the gateway; values from \
+             etcd never do"
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
+/// Check the value of the passed-through directive `name` for an instance using
+/// `proto`. `Ok(None)`: a flag set to `false` (nothing written); `Ok(Some(args))`: the
+/// arguments as written after the name (empty for a flag).
+pub fn check_directive(
+    name: &str,
+    value: &str,
+    proto: OvpnProto,
+) -> Result<Option<String>, String> {
+    let Some((_, arg)) = DIRECTIVES.iter().find(|(n, _)| *n == name) else {
+        let allowed: Vec<&str> = DIRECTIVES.iter().map(|(n, _)| *n).collect();
+        let hyphen = name.replace('_', "-");
+        if hyphen != name && DIRECTIVES.iter().any(|(n, _)| *n == hyphen) {
+            return Err(format!(
+                "not a known key; the OpenVPN directive is spelled `{hyphen}`"
+            ));
+        }
+        return Err(match refusal(name) {
+            Some(why) => format!("OpenVPN directive `{name}` is not passed through: {why}"),
+            None => format!(
+                "not a known key nor an allowed OpenVPN directive (allowed: {})",
+                allowed.join(", ")
+            ),
+        });
+    };
+    // OpenVPN's config parser: `#`/`;` start comments, quotes and `\` escape, `<`/`>`
+    // open inline blocks. None is needed by an allowed directive.
+    if value.contains('\n') {
+        return Err("must be one line".into());
+    }
+    if let Some(c) = value.chars().find(|c| {
+        !(c.is_ascii_graphic() || *c == ' ')
+            || matches!(c, '#' | ';' | '"' | '\'' | '\\' | '<' | '>')
+    }) {
+        return Err(format!(
+            "character {c:?} is not allowed in a directive value"
+        ));
+    }
+    // openvpn(8): explicit-exit-notify is a UDP mechanism (TCP sees the close itself);
+    // float follows a peer whose UDP source address changes.
+    if matches!(name, "explicit-exit-notify" | "float") && proto != OvpnProto::Udp {
+        return Err(format!("`{name}` needs proto udp"));
+    }
+    let words: Vec<&str> = value.split_whitespace().collect();
+    let one = || match words.as_slice() {
+        [w] => Ok(*w),
+        _ => Err(format!("`{name}` takes one value")),
+    };
+    let uint = |w: &str, min: u64, max: u64| match w.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        Ok(_) => Err(format!("out of range {min}-{max}")),
+        Err(_) => Err("not a whole number".to_string()),
+    };
+    let args = match *arg {
+        DirectiveArg::Flag => {
+            return match one()? {
+                "true" => Ok(Some(String::new())),
+                "false" => Ok(None),
+                _ => Err(format!("`{name}` is a flag: \"true\" or \"false\"")),
+            }
+        }
+        DirectiveArg::Uint(min, max) => uint(one()?, min, max)?.to_string(),
+        DirectiveArg::Word(choices) => {
+            let w = one()?;
+            if !choices.contains(&w) {
+                return Err(format!("must be one of: {}", choices.join(", ")));
+            }
+            w.to_string()
+        }
+        DirectiveArg::Ip => one()?
+            .parse::<IpAddr>()
+            .map_err(|_| "not an IP address".to_string())?
+            .to_string(),
+        DirectiveArg::NameList => {
+            let w = one()?;
+            let ok = w.len() <= 256
+                && w.chars().all(|c| {
+                    c.is_ascii_alphanumeric()
+                        || matches!(c, '_' | '-' | '+' | '!' | '@' | '=' | '.' | ':')
+                });
+            if !ok || w.eq_ignore_ascii_case("none") {
+                return Err(
+                    "must be OpenSSL names separated by `:` (A-Z a-z 0-9 _ - + ! @ = .), \
+                     not `none`"
+                        .into(),
+                );
+            }
+            w.to_string()
+        }
+        DirectiveArg::RetrySecs => match words.as_slice() {
+            [n] => uint(n, 1, 3600)?.to_string(),
+            [n, max] => {
+                let n = uint(n, 1, 3600)?;
+                let max = uint(max, n, 86_400)?;
+                format!("{n} {max}")
+            }
+            _ => return Err("`connect-retry` is `seconds [max-seconds]`".into()),
+        },
+        DirectiveArg::SecsOrInfinite => match one()? {
+            "infinite" => "infinite".into(),
+            w => uint(w, 0, 86_400)?.to_string(),
+        },
+        DirectiveArg::TlsVersion => match words.as_slice() {
+            [v] if matches!(*v, "1.2" | "1.3") => (*v).to_string(),
+            [v, "or-highest"] if matches!(*v, "1.2" | "1.3") => format!("{v} or-highest"),
+            _ => return Err("must be `1.2` or `1.3`, optionally followed by `or-highest`".into()),
+        },
+        DirectiveArg::X509Name => {
+            let (n, kind) = match words.as_slice() {
+                [n] => (*n, None),
+                [n, k] => (*n, Some(*k)),
+                _ => return Err("`verify-x509-name` is `name [subject|name|name-prefix]`".into()),
+            };
+            let ok = n.len() <= 256
+                && n.chars().all(|c| {
+                    c.is_ascii_alphanumeric()
+                        || matches!(c, '.' | '_' | '-' | '@' | '=' | ',' | ':')
+                });
+            if !ok {
+                return Err("the name may hold A-Z a-z 0-9 . _ - @ = , : (no spaces)".into());
+            }
+            match kind {
+                None => n.to_string(),
+                Some(k) if matches!(k, "subject" | "name" | "name-prefix") => format!("{n} {k}"),
+                Some(_) => return Err("the type is subject, name or name-prefix".into()),
+            }
+        }
+    };
+    Ok(Some(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Config;
+    use crate::snapshot::Snapshot;
+
+    const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBbjCC\n-----END CERTIFICATE-----\n";
+    const KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEA\n-----END PRIVATE KEY-----\n";
+    const STATIC: &str = "#\n# 2048 bit OpenVPN static key\n#\n\
+        -----BEGIN OpenVPN Static key V1-----\n0123abcd\n\
+        -----END OpenVPN Static key V1-----\n";
+    const BASE: &str = "/nodes/a/openvpn/t/";
+
+    /// A TLS instance `t` on node `a` plus `extra` keys (relative to the instance).
+    fn snap(extra: &[(&str, &str)]) -> Snapshot {
+        let mut s = Snapshot::default();
+        for (k, v) in [
+            ("enable", "true"),
+            ("proto", "udp"),
+            ("ifconfig", "10.8.0.1 10.8.0.2"),
+            ("ca", CERT),
+            ("cert", CERT),
+            ("key", KEY),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            s.0.insert(format!("{BASE}{k}"), (*v).to_string());
+        }
+        s.0.retain(|_, v| !v.is_empty());
+        s
+    }
+
+    fn text(extra: &[(&str, &str)]) -> String {
+        let cfg = Config::parse(&snap(extra)).expect("validates");
+        let node = cfg.node("a").expect("node a");
+        config_text(node, &node.openvpn[0])
+    }
+
+    /// The `(key, reason)` of every error.
+    fn errors(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let e = Config::parse(&snap(extra)).expect_err("must be refused");
+        e.0.into_iter().map(|e| (e.key, e.reason)).collect()
+    }
+
+    fn refused(extra: &[(&str, &str)], key: &str, reason_part: &str) {
+        let errs = errors(extra);
+        assert!(
+            errs.iter()
+                .any(|(k, r)| k == &format!("{BASE}{key}") && r.contains(reason_part)),
+            "expected an error on {key} containing {reason_part:?}, got {errs:?}"
+        );
+    }
+
+    #[test]
+    fn tls_server_with_tls_auth_gets_key_direction_0_and_inline_blocks() {
+        let t = text(&[("tls_auth", STATIC)]);
+        assert!(t.contains("tls-server\ndh none\n"), "{t}");
+        assert!(t.contains("key-direction 0\n"), "{t}");
+        assert!(t.contains("<ca>\n-----BEGIN CERTIFICATE-----"), "{t}");
+        assert!(t.contains("<key>\n-----BEGIN PRIVATE KEY-----"), "{t}");
+        assert!(
+            t.contains("<tls-auth>\n#\n# 2048 bit OpenVPN static key\n"),
+            "{t}"
+        );
+        assert!(
+            t.ends_with("-----END OpenVPN Static key V1-----\n</tls-auth>\n"),
+            "{t}"
+        );
+        assert!(!t.contains("tls-crypt"), "{t}");
+        assert!(!t.contains("management"), "on the command line: {t}");
+    }
+
+    #[test]
+    fn tls_client_with_tls_crypt_needs_no_key_direction() {
+        let t = text(&[("remote", "192.0.2.1 1194"), ("tls_crypt", STATIC)]);
+        assert!(t.contains("tls-client\n"), "{t}");
+        assert!(!t.contains("tls-server"), "{t}");
+        assert!(!t.contains("key-direction"), "{t}");
+        assert!(t.contains("<tls-crypt>\n#\n"), "{t}");
+        assert!(t.ends_with("</tls-crypt>\n"), "{t}");
+        // tls_auth's client side: direction 1; an explicit key_direction wins.
+        let t = text(&[("remote", "192.0.2.1"), ("tls_auth", STATIC)]);
+        assert!(t.contains("key-direction 1\n"), "{t}");
+        let t = text(&[("tls_auth", STATIC), ("key_direction", "1")]);
+        assert!(t.contains("key-direction 1\n"), "{t}");
+    }
+
+    #[test]
+    fn management_socket_is_on_the_command_line() {
+        let cfg = Config::parse(&snap(&[])).expect("validates");
+        let node = cfg.node("a").expect("node a");
+        let env = RenderEnv {
+            default_gw: None,
+            clash_secret: String::new(),
+            bins: crate::render::Bins::default(),
+        };
+        let out = render(node, &node.openvpn[0], &env).expect("renders");
+        assert_eq!(
+            out.services[0].argv[1..],
+            [
+                "--config",
+                "/etc/openvpn/t.conf",
+                "--management",
+                "/var/run/meduza/openvpn-t.sock",
+                "unix"
+            ]
+        );
+        assert_eq!(out.files[0].mode, MODE_SECRET);
+    }
+
+    #[test]
+    fn allowed_directives_pass_through_sorted() {
+        let t = text(&[
+            ("tun-mtu", "1400"),
+            ("float", "true"),
+            ("mssfix", "0"),
+            ("explicit-exit-notify", "2"),
+            ("tls-version-min", "1.2 or-highest"),
+            ("verify-x509-name", "gw-b name"),
+            ("connect-retry", "2  30"),
+            (
+                "tls-cipher",
+                "TLS-ECDHE-ECDSA-WITH-AES-256-GCM-SHA384:@SECLEVEL=2",
+            ),
+            ("local", "10.99.0.11"),
+            ("remote-cert-tls", "client"),
+        ]);
+        let block: Vec<&str> = t
+            .lines()
+            .skip_while(|l| !l.starts_with("# Passed through from /nodes/a/openvpn/t/"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("tls-server"))
+            .collect();
+        assert_eq!(
+            block,
+            [
+                "connect-retry 2 30",
+                "explicit-exit-notify 2",
+                "float",
+                "local 10.99.0.11",
+                "mssfix 0",
+                "remote-cert-tls client",
+                "tls-cipher TLS-ECDHE-ECDSA-WITH-AES-256-GCM-SHA384:@SECLEVEL=2",
+                "tls-version-min 1.2 or-highest",
+                "tun-mtu 1400",
+                "verify-x509-name gw-b name",
+            ],
+            "{t}"
+        );
+        // A flag set to false writes nothing (nor the header line).
+        let t = text(&[("float", "false")]);
+        assert!(!t.contains("float") && !t.contains("Passed through"), "{t}");
+    }
+
+    #[test]
+    fn directives_that_run_programs_or_touch_files_are_refused_naming_the_key() {
+        for name in [
+            "up",
+            "down",
+            "route-up",
+            "tls-verify",
+            "plugin",
+            "script-security",
+            "iproute",
+            "config",
+            "cd",
+            "log",
+            "log-append",
+            "status",
+            "writepid",
+            "crl-verify",
+            "askpass",
+            "auth-user-pass",
+            "setenv",
+            "tls-crypt-v2",
+        ] {
+            refused(
+                &[(name, "/tmp/x")],
+                name,
+                "runs a program or reads or writes a file",
+            );
+        }
+        for name in ["management", "management-client-auth", "management-hold"] {
+            refused(&[(name, "/tmp/m.sock unix")], name, "management interface");
+        }
+        refused(&[("route", "10.0.0.0 255.0.0.0")], "route", "come from FRR");
+        refused(&[("redirect-gateway", "def1")], "redirect-gateway", "FRR");
+        refused(&[("compress", "lz4")], "compress", "VORACLE");
+        refused(&[("comp-lzo", "yes")], "comp-lzo", "VORACLE");
+        refused(&[("mark", "1")], "mark", "TPROXY");
+        refused(&[("user", "nobody")], "user", "supervisor");
+        refused(&[("verb", "9")], "verb", "set by meduza");
+        refused(&[("dev-type", "tap")], "dev-type", "`dev` key");
+        refused(&[("tls-auth", "x")], "tls-auth", "`tls_auth` key");
+        refused(
+            &[("data-ciphers", "AES-128-GCM")],
+            "data-ciphers",
+            "`cipher` key",
+        );
+        refused(&[("mode", "server")], "mode", "point-to-point");
+        refused(
+            &[("frobnicate", "1")],
+            "frobnicate",
+            "allowed: tun-mtu, mssfix",
+        );
+        refused(&[("tun_mtu", "1400")], "tun_mtu", "spelled `tun-mtu`");
+    }
+
+    #[test]
+    fn directive_values_are_checked() {
+        refused(&[("tun-mtu", "99")], "tun-mtu", "out of range 576-9000");
+        refused(&[("tun-mtu", "1400 1500")], "tun-mtu", "takes one value");
+        refused(&[("tun-mtu", "big")], "tun-mtu", "not a whole number");
+        refused(&[("float", "yes")], "float", "\"true\" or \"false\"");
+        refused(&[("local", "gw.example")], "local", "not an IP address");
+        refused(
+            &[("remote-cert-tls", "peer")],
+            "remote-cert-tls",
+            "server, client",
+        );
+        refused(
+            &[("tls-version-min", "1.0")],
+            "tls-version-min",
+            "`1.2` or `1.3`",
+        );
+        refused(&[("auth", "none")], "auth", "not `none`");
+        refused(&[("tls-cipher", "A:B C")], "tls-cipher", "takes one value");
+        refused(
+            &[("connect-retry", "30 5")],
+            "connect-retry",
+            "out of range 30-86400",
+        );
+        refused(
+            &[("verify-x509-name", "CN=a b c")],
+            "verify-x509-name",
+            "name [subject",
+        );
+        refused(
+            &[("verify-x509-name", "gw-b cn")],
+            "verify-x509-name",
+            "subject, name",
+        );
+        // Characters OpenVPN's parser gives a meaning: comments, quotes, escapes,
+        // inline blocks; and a second line.
+        for v in [
+            "1400 #x",
+            "1400;x",
+            "\"1400\"",
+            "14\\00",
+            "<ca>",
+            "1400\nup /bin/sh",
+        ] {
+            let errs = errors(&[("tun-mtu", v)]);
+            assert!(
+                errs.iter().any(|(k, _)| k == &format!("{BASE}tun-mtu")),
+                "{v:?} must be refused: {errs:?}"
+            );
+        }
+        // explicit-exit-notify and float are UDP mechanisms.
+        refused(
+            &[("proto", "tcp-server"), ("explicit-exit-notify", "1")],
+            "explicit-exit-notify",
+            "needs proto udp",
+        );
+        refused(
+            &[("proto", "tcp-server"), ("float", "true")],
+            "float",
+            "udp",
+        );
+    }
+
+    #[test]
+    fn refused_key_material_is_not_echoed() {
+        let e = Config::parse(&snap(&[("tls-crypt", STATIC)])).expect_err("refused");
+        let err = e.0.iter().find(|e| e.key == format!("{BASE}tls-crypt"));
+        let err = err.expect("an error on tls-crypt");
+        assert_eq!(err.value, "<redacted>");
+        assert!(err.reason.contains("`tls_crypt` key"), "{}", err.reason);
+        // A one-line value is shown, so the operator sees what was refused.
+        let e = Config::parse(&snap(&[("tun-mtu", "99")])).expect_err("refused");
+        assert_eq!(e.0[0].value, "99");
+    }
+
+    #[test]
+    fn inline_values_cannot_close_their_block() {
+        let evil = format!("{CERT}</ca>\nscript-security 2\nup /bin/sh\n<ca>\n");
+        refused(&[("ca", &evil)], "ca", "may start with `<`");
+        let evil = STATIC.replace("#\n", "  </tls-crypt>\n");
+        refused(&[("tls_crypt", &evil)], "tls_crypt", "may start with `<`");
+        refused(
+            &[("key", &format!("{KEY}\u{1b}[2J"))],
+            "key",
+            "printable ASCII",
+        );
+        assert!(check_inline(STATIC).is_ok());
+        assert!(check_inline(CERT).is_ok());
+    }
+
+    #[test]
+    fn key_material_must_form_one_mode() {
+        refused(
+            &[("tls_auth", STATIC), ("tls_crypt", STATIC)],
+            "tls_crypt",
+            "mutually exclusive",
+        );
+        refused(&[("secret", STATIC)], "secret", "cannot be combined");
+        refused(&[("cert", "")], "cert", "ca, cert and key go together");
+        refused(
+            &[("ca", ""), ("cert", ""), ("key", "")],
+            "secret",
+            "needs a static secret",
+        );
+        refused(&[("ca", "/etc/openvpn/ca.crt")], "ca", "not a file path");
+        refused(
+            &[("tls_auth", "/etc/openvpn/ta.key")],
+            "tls_auth",
+            "-----BEGIN",
+        );
+    }
 }
