@@ -24,10 +24,21 @@ struct Cli {
 enum Cmd {
     /// The gateway agent: watch etcd, reconcile, supervise children, serve DNS and the API.
     Run(meduza::daemon::RunArgs),
-    /// Validate a snapshot; prints every error as `key: value: reason` (exit 2).
+    /// Validate a snapshot; prints every error as `key: value: reason` (exit 2) and
+    /// every unknown key as `warning: key: reason` (no effect on the exit code).
     Validate {
         #[arg(long)]
         snapshot: PathBuf,
+    },
+    /// Validate the live keys, show each node's change against the previous commit,
+    /// and bump /commit in one transaction that fails if a key changed meanwhile
+    /// (exit 0 committed or dry run, 2 invalid, 3 changed since validation).
+    Commit(meduza::commit::CommitArgs),
+    /// Confirm a commit made with `--confirm` (writes /confirmed; default: the current
+    /// /commit revision). Gateways roll such a commit back unless confirmed in time.
+    Confirm {
+        #[arg(long)]
+        revision: Option<i64>,
     },
     /// Render the files one node would get into DIR (as if DIR were MEDUZA_ROOT).
     Render {
@@ -162,19 +173,36 @@ fn invalid(errors: &[meduza_generators::ValidationError]) -> ExitCode {
     ExitCode::from(offline::EXIT_INVALID as u8)
 }
 
+/// `meduza validate`'s result: `ok: <n> node(s): ...` or the errors (exit 2).
+fn validated(
+    cfg: Result<meduza_generators::Config, Vec<meduza_generators::ValidationError>>,
+) -> anyhow::Result<ExitCode> {
+    match cfg {
+        Ok(cfg) => {
+            println!(
+                "ok: {} node(s): {}",
+                cfg.nodes.len(),
+                cfg.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => Ok(invalid(&errors)),
+    }
+}
+
 async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Validate { snapshot } => match offline::validate(&snapshot) {
-            Ok(cfg) => {
-                println!(
-                    "ok: {} node(s): {}",
-                    cfg.nodes.len(),
-                    cfg.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(errors) => Ok(invalid(&errors)),
-        },
+        Cmd::Validate { snapshot } => {
+            let (cfg, warnings) = offline::validate_checked(&snapshot);
+            offline::print_warnings(&warnings);
+            validated(cfg)
+        }
+        Cmd::Commit(args) => {
+            let config = EtcdConfig::from_args(&cli.etcd)?;
+            let (text, code) = meduza::commit::run(&args, &config).await?;
+            print!("{text}");
+            Ok(ExitCode::from(code))
+        }
         Cmd::Render {
             snapshot,
             node,
@@ -250,6 +278,12 @@ async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Resu
         }
         Cmd::Supervise(args) => {
             meduza::supervise::cli::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Confirm { revision } => {
+            let kv = EtcdKv::new(EtcdConfig::from_args(&cli.etcd)?);
+            let rev = meduza::reconcile::rollback::confirm(&kv, revision).await?;
+            println!("confirmed revision {rev}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Etcd(cmd) => {

@@ -1,14 +1,15 @@
 //! Offline commands: `validate`, `render` and the predecessor's `gen <tool>`.
 //!
 //! Owns: reading a snapshot file and running the same parse → render pipeline the
-//! daemon runs, printing errors as `key: value: reason` (exit 2) or writing the files
+//! daemon runs, printing errors as `key: value: reason` (exit 2) and unknown keys as
+//! `warning: key: reason` (exit unchanged), or writing the files
 //! a gateway would get. Must not: talk to etcd, start processes or touch the system.
 
 use crate::boot::Tool;
 use crate::files::Fs as _;
 use crate::files::RootFs;
 use meduza_generators::render::{self, Bins, RenderEnv};
-use meduza_generators::{Config, Snapshot, ValidationError};
+use meduza_generators::{Config, Snapshot, ValidationError, Warning};
 use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::net::IpAddr;
@@ -61,14 +62,31 @@ pub fn read_snapshot(path: &Path) -> Result<Snapshot, Vec<ValidationError>> {
 
 /// Parse and validate a snapshot; on failure, every error.
 pub fn validate(path: &Path) -> Result<Config, Vec<ValidationError>> {
-    let snap = read_snapshot(path)?;
-    Config::parse(&snap).map_err(|e| e.0)
+    validate_checked(path).0
+}
+
+/// [`validate`] plus the warnings (unknown keys), which never make it fail.
+pub fn validate_checked(path: &Path) -> (Result<Config, Vec<ValidationError>>, Vec<Warning>) {
+    match read_snapshot(path) {
+        Ok(snap) => {
+            let (cfg, warnings) = Config::parse_checked(&snap);
+            (cfg.map_err(|e| e.0), warnings)
+        }
+        Err(errors) => (Err(errors), Vec::new()),
+    }
 }
 
 /// Print errors one per line as `key: value: reason` on stderr.
 pub fn print_errors(errors: &[ValidationError]) {
     for e in errors {
         eprintln!("{e}");
+    }
+}
+
+/// Print warnings one per line as `warning: key: reason` on stderr.
+pub fn print_warnings(warnings: &[Warning]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
     }
 }
 

@@ -17,5 +17,6 @@ pub mod snapshot;
 
 pub use error::{ValidationError, ValidationErrors};
 pub use model::Config;
+pub use parse::Warning;
 pub use render::{render_node, Domain, DomainOutput, FileOut, RenderEnv, Rendered};
 pub use snapshot::Snapshot;

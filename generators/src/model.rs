@@ -125,7 +125,16 @@ pub struct Global {
     pub fleet_proxy: Option<String>,
     /// `/fleet/nodes/<id>/api_url`.
     pub fleet_nodes: BTreeMap<String, String>,
+    /// `/global/confirm_timeout`: seconds a gateway waits, after applying a commit,
+    /// for an etcd round trip before it rolls back (docs/operations.md).
+    #[serde(skip)]
+    pub confirm_timeout_secs: u64,
 }
+
+/// `confirm_timeout`: default and accepted range, in seconds.
+pub const CONFIRM_TIMEOUT_DEFAULT_SECS: u64 = 90;
+pub const CONFIRM_TIMEOUT_MIN_SECS: u64 = 10;
+pub const CONFIRM_TIMEOUT_MAX_SECS: u64 = 3600;
 
 /// The EasyTier release whose config format the generator writes: the firmware's
 /// `easytier` package and the tests' `easytier-core` (crates.io) are this version.
@@ -423,6 +432,9 @@ pub struct Node {
     pub tunnels: Vec<Tunnel>,
     #[serde(skip)]
     pub api_token: Option<String>,
+    /// `/nodes/<id>/confirm_timeout`, else the global value.
+    #[serde(skip)]
+    pub confirm_timeout_secs: u64,
 }
 
 /// The whole validated snapshot.
@@ -439,6 +451,13 @@ pub struct Config {
 impl Config {
     /// Parse and validate every key; all errors are returned together.
     pub fn parse(snap: &Snapshot) -> Result<Self, ValidationErrors> {
+        Self::parse_checked(snap).0
+    }
+
+    /// [`Config::parse`] plus the warnings: the keys under `/global/` and
+    /// `/nodes/<id>/` the model never read ([`Reader::unknown_keys`]), whether or not
+    /// the snapshot has errors. Warnings never block an apply.
+    pub fn parse_checked(snap: &Snapshot) -> (Result<Self, ValidationErrors>, Vec<parse::Warning>) {
         let mut r = Reader::new(snap);
         let global = parse_global(&mut r);
         let mut nodes = BTreeMap::new();
@@ -453,8 +472,9 @@ impl Config {
         let dns_hosts = parse_hosts(&mut r);
         cross_checks(&mut r, &global, &nodes);
         let commit = r.str("/commit").map(str::to_string);
+        let warnings = r.unknown_keys();
         let mut errors = r.errors;
-        if errors.is_empty() {
+        let result = if errors.is_empty() {
             Ok(Self {
                 global,
                 nodes,
@@ -465,7 +485,8 @@ impl Config {
             errors.sort_by(|a, b| a.key.cmp(&b.key).then(a.value.cmp(&b.value)));
             errors.dedup();
             Err(ValidationErrors(errors))
-        }
+        };
+        (result, warnings)
     }
 
     pub fn node(&self, id: &str) -> Option<&Node> {
@@ -614,7 +635,13 @@ fn parse_global(r: &mut Reader<'_>) -> Global {
         dns_upstreams,
         fleet_proxy,
         fleet_nodes,
+        confirm_timeout_secs: confirm_timeout(r, "/global/confirm_timeout")
+            .unwrap_or(CONFIRM_TIMEOUT_DEFAULT_SECS),
     }
+}
+
+fn confirm_timeout(r: &mut Reader<'_>, key: &str) -> Option<u64> {
+    r.u64_in(key, CONFIRM_TIMEOUT_MIN_SECS, CONFIRM_TIMEOUT_MAX_SECS)
 }
 
 /// `<base>clash/health/*` (`base` is `/global/` or `/nodes/<id>/`): each key present
@@ -835,6 +862,9 @@ fn parse_ovpn_directives(
     let mut out = BTreeMap::new();
     for (key, value) in snap.prefix(base) {
         let leaf = &key[base.len()..];
+        if !leaf.contains('/') {
+            r.note(key); // a known key or a directive, checked below
+        }
         let value = value.trim();
         if leaf.is_empty() || leaf.contains('/') || OPENVPN_KEYS.contains(&leaf) || value.is_empty()
         {
@@ -928,6 +958,8 @@ fn check_ovpn_keys(r: &mut Reader<'_>, b: &str, inst: &OpenVpn) {
 fn parse_bgp_peer(r: &mut Reader<'_>, base: &str) -> Option<BgpPeer> {
     let k = |s: &str| format!("{base}bgp/{s}");
     if !r.bool(&k("enable"), false) {
+        // A disabled peer may keep its keys: not unknown, only unused.
+        r.note_subtree(&k(""));
         return None;
     }
     let peer_asn = r.u32_in(&k("peer_asn"), 1, u32::MAX);
@@ -1395,6 +1427,8 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
         services,
         tunnels,
         api_token,
+        confirm_timeout_secs: confirm_timeout(r, &k("confirm_timeout"))
+            .unwrap_or(global.confirm_timeout_secs),
     }
 }
 
@@ -1861,6 +1895,35 @@ mod tests {
         );
         assert_eq!(health(&keys, "b").url, "http://cp.cloudflare.com/");
         assert_eq!(health(&keys, "b").timeout_ms, 3000);
+    }
+
+    #[test]
+    fn confirm_timeout_defaults_global_and_node_override() {
+        let cfg = parse(&[
+            ("/nodes/a/lan", "10.0.0.0/24"),
+            ("/nodes/b/lan", "10.1.0.0/24"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.node("a").unwrap().confirm_timeout_secs, 90);
+        let cfg = parse(&[
+            ("/global/confirm_timeout", "120"),
+            ("/nodes/a/confirm_timeout", "10"),
+            ("/nodes/b/lan", "10.1.0.0/24"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.node("a").unwrap().confirm_timeout_secs, 10);
+        assert_eq!(cfg.node("b").unwrap().confirm_timeout_secs, 120);
+        for (key, value) in [
+            ("/global/confirm_timeout", "9"),
+            ("/nodes/a/confirm_timeout", "3601"),
+            ("/nodes/a/confirm_timeout", "90s"),
+        ] {
+            let errs = parse(&[(key, value)]).expect_err(value);
+            assert_eq!(
+                (errs.0[0].key.as_str(), errs.0[0].value.as_str()),
+                (key, value)
+            );
+        }
     }
 
     #[test]

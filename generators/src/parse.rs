@@ -1,18 +1,69 @@
 //! Typed readers for etcd values. Each reader records a [`ValidationError`] naming the
 //! key and value when the value does not parse, and returns `None`/the default so the
 //! rest of the snapshot is still checked (all errors are reported together).
+//!
+//! The reader also records every key the model asks for, present or not: that is the
+//! model's vocabulary, owned by the parser itself rather than a second list of key
+//! names. A key under `/global/` or `/nodes/<id>/` that was never asked for is an
+//! unknown key ([`Reader::unknown_keys`]): a warning, with the nearest asked-for key as
+//! a "did you mean". Warnings never block an apply.
 
 use crate::error::ValidationError;
 use crate::snapshot::{split_ml, Snapshot};
 use ipnet::IpNet;
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
+
+/// A key the model does not know (`/nodes/gw-a/lann`), with the nearest key it does
+/// know when one is close. Published at `/updated/<id>/warnings`; never blocks.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Warning {
+    pub key: String,
+    /// `unknown key` or `unknown key; did you mean /nodes/gw-a/lan?`.
+    pub reason: String,
+    /// The suggested key, also named in `reason`.
+    #[serde(default)]
+    pub did_you_mean: Option<String>,
+}
+
+impl Warning {
+    /// An unknown key, with its suggestion.
+    pub fn unknown_key(key: &str, did_you_mean: Option<String>) -> Self {
+        let reason = match &did_you_mean {
+            Some(k) => format!("unknown key; did you mean {k}?"),
+            None => "unknown key".to_string(),
+        };
+        Self {
+            key: key.to_string(),
+            reason,
+            did_you_mean,
+        }
+    }
+
+    /// Whether node `id` shows this warning: its own keys and the global ones.
+    pub fn concerns_node(&self, id: &str) -> bool {
+        self.key.starts_with("/global/") || self.key.starts_with(&format!("/nodes/{id}/"))
+    }
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
 
 /// Reads keys of one snapshot and collects every error.
 #[derive(Debug)]
 pub struct Reader<'a> {
     pub snap: &'a Snapshot,
     pub errors: Vec<ValidationError>,
+    /// Every key asked for, present or not: the vocabulary behind [`Self::unknown_keys`].
+    asked: RefCell<BTreeSet<String>>,
+    /// Subtrees (prefixes ending in `/`) the model looked at as a whole: a rejected
+    /// name (its error says so) or a disabled section it skips.
+    subtrees: RefCell<BTreeSet<String>>,
 }
 
 impl<'a> Reader<'a> {
@@ -20,12 +71,19 @@ impl<'a> Reader<'a> {
         Self {
             snap,
             errors: Vec::new(),
+            asked: RefCell::new(BTreeSet::new()),
+            subtrees: RefCell::new(BTreeSet::new()),
         }
     }
 
     /// Record an error. The value of a secret key (tokens, private keys, secrets,
     /// passwords) is never echoed: errors are published to etcd and the node API.
+    /// An error on a prefix (`/nodes/bad id/`) rejects its whole subtree, so its keys
+    /// are not reported again as unknown.
     pub fn error(&mut self, key: &str, value: &str, reason: impl Into<String>) {
+        if key.ends_with('/') {
+            self.note_subtree(key);
+        }
         let shown = if is_secret_key(key) && !value.is_empty() {
             "<redacted>"
         } else {
@@ -34,13 +92,52 @@ impl<'a> Reader<'a> {
         self.errors.push(ValidationError::new(key, shown, reason));
     }
 
+    /// Mark `key` as read by the model (for code that iterates [`Self::snap`] itself).
+    pub fn note(&self, key: &str) {
+        self.asked.borrow_mut().insert(key.to_string());
+    }
+
+    /// Mark every key under `prefix` as read: a section the model skips on purpose
+    /// (a disabled BGP peer keeps its keys without warnings).
+    pub fn note_subtree(&self, prefix: &str) {
+        self.subtrees.borrow_mut().insert(prefix.to_string());
+    }
+
+    /// The keys under `/global/` and `/nodes/<id>/` the model never asked for, each
+    /// with the nearest key it did ask for in the same scope ([`suggest`]). Call after
+    /// parsing the whole snapshot.
+    pub fn unknown_keys(&self) -> Vec<Warning> {
+        let asked = self.asked.borrow();
+        let subtrees = self.subtrees.borrow();
+        let mut out = Vec::new();
+        for (key, _) in self.snap.prefix("/") {
+            let Some(scope) = key_scope(key) else {
+                continue;
+            };
+            if key.len() == scope.len()
+                || asked.contains(key)
+                || subtrees.iter().any(|p| key.starts_with(p.as_str()))
+            {
+                continue;
+            }
+            let in_scope = asked
+                .range(scope.to_string()..)
+                .take_while(|k| k.starts_with(scope))
+                .map(String::as_str);
+            out.push(Warning::unknown_key(key, suggest(key, in_scope)));
+        }
+        out
+    }
+
     /// The raw value, trimmed; `None` when absent or blank.
     pub fn str(&self, key: &str) -> Option<&'a str> {
+        self.note(key);
         self.snap.get(key).map(str::trim).filter(|v| !v.is_empty())
     }
 
     /// The raw value untrimmed (certificates, YAML), `None` when absent or blank.
     pub fn text(&self, key: &str) -> Option<String> {
+        self.note(key);
         self.snap
             .get(key)
             .filter(|v| !v.trim().is_empty())
@@ -67,11 +164,14 @@ impl<'a> Reader<'a> {
             let base = format!("{prefix}{name}/");
             match validate_name(&name) {
                 Ok(()) => out.push((name, base)),
-                Err(reason) => self.error(
-                    &format!("{base}{leaf}"),
-                    &name,
-                    format!("{what} name: {reason}"),
-                ),
+                Err(reason) => {
+                    self.note_subtree(&base);
+                    self.error(
+                        &format!("{base}{leaf}"),
+                        &name,
+                        format!("{what} name: {reason}"),
+                    )
+                }
             }
         }
         out
@@ -103,6 +203,7 @@ impl<'a> Reader<'a> {
         key: &str,
         mut parse: impl FnMut(&str) -> Result<T, String>,
     ) -> Vec<T> {
+        self.note(key);
         let Some(raw) = self.snap.get(key) else {
             return Vec::new();
         };
@@ -154,6 +255,7 @@ impl<'a> Reader<'a> {
 
     pub fn ports(&mut self, key: &str) -> Vec<u16> {
         // Accept newline-, comma- or space-separated ports.
+        self.note(key);
         let Some(raw) = self.snap.get(key) else {
             return Vec::new();
         };
@@ -187,6 +289,63 @@ impl<'a> Reader<'a> {
         self.error(key, raw, format!("must be one of: {}", names.join(", ")));
         default
     }
+}
+
+/// The scope a key's unknown-ness is judged in: `/global/` or `/nodes/<id>/`; `None`
+/// for keys outside the model's sections (`/commit`, `/dns/hosts/`, `/fleet/`, ...).
+fn key_scope(key: &str) -> Option<&str> {
+    if key.starts_with("/global/") {
+        return Some("/global/");
+    }
+    let rest = key.strip_prefix("/nodes/")?;
+    let id_len = rest.find('/')?;
+    Some(&key[.."/nodes/".len() + id_len + 1])
+}
+
+/// The "did you mean" of an unknown key: the nearest candidate within two edits
+/// (Levenshtein: `lann` → `lan`, `enabel` → `enable`; one edit when the last segment
+/// is shorter than 6 characters, else `asn` would suggest `lan`), else the only
+/// candidate with the same last segment at another level (`/nodes/a/asn` →
+/// `/nodes/a/bgp/asn`).
+pub fn suggest<'k>(key: &str, candidates: impl IntoIterator<Item = &'k str>) -> Option<String> {
+    let last = |k: &'k str| k.rsplit('/').next().unwrap_or(k);
+    let key_last = key.rsplit('/').next().unwrap_or(key);
+    let max = (key_last.chars().count() / 3).clamp(1, 2);
+    let mut best: Option<(usize, &str)> = None;
+    let mut same_last: Vec<&str> = Vec::new();
+    for c in candidates {
+        let d = levenshtein(key, c);
+        if d <= max && best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+        if last(c) == key_last && !same_last.contains(&c) {
+            same_last.push(c);
+        }
+    }
+    match (best, same_last.as_slice()) {
+        (Some((_, c)), _) => Some(c.to_string()),
+        (None, [only]) => Some((*only).to_string()),
+        _ => None,
+    }
+}
+
+/// Edit distance (insertions, deletions, substitutions) between two keys, by chars.
+/// Hand-written: a dozen lines, not worth a dependency.
+pub fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1)
+                .min(row[j] + 1)
+                .min(diag + usize::from(ca != *cb));
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 /// Keys whose values are secrets: their last path segment names a token, key,
@@ -366,6 +525,117 @@ mod tests {
         r.error("/nodes/a/lan", "x", "not a CIDR");
         assert_eq!(r.errors[0].value, "<redacted>");
         assert_eq!(r.errors[1].value, "x");
+    }
+
+    fn warnings_of(keys: &[(&str, &str)]) -> Vec<Warning> {
+        let mut snap = Snapshot::default();
+        for (k, v) in keys {
+            snap.0.insert((*k).to_string(), (*v).to_string());
+        }
+        crate::Config::parse_checked(&snap).1
+    }
+
+    #[test]
+    fn misspelled_node_key_warns_with_did_you_mean() {
+        let w = warnings_of(&[
+            ("/nodes/gw-a/lan", "10.0.0.0/24"),
+            ("/nodes/gw-a/lann", "10.0.1.0/24"),
+        ]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(
+            w[0].to_string(),
+            "/nodes/gw-a/lann: unknown key; did you mean /nodes/gw-a/lan?"
+        );
+        assert_eq!(w[0].did_you_mean.as_deref(), Some("/nodes/gw-a/lan"));
+        assert!(w[0].concerns_node("gw-a") && !w[0].concerns_node("gw-b"));
+    }
+
+    #[test]
+    fn known_keys_absent_keys_and_other_sections_give_no_warning() {
+        // `lan` is asked for although absent, so `lann` still finds it.
+        let w = warnings_of(&[
+            ("/nodes/a/lann", "10.0.1.0/24"),
+            ("/nodes/a/tinc/enable", "false"),
+            ("/global/mesh_type", "tinc"),
+            ("/commit", "1"),
+            ("/dns/hosts/x", "10.0.0.1"),
+            ("/fleet/anything", "x"),
+            ("/updated/a/online", "1"),
+        ]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].did_you_mean.as_deref(), Some("/nodes/a/lan"));
+    }
+
+    #[test]
+    fn suggestions_by_edit_distance_or_by_last_segment() {
+        let w = warnings_of(&[
+            ("/global/mesh_typ", "tinc"),
+            ("/nodes/a/bgp/asnn", "65000"),
+            ("/nodes/a/asn", "65000"),
+            ("/nodes/a/totally/unrelated", "x"),
+        ]);
+        let got: Vec<(&str, Option<&str>)> = w
+            .iter()
+            .map(|w| (w.key.as_str(), w.did_you_mean.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("/global/mesh_typ", Some("/global/mesh_type")),
+                ("/nodes/a/asn", Some("/nodes/a/bgp/asn")),
+                ("/nodes/a/bgp/asnn", Some("/nodes/a/bgp/asn")),
+                ("/nodes/a/totally/unrelated", None),
+            ]
+        );
+        assert_eq!(w[3].to_string(), "/nodes/a/totally/unrelated: unknown key");
+    }
+
+    #[test]
+    fn named_children_disabled_peers_and_directives_are_known() {
+        let w = warnings_of(&[
+            ("/nodes/a/openvpn/office/enable", "false"),
+            ("/nodes/a/openvpn/office/verb", "3"),
+            ("/nodes/a/openvpn/office/bgp/peer_asn", "65001"),
+            ("/nodes/a/openvpn/office/enabel", "true"),
+            ("/nodes/a/wireguard/wg1/peer/p1/public_key", "x"),
+            ("/nodes/a/wireguard/wg1/peer/p1/publickey", "x"),
+        ]);
+        let keys: Vec<(&str, Option<&str>)> = w
+            .iter()
+            .map(|w| (w.key.as_str(), w.did_you_mean.as_deref()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![(
+                "/nodes/a/wireguard/wg1/peer/p1/publickey",
+                Some("/nodes/a/wireguard/wg1/peer/p1/public_key")
+            )],
+            "`enabel` is an unknown directive, already an error; {w:?}"
+        );
+    }
+
+    #[test]
+    fn the_documented_example_has_no_unknown_keys() {
+        let text = include_str!("../../docs/examples/three-nodes.json");
+        let snap = Snapshot::from_json(text).expect("example is JSON");
+        let (cfg, w) = crate::Config::parse_checked(&snap);
+        assert!(cfg.is_ok());
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn a_rejected_node_id_is_one_error_not_a_warning_per_key() {
+        let w = warnings_of(&[("/nodes/bad id/lan", "10.0.0.0/24")]);
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn levenshtein_distances() {
+        assert_eq!(levenshtein("lan", "lan"), 0);
+        assert_eq!(levenshtein("lann", "lan"), 1);
+        assert_eq!(levenshtein("enabel", "enable"), 2);
+        assert_eq!(levenshtein("", "abc"), 3);
+        assert_eq!(suggest("/x/abcdef", ["/x/zzzzzz"]), None);
     }
 
     #[test]

@@ -47,6 +47,21 @@ pub struct FailoverEntry {
     pub reason: String,
 }
 
+/// `rollback`: the last automatic rollback (docs/operations.md, "Automatic rollback").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackEntry {
+    /// The commit revision that was rolled back (and is not applied again).
+    pub revision: i64,
+    pub reason: String,
+    /// When it was rolled back, seconds since the epoch (like `ts` elsewhere).
+    pub at: u64,
+}
+
+/// The JSON object for `rollback`.
+pub fn rollback_value(entry: &RollbackEntry) -> String {
+    serde_json::to_string(entry).unwrap_or_else(|_| "{}".to_owned())
+}
+
 /// Seconds since the epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -72,6 +87,12 @@ pub fn state_value(state: &str, ts: u64, detail: Option<&str>) -> String {
         Some(d) if !d.is_empty() => format!("{state} {ts} {d}"),
         _ => format!("{state} {ts}"),
     }
+}
+
+/// The JSON array for `warnings` (`[]` when none): the node's and the global unknown
+/// keys, `{key, reason, did_you_mean}` (`meduza_generators::Warning`).
+pub fn warnings_value(warnings: &[meduza_generators::Warning]) -> String {
+    serde_json::to_string(warnings).unwrap_or_else(|_| "[]".to_owned())
 }
 
 /// The JSON array for `errors` (`[]` when none).

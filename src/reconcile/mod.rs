@@ -3,11 +3,14 @@
 //!
 //! Owns: pass sequencing (never overlapping; triggers arriving during a pass coalesce
 //! into one more pass), per-domain change detection, file writes through [`Fs`], the
-//! last-good snapshot in `MEDUZA_STATE_DIR`, and the `applied`/`errors`/`last` status.
+//! last-good and previous-good snapshots in `MEDUZA_STATE_DIR`, the automatic
+//! rollback of a commit that cut the gateway off etcd ([`rollback`]), and the
+//! `applied`/`errors`/`last`/`rollback` status.
 //! Must not: talk to etcd, processes, netlink or sockets directly — those are behind
 //! [`ConfigSource`] and [`Effects`], so a pass is testable with fakes.
 
 pub mod plan;
+pub mod rollback;
 
 use crate::backoff::{Backoff, Jitter};
 use crate::files::{write_atomic, Fs};
@@ -62,6 +65,23 @@ pub trait ConfigSource: Send {
     /// The snapshot of every key the generators need, and `/commit`'s mod revision
     /// (0 when `/commit` is absent).
     fn load(&mut self) -> impl Future<Output = Result<(Snapshot, i64), String>> + Send;
+
+    /// One etcd round trip while a commit waits for confirmation, reading
+    /// `/confirmed` ([`rollback::CONFIRMED_KEY`]; `None` when absent). The default (a
+    /// source that is not etcd) always answers.
+    fn probe(&mut self) -> impl Future<Output = Result<Option<i64>, String>> + Send {
+        std::future::ready(Ok(None))
+    }
+
+    /// The confirm window (seconds) of commit `revision` when it was made with
+    /// `meduza commit --confirm` ([`rollback::COMMIT_CONFIRM_KEY`]), else `None`.
+    fn commit_confirm(
+        &mut self,
+        revision: i64,
+    ) -> impl Future<Output = Result<Option<u64>, String>> + Send {
+        let _ = revision;
+        std::future::ready(Ok(None))
+    }
 }
 
 /// The effects of a pass on the rest of the daemon. Each is level-triggered: it is
@@ -123,6 +143,13 @@ pub struct Reconciler<S, E> {
     first_pass_done: bool,
     /// Waits between retries of a pass whose snapshot could not be loaded.
     retry: Backoff,
+    /// The confirm/rollback state (persisted in the state directory).
+    rollback: rollback::State,
+    /// When the last apply finished while a commit is pending: only etcd round trips
+    /// started after it confirm the commit.
+    armed_at: Option<Instant>,
+    /// Wall-clock seconds since the epoch: confirm windows survive a reboot.
+    clock: fn() -> u64,
 }
 
 pub use crate::etcd::status::unix_now;
@@ -147,12 +174,51 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             applied_revision: None,
             first_pass_done: false,
             retry: retry_backoff(),
+            rollback: rollback::State::default(),
+            armed_at: None,
+            clock: unix_now,
         }
+        .with_rollback_state()
+    }
+
+    /// Loads the rollback state; republishes the last rollback (the publisher may
+    /// not have written it before a restart). A pending commit that is not the last
+    /// good snapshot was interrupted before it was saved: dropped (etcd's copy is
+    /// applied and armed again).
+    fn with_rollback_state(mut self) -> Self {
+        self.rollback = rollback::State::load(&self.state_dir);
+        let last_good = read_snapshot_file(&self.last_good_path()).map(|(_, r)| r);
+        if let Some(p) = &self.rollback.pending {
+            if last_good != Some(p.revision) {
+                warn!(
+                    revision = p.revision,
+                    "pending commit was never saved; its window is dropped"
+                );
+                self.rollback.pending = None;
+            } else {
+                info!(
+                    revision = p.revision,
+                    deadline = p.deadline(),
+                    "commit still unconfirmed from the last run; its window resumes"
+                );
+            }
+        }
+        if let Some(entry) = &self.rollback.last {
+            self.effects
+                .publish("rollback", crate::etcd::status::rollback_value(entry));
+        }
+        self
     }
 
     /// Replace the snapshot-retry backoff ([`retry_backoff`] by default).
     pub fn with_retry_backoff(mut self, retry: Backoff) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Replace the wall clock of the confirm windows ([`unix_now`] by default).
+    pub fn with_clock(mut self, clock: fn() -> u64) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -162,6 +228,16 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
 
     fn last_good_path(&self) -> PathBuf {
         self.state_dir.join("last-good.json")
+    }
+
+    /// The good configuration before the last good one: what a rollback restores.
+    fn previous_good_path(&self) -> PathBuf {
+        self.state_dir.join("previous-good.json")
+    }
+
+    /// The persisted rollback state (tests).
+    pub fn rollback_state(&self) -> &rollback::State {
+        &self.rollback
     }
 
     /// Run passes until the trigger channel closes. Triggers that arrive during a pass
@@ -176,14 +252,22 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         mut triggers: mpsc::Receiver<Trigger>,
         mut on_pass: impl FnMut(&PassReport, std::time::Duration) + Send,
     ) {
-        let mut retry_in: Option<std::time::Duration> = None;
+        let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
-            let first = match retry_in {
-                None => triggers.recv().await,
-                Some(delay) => tokio::select! {
-                    t = triggers.recv() => t,
-                    _ = tokio::time::sleep(delay) => Some(Trigger::Retry),
-                },
+            // While a commit is pending, probe etcd every PROBE_INTERVAL, and once
+            // more when its window ends.
+            let confirm_at = self.rollback.pending.as_ref().map(|p| {
+                let left = p.deadline().saturating_sub((self.clock)());
+                tokio::time::Instant::now()
+                    + rollback::PROBE_INTERVAL.min(std::time::Duration::from_secs(left))
+            });
+            let first = tokio::select! {
+                t = triggers.recv() => t,
+                _ = sleep_until_opt(retry_at), if retry_at.is_some() => Some(Trigger::Retry),
+                _ = sleep_until_opt(confirm_at), if confirm_at.is_some() => {
+                    self.check_confirm().await;
+                    continue;
+                }
             };
             let Some(mut why) = first else { return };
             while let Ok(next) = triggers.try_recv() {
@@ -192,13 +276,13 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             let started = Instant::now();
             let report = self.pass(&why).await;
             on_pass(&report, started.elapsed());
-            retry_in = if report.source_failed {
+            retry_at = if report.source_failed {
                 let next = self.retry.next();
                 info!(
                     retry_in_ms = next.as_millis() as u64,
                     "snapshot not loaded; pass will be retried"
                 );
-                Some(next)
+                Some(tokio::time::Instant::now() + next)
             } else {
                 self.retry.reset();
                 None
@@ -210,7 +294,41 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
     pub async fn pass(&mut self, why: &Trigger) -> PassReport {
         let started = Instant::now();
         let loaded = self.source.load().await;
+        if loaded.is_ok() {
+            self.round_trip(started, None).await;
+        } else {
+            self.feed(rollback::Event::Tick).await;
+        }
         let (snapshot, revision, from_last_good) = match loaded {
+            Ok((_, rev)) if self.rollback.is_refused(rev) => {
+                if self.first_pass_done {
+                    info!(
+                        revision = rev,
+                        "revision was rolled back; not applied again (a newer commit will be)"
+                    );
+                    return PassReport {
+                        revision: rev,
+                        ..PassReport::default()
+                    };
+                }
+                // First pass of this run: bring up what the rollback restored.
+                match self.load_last_good() {
+                    Some((snap, good)) => {
+                        warn!(
+                            revision = rev,
+                            restored = good,
+                            "revision was rolled back; applying the last good snapshot"
+                        );
+                        (snap, good, true)
+                    }
+                    None => {
+                        return PassReport {
+                            revision: rev,
+                            ..PassReport::default()
+                        }
+                    }
+                }
+            }
             Ok((snap, rev)) => (snap, rev, false),
             Err(err) => {
                 if self.first_pass_done {
@@ -237,9 +355,21 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
                 }
             }
         };
+        // A commit made with `meduza commit --confirm` (only asked for a new revision).
+        let explicit = if from_last_good || self.last_good_revision() == Some(revision) {
+            None
+        } else {
+            self.source
+                .commit_confirm(revision)
+                .await
+                .unwrap_or_else(|err| {
+                    warn!(%err, revision, "commit_confirm unreadable; confirm_timeout applies");
+                    None
+                })
+        };
         let span = info_span!("reconcile", revision, trigger = ?why);
         let mut report = self
-            .apply_snapshot(&snapshot, revision, from_last_good)
+            .apply_snapshot(&snapshot, revision, from_last_good, explicit)
             .instrument(span)
             .await;
         report.from_last_good = from_last_good;
@@ -261,12 +391,28 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         snapshot: &Snapshot,
         revision: i64,
         from_last_good: bool,
+        explicit_confirm: Option<u64>,
     ) -> PassReport {
         let mut report = PassReport {
             revision,
             ..PassReport::default()
         };
-        let rendered = Config::parse(snapshot).map_err(|e| e.0).and_then(|cfg| {
+        let mut confirm_timeout = meduza_generators::model::CONFIRM_TIMEOUT_DEFAULT_SECS;
+        // Unknown keys are published as warnings on every pass; they never block.
+        let (parsed, warnings) = Config::parse_checked(snapshot);
+        let warnings: Vec<_> = warnings
+            .into_iter()
+            .filter(|w| w.concerns_node(&self.node_id))
+            .collect();
+        for w in &warnings {
+            warn!(key = %w.key, reason = %w.reason, "unknown key ignored");
+        }
+        let warnings = crate::etcd::status::warnings_value(&warnings);
+        self.effects.publish("warnings", warnings);
+        let rendered = parsed.map_err(|e| e.0).and_then(|cfg| {
+            confirm_timeout = cfg
+                .node(&self.node_id)
+                .map_or(cfg.global.confirm_timeout_secs, |n| n.confirm_timeout_secs);
             render::render_node(&cfg, &self.node_id, &self.env).map_err(|e| vec![e])
         });
         let rendered = match rendered {
@@ -371,7 +517,14 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         report.changed = changed.iter().map(Domain::label).collect();
         if failures.is_empty() {
             if !from_last_good {
-                self.save_last_good(snapshot, revision).await;
+                let (timeout_secs, mode) = match explicit_confirm {
+                    Some(secs) => (secs, rollback::Mode::Explicit),
+                    None => (confirm_timeout, rollback::Mode::Reach),
+                };
+                self.save_good(snapshot, revision, timeout_secs, mode).await;
+            }
+            if self.rollback.pending.is_some() {
+                self.armed_at = Some(Instant::now());
             }
             self.applied_revision = Some(revision);
             self.effects.publish("errors", "[]".into());
@@ -400,31 +553,183 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         report
     }
 
-    /// Writes the last good snapshot durably. The fsyncs run on the blocking pool: on
-    /// slow flash they take up to seconds, which must not stall the runtime's other
-    /// tasks (DNS, the status publisher); the pass itself waits for them.
-    async fn save_last_good(&self, snapshot: &Snapshot, revision: i64) {
-        let body = serde_json::json!({ "revision": revision, "snapshot": snapshot }).to_string();
-        let path = self.last_good_path();
-        // The snapshot holds secrets (keys, tokens): 0600.
-        let write = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || write_atomic(&path, body.as_bytes(), 0o600))
-        };
-        let result = write
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-        if let Err(err) = result {
-            warn!(path = %path.display(), %err, "could not persist the last good snapshot");
+    /// Saves an applied snapshot read from etcd. A new revision (not the last good
+    /// one) shifts the last good snapshot to previous-good (unless the last good one
+    /// is itself unconfirmed: the previous good one stays the last confirmed) and
+    /// opens its confirm window, which is persisted first: a crash between the writes
+    /// leaves a window whose revision is not the last good one, dropped at start.
+    async fn save_good(
+        &mut self,
+        snapshot: &Snapshot,
+        revision: i64,
+        timeout_secs: u64,
+        mode: rollback::Mode,
+    ) {
+        let last_good = read_snapshot_file(&self.last_good_path());
+        let last_revision = last_good.as_ref().map(|(_, r)| *r);
+        if last_revision == Some(revision) {
+            return;
         }
+        let unconfirmed = self.rollback.pending.is_some();
+        let previous = if unconfirmed {
+            read_snapshot_file(&self.previous_good_path()).map(|(_, r)| r)
+        } else {
+            last_revision
+        };
+        if let Some(previous) = previous {
+            self.rollback.arm(rollback::Pending {
+                revision,
+                previous,
+                applied_at: (self.clock)(),
+                timeout_secs,
+                mode,
+            });
+            info!(
+                revision,
+                previous,
+                timeout_secs,
+                ?mode,
+                "commit applied; rolled back unless confirmed in time"
+            );
+            self.persist_rollback().await;
+        }
+        if let (false, Some((snap, rev))) = (unconfirmed, last_good) {
+            persist_snapshot(self.previous_good_path(), &snap, rev).await;
+        }
+        persist_snapshot(self.last_good_path(), snapshot, revision).await;
     }
 
     fn load_last_good(&self) -> Option<(Snapshot, i64)> {
-        let text = std::fs::read_to_string(self.last_good_path()).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        let revision = v.get("revision")?.as_i64()?;
-        let snap: Snapshot = serde_json::from_value(v.get("snapshot")?.clone()).ok()?;
-        Some((snap, revision))
+        read_snapshot_file(&self.last_good_path())
+    }
+
+    fn last_good_revision(&self) -> Option<i64> {
+        self.load_last_good().map(|(_, r)| r)
+    }
+
+    async fn persist_rollback(&self) {
+        let state = self.rollback.clone();
+        let dir = self.state_dir.clone();
+        let result = tokio::task::spawn_blocking(move || state.save(&dir))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(err) = result {
+            warn!(dir = %self.state_dir.display(), %err, "could not persist the rollback state");
+        }
+    }
+
+    /// An etcd round trip that started at `started` completed (`confirmed`: the
+    /// value of `/confirmed` when it read it). It counts only when it started after
+    /// the apply of the pending commit finished.
+    async fn round_trip(&mut self, started: Instant, confirmed: Option<i64>) {
+        if self.rollback.pending.is_none() {
+            return;
+        }
+        if self.armed_at.is_some_and(|a| started >= a) {
+            self.feed(rollback::Event::Reached { confirmed }).await;
+        } else {
+            self.feed(rollback::Event::Tick).await;
+        }
+    }
+
+    /// The run loop's timer while a commit is pending: probe etcd (bounded by
+    /// [`rollback::PROBE_TIMEOUT`]), then decide.
+    async fn check_confirm(&mut self) {
+        let started = Instant::now();
+        match tokio::time::timeout(rollback::PROBE_TIMEOUT, self.source.probe()).await {
+            Ok(Ok(confirmed)) => self.round_trip(started, confirmed).await,
+            _ => self.feed(rollback::Event::Tick).await,
+        }
+    }
+
+    async fn feed(&mut self, event: rollback::Event) {
+        match rollback::decide(&self.rollback, &event, (self.clock)()) {
+            rollback::Decision::Idle | rollback::Decision::Wait { .. } => {}
+            rollback::Decision::Confirm { revision } => {
+                info!(revision, "commit confirmed");
+                self.rollback.confirm();
+                self.armed_at = None;
+                self.persist_rollback().await;
+            }
+            rollback::Decision::RollBack {
+                revision,
+                previous,
+                reason,
+            } => self.roll_back(revision, previous, reason).await,
+        }
+    }
+
+    /// Applies the previous good snapshot through the normal apply path, makes it
+    /// the last good one again, refuses `revision` and publishes `rollback`.
+    async fn roll_back(&mut self, revision: i64, previous: i64, reason: String) {
+        warn!(revision, previous, %reason, "rolling back to the previous good configuration");
+        let Some((snap, rev)) = read_snapshot_file(&self.previous_good_path()) else {
+            warn!(
+                revision,
+                "no previous good snapshot on disk; nothing to roll back to"
+            );
+            self.rollback.confirm();
+            self.persist_rollback().await;
+            return;
+        };
+        let entry = self
+            .rollback
+            .rolled_back(revision, reason.clone(), (self.clock)());
+        self.armed_at = None;
+        // Refused first: a crash during the apply must not bring `revision` back.
+        self.persist_rollback().await;
+        persist_snapshot(self.last_good_path(), &snap, rev).await;
+        let span = info_span!("rollback", revision, restored = rev);
+        let report = self
+            .apply_snapshot(&snap, rev, true, None)
+            .instrument(span)
+            .await;
+        info!(
+            revision,
+            restored = rev,
+            applied = report.applied,
+            "rollback applied"
+        );
+        self.effects
+            .publish("rollback", crate::etcd::status::rollback_value(&entry));
+        self.effects.publish(
+            "last",
+            format!("{} rolled back revision {revision}: {reason}", unix_now()),
+        );
+    }
+}
+
+/// Sleeps until `at` (never resolves for `None`; the select guards on `is_some`).
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `{"revision": N, "snapshot": {...}}` from `path`.
+fn read_snapshot_file(path: &std::path::Path) -> Option<(Snapshot, i64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let revision = v.get("revision")?.as_i64()?;
+    let snap: Snapshot = serde_json::from_value(v.get("snapshot")?.clone()).ok()?;
+    Some((snap, revision))
+}
+
+/// Writes a snapshot file durably (0600: it holds secrets). The fsyncs run on the
+/// blocking pool: on slow flash they take up to seconds, which must not stall the
+/// runtime's other tasks (DNS, the status publisher); the pass itself waits for them.
+async fn persist_snapshot(path: PathBuf, snapshot: &Snapshot, revision: i64) {
+    let body = serde_json::json!({ "revision": revision, "snapshot": snapshot }).to_string();
+    let write = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || write_atomic(&path, body.as_bytes(), 0o600))
+    };
+    let result = write
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    if let Err(err) = result {
+        warn!(path = %path.display(), %err, "could not persist a good snapshot");
     }
 }
 
@@ -440,11 +745,22 @@ mod tests {
 
     struct FakeSource {
         next: Result<(Snapshot, i64), String>,
+        /// `/confirmed` as a probe reads it.
+        confirmed: Option<i64>,
+        /// `/commit_confirm` of the next commit.
+        confirm_secs: Option<u64>,
     }
 
     impl ConfigSource for FakeSource {
         async fn load(&mut self) -> Result<(Snapshot, i64), String> {
             self.next.clone()
+        }
+        async fn probe(&mut self) -> Result<Option<i64>, String> {
+            self.next.as_ref().map_err(Clone::clone)?;
+            Ok(self.confirmed)
+        }
+        async fn commit_confirm(&mut self, _revision: i64) -> Result<Option<u64>, String> {
+            Ok(self.confirm_secs)
         }
     }
 
@@ -508,7 +824,11 @@ mod tests {
         };
         let r = Reconciler::new(
             "gw-a".into(),
-            FakeSource { next: snap },
+            FakeSource {
+                next: snap,
+                confirmed: None,
+                confirm_secs: None,
+            },
             FakeEffects::default(),
             fs.clone() as Arc<dyn Fs>,
             state.to_path_buf(),
@@ -712,5 +1032,178 @@ mod tests {
         let later = r2.pass(&Trigger::Periodic).await;
         assert!(!later.applied);
         assert!(r2.effects().published["last"].ends_with("etcd unreachable"));
+    }
+
+    thread_local! {
+        /// The wall clock of the rollback tests (each `#[tokio::test]` runs on its
+        /// own thread).
+        static NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(1_000_000) };
+    }
+
+    fn test_now() -> u64 {
+        NOW.with(|n| n.get())
+    }
+
+    fn advance(secs: u64) {
+        NOW.with(|n| n.set(n.get() + secs));
+    }
+
+    /// A reconciler on `dir` with the test clock that applied revision 5 (the
+    /// example), then revision 6 (one more host record), which is now pending.
+    async fn pending_commit(dir: &Path) -> Reconciler<FakeSource, FakeEffects> {
+        let (r, _) = reconciler(dir, Ok((example(), 5)));
+        let mut r = r.with_clock(test_now);
+        assert!(r.pass(&Trigger::Boot).await.applied);
+        assert_eq!(
+            r.rollback_state().pending,
+            None,
+            "nothing to roll back to yet"
+        );
+        r.source.next = Ok((with_host(6), 6));
+        assert!(r.pass(&Trigger::Commit(6)).await.applied);
+        r
+    }
+
+    fn with_host(n: u8) -> Snapshot {
+        let mut snap = example();
+        snap.0
+            .insert(format!("/dns/hosts/new{n}.internal"), format!("10.1.2.{n}"));
+        snap
+    }
+
+    fn saved_revision(dir: &Path, file: &str) -> Option<i64> {
+        read_snapshot_file(&dir.join(file)).map(|(_, r)| r)
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_loses_etcd_is_rolled_back_and_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = pending_commit(dir.path()).await;
+        let p = r
+            .rollback_state()
+            .pending
+            .clone()
+            .expect("revision 6 pending");
+        assert_eq!((p.revision, p.previous, p.timeout_secs), (6, 5, 90));
+        assert_eq!(saved_revision(dir.path(), "previous-good.json"), Some(5));
+        assert_eq!(saved_revision(dir.path(), "last-good.json"), Some(6));
+
+        // etcd gone: probes fail; nothing happens before the window ends.
+        r.source.next = Err("deadline exceeded".into());
+        advance(89);
+        r.check_confirm().await;
+        assert!(r.rollback_state().pending.is_some());
+        advance(1);
+        r.check_confirm().await;
+        let st = r.rollback_state().clone();
+        assert_eq!(st.pending, None);
+        assert_eq!(st.refused, vec![6]);
+        assert!(r.effects().published["applied"].starts_with("5 "));
+        let rb: crate::etcd::status::RollbackEntry =
+            serde_json::from_str(&r.effects().published["rollback"]).unwrap();
+        assert_eq!(rb.revision, 6);
+        assert_eq!(rb.at, test_now());
+        assert!(rb.reason.contains("etcd unreachable for 90 s"), "{rb:?}");
+        assert_eq!(saved_revision(dir.path(), "last-good.json"), Some(5));
+
+        // etcd back, `/commit` still at 6: not applied again.
+        r.source.next = Ok((with_host(6), 6));
+        let again = r.pass(&Trigger::Resync).await;
+        assert!(!again.applied && again.errors.is_empty());
+        assert!(r.effects().published["applied"].starts_with("5 "));
+
+        // A restart: the refused revision stays refused, the restored one comes up,
+        // and `rollback` is published again.
+        let (r2, fs2) = reconciler(dir.path(), Ok((with_host(6), 6)));
+        let mut r2 = r2.with_clock(test_now);
+        let boot = r2.pass(&Trigger::Boot).await;
+        assert!(boot.applied && boot.from_last_good && boot.revision == 5);
+        assert!(fs2.read("/etc/frr/frr.conf").is_some());
+        assert!(r2.effects().published["rollback"].contains("\"revision\":6"));
+
+        // A newer commit is applied normally (and opens its own window).
+        r2.source.next = Ok((with_host(7), 7));
+        let newer = r2.pass(&Trigger::Commit(7)).await;
+        assert!(newer.applied && newer.revision == 7);
+        let p = r2.rollback_state().pending.clone().unwrap();
+        assert_eq!((p.revision, p.previous), (7, 5));
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_keeps_etcd_reachable_is_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = pending_commit(dir.path()).await;
+        r.check_confirm().await;
+        assert_eq!(r.rollback_state().pending, None);
+        advance(1000);
+        r.check_confirm().await;
+        let again = r.pass(&Trigger::Periodic).await;
+        assert!(again.applied && again.revision == 6);
+        assert!(r.rollback_state().refused.is_empty());
+        assert!(!r.effects().published.contains_key("rollback"));
+        // The next commit rolls back to 6, the confirmed one.
+        r.source.next = Ok((with_host(7), 7));
+        assert!(r.pass(&Trigger::Commit(7)).await.applied);
+        assert_eq!(r.rollback_state().pending.as_ref().unwrap().previous, 6);
+        assert_eq!(saved_revision(dir.path(), "previous-good.json"), Some(6));
+    }
+
+    #[tokio::test]
+    async fn a_window_interrupted_by_a_restart_resumes_and_rolls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(pending_commit(dir.path()).await);
+        // Restarted without etcd: the pending revision comes up from disk, its
+        // window keeps the original deadline.
+        let (r, _) = reconciler(dir.path(), Err("connection refused".into()));
+        let mut r = r.with_clock(test_now);
+        assert_eq!(r.rollback_state().pending.as_ref().unwrap().revision, 6);
+        let boot = r.pass(&Trigger::Boot).await;
+        assert!(boot.applied && boot.revision == 6);
+        advance(90);
+        r.check_confirm().await;
+        assert_eq!(r.rollback_state().refused, vec![6]);
+        assert!(r.effects().published["applied"].starts_with("5 "));
+    }
+
+    #[tokio::test]
+    async fn an_elapsed_window_rolls_back_before_the_boot_pass_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(pending_commit(dir.path()).await);
+        advance(500);
+        let (r, _) = reconciler(dir.path(), Ok((with_host(6), 6)));
+        let mut r = r.with_clock(test_now);
+        let boot = r.pass(&Trigger::Boot).await;
+        assert!(!boot.applied, "revision 6 not applied again");
+        assert!(r.effects().published["applied"].starts_with("5 "));
+        assert_eq!(r.rollback_state().refused, vec![6]);
+    }
+
+    #[tokio::test]
+    async fn a_confirm_commit_needs_meduza_confirm() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = reconciler(dir.path(), Ok((example(), 5)));
+        let mut r = r.with_clock(test_now);
+        assert!(r.pass(&Trigger::Boot).await.applied);
+        r.source.confirm_secs = Some(120);
+        r.source.next = Ok((with_host(6), 6));
+        assert!(r.pass(&Trigger::Commit(6)).await.applied);
+        let p = r.rollback_state().pending.clone().unwrap();
+        assert_eq!((p.mode, p.timeout_secs), (rollback::Mode::Explicit, 120));
+        // Reachable but not confirmed: still pending; confirmed: done.
+        r.source.confirmed = Some(5);
+        r.check_confirm().await;
+        assert!(r.rollback_state().pending.is_some());
+        r.source.confirmed = Some(6);
+        r.check_confirm().await;
+        assert_eq!(r.rollback_state().pending, None);
+
+        // Never confirmed: rolled back at the deadline although etcd answers.
+        r.source.next = Ok((with_host(7), 7));
+        assert!(r.pass(&Trigger::Commit(7)).await.applied);
+        advance(120);
+        r.check_confirm().await;
+        assert_eq!(r.rollback_state().refused, vec![7]);
+        assert!(r.effects().published["rollback"].contains("not confirmed"));
+        assert!(r.effects().published["applied"].starts_with("6 "));
     }
 }

@@ -1,0 +1,858 @@
+//! `meduza commit`: the operator's way to change the fleet.
+//!
+//! Owns: reading the live configuration keys with their mod revisions at one store
+//! revision, validating them with the gateways' own model (`Config::parse_checked`),
+//! rendering each node and diffing files and services against the rendering of the
+//! snapshot at the previous `/commit`, and bumping `/commit` in one conditional etcd
+//! transaction that fails if any configuration key was added, changed or deleted since
+//! the read ([`guard_txn`]). Two operators cannot interleave, and nothing unvalidated
+//! goes out (with more keys than etcd's `--max-txn-ops`, a deletion in the last
+//! milliseconds is reported after the fact instead: see [`guard_txn`]).
+//!
+//! Must not: write any key but `/commit`, or commit a snapshot with errors. The report
+//! is built as data ([`Report`]) by pure functions; only [`run`] does I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use meduza_generators::render::{self, RenderEnv, Rendered};
+use meduza_generators::{Config, Snapshot, ValidationError, Warning};
+use serde::Serialize;
+
+use crate::etcd::{EtcdConfig, EtcdError, COMMIT_KEY, SNAPSHOT_PREFIXES};
+use crate::offline;
+
+/// Exit code: validation errors, nothing committed (as `meduza validate`).
+pub const EXIT_INVALID: u8 = offline::EXIT_INVALID as u8;
+/// Exit code: a configuration key changed between the validation and the commit.
+pub const EXIT_CONFLICT: u8 = 3;
+
+/// Test knob: when set, `commit` creates `<file>.waiting` right before its transaction
+/// (after validating and re-reading) and waits (at most 60 s) until `<file>` exists,
+/// so a test can change a key in between. Never set in production.
+pub const PAUSE_FILE_ENV: &str = "MEDUZA_TEST_COMMIT_PAUSE_FILE";
+
+/// etcd's default `--max-txn-ops`: the most compares one transaction may carry.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct CommitArgs {
+    /// Validate and show the diff without committing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Show only this node (repeatable). Errors anywhere still refuse the commit: a
+    /// gateway refuses a snapshot with any error in it.
+    #[arg(long = "node", value_name = "ID")]
+    pub nodes: Vec<String>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+    /// The etcd server's `--max-txn-ops`: up to this many keys get a compare of their
+    /// own in the commit transaction (see docs/operations.md).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TXN_OPS)]
+    pub max_txn_ops: usize,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("etcd {op} failed: {source}")]
+    Rpc {
+        op: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd holds a key or value that is not UTF-8 under {prefix}")]
+    NotUtf8 { prefix: String },
+    #[error("{PAUSE_FILE_ENV}: {path}: {source}")]
+    Pause {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// `/commit` was bumped.
+    Committed,
+    /// `--dry-run` and valid: nothing committed.
+    DryRun,
+    /// Validation errors: nothing committed (exit 2).
+    Invalid,
+    /// A key changed since the validation: nothing committed (exit 3).
+    Conflict,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Committed | Outcome::DryRun => 0,
+            Outcome::Invalid => EXIT_INVALID,
+            Outcome::Conflict => EXIT_CONFLICT,
+        }
+    }
+}
+
+/// What the diff was computed against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PreviousInfo {
+    /// Mod revision of `/commit` (the snapshot gateways applied last); `None` before
+    /// the first commit.
+    pub revision: Option<i64>,
+    /// Whether that snapshot could be read and rendered.
+    pub available: bool,
+    /// Why not (compacted, did not validate).
+    pub reason: Option<String>,
+}
+
+/// The previous commit's snapshot, as far as it could be had.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Previous {
+    /// No `/commit` yet: every file is new.
+    None,
+    At(i64, Snapshot),
+    Unavailable(i64, String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Change {
+    Added,
+    Changed,
+    Removed,
+}
+
+/// One file of a node that differs from the previous commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileChange {
+    pub path: String,
+    pub change: Change,
+    /// Unified diff, `a<path>` → `b<path>`.
+    pub diff: String,
+}
+
+/// One supervised service of a node that differs from the previous commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceChange {
+    pub name: String,
+    pub change: Change,
+}
+
+/// One node's part of the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeReport {
+    pub node: String,
+    /// Errors on this node's keys (`/nodes/<id>/...`) and its rendering.
+    pub errors: Vec<ValidationError>,
+    /// Unknown keys under `/nodes/<id>/`.
+    pub warnings: Vec<Warning>,
+    /// Empty when nothing changed, and when the previous commit is unavailable.
+    pub files: Vec<FileChange>,
+    pub services: Vec<ServiceChange>,
+}
+
+/// Everything `meduza commit` found; `-o json` prints it as is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub outcome: Outcome,
+    /// Store revision the keys were read and validated at.
+    pub revision: i64,
+    pub previous: PreviousInfo,
+    /// New mod revision of `/commit` when committed.
+    pub commit_revision: Option<i64>,
+    /// Errors on keys outside any node (`/global/`, `/dns/hosts/`, ...).
+    pub errors: Vec<ValidationError>,
+    /// Unknown keys under `/global/`.
+    pub warnings: Vec<Warning>,
+    pub nodes: Vec<NodeReport>,
+    /// On a conflict: the keys added, changed or deleted since the validation.
+    pub changed_keys: Vec<String>,
+    /// One line for people.
+    pub message: String,
+}
+
+impl Report {
+    /// Every error, the node ones included.
+    pub fn error_count(&self) -> usize {
+        self.errors.len() + self.nodes.iter().map(|n| n.errors.len()).sum::<usize>()
+    }
+}
+
+/// The node a key belongs to (`/nodes/<id>/...` → `id`).
+fn node_of(key: &str) -> Option<&str> {
+    key.strip_prefix("/nodes/")?
+        .split_once('/')
+        .map(|(id, _)| id)
+}
+
+/// Validate `current`, render the selected nodes and diff them against `previous`.
+/// Pure: the outcome is `Invalid` or, when valid, `DryRun` (the caller commits).
+pub fn plan(
+    current: &Snapshot,
+    revision: i64,
+    previous: &Previous,
+    only: &[String],
+    env: &RenderEnv,
+) -> Report {
+    let (parsed, warnings) = Config::parse_checked(current);
+    let mut errors = match &parsed {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.clone(),
+    };
+    let all_nodes = current.children("/nodes/");
+    let selected: Vec<String> = if only.is_empty() {
+        all_nodes.clone()
+    } else {
+        only.to_vec()
+    };
+    for id in &selected {
+        if !all_nodes.contains(id) {
+            errors.push(ValidationError::new(
+                format!("/nodes/{id}/"),
+                id.as_str(),
+                "no keys under this node (--node)",
+            ));
+        }
+    }
+    let (prev_cfg, prev_info) = match previous {
+        Previous::None => (
+            None,
+            PreviousInfo {
+                revision: None,
+                available: true,
+                reason: None,
+            },
+        ),
+        Previous::At(rev, snap) => match Config::parse(snap) {
+            Ok(cfg) => (
+                Some(cfg),
+                PreviousInfo {
+                    revision: Some(*rev),
+                    available: true,
+                    reason: None,
+                },
+            ),
+            Err(e) => (
+                None,
+                PreviousInfo {
+                    revision: Some(*rev),
+                    available: false,
+                    reason: Some(format!("the previous commit did not validate ({e})")),
+                },
+            ),
+        },
+        Previous::Unavailable(rev, why) => (
+            None,
+            PreviousInfo {
+                revision: Some(*rev),
+                available: false,
+                reason: Some(why.clone()),
+            },
+        ),
+    };
+
+    let mut nodes = Vec::new();
+    for id in &selected {
+        let mut node = NodeReport {
+            node: id.clone(),
+            errors: Vec::new(),
+            warnings: warnings
+                .iter()
+                .filter(|w| node_of(&w.key) == Some(id))
+                .cloned()
+                .collect(),
+            files: Vec::new(),
+            services: Vec::new(),
+        };
+        if let Ok(cfg) = &parsed {
+            match render::render_node(cfg, id, env) {
+                Ok(new) => {
+                    if prev_info.available {
+                        let old = prev_cfg
+                            .as_ref()
+                            .filter(|c| c.node(id).is_some())
+                            .and_then(|c| render::render_node(c, id, env).ok());
+                        let (files, services) = diff_rendered(old.as_ref(), &new);
+                        node.files = files;
+                        node.services = services;
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        nodes.push(node);
+    }
+    // Each error goes to its node when that node is shown, else to the top level.
+    let mut top = Vec::new();
+    for e in errors {
+        match nodes
+            .iter_mut()
+            .find(|n| node_of(&e.key) == Some(n.node.as_str()))
+        {
+            Some(n) => n.errors.push(e),
+            None => top.push(e),
+        }
+    }
+    let mut report = Report {
+        outcome: Outcome::DryRun,
+        revision,
+        previous: prev_info,
+        commit_revision: None,
+        errors: top,
+        warnings: warnings
+            .into_iter()
+            .filter(|w| node_of(&w.key).is_none())
+            .collect(),
+        nodes,
+        changed_keys: Vec::new(),
+        message: String::new(),
+    };
+    let count = report.error_count();
+    if count > 0 {
+        report.outcome = Outcome::Invalid;
+        report.message = format!("refused: {count} invalid key(s); nothing committed");
+    } else {
+        report.message = format!("dry run: revision {revision} is valid; nothing committed");
+    }
+    report
+}
+
+/// Files and services of `new` against `old` (`None`: nothing before).
+fn diff_rendered(old: Option<&Rendered>, new: &Rendered) -> (Vec<FileChange>, Vec<ServiceChange>) {
+    let files_of = |r: Option<&Rendered>| -> BTreeMap<String, String> {
+        r.into_iter()
+            .flat_map(|r| r.domains.values())
+            .flat_map(|d| d.files.iter())
+            .map(|f| (f.path.clone(), f.content.clone()))
+            .collect()
+    };
+    let services_of = |r: Option<&Rendered>| {
+        r.into_iter()
+            .flat_map(|r| r.domains.values())
+            .flat_map(|d| d.services.iter())
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (old_files, new_files) = (files_of(old), files_of(Some(new)));
+    let paths: BTreeSet<&String> = old_files.keys().chain(new_files.keys()).collect();
+    let mut files = Vec::new();
+    for path in paths {
+        let (o, n) = (old_files.get(path), new_files.get(path));
+        let change = match (o, n) {
+            (None, Some(_)) => Change::Added,
+            (Some(_), None) => Change::Removed,
+            (Some(a), Some(b)) if a != b => Change::Changed,
+            _ => continue,
+        };
+        files.push(FileChange {
+            path: path.clone(),
+            change,
+            diff: offline::unified_diff(
+                path,
+                o.map_or("", String::as_str),
+                n.map_or("", String::as_str),
+            ),
+        });
+    }
+    let (old_svc, new_svc) = (services_of(old), services_of(Some(new)));
+    let names: BTreeSet<&String> = old_svc.keys().chain(new_svc.keys()).collect();
+    let mut services = Vec::new();
+    for name in names {
+        let change = match (old_svc.get(name), new_svc.get(name)) {
+            (None, Some(_)) => Change::Added,
+            (Some(_), None) => Change::Removed,
+            (Some(a), Some(b)) if a != b => Change::Changed,
+            _ => continue,
+        };
+        services.push(ServiceChange {
+            name: name.clone(),
+            change,
+        });
+    }
+    (files, services)
+}
+
+/// The human text of a report.
+pub fn render_text(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let prev = match (&r.previous.revision, r.previous.available) {
+        (None, _) => "no previous commit".to_string(),
+        (Some(p), true) => format!("against the commit at revision {p}"),
+        (Some(p), false) => format!(
+            "previous unavailable (commit at revision {p}: {})",
+            r.previous.reason.as_deref().unwrap_or("")
+        ),
+    };
+    let _ = writeln!(out, "validated revision {}; {prev}", r.revision);
+    if !r.errors.is_empty() || !r.warnings.is_empty() {
+        let _ = writeln!(out, "global");
+        for e in &r.errors {
+            let _ = writeln!(out, "  error: {e}");
+        }
+        for w in &r.warnings {
+            let _ = writeln!(out, "  warning: {w}");
+        }
+    }
+    for n in &r.nodes {
+        let _ = writeln!(out, "node {}", n.node);
+        for e in &n.errors {
+            let _ = writeln!(out, "  error: {e}");
+        }
+        for w in &n.warnings {
+            let _ = writeln!(out, "  warning: {w}");
+        }
+        for s in &n.services {
+            let _ = writeln!(out, "  service {:?}: {}", s.change, s.name);
+        }
+        if n.files.is_empty() && n.services.is_empty() && n.errors.is_empty() {
+            let what = if r.previous.available {
+                "no change"
+            } else {
+                "diff unavailable"
+            };
+            let _ = writeln!(out, "  {what}");
+        }
+        for f in &n.files {
+            let _ = writeln!(out, "  file {:?}: {}", f.change, f.path);
+        }
+        for f in &n.files {
+            out.push_str(&f.diff);
+        }
+    }
+    if !r.changed_keys.is_empty() {
+        let _ = writeln!(out, "changed since validation:");
+        for k in &r.changed_keys {
+            let _ = writeln!(out, "  {k}");
+        }
+    }
+    let _ = writeln!(out, "{}", r.message);
+    out
+}
+
+/// Keys under [`SNAPSHOT_PREFIXES`] with their values and mod revisions.
+type Keys = BTreeMap<String, (String, i64)>;
+
+fn options(prefix: &str, revision: Option<i64>) -> GetOptions {
+    let mut o = GetOptions::new();
+    if prefix.ends_with('/') {
+        o = o.with_prefix();
+    }
+    if let Some(rev) = revision {
+        o = o.with_revision(rev);
+    }
+    o
+}
+
+fn collect(out: &mut Keys, prefix: &str, kvs: &[etcd_client::KeyValue]) -> Result<(), CommitError> {
+    for kv in kvs {
+        let bad = || CommitError::NotUtf8 {
+            prefix: prefix.to_string(),
+        };
+        let k = kv.key_str().map_err(|_| bad())?;
+        let v = kv.value_str().map_err(|_| bad())?;
+        out.insert(k.to_string(), (v.to_string(), kv.mod_revision()));
+    }
+    Ok(())
+}
+
+/// The live keys in one transaction (one store revision) and that revision.
+async fn read_current(client: &mut Client) -> Result<(Keys, i64), CommitError> {
+    let ops: Vec<TxnOp> = SNAPSHOT_PREFIXES
+        .iter()
+        .map(|p| TxnOp::get(*p, Some(options(p, None))))
+        .collect();
+    let resp = client
+        .txn(Txn::new().and_then(ops))
+        .await
+        .map_err(|source| CommitError::Rpc { op: "read", source })?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let mut keys = Keys::new();
+    for (op, prefix) in resp.op_responses().iter().zip(SNAPSHOT_PREFIXES) {
+        if let TxnOpResponse::Get(get) = op {
+            collect(&mut keys, prefix, get.kvs())?;
+        }
+    }
+    Ok((keys, revision))
+}
+
+/// The snapshot as it was at `revision` (reads at one fixed revision agree with each
+/// other); the reason when etcd no longer has it (compacted).
+async fn read_at(client: &mut Client, revision: i64) -> Result<Snapshot, String> {
+    let mut keys = Keys::new();
+    for prefix in SNAPSHOT_PREFIXES {
+        let resp = client
+            .get(prefix, Some(options(prefix, Some(revision))))
+            .await
+            .map_err(|e| match e {
+                etcd_client::Error::GRpcStatus(s) => s.message().to_string(),
+                other => other.to_string(),
+            })?;
+        collect(&mut keys, prefix, resp.kvs()).map_err(|e| e.to_string())?;
+    }
+    Ok(snapshot_of(&keys))
+}
+
+fn snapshot_of(keys: &Keys) -> Snapshot {
+    Snapshot(
+        keys.iter()
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect(),
+    )
+}
+
+/// The conditional commit: a put of `/commit` that etcd applies only if, at that
+/// moment:
+/// - no key under the configuration prefixes has a mod revision above `revision`: a
+///   range compare per prefix, whatever the number of keys, which catches keys
+///   *changed* or *added* since the read;
+/// - `/commit` still has the mod revision it had (0 = still absent): no other commit
+///   in between;
+/// - when they fit ([`Guard::per_key`]), every key read still has its mod revision:
+///   this catches keys *deleted* since the read, which leave nothing for a range
+///   compare to see. etcd counts every compare of a transaction, nested ones
+///   included, against `--max-txn-ops` (default 128), so a larger snapshot cannot
+///   have them; its deletions are caught by the re-read just before the transaction
+///   and, after the fact, by the key counts the transaction reads ([`Guard::counts`]).
+pub fn guard_txn(keys: &Keys, revision: i64, commit_value: &str, max_ops: usize) -> Guard {
+    let prefixes: Vec<&str> = SNAPSHOT_PREFIXES
+        .iter()
+        .copied()
+        .filter(|p| p.ends_with('/'))
+        .collect();
+    let mut compares: Vec<Compare> = prefixes
+        .iter()
+        .map(|p| Compare::mod_revision(*p, CompareOp::Less, revision + 1).with_prefix())
+        .collect();
+    let commit_rev = keys.get(COMMIT_KEY).map_or(0, |(_, r)| *r);
+    compares.push(Compare::mod_revision(
+        COMMIT_KEY,
+        CompareOp::Equal,
+        commit_rev,
+    ));
+    let others = keys.iter().filter(|(k, _)| k.as_str() != COMMIT_KEY);
+    let per_key = compares.len() + others.clone().count() <= max_ops;
+    if per_key {
+        compares.extend(
+            others.map(|(k, (_, rev))| Compare::mod_revision(k.as_str(), CompareOp::Equal, *rev)),
+        );
+    }
+    let mut ops = vec![TxnOp::put(COMMIT_KEY, commit_value, None)];
+    ops.extend(
+        prefixes
+            .iter()
+            .map(|p| TxnOp::get(*p, Some(GetOptions::new().with_prefix().with_count_only()))),
+    );
+    let counts = keys
+        .keys()
+        .filter(|k| prefixes.iter().any(|p| k.starts_with(p)))
+        .count();
+    Guard {
+        txn: Txn::new().when(compares).and_then(ops),
+        per_key,
+        counts,
+    }
+}
+
+/// [`guard_txn`]'s transaction and what to check its answer against.
+#[derive(Debug)]
+pub struct Guard {
+    pub txn: Txn,
+    /// Every key has its own compare (deletions are refused by etcd itself).
+    pub per_key: bool,
+    /// Keys under the configuration prefixes at validation: the transaction reads the
+    /// count after its put; fewer means a deletion slipped in.
+    pub counts: usize,
+}
+
+/// The key count the guard's transaction read after its put.
+fn counted(resp: &TxnResponse) -> usize {
+    resp.op_responses()
+        .iter()
+        .map(|op| match op {
+            TxnOpResponse::Get(g) => usize::try_from(g.count()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Keys added, changed or deleted between two reads.
+fn changed_keys(before: &Keys, after: &Keys) -> Vec<String> {
+    let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    names
+        .into_iter()
+        .filter(|k| before.get(*k).map(|e| e.1) != after.get(*k).map(|e| e.1))
+        .map(|k| {
+            let how = match (before.contains_key(k), after.contains_key(k)) {
+                (false, _) => "added",
+                (_, false) => "deleted",
+                _ => "changed",
+            };
+            format!("{k} ({how})")
+        })
+        .collect()
+}
+
+/// The test knob [`PAUSE_FILE_ENV`].
+async fn test_pause() -> Result<(), CommitError> {
+    let Some(path) = std::env::var_os(PAUSE_FILE_ENV).map(PathBuf::from) else {
+        return Ok(());
+    };
+    let mut waiting = path.clone().into_os_string();
+    waiting.push(".waiting");
+    let waiting = PathBuf::from(waiting);
+    std::fs::write(&waiting, b"").map_err(|source| CommitError::Pause {
+        path: waiting.clone(),
+        source,
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// The commit of a valid report: re-read (a change since the validation refuses at
+/// once), then the guarded transaction ([`guard_txn`]).
+async fn commit(
+    client: &mut Client,
+    keys: &Keys,
+    revision: i64,
+    max_ops: usize,
+    report: &mut Report,
+) -> Result<(), CommitError> {
+    let conflict = |report: &mut Report, changed: Vec<String>| {
+        report.outcome = Outcome::Conflict;
+        report.changed_keys = changed;
+        report.message = format!(
+            "refused: configuration keys changed since the validation at revision \
+             {revision}; nothing committed (run `meduza commit` again)"
+        );
+    };
+    let (now, _) = read_current(client).await?;
+    let changed = changed_keys(keys, &now);
+    if !changed.is_empty() {
+        conflict(report, changed);
+        return Ok(());
+    }
+    test_pause().await?;
+    let value = crate::etcd::status::unix_now().to_string();
+    let guard = guard_txn(keys, revision, &value, max_ops);
+    let resp = client
+        .txn(guard.txn)
+        .await
+        .map_err(|source| CommitError::Rpc {
+            op: "commit",
+            source,
+        })?;
+    if !resp.succeeded() {
+        let (now, _) = read_current(client).await?;
+        conflict(report, changed_keys(keys, &now));
+        return Ok(());
+    }
+    let rev = resp.header().map_or(0, |h| h.revision());
+    report.commit_revision = Some(rev);
+    if counted(&resp) == guard.counts {
+        report.outcome = Outcome::Committed;
+        report.message = format!("committed: /commit = {value} at revision {rev}");
+        return Ok(());
+    }
+    // Only without per-key compares: a key deleted between the re-read and the
+    // transaction. The commit is out; say so, loudly, with the keys.
+    let mut at_commit = Keys::new();
+    for prefix in SNAPSHOT_PREFIXES {
+        let resp = client
+            .get(prefix, Some(options(prefix, Some(rev))))
+            .await
+            .map_err(|source| CommitError::Rpc { op: "read", source })?;
+        collect(&mut at_commit, prefix, resp.kvs())?;
+    }
+    at_commit.remove(COMMIT_KEY);
+    let mut validated = keys.clone();
+    validated.remove(COMMIT_KEY);
+    report.outcome = Outcome::Conflict;
+    report.changed_keys = changed_keys(&validated, &at_commit);
+    report.message = format!(
+        "committed at revision {rev}, but configuration keys were deleted between the \
+         validation and the commit (more keys than --max-txn-ops {max_ops} can guard one \
+         by one): the gateways may apply a snapshot that was not validated; run \
+         `meduza commit` again"
+    );
+    Ok(())
+}
+
+/// `meduza commit`: returns the text to print and the exit code.
+pub async fn run(args: &CommitArgs, config: &EtcdConfig) -> Result<(String, u8), CommitError> {
+    let opts = config.connect_options()?;
+    let mut client = Client::connect(config.endpoints.clone(), Some(opts))
+        .await
+        .map_err(|source| EtcdError::Connect {
+            endpoints: config.endpoints.join(","),
+            source,
+        })?;
+    let (keys, revision) = read_current(&mut client).await?;
+    let previous = match keys.get(COMMIT_KEY) {
+        None => Previous::None,
+        Some((_, rev)) => match read_at(&mut client, *rev).await {
+            Ok(snap) => Previous::At(*rev, snap),
+            Err(why) => Previous::Unavailable(*rev, why),
+        },
+    };
+    let env = offline::env_from_process(offline::OFFLINE_CLASH_SECRET.to_string());
+    let mut report = plan(&snapshot_of(&keys), revision, &previous, &args.nodes, &env);
+    if report.outcome == Outcome::DryRun && !args.dry_run {
+        commit(&mut client, &keys, revision, args.max_txn_ops, &mut report).await?;
+    }
+    let text = match args.output {
+        Format::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+        Format::Text => render_text(&report),
+    };
+    Ok((text, report.outcome.exit_code()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(keys: &[(&str, &str)]) -> Snapshot {
+        Snapshot(
+            keys.iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+        )
+    }
+
+    fn env() -> RenderEnv {
+        offline::render_env(None, &BTreeMap::new(), offline::OFFLINE_CLASH_SECRET.into())
+    }
+
+    const BASE: &[(&str, &str)] = &[
+        ("/global/mesh_type", "tinc"),
+        ("/nodes/gw-a/lan", "10.0.0.0/24"),
+        ("/nodes/gw-b/lan", "10.0.1.0/24"),
+    ];
+
+    #[test]
+    fn diff_against_previous_lists_changed_files_and_services() {
+        let prev = snap(BASE);
+        let mut now: Vec<(&str, &str)> = BASE.to_vec();
+        now.push(("/nodes/gw-a/ospf/enable", "true"));
+        now.push(("/nodes/gw-a/ospf/router_id", "10.255.0.1"));
+        now.push(("/nodes/gw-a/tunnels/t1/enable", "true"));
+        now.push(("/nodes/gw-a/tunnels/t1/kind", "generic"));
+        now.push(("/nodes/gw-a/tunnels/t1/command", "/bin/sleep"));
+        now.push(("/nodes/gw-a/tunnels/t1/args", "3600"));
+        let r = plan(&snap(&now), 9, &Previous::At(5, prev), &[], &env());
+        assert_eq!(r.outcome, Outcome::DryRun, "{r:#?}");
+        let a = &r.nodes[0];
+        assert_eq!(a.node, "gw-a");
+        assert!(
+            a.files
+                .iter()
+                .any(|f| f.path.contains("frr") && !f.diff.is_empty()),
+            "{a:#?}"
+        );
+        assert_eq!(a.services.len(), 1, "{a:#?}");
+        assert_eq!(a.services[0].change, Change::Added);
+        assert!(r.nodes[1].files.is_empty() && r.nodes[1].services.is_empty());
+        let text = render_text(&r);
+        assert!(text.contains("node gw-b\n  no change"), "{text}");
+    }
+
+    #[test]
+    fn errors_are_listed_per_node_and_refuse() {
+        let mut now: Vec<(&str, &str)> = BASE.to_vec();
+        now.push(("/nodes/gw-b/lan", "banana"));
+        now.push(("/global/mesh_type", "carrier-pigeon"));
+        now.push(("/nodes/gw-a/lann", "10.0.9.0/24"));
+        let r = plan(&snap(&now), 9, &Previous::None, &[], &env());
+        assert_eq!(r.outcome, Outcome::Invalid);
+        assert_eq!(r.outcome.exit_code(), 2);
+        assert_eq!(r.nodes[1].errors[0].key, "/nodes/gw-b/lan");
+        assert_eq!(r.errors[0].key, "/global/mesh_type");
+        assert_eq!(r.nodes[0].warnings[0].key, "/nodes/gw-a/lann");
+        let text = render_text(&r);
+        assert!(
+            text.contains("node gw-b\n  error: /nodes/gw-b/lan: banana: "),
+            "{text}"
+        );
+        assert!(
+            text.contains("warning: /nodes/gw-a/lann: unknown key; did you mean /nodes/gw-a/lan?"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn node_filter_and_unknown_node() {
+        let r = plan(
+            &snap(BASE),
+            3,
+            &Previous::None,
+            &["gw-b".into(), "gw-z".into()],
+            &env(),
+        );
+        let shown: Vec<&str> = r.nodes.iter().map(|n| n.node.as_str()).collect();
+        assert_eq!(shown, ["gw-b", "gw-z"]);
+        assert_eq!(r.outcome, Outcome::Invalid);
+        assert_eq!(r.nodes[1].errors[0].key, "/nodes/gw-z/");
+    }
+
+    #[test]
+    fn unavailable_previous_is_said_not_diffed() {
+        let r = plan(
+            &snap(BASE),
+            3,
+            &Previous::Unavailable(2, "compacted".into()),
+            &[],
+            &env(),
+        );
+        assert!(!r.previous.available);
+        assert!(r.nodes.iter().all(|n| n.files.is_empty()));
+        assert!(render_text(&r).contains("previous unavailable"));
+    }
+
+    #[test]
+    fn guard_compares_each_key_only_while_etcd_takes_them() {
+        let keys = |n: usize| -> Keys {
+            let mut k: Keys = (0..n)
+                .map(|i| (format!("/dns/hosts/h{i}"), (String::new(), 5)))
+                .collect();
+            k.insert(COMMIT_KEY.into(), ("1".into(), 4));
+            k
+        };
+        let g = guard_txn(&keys(10), 9, "x", DEFAULT_MAX_TXN_OPS);
+        assert!(g.per_key);
+        assert_eq!(g.counts, 10, "/commit is not under a configuration prefix");
+        // 3 prefix compares + /commit + 124 keys = 128.
+        assert!(guard_txn(&keys(124), 9, "x", DEFAULT_MAX_TXN_OPS).per_key);
+        assert!(!guard_txn(&keys(125), 9, "x", DEFAULT_MAX_TXN_OPS).per_key);
+        assert!(guard_txn(&keys(125), 9, "x", 1000).per_key);
+    }
+
+    #[test]
+    fn changed_keys_names_added_changed_and_deleted() {
+        let k = |v: &[(&str, i64)]| -> Keys {
+            v.iter()
+                .map(|(k, r)| ((*k).to_string(), (String::new(), *r)))
+                .collect()
+        };
+        let before = k(&[("/a", 1), ("/b", 2), ("/c", 3)]);
+        let after = k(&[("/a", 1), ("/b", 7), ("/d", 8)]);
+        assert_eq!(
+            changed_keys(&before, &after),
+            ["/b (changed)", "/c (deleted)", "/d (added)"]
+        );
+    }
+}
