@@ -23,7 +23,7 @@ use crate::etcd::{
     load_config, spawn_watcher, EtcdConfig, EtcdKv, Kv, StatusPublisher, WatchEvent, WatcherConfig,
 };
 use crate::files::{write_atomic, RootFs};
-use crate::reconcile::{ConfigSource, Reconciler, Trigger};
+use crate::reconcile::{rollback, ConfigSource, Reconciler, Trigger};
 use crate::supervise::frr::FrrControl;
 use crate::supervise::{reaper, RealSpawner, Supervisor, SystemClock};
 use anyhow::Context as _;
@@ -64,6 +64,9 @@ pub struct RunConfig {
     pub default_gw: Option<IpAddr>,
     /// Child programs set explicitly (`MEDUZA_BIN_*`); the others keep their defaults.
     pub bins: BTreeMap<Tool, PathBuf>,
+    /// `MEDUZA_WATCHDOG` (`None`: off) and `MEDUZA_WATCHDOG_TIMEOUT`, seconds.
+    pub watchdog: Option<PathBuf>,
+    pub watchdog_timeout: u32,
 }
 
 impl RunConfig {
@@ -94,6 +97,8 @@ impl RunConfig {
             dataplane: s.dataplane,
             default_gw: s.default_gw,
             bins: s.bins.clone(),
+            watchdog: s.watchdog.clone(),
+            watchdog_timeout: s.watchdog_timeout,
         })
     }
 
@@ -163,6 +168,9 @@ struct EtcdSource {
     kv: Arc<dyn Kv>,
     node_id: String,
     shared: Arc<Shared>,
+    /// Set while a pass runs (the watchdog's reconciler probe): every pass begins by
+    /// loading the snapshot, and `on_pass` clears it.
+    pass: crate::watchdog::Busy,
 }
 
 impl ConfigSource for EtcdSource {
@@ -170,6 +178,7 @@ impl ConfigSource for EtcdSource {
     /// `/updated/<id>/applied` reports, docs/etcd-schema.md), not the store revision,
     /// which every status write of every node moves.
     async fn load(&mut self) -> Result<(Snapshot, i64), String> {
+        self.pass.start();
         let (keys, commit) = load_config(&*self.kv, &self.node_id)
             .await
             .map_err(|e| e.to_string())?;
@@ -182,6 +191,30 @@ impl ConfigSource for EtcdSource {
             *seen = Some(commit);
         }
         Ok((Snapshot(keys), commit))
+    }
+
+    async fn probe(&mut self) -> Result<Option<i64>, String> {
+        let entry = self
+            .kv
+            .get(rollback::CONFIRMED_KEY)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(entry.and_then(|e| rollback::parse_confirmed(&e.value)))
+    }
+
+    /// `/commit_confirm` counts only when written in `/commit`'s transaction.
+    async fn commit_confirm(&mut self, revision: i64) -> Result<Option<u64>, String> {
+        let entry = self
+            .kv
+            .get(rollback::COMMIT_CONFIRM_KEY)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(entry) = entry.filter(|e| e.mod_revision == revision) else {
+            return Ok(None);
+        };
+        rollback::parse_commit_confirm(&entry.value)
+            .map(Some)
+            .map_err(|reason| format!("{}: {reason}", rollback::COMMIT_CONFIRM_KEY))
     }
 }
 
@@ -355,10 +388,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     );
     let effects =
         effects::DaemonEffects::new(Arc::clone(&shared), Arc::clone(&frr), clash, &cfg.root);
+    let pass = crate::watchdog::Busy::default();
     let source = EtcdSource {
         kv: Arc::clone(&kv),
         node_id: cfg.node_id.clone(),
         shared: Arc::clone(&shared),
+        pass: pass.clone(),
     };
     let fs = Arc::new(RootFs::new(&cfg.root));
     let reconciler = Reconciler::new(
@@ -370,7 +405,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         env,
     );
     let metrics_shared = Arc::clone(&shared);
+    let pass_done = pass.clone();
     let reconcile_task = tokio::spawn(reconciler.run_with(trigger_rx, move |report, took| {
+        pass_done.done();
         let mut m = metrics_shared
             .metrics
             .lock()
@@ -383,6 +420,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         m.duration.observe(took.as_secs_f64());
     }));
     trigger_tx.send(Trigger::Boot).await.ok();
+    let watchdog = cfg.watchdog.as_deref().and_then(|dev| {
+        start_watchdog(
+            dev,
+            cfg.watchdog_timeout,
+            &shared,
+            pass,
+            reconcile_task.abort_handle(),
+            &mut tasks,
+        )
+    });
 
     // With several etcd members the watch checks its member twice a second, so a
     // frozen member is left within about 1.5 s (docs/etcd-client.md, "Failover").
@@ -422,6 +469,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     wait_for_signal().await;
     info!("shutdown requested");
+    if let Some(w) = &watchdog {
+        w.stopping();
+    }
     drop(watcher);
     reconcile_task.abort();
     let _ = reconcile_task.await;
@@ -454,8 +504,48 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     {
         warn!("status not flushed within 3 s; online expires with its lease");
     }
+    if let Some(w) = watchdog {
+        w.close();
+    }
     info!("meduza stopped");
     Ok(())
+}
+
+/// Arm the watchdog at `dev` and start the probes whose heartbeats earn its pets
+/// (docs/operations.md, "Watchdog"); the probe tasks join `tasks`.
+fn start_watchdog(
+    dev: &Path,
+    timeout: u32,
+    shared: &Arc<Shared>,
+    pass: crate::watchdog::Busy,
+    reconciler: tokio::task::AbortHandle,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Option<crate::watchdog::Watchdog> {
+    use crate::watchdog::{self as wd, Heartbeats};
+    let hb = Heartbeats::default();
+    tasks.push(wd::spawn_tick(hb.main_loop.clone()));
+    tasks.push(wd::spawn_probe(
+        hb.reconciler.clone(),
+        wd::RECONCILE_PASS_MAX,
+        move || {
+            let ok = !reconciler.is_finished()
+                && pass.responsive(std::time::Instant::now(), wd::RECONCILE_PASS_MAX);
+            async move { ok }
+        },
+    ));
+    let sup = Arc::clone(shared);
+    tasks.push(wd::spawn_probe(
+        hb.supervisor.clone(),
+        wd::SUPERVISOR_BUSY_MAX,
+        move || {
+            let sup = Arc::clone(&sup);
+            async move {
+                sup.supervisor.start_order().await;
+                true
+            }
+        },
+    ));
+    wd::start(dev, timeout, hb)
 }
 
 async fn wait_for_signal() {

@@ -515,17 +515,21 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         self.applied = rendered.domains;
         self.first_pass_done = true;
         report.changed = changed.iter().map(Domain::label).collect();
+        // A commit from etcd opens its confirm window also when a step failed: what
+        // was applied may have cut the gateway off all the same.
+        if !from_last_good {
+            let (timeout_secs, mode) = match explicit_confirm {
+                Some(secs) => (secs, rollback::Mode::Explicit),
+                None => (confirm_timeout, rollback::Mode::Reach),
+            };
+            let ok = failures.is_empty();
+            self.save_good(snapshot, revision, timeout_secs, mode, ok)
+                .await;
+        }
+        if self.rollback.pending.is_some() {
+            self.armed_at = Some(Instant::now());
+        }
         if failures.is_empty() {
-            if !from_last_good {
-                let (timeout_secs, mode) = match explicit_confirm {
-                    Some(secs) => (secs, rollback::Mode::Explicit),
-                    None => (confirm_timeout, rollback::Mode::Reach),
-                };
-                self.save_good(snapshot, revision, timeout_secs, mode).await;
-            }
-            if self.rollback.pending.is_some() {
-                self.armed_at = Some(Instant::now());
-            }
             self.applied_revision = Some(revision);
             self.effects.publish("errors", "[]".into());
             self.effects
@@ -553,21 +557,36 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         report
     }
 
-    /// Saves an applied snapshot read from etcd. A new revision (not the last good
-    /// one) shifts the last good snapshot to previous-good (unless the last good one
-    /// is itself unconfirmed: the previous good one stays the last confirmed) and
-    /// opens its confirm window, which is persisted first: a crash between the writes
-    /// leaves a window whose revision is not the last good one, dropped at start.
+    /// Saves a snapshot read from etcd and applied (`ok`: every step succeeded; else
+    /// only its window is opened and the last good snapshot stays). A new revision
+    /// (not the last good one) shifts the last good snapshot to previous-good (unless
+    /// the last good one is itself unconfirmed: the previous good one stays the last
+    /// confirmed) and opens its confirm window, which is persisted first: a crash
+    /// between the writes leaves a window whose revision is not the last good one,
+    /// dropped at start.
     async fn save_good(
         &mut self,
         snapshot: &Snapshot,
         revision: i64,
         timeout_secs: u64,
         mode: rollback::Mode,
+        ok: bool,
     ) {
         let last_good = read_snapshot_file(&self.last_good_path());
         let last_revision = last_good.as_ref().map(|(_, r)| *r);
         if last_revision == Some(revision) {
+            return;
+        }
+        if self
+            .rollback
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.revision == revision)
+        {
+            // Window already open (an earlier pass of this revision failed a step).
+            if ok {
+                persist_snapshot(self.last_good_path(), snapshot, revision).await;
+            }
             return;
         }
         let unconfirmed = self.rollback.pending.is_some();
@@ -596,7 +615,9 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         if let (false, Some((snap, rev))) = (unconfirmed, last_good) {
             persist_snapshot(self.previous_good_path(), &snap, rev).await;
         }
-        persist_snapshot(self.last_good_path(), snapshot, revision).await;
+        if ok {
+            persist_snapshot(self.last_good_path(), snapshot, revision).await;
+        }
     }
 
     fn load_last_good(&self) -> Option<(Snapshot, i64)> {
@@ -770,6 +791,8 @@ mod tests {
         frr_calls: Vec<bool>,
         tproxy: Vec<Option<TproxyPlan>>,
         published: BTreeMap<String, String>,
+        /// `apply_wireguard` fails (a step failing after others were applied).
+        fail_wireguard: bool,
     }
 
     impl Effects for FakeEffects {
@@ -787,6 +810,9 @@ mod tests {
             Ok(())
         }
         async fn apply_wireguard(&mut self, _d: Vec<WgDevice>) -> Result<(), String> {
+            if self.fail_wireguard {
+                return Err("wireguard-go exited".into());
+            }
             Ok(())
         }
         async fn apply_clash(
@@ -1205,5 +1231,27 @@ mod tests {
         assert_eq!(r.rollback_state().refused, vec![7]);
         assert!(r.effects().published["rollback"].contains("not confirmed"));
         assert!(r.effects().published["applied"].starts_with("6 "));
+    }
+
+    #[tokio::test]
+    async fn a_commit_whose_apply_fails_partway_is_rolled_back_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = reconciler(dir.path(), Ok((example(), 5)));
+        let mut r = r.with_clock(test_now);
+        assert!(r.pass(&Trigger::Boot).await.applied);
+        r.effects().fail_wireguard = true;
+        r.source.next = Ok((with_host(6), 6));
+        let failed = r.pass(&Trigger::Commit(6)).await;
+        assert!(!failed.applied && !failed.errors.is_empty());
+        let p = r.rollback_state().pending.clone().expect("window open");
+        assert_eq!((p.revision, p.previous), (6, 5));
+        assert_eq!(saved_revision(dir.path(), "last-good.json"), Some(5));
+        assert_eq!(saved_revision(dir.path(), "previous-good.json"), Some(5));
+        r.effects().fail_wireguard = false;
+        r.source.next = Err("deadline exceeded".into());
+        advance(90);
+        r.check_confirm().await;
+        assert_eq!(r.rollback_state().refused, vec![6]);
+        assert!(r.effects().published["applied"].starts_with("5 "));
     }
 }
