@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::etcd::{EtcdConfig, EtcdError, COMMIT_KEY, SNAPSHOT_PREFIXES};
 use crate::offline;
+use crate::reconcile::rollback::{commit_confirm_value, COMMIT_CONFIRM_KEY};
 
 /// Exit code: validation errors, nothing committed (as `meduza validate`).
 pub const EXIT_INVALID: u8 = offline::EXIT_INVALID as u8;
@@ -53,6 +54,17 @@ pub struct CommitArgs {
     /// own in the commit transaction (see docs/operations.md).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TXN_OPS)]
     pub max_txn_ops: usize,
+    /// Try mode: every gateway rolls this commit back unless `meduza confirm` arrives
+    /// within SECS seconds of its apply (`/commit_confirm`, written in the same
+    /// transaction as `/commit`; docs/operations.md "Automatic rollback").
+    #[arg(long, value_name = "SECS", value_parser = parse_confirm)]
+    pub confirm: Option<u64>,
+}
+
+/// `--confirm`: the gateways' own parser of `/commit_confirm`, so the CLI refuses what
+/// a gateway would ignore.
+fn parse_confirm(v: &str) -> Result<u64, String> {
+    crate::reconcile::rollback::parse_commit_confirm(v)
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -526,7 +538,16 @@ fn snapshot_of(keys: &Keys) -> Snapshot {
 ///   included, against `--max-txn-ops` (default 128), so a larger snapshot cannot
 ///   have them; its deletions are caught by the re-read just before the transaction
 ///   and, after the fact, by the key counts the transaction reads ([`Guard::counts`]).
-pub fn guard_txn(keys: &Keys, revision: i64, commit_value: &str, max_ops: usize) -> Guard {
+///
+/// With `confirm`, `/commit_confirm` is written by the same transaction (a gateway
+/// honours it only when its mod revision is `/commit`'s).
+pub fn guard_txn(
+    keys: &Keys,
+    revision: i64,
+    commit_value: &str,
+    confirm: Option<u64>,
+    max_ops: usize,
+) -> Guard {
     let prefixes: Vec<&str> = SNAPSHOT_PREFIXES
         .iter()
         .copied()
@@ -550,6 +571,13 @@ pub fn guard_txn(keys: &Keys, revision: i64, commit_value: &str, max_ops: usize)
         );
     }
     let mut ops = vec![TxnOp::put(COMMIT_KEY, commit_value, None)];
+    if let Some(secs) = confirm {
+        ops.push(TxnOp::put(
+            COMMIT_CONFIRM_KEY,
+            commit_confirm_value(secs),
+            None,
+        ));
+    }
     ops.extend(
         prefixes
             .iter()
@@ -630,6 +658,7 @@ async fn commit(
     client: &mut Client,
     keys: &Keys,
     revision: i64,
+    confirm: Option<u64>,
     max_ops: usize,
     report: &mut Report,
 ) -> Result<(), CommitError> {
@@ -649,7 +678,7 @@ async fn commit(
     }
     test_pause().await?;
     let value = crate::etcd::status::unix_now().to_string();
-    let guard = guard_txn(keys, revision, &value, max_ops);
+    let guard = guard_txn(keys, revision, &value, confirm, max_ops);
     let resp = client
         .txn(guard.txn)
         .await
@@ -713,7 +742,15 @@ pub async fn run(args: &CommitArgs, config: &EtcdConfig) -> Result<(String, u8),
     let env = offline::env_from_process(offline::OFFLINE_CLASH_SECRET.to_string());
     let mut report = plan(&snapshot_of(&keys), revision, &previous, &args.nodes, &env);
     if report.outcome == Outcome::DryRun && !args.dry_run {
-        commit(&mut client, &keys, revision, args.max_txn_ops, &mut report).await?;
+        commit(
+            &mut client,
+            &keys,
+            revision,
+            args.confirm,
+            args.max_txn_ops,
+            &mut report,
+        )
+        .await?;
     }
     let text = match args.output {
         Format::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
@@ -832,13 +869,13 @@ mod tests {
             k.insert(COMMIT_KEY.into(), ("1".into(), 4));
             k
         };
-        let g = guard_txn(&keys(10), 9, "x", DEFAULT_MAX_TXN_OPS);
+        let g = guard_txn(&keys(10), 9, "x", None, DEFAULT_MAX_TXN_OPS);
         assert!(g.per_key);
         assert_eq!(g.counts, 10, "/commit is not under a configuration prefix");
         // 3 prefix compares + /commit + 124 keys = 128.
-        assert!(guard_txn(&keys(124), 9, "x", DEFAULT_MAX_TXN_OPS).per_key);
-        assert!(!guard_txn(&keys(125), 9, "x", DEFAULT_MAX_TXN_OPS).per_key);
-        assert!(guard_txn(&keys(125), 9, "x", 1000).per_key);
+        assert!(guard_txn(&keys(124), 9, "x", None, DEFAULT_MAX_TXN_OPS).per_key);
+        assert!(!guard_txn(&keys(125), 9, "x", None, DEFAULT_MAX_TXN_OPS).per_key);
+        assert!(guard_txn(&keys(125), 9, "x", None, 1000).per_key);
     }
 
     #[test]

@@ -247,40 +247,33 @@ fn a_commit_that_keeps_etcd_reachable_is_confirmed_and_kept() {
     eprintln!("done after {:.1}s", t0.elapsed().as_secs_f64());
 }
 
-/// What `meduza commit --confirm <secs>` writes: `/commit` and `/commit_confirm` in
-/// one transaction (so both carry the same mod revision); returns that revision.
+/// `meduza commit --confirm <secs>`, the real CLI: `/commit` and `/commit_confirm`
+/// in one transaction; returns the commit's revision.
 fn commit_with_confirm(etcd: &NsEtcd, secs: u64) -> i64 {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let value = format!("confirm-{}-{n}", std::process::id());
-    let script = format!("\nput /commit {value}\nput /commit_confirm {secs}\n\n\n");
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &etcd.ns,
-            "etcdctl",
-            "--endpoints",
+    let out = ns_try(
+        &etcd.ns,
+        &[
+            env!("CARGO_BIN_EXE_meduza"),
+            "--etcd-endpoints",
             &etcd.endpoint,
-            "txn",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("etcdctl txn");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with("SUCCESS"),
-        "txn: {}",
-        String::from_utf8_lossy(&out.stdout)
+            "commit",
+            "--confirm",
+            &secs.to_string(),
+        ],
     );
-    gateway::mod_revision(etcd, "/commit")
+    assert!(
+        out.status.success(),
+        "meduza commit --confirm: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rev = gateway::mod_revision(etcd, "/commit");
+    assert_eq!(
+        gateway::mod_revision(etcd, "/commit_confirm"),
+        rev,
+        "/commit_confirm written by the same transaction"
+    );
+    rev
 }
 
 #[test]
