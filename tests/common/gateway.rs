@@ -271,6 +271,27 @@ impl Gateway {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// One more link in the namespace: a veth pair `dev`/`<dev>p`, both up, with
+    /// `addr` (`a.b.c.d/len`) on `dev`, for an extra LAN or a stub network.
+    pub fn add_link(&self, dev: &str, addr: &str) {
+        let peer = format!("{dev}p");
+        ns_sh(
+            &self.ns,
+            &[
+                "ip", "link", "add", dev, "type", "veth", "peer", "name", &peer,
+            ],
+        );
+        ns_sh(&self.ns, &["ip", "addr", "add", addr, "dev", dev]);
+        ns_sh(&self.ns, &["ip", "link", "set", dev, "up"]);
+        ns_sh(&self.ns, &["ip", "link", "set", &peer, "up"]);
+    }
+
+    /// `vtysh -N <pathspace> -c <command>` parsed as JSON (`Null` when vtysh printed
+    /// nothing or no JSON, e.g. while a daemon is still starting).
+    pub fn vtysh_json(&self, command: &str) -> serde_json::Value {
+        serde_json::from_str(&self.vtysh(command)).unwrap_or(serde_json::Value::Null)
+    }
+
     /// The host path of a file meduza writes (`/etc/...` inside its root).
     pub fn file(&self, path: &str) -> PathBuf {
         self.root.join(path.trim_start_matches('/'))

@@ -24,6 +24,18 @@
 //!   eBGP tag (learned from eBGP here or at another node of the same AS).
 //! - LANs (`lan` and `private_lan`) are announced with `network` statements. Only IPv4
 //!   is routed by FRR here (OSPFv2, IPv4 unicast BGP); IPv6 LANs are not announced.
+//!   FRR announces a `network` only while its RIB has a route for it (`bgp network
+//!   import-check`, on by default in FRR 8.4: its running config shows `no bgp network
+//!   import-check` when turned off).
+//! - `ip forwarding`: zebra turns IPv4 forwarding on in its namespace. Nothing else in
+//!   meduza does, and the routes FRR installs carry no traffic without it (before,
+//!   only the first `frr-reload.py` run turned it on, by removing the `no ip
+//!   forwarding` it read from the running config).
+//! - Every neighbor gets `timers connect` [`CONNECT_RETRY_SECS`]: bgpd starts with the
+//!   tunnels and the overlay, and a first connection attempt that fails (the
+//!   `update_source` address not yet on its interface: "Socket Error") otherwise
+//!   leaves the session down for FRR's traditional ConnectRetry of 120 s
+//!   (tests/frr_policy.rs met it; docs/routing.md).
 
 use super::{header_hash, MODE_PUBLIC};
 use crate::error::ValidationError;
@@ -42,6 +54,9 @@ pub const FRR_VERSION: &str = "8.4";
 pub const EBGP_COMMUNITY_VALUE: u32 = 9999;
 /// OSPF tag of BGP routes redistributed into OSPF.
 pub const OSPF_EBGP_TAG: u32 = 9999;
+/// `neighbor X timers connect`: seconds between connection attempts while a session
+/// is down (FRR's `datacenter` profile uses 10 too; `traditional` waits 120).
+pub const CONNECT_RETRY_SECS: u32 = 10;
 
 const PL_DEFAULT: &str = "MEDUZA-DEFAULT-ROUTE";
 const PL_IN: &str = "MEDUZA-FILTER-IN";
@@ -193,7 +208,7 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
     let _ = writeln!(s, "frr version {FRR_VERSION}");
     s.push_str("frr defaults traditional\n");
     let _ = writeln!(s, "hostname {}", node.id);
-    s.push_str("service integrated-vtysh-config\n!\n");
+    s.push_str("service integrated-vtysh-config\n!\nip forwarding\n!\n");
 
     let ebgp = if node.bgp.enable {
         ebgp_neighbors(node)
@@ -406,6 +421,11 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
         for n in &ibgp {
             let _ = writeln!(s, " neighbor {} remote-as {}", n.addr, n.asn);
             let _ = writeln!(s, " neighbor {} description mesh {}", n.addr, n.node_id);
+            let _ = writeln!(
+                s,
+                " neighbor {} timers connect {CONNECT_RETRY_SECS}",
+                n.addr
+            );
         }
         for n in &ebgp {
             let ip = n.peer.peer_ip;
@@ -414,6 +434,7 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
             if let Some(src) = &n.peer.update_source {
                 let _ = writeln!(s, " neighbor {ip} update-source {src}");
             }
+            let _ = writeln!(s, " neighbor {ip} timers connect {CONNECT_RETRY_SECS}");
         }
         s.push_str(" !\n address-family ipv4 unicast\n");
         for lan in v4_lans(node) {
@@ -577,6 +598,34 @@ mod tests {
         );
         assert!(c.contains(" ospf router-id 10.200.0.1\n"));
         assert!(c.contains(" bgp router-id 10.200.0.1\n"));
+    }
+
+    #[test]
+    fn zebra_turns_forwarding_on() {
+        for node in ["gw-a", "gw-b", "gw-c"] {
+            assert!(conf(&[], node).contains("\nip forwarding\n"), "{node}");
+        }
+    }
+
+    #[test]
+    fn every_neighbor_retries_its_connection_within_seconds() {
+        for node in ["gw-a", "gw-b", "gw-c"] {
+            let c = conf(&[], node);
+            let neighbors: Vec<&str> = c
+                .lines()
+                .filter(|l| l.contains(" remote-as "))
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .collect();
+            assert!(!neighbors.is_empty(), "{node} has BGP neighbors");
+            for n in neighbors {
+                assert!(
+                    c.contains(&format!(
+                        " neighbor {n} timers connect {CONNECT_RETRY_SECS}\n"
+                    )),
+                    "{node}: {n}"
+                );
+            }
+        }
     }
 
     #[test]
