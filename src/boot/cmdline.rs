@@ -27,6 +27,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "api_listen",
     "dataplane",
     "boot",
+    "watchdog",
+    "watchdog_timeout",
 ];
 
 /// The `meduza.*` parameters of one kernel command line. A key given twice keeps the

@@ -25,6 +25,11 @@ pub const DEFAULT_DNS_LISTEN: &[&str] = &["0.0.0.0:53", "[::]:53"];
 pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:9100";
 /// Default state partition: the ext4 filesystem label genimage gives it.
 pub const DEFAULT_STATE_DEVICE: &str = "LABEL=meduza-state";
+/// Default watchdog timeout, seconds (`MEDUZA_WATCHDOG_TIMEOUT`; docs/operations.md).
+pub const DEFAULT_WATCHDOG_TIMEOUT: u32 = 30;
+/// Accepted watchdog timeouts, seconds: meduza pets every third of it, and 600 s is
+/// below every common driver's maximum (i6300esb 2046 s, iTCO 613 s, softdog 65535 s).
+pub const WATCHDOG_TIMEOUT_RANGE: std::ops::RangeInclusive<u32> = 5..=600;
 
 /// Where a setting came from; carried by errors so an operator knows what to fix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +186,10 @@ pub struct SettingsLayer {
     pub bins: BTreeMap<Tool, PathBuf>,
     /// Run the boot duties (`MEDUZA_BOOT=1`, `meduza.boot`, `--boot`).
     pub boot: Option<bool>,
+    /// Watchdog device (`/dev/...`) or `off`.
+    pub watchdog: Option<String>,
+    /// Watchdog timeout, seconds.
+    pub watchdog_timeout: Option<u32>,
 }
 
 /// The resolved settings meduza runs with.
@@ -203,6 +212,10 @@ pub struct Settings {
     pub dataplane: Dataplane,
     pub bins: BTreeMap<Tool, PathBuf>,
     pub boot: bool,
+    /// The watchdog device meduza arms and pets; `None` (the default, `off`): none.
+    pub watchdog: Option<PathBuf>,
+    /// Seconds without a pet before the watchdog resets the machine.
+    pub watchdog_timeout: u32,
 }
 
 impl Settings {
@@ -329,6 +342,31 @@ fn parse_dataplane(origin: Origin, key: &str, v: &str) -> Result<Dataplane, Sett
     Dataplane::parse(v.trim()).map_err(|r| invalid(origin, key, v, r))
 }
 
+fn parse_watchdog(origin: Origin, key: &str, v: &str) -> Result<String, SettingsError> {
+    let v = v.trim();
+    if v == "off" || (v.starts_with("/dev/") && v.len() > "/dev/".len()) {
+        Ok(v.to_string())
+    } else {
+        Err(invalid(origin, key, v, "expected /dev/... or off"))
+    }
+}
+
+fn parse_watchdog_timeout(origin: Origin, key: &str, v: &str) -> Result<u32, SettingsError> {
+    match v.trim().parse::<u32>() {
+        Ok(n) if WATCHDOG_TIMEOUT_RANGE.contains(&n) => Ok(n),
+        _ => Err(invalid(
+            origin,
+            key,
+            v,
+            format!(
+                "expected whole seconds in {}..={}",
+                WATCHDOG_TIMEOUT_RANGE.start(),
+                WATCHDOG_TIMEOUT_RANGE.end()
+            ),
+        )),
+    }
+}
+
 fn parse_state_device(origin: Origin, key: &str, v: &str) -> Result<String, SettingsError> {
     let v = v.trim();
     let ok = v == "none"
@@ -380,6 +418,10 @@ impl SettingsLayer {
                 "MEDUZA_API_LISTEN" => l.api_listen = Some(parse_socket(o, k, v)?),
                 "MEDUZA_DATAPLANE" => l.dataplane = Some(parse_dataplane(o, k, v)?),
                 "MEDUZA_BOOT" => l.boot = Some(parse_bool(o, k, v)?),
+                "MEDUZA_WATCHDOG" => l.watchdog = Some(parse_watchdog(o, k, v)?),
+                "MEDUZA_WATCHDOG_TIMEOUT" => {
+                    l.watchdog_timeout = Some(parse_watchdog_timeout(o, k, v)?)
+                }
                 _ => {
                     if let Some(suffix) = k.strip_prefix("MEDUZA_BIN_") {
                         let tool = Tool::ALL
@@ -448,6 +490,16 @@ impl SettingsLayer {
             l.dataplane = Some(parse_dataplane(o, "dataplane", &v)?);
         }
         l.boot = raw.boot;
+        if let Some(v) = raw.watchdog {
+            l.watchdog = Some(parse_watchdog(o, "watchdog", &v)?);
+        }
+        if let Some(v) = raw.watchdog_timeout {
+            l.watchdog_timeout = Some(parse_watchdog_timeout(
+                o,
+                "watchdog_timeout",
+                &v.to_string(),
+            )?);
+        }
         for (name, path) in raw.bin {
             let key = format!("bin.{name}");
             let tool = Tool::ALL
@@ -496,6 +548,8 @@ impl SettingsLayer {
                 |o, k, v| Ok(v.is_empty() || parse_bool(o, k, v)?),
             )?,
             bins: BTreeMap::new(),
+            watchdog: field(c, "watchdog", parse_watchdog)?,
+            watchdog_timeout: field(c, "watchdog_timeout", parse_watchdog_timeout)?,
         })
     }
 }
@@ -525,6 +579,8 @@ struct TomlFile {
     api_listen: Option<String>,
     dataplane: Option<String>,
     boot: Option<bool>,
+    watchdog: Option<String>,
+    watchdog_timeout: Option<u32>,
     #[serde(default)]
     bin: BTreeMap<String, String>,
 }
@@ -593,6 +649,11 @@ pub fn resolve_settings(
         dataplane: pick(&layers, |l| &l.dataplane).unwrap_or_default(),
         bins,
         boot: pick(&layers, |l| &l.boot).unwrap_or(false),
+        watchdog: pick(&layers, |l| &l.watchdog)
+            .filter(|w| w != "off")
+            .map(PathBuf::from),
+        watchdog_timeout: pick(&layers, |l| &l.watchdog_timeout)
+            .unwrap_or(DEFAULT_WATCHDOG_TIMEOUT),
     })
 }
 
@@ -844,6 +905,43 @@ mod tests {
         let s = resolve_settings(&none(), &none(), &t, &none(), Some("h")).unwrap();
         assert_eq!(s.state_dir, PathBuf::from("/var/lib/meduza"));
         assert_eq!(s.dataplane, Dataplane::Nft);
+        assert_eq!(s.watchdog, Some(PathBuf::from("/dev/watchdog")));
+        assert_eq!(s.watchdog_timeout, DEFAULT_WATCHDOG_TIMEOUT);
+    }
+
+    #[test]
+    fn watchdog_is_off_by_default_and_set_per_layer() {
+        let s = resolve_settings(&none(), &none(), &none(), &none(), Some("h")).unwrap();
+        assert_eq!(s.watchdog, None, "off on a development machine");
+        assert_eq!(s.watchdog_timeout, 30);
+        let t = SettingsLayer::from_toml("watchdog = \"/dev/watchdog\"\n", "t").unwrap();
+        let c = SettingsLayer::from_cmdline(&parse_cmdline(
+            "meduza.watchdog=/dev/watchdog1 meduza.watchdog_timeout=60",
+        ))
+        .unwrap();
+        let s = resolve_settings(&none(), &none(), &t, &c, Some("h")).unwrap();
+        assert_eq!(
+            s.watchdog,
+            Some(PathBuf::from("/dev/watchdog")),
+            "toml beats cmdline"
+        );
+        assert_eq!(s.watchdog_timeout, 60);
+        let e = env(&[
+            ("MEDUZA_WATCHDOG", "off"),
+            ("MEDUZA_WATCHDOG_TIMEOUT", "10"),
+        ]);
+        let s = resolve_settings(&none(), &e, &t, &c, Some("h")).unwrap();
+        assert_eq!(s.watchdog, None, "off in the environment wins");
+        assert_eq!(s.watchdog_timeout, 10);
+        for bad in ["watchdog", "/tmp/wd", "/dev/"] {
+            let err = SettingsLayer::from_env([("MEDUZA_WATCHDOG", bad)]).unwrap_err();
+            assert!(err.to_string().contains("MEDUZA_WATCHDOG"), "{err}");
+        }
+        for bad in ["4", "601", "30s", "-1"] {
+            let err = SettingsLayer::from_env([("MEDUZA_WATCHDOG_TIMEOUT", bad)]).unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+        assert!(SettingsLayer::from_toml("watchdog_timeout = 3\n", "t").is_err());
     }
 
     #[test]

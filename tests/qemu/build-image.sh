@@ -21,6 +21,11 @@
 #                     `cargo build --profile qemu --target x86_64-unknown-linux-musl`)
 #   MEDUZA_TEST_MIHOMO  put this static mihomo in the image instead of the cached
 #                     $MIHOMO_BIN (scripts/mihomo-path)
+#   MEDUZA_QEMU_KERNEL  the Debian kernel flavour: cloud-amd64 (default) or amd64,
+#                     the generic kernel, whose modules include the i6300esb
+#                     watchdog driver the cloud kernel lacks (the watchdog test's
+#                     `--kernel amd64`); built into tests/qemu/build/generic/
+#                     (the same mapping as QEMU_BUILD in lib.sh)
 #   CARGO_TARGET_DIR  as for cargo
 set -euo pipefail
 
@@ -29,7 +34,12 @@ REPO="$(cd "$HERE/../.." && pwd)"
 # MIHOMO_VERSION, MIHOMO_BIN, MIHOMO_MMDB: the cached real mihomo.
 # shellcheck source=SCRIPTDIR/../../scripts/mihomo-path
 . "$REPO/scripts/mihomo-path"
-BUILD="$HERE/build"
+FLAVOUR="${MEDUZA_QEMU_KERNEL:-cloud-amd64}"
+case "$FLAVOUR" in
+cloud-amd64) BUILD="$HERE/build" ;;
+amd64) BUILD="$HERE/build/generic" ;;
+*) printf '[build-image] ERROR: MEDUZA_QEMU_KERNEL must be cloud-amd64 or amd64\n' >&2; exit 1 ;;
+esac
 ROOTFS="$BUILD/rootfs"
 TARGET_TRIPLE=x86_64-unknown-linux-musl
 
@@ -48,7 +58,7 @@ need_cmd() {
 mkdir -p "$BUILD/debs"
 
 # --- host tools -----------------------------------------------------------
-if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+if ! apt-cache show "linux-image-$FLAVOUR" >/dev/null 2>&1; then
 	log "apt-get update"
 	apt-get update -q >/dev/null
 fi
@@ -63,10 +73,10 @@ need_cmd wg wireguard-tools
 	{ log "installing busybox-static"; DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null; }
 
 # --- kernel ---------------------------------------------------------------
-# linux-image-cloud-amd64 is a metapackage; its dependency is the real image.
-KPKG="$(apt-cache depends linux-image-cloud-amd64 |
-	sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)"
-[ -n "$KPKG" ] || die "cannot resolve the kernel package behind linux-image-cloud-amd64"
+# linux-image-<flavour> is a metapackage; its dependency is the real image.
+KPKG="$(apt-cache depends "linux-image-$FLAVOUR" |
+	sed -n "s/^ *Depends: \(linux-image-[0-9].*-$FLAVOUR\)\$/\1/p" | head -n1)"
+[ -n "$KPKG" ] || die "cannot resolve the kernel package behind linux-image-$FLAVOUR"
 KREL="${KPKG#linux-image-}"
 if ! ls "$BUILD/debs/${KPKG}"_*.deb >/dev/null 2>&1; then
 	log "downloading $KPKG"
@@ -150,14 +160,20 @@ copy_with_libs "$(command -v nft)" /usr/sbin/nft
 copy_with_libs "$(command -v wg)" /usr/bin/wg
 
 # Kernel modules: the data plane's (boot duties load them), the expressions
-# nft loads on demand, virtio drivers; each with its dependencies.
+# nft loads on demand, virtio drivers, the watchdogs S01watchdog tries; each with
+# its dependencies. i6300esb (QEMU's watchdog device) only where the kernel has
+# it: Debian's cloud kernel does not (CONFIG_I6300ESB_WDT is not set), so there
+# softdog is the image's watchdog.
 MODS="virtio_pci virtio_net virtio_rng virtio_blk virtio_console
 	nf_tables nft_tproxy nf_tproxy_ipv4 nf_tproxy_ipv6 nft_socket nf_socket_ipv4
 	nf_socket_ipv6 nft_fib_inet nft_fib_ipv4 nft_fib_ipv6 nft_ct nft_nat nft_masq
 	nft_redir nft_reject_inet nft_reject_ipv4 nft_reject_ipv6 nft_limit nft_log
 	nft_numgen nft_hash nft_quota nft_connlimit nf_conntrack nf_nat
-	wireguard tun veth overlay squashfs"
+	wireguard tun veth overlay squashfs softdog"
 MODROOT="$KDIR/lib/modules/$KREL"
+if modprobe -d "$KDIR" -S "$KREL" --show-depends i6300esb >/dev/null 2>&1; then
+	MODS="$MODS i6300esb"
+fi
 for m in $MODS; do
 	modprobe -d "$KDIR" -S "$KREL" --show-depends "$m" 2>/dev/null |
 		awk '$1 == "insmod" {print $2}'

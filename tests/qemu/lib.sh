@@ -11,7 +11,12 @@ QEMU_HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # host-side proxy node's).
 # shellcheck source=SCRIPTDIR/../../scripts/mihomo-path
 . "$QEMU_HERE/../../scripts/mihomo-path"
-QEMU_BUILD="$QEMU_HERE/build"
+# The image build-image.sh made for MEDUZA_QEMU_KERNEL (cloud-amd64 by default; amd64
+# is Debian's generic kernel, in build/generic/).
+case "${MEDUZA_QEMU_KERNEL:-cloud-amd64}" in
+amd64) QEMU_BUILD="$QEMU_HERE/build/generic" ;;
+*) QEMU_BUILD="$QEMU_HERE/build" ;;
+esac
 NODE_ID="${NODE_ID:-qemu1}"
 # The node API token the test node gets (/nodes/<id>/api/token, >= 16 chars).
 API_TOKEN="qemu-test-api-token-0001"
