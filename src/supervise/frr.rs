@@ -143,20 +143,7 @@ impl FrrControl {
             .output()
             .await
             .map_err(|e| format!("{}: {e}", self.vtysh))?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if out.status.success() {
-            Ok(text)
-        } else {
-            Err(format!(
-                "vtysh {args:?} exited {}: {}",
-                out.status,
-                text.trim()
-            ))
-        }
+        output_text(&format!("vtysh {args:?}"), &out)
     }
 
     /// Wait (up to `timeout`) until vtysh reaches every daemon, then push the whole
@@ -212,16 +199,7 @@ impl FrrControl {
             .wait_with_output()
             .await
             .map_err(|e| format!("{}: {e}", self.vtysh))?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if out.status.success() {
-            Ok(text)
-        } else {
-            Err(format!("vtysh -f exited {}: {}", out.status, text.trim()))
-        }
+        output_text("vtysh -f", &out)
     }
 
     /// The fallback reload: undo the lines of the last pushed config that `text`
@@ -422,6 +400,21 @@ impl FrrReloader for FrrControl {
         _changed: &'a [String],
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(self.reload_diff())
+    }
+}
+
+/// A finished vtysh's stdout and stderr: the text on success, else an error naming
+/// `what` with its exit status.
+fn output_text(what: &str, out: &std::process::Output) -> Result<String, String> {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{what} exited {}: {}", out.status, text.trim()))
     }
 }
 
