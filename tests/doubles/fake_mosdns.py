@@ -379,6 +379,10 @@ def main(argv):
     opts = parse_start_args(argv[1:])
     # Like mosdns: chdir to -d first, so a relative -c resolves against the workdir.
     config = opts["c"]
+    # Before any server answers: a client that saw an answer may signal at once.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         if opts["d"]:
             os.chdir(opts["d"])
@@ -399,9 +403,6 @@ def main(argv):
         log("fatal", "failed to start mosdns", error=str(err))
         return 1
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     while not stop.wait(0.2):
         pass
     log("info", "mosdns exited", signal="terminated")
