@@ -186,6 +186,21 @@ fn small_plan_lists_exactly_like_nft_f() {
     check_plan_against_nft_f("nfs", &small_plan());
 }
 
+/// DNS hijack (the nat chain) and every bypass block (docs/dns.md): redirect and
+/// reject encode like nft's, and list back equal to the desired view.
+#[test]
+fn dns_guard_plan_lists_exactly_like_nft_f() {
+    let mut p = small_plan();
+    p.dns_hijack_port = Some(53);
+    p.block_quic = true;
+    p.block_dot = true;
+    p.block_doh = vec![
+        "1.1.1.1".parse().unwrap(),
+        "2606:4700::1111".parse().unwrap(),
+    ];
+    check_plan_against_nft_f("nfg", &p);
+}
+
 #[test]
 fn edge_plan_lists_exactly_like_nft_f() {
     check_plan_against_nft_f("nfe", &edge_plan());

@@ -283,6 +283,20 @@ pub struct Mosdns {
     pub refresh_minutes: u32,
 }
 
+/// What the gateway does with proxied LAN sources' DNS and its bypasses
+/// (`/nodes/<id>/dns/...`; docs/dns.md). Effective only while TPROXY is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsGuard {
+    /// `dns/hijack` (default true): port 53 to any address goes to the frontend.
+    pub hijack: bool,
+    /// `dns/block_quic` (default false): UDP 443 is rejected.
+    pub block_quic: bool,
+    /// `dns/block_dot` (default false): TCP and UDP 853 are rejected.
+    pub block_dot: bool,
+    /// `dns/block_doh`: resolver addresses whose port 443 is rejected.
+    pub block_doh: Vec<IpAddr>,
+}
+
 /// Probe kinds an operator may name in `.../health/kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -428,6 +442,7 @@ pub struct Node {
     pub clash: Clash,
     pub mosdns: Mosdns,
     pub dns_upstreams: BTreeMap<String, UpstreamGroup>,
+    pub dns_guard: DnsGuard,
     pub services: BTreeMap<String, ServiceOverrides>,
     pub tunnels: Vec<Tunnel>,
     #[serde(skip)]
@@ -1319,6 +1334,16 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
         refresh_minutes: r.u32_in(&k("mosdns/refresh"), 5, 43_200).unwrap_or(1440),
     };
     let dns_upstreams = parse_upstreams(r, &k("dns/upstreams/"));
+    let dns_guard = DnsGuard {
+        hijack: r.bool(&k("dns/hijack"), true),
+        block_quic: r.bool(&k("dns/block_quic"), false),
+        block_dot: r.bool(&k("dns/block_dot"), false),
+        block_doh: r.list(&k("dns/block_doh"), |v| {
+            v.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| "not an IP address".to_string())
+        }),
+    };
 
     let mut services = BTreeMap::new();
     for (svc, b) in r.named_children(&k("services/"), "", "service") {
@@ -1424,6 +1449,7 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
         clash,
         mosdns,
         dns_upstreams,
+        dns_guard,
         services,
         tunnels,
         api_token,

@@ -270,6 +270,9 @@ pub fn render_node(
     })
 }
 
+/// The port DNS hijack redirects to: the frontend's (`DEFAULT_DNS_LISTEN`).
+pub const DNS_PORT: u16 = 53;
+
 /// The TPROXY plan of `node` (whether or not Clash runs in TPROXY mode).
 ///
 /// Lists are sorted and deduplicated so equal configurations give equal plans.
@@ -308,6 +311,10 @@ pub fn tproxy_plan(cfg: &Config, node: &Node, env: &RenderEnv) -> TproxyPlan {
         exclude_src: env.default_gw.into_iter().collect(),
         exclude_ifaces: ifaces.into_iter().collect(),
         exclude_ports: ports.into_iter().collect(),
+        dns_hijack_port: node.dns_guard.hijack.then_some(DNS_PORT),
+        block_quic: node.dns_guard.block_quic,
+        block_dot: node.dns_guard.block_dot,
+        block_doh: node.dns_guard.block_doh.clone(),
         ..TproxyPlan::empty()
     }
 }
@@ -364,6 +371,22 @@ mod tests {
         // clash/exclude_tproxy_port 22 9100, tinc 655, openvpn 1194 (sorted, unique).
         assert_eq!(t.exclude_ports, vec![22, 655, 1194, 9100]);
         assert_eq!((t.port, t.mark, t.table), (7893, 1, 100));
+        // DNS hijack is on by default, bypass blocking off.
+        assert_eq!(t.dns_hijack_port, Some(53));
+        assert!(!t.block_quic && !t.block_dot && t.block_doh.is_empty());
+        let cfg = example(&[
+            ("/nodes/gw-a/dns/hijack", "false"),
+            ("/nodes/gw-a/dns/block_quic", "true"),
+            ("/nodes/gw-a/dns/block_dot", "true"),
+            ("/nodes/gw-a/dns/block_doh", "1.1.1.1\n2606:4700::1111"),
+        ]);
+        let t = render_node(&cfg, "gw-a", &env())
+            .expect("renders")
+            .tproxy
+            .expect("tproxy");
+        assert_eq!(t.dns_hijack_port, None);
+        assert!(t.block_quic && t.block_dot);
+        assert_eq!(t.block_doh.len(), 2);
     }
 
     #[test]

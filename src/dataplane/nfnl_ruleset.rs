@@ -22,8 +22,8 @@ use super::nfnl::{
     NLM_F_CREATE,
 };
 use super::ruleset::{
-    Family, NamedSet, RuleAction, RuleMatch, RuleSpec, Ruleset, SetElem, SetKind, CHAIN,
-    MANGLE_PRIORITY, TABLE,
+    Family, NamedSet, RejectWith, RuleAction, RuleMatch, RuleSpec, Ruleset, SetElem, SetKind,
+    CHAIN, CHAIN_HIJACK, DSTNAT_PRIORITY, L4, MANGLE_PRIORITY, TABLE,
 };
 
 /// Why a ruleset cannot be encoded.
@@ -176,6 +176,19 @@ const NFTA_IMMEDIATE_DATA: u16 = 2;
 const NFTA_TPROXY_FAMILY: u16 = 1;
 const NFTA_TPROXY_REG_ADDR: u16 = 2;
 const NFTA_TPROXY_REG_PORT: u16 = 3;
+const NFTA_REDIR_REG_PROTO_MIN: u16 = 1;
+const NFTA_REDIR_FLAGS: u16 = 3;
+/// `NF_NAT_RANGE_PROTO_SPECIFIED`: nft sets it for `redirect to :PORT`.
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
+const NFTA_REJECT_TYPE: u16 = 1;
+const NFTA_REJECT_ICMP_CODE: u16 = 2;
+/// `NFT_REJECT_TCP_RST` (code 0, as nft sends it) and `NFT_REJECT_ICMPX_UNREACH`
+/// with `NFT_REJECT_ICMPX_PORT_UNREACH`.
+const NFT_REJECT_TCP_RST: u32 = 1;
+const NFT_REJECT_ICMPX_UNREACH: u32 = 2;
+const NFT_REJECT_ICMPX_PORT_UNREACH: u8 = 1;
+/// `priority dstnat` of the hijack chain.
+const DSTNAT_PRIORITY_U32: u32 = DSTNAT_PRIORITY as u32;
 
 /// `fib ... type` values (`RTN_*` of `rtnetlink.h`).
 const RTN_TYPES: [(&str, u32); 3] = [("local", 2), ("broadcast", 3), ("multicast", 5)];
@@ -438,30 +451,38 @@ impl Encoder {
 
     fn table_objects(&mut self, rs: &Ruleset) -> Result<(), EncodeError> {
         self.add_table();
-        self.chain();
+        self.chain(CHAIN, "filter", MANGLE_PRIORITY as u32);
+        if !rs.hijack.is_empty() {
+            self.chain(CHAIN_HIJACK, "nat", DSTNAT_PRIORITY_U32);
+        }
         for set in &rs.sets {
             self.named_set(set)?;
         }
-        for (i, rule) in rs.rules.iter().enumerate() {
-            self.rule(i + 1, rule)?;
+        let chained = rs
+            .rules
+            .iter()
+            .map(|r| (CHAIN, r))
+            .chain(rs.hijack.iter().map(|r| (CHAIN_HIJACK, r)));
+        for (i, (chain, rule)) in chained.enumerate() {
+            self.rule(i + 1, chain, rule)?;
         }
         Ok(())
     }
 
-    fn chain(&mut self) {
+    fn chain(&mut self, name: &'static str, kind: &'static str, priority: u32) {
         self.w.message(
             NFT_MSG_NEWCHAIN,
             NLM_F_CREATE,
             NFPROTO_INET,
-            format!("add chain {CHAIN}"),
+            format!("add chain {name}"),
         );
         self.w.put_str(NFTA_CHAIN_TABLE, TABLE);
-        self.w.put_str(NFTA_CHAIN_NAME, CHAIN);
-        self.w.put_str(NFTA_CHAIN_TYPE, "filter");
+        self.w.put_str(NFTA_CHAIN_NAME, name);
+        self.w.put_str(NFTA_CHAIN_TYPE, kind);
         self.w.put_be32(NFTA_CHAIN_POLICY, NF_ACCEPT as u32);
         let hook = self.w.nest(NFTA_CHAIN_HOOK);
         self.w.put_be32(NFTA_HOOK_HOOKNUM, HOOK_PREROUTING);
-        self.w.put_be32(NFTA_HOOK_PRIORITY, MANGLE_PRIORITY as u32);
+        self.w.put_be32(NFTA_HOOK_PRIORITY, priority);
         self.w.end_nest(hook);
         self.w.finish_message();
     }
@@ -601,7 +622,7 @@ impl Encoder {
         self.w.nest(NFTA_SET_ELEM_LIST_ELEMENTS)
     }
 
-    fn rule(&mut self, n: usize, rule: &RuleSpec) -> Result<(), EncodeError> {
+    fn rule(&mut self, n: usize, chain: &'static str, rule: &RuleSpec) -> Result<(), EncodeError> {
         if rule.comment.len() > 254 {
             return Err(EncodeError::CommentTooLong {
                 comment: rule.comment,
@@ -620,7 +641,7 @@ impl Encoder {
             format!("add rule {n} ({:?})", rule.comment),
         );
         self.w.put_str(NFTA_RULE_TABLE, TABLE);
-        self.w.put_str(NFTA_RULE_CHAIN, CHAIN);
+        self.w.put_str(NFTA_RULE_CHAIN, chain);
         let list = self.w.nest(NFTA_RULE_EXPRESSIONS);
         for e in &exprs.0 {
             self.expr(e);
@@ -720,6 +741,19 @@ impl Encoder {
                 });
                 out.push(Expr::Lookup(self.named_ref(set)));
             }
+            RuleMatch::Dport(l4, port) => {
+                out.push(Expr::Meta(NFT_META_L4PROTO));
+                out.push(Expr::CmpEq(vec![match l4 {
+                    L4::Tcp => IPPROTO_TCP,
+                    L4::Udp => IPPROTO_UDP,
+                }]));
+                out.push(Expr::Payload {
+                    base: NFT_PAYLOAD_TRANSPORT_HEADER,
+                    offset: 2,
+                    len: 2,
+                });
+                out.push(Expr::CmpEq(port.to_be_bytes().to_vec()));
+            }
         }
         Ok(())
     }
@@ -797,6 +831,15 @@ impl Encoder {
                 self.w.put_be32(NFTA_TPROXY_REG_ADDR, REG_1);
                 self.w.put_be32(NFTA_TPROXY_REG_PORT, REG_2);
             }
+            Expr::Redir => {
+                self.w.put_be32(NFTA_REDIR_REG_PROTO_MIN, REG_1);
+                self.w
+                    .put_be32(NFTA_REDIR_FLAGS, NF_NAT_RANGE_PROTO_SPECIFIED);
+            }
+            Expr::Reject { kind, code } => {
+                self.w.put_be32(NFTA_REJECT_TYPE, *kind);
+                self.w.put(NFTA_REJECT_ICMP_CODE, &[*code]);
+            }
         }
         self.w.end_nest(data);
         self.w.end_nest(elem);
@@ -834,6 +877,10 @@ enum Expr {
     Verdict(i32),
     /// `tproxy FAMILY addr reg 1 port reg 2`
     Tproxy { family: u8 },
+    /// `redir proto_min reg 1 flags 0x2`
+    Redir,
+    /// `reject type KIND code CODE`
+    Reject { kind: u32, code: u8 },
 }
 
 impl Expr {
@@ -847,6 +894,8 @@ impl Expr {
             Expr::Lookup(_) => "lookup",
             Expr::Immediate { .. } | Expr::Verdict(_) => "immediate",
             Expr::Tproxy { .. } => "tproxy",
+            Expr::Redir => "redir",
+            Expr::Reject { .. } => "reject",
         }
     }
 }
@@ -891,6 +940,21 @@ fn action_exprs(rule: &RuleSpec, out: &mut Exprs) -> Result<(), EncodeError> {
             });
             out.push(Expr::Verdict(NF_ACCEPT));
         }
+        RuleAction::Redirect { port } => {
+            out.push(Expr::Immediate {
+                dreg: REG_1,
+                value: port.to_be_bytes().to_vec(),
+            });
+            out.push(Expr::Redir);
+        }
+        RuleAction::Reject(RejectWith::TcpReset) => out.push(Expr::Reject {
+            kind: NFT_REJECT_TCP_RST,
+            code: 0,
+        }),
+        RuleAction::Reject(RejectWith::IcmpxPortUnreachable) => out.push(Expr::Reject {
+            kind: NFT_REJECT_ICMPX_UNREACH,
+            code: NFT_REJECT_ICMPX_PORT_UNREACH,
+        }),
     }
     Ok(())
 }

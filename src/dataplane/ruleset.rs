@@ -9,7 +9,9 @@
 //!
 //! Every list of addresses becomes one named set (CIDR sets carry the `interval`
 //! flag), so 10,000 source CIDRs cost one set lookup, not 10,000 rules; the number of
-//! rules is the same for every plan.
+//! rules does not depend on the number of addresses. DNS hijack (a nat chain) and the
+//! bypass blocks (reject rules) are added only when the plan asks for them, so a plan
+//! without them gives the table of before (docs/dns.md).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -24,16 +26,20 @@ use nftables::expr::{
     Prefix, SetItem, CT,
 };
 use nftables::schema::{self, NfListObject, Nftables, SetFlag, SetType, SetTypeValue};
-use nftables::stmt::{Mangle, Match, Operator, Statement, TProxy};
-use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use nftables::stmt::{Mangle, Match, Operator, Reject, RejectType, Statement, TProxy, NAT};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 use serde_json::Value;
 
 /// The only table meduza owns (DESIGN §7).
 pub const TABLE: &str = "meduza";
-/// Our single base chain.
+/// The TPROXY base chain (mangle); the only chain unless DNS hijack is on.
 pub const CHAIN: &str = "prerouting";
 /// `priority mangle` of the prerouting hook (nft(8): mangle = -150).
 pub const MANGLE_PRIORITY: i32 = -150;
+/// The nat chain of DNS hijack; exists only while hijack is on.
+pub const CHAIN_HIJACK: &str = "dns_hijack";
+/// `priority dstnat` of a nat prerouting chain (nft(8): dstnat = -100).
+pub const DSTNAT_PRIORITY: i32 = -100;
 
 /// Set names; stable so `nft list` output reads the same on every node.
 pub const SET_PROXY_SRC4: &str = "proxy_src4";
@@ -44,6 +50,35 @@ pub const SET_EXCLUDE_SRC4: &str = "exclude_src4";
 pub const SET_EXCLUDE_SRC6: &str = "exclude_src6";
 pub const SET_EXCLUDE_IFACES: &str = "exclude_ifaces";
 pub const SET_EXCLUDE_PORTS: &str = "exclude_ports";
+/// DNS-over-HTTPS resolvers (`dns/block_doh`); exist only when the list is not empty.
+pub const SET_DOH_DST4: &str = "doh_dst4";
+pub const SET_DOH_DST6: &str = "doh_dst6";
+
+/// Layer-4 protocol of a port match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    Tcp,
+    Udp,
+}
+
+impl L4 {
+    pub fn name(self) -> &'static str {
+        match self {
+            L4::Tcp => "tcp",
+            L4::Udp => "udp",
+        }
+    }
+}
+
+/// How a rejected packet is answered: never a silent drop, so the client gives up
+/// (or falls back) at once instead of waiting for a timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectWith {
+    /// `reject with tcp reset`
+    TcpReset,
+    /// `reject with icmpx type port-unreachable` (ICMP or ICMPv6 by family).
+    IcmpxPortUnreachable,
+}
 
 /// IP family of a match or a TPROXY target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +157,8 @@ pub enum RuleMatch {
     ThDportInSet(&'static str),
     /// `th sport @set`
     ThSportInSet(&'static str),
+    /// `tcp dport N` / `udp dport N` (nft adds the `meta l4proto` dependency).
+    Dport(L4, u16),
 }
 
 /// What a rule does once all its matches hold.
@@ -138,6 +175,11 @@ pub enum RuleAction {
         port: u16,
         mark: u32,
     },
+    /// `redirect to :PORT` (nat chain): the destination becomes the primary address
+    /// of the input interface, so the local listener must listen on it or a wildcard.
+    Redirect { port: u16 },
+    /// `reject with ...`
+    Reject(RejectWith),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,7 +194,11 @@ pub struct RuleSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
     pub sets: Vec<NamedSet>,
+    /// Rules of chain [`CHAIN`].
     pub rules: Vec<RuleSpec>,
+    /// Rules of the nat chain [`CHAIN_HIJACK`]; the chain exists only when this is
+    /// not empty, so a plan without hijack has the table of before.
+    pub hijack: Vec<RuleSpec>,
 }
 
 fn nets_of(family: Family, nets: impl IntoIterator<Item = IpNet>) -> Vec<SetElem> {
@@ -234,7 +280,7 @@ pub fn build(plan: &TproxyPlan) -> Ruleset {
         matches,
         action: RuleAction::Return,
     };
-    let rules = vec![
+    let mut rules = vec![
         ret("reply direction", vec![RuleMatch::CtDirectionReply]),
         ret(
             "destination local to the gateway, broadcast or multicast",
@@ -282,6 +328,19 @@ pub fn build(plan: &TproxyPlan) -> Ruleset {
                 RuleMatch::ThSportInSet(SET_EXCLUDE_PORTS),
             ],
         ),
+    ];
+    rules.extend(block_rules(plan));
+    if plan.dns_hijack_port.is_some() {
+        // The mangle chain runs before the nat chain (-150 < -100): without these,
+        // TPROXY would hand the query to mihomo before `redirect` could take it.
+        for l4 in [L4::Udp, L4::Tcp] {
+            rules.push(ret(
+                "DNS goes to the frontend (chain dns_hijack)",
+                vec![RuleMatch::Dport(l4, 53)],
+            ));
+        }
+    }
+    rules.extend([
         RuleSpec {
             comment: "proxied LAN source to mihomo",
             matches: vec![
@@ -308,8 +367,137 @@ pub fn build(plan: &TproxyPlan) -> Ruleset {
                 mark: plan.mark,
             },
         },
+    ]);
+    let mut sets = sets;
+    let doh4 = nets_of(Family::V4, plan.block_doh.iter().copied().map(host_net));
+    let doh6 = nets_of(Family::V6, plan.block_doh.iter().copied().map(host_net));
+    for (name, kind, elements) in [
+        (SET_DOH_DST4, SetKind::Ipv4Addr, doh4),
+        (SET_DOH_DST6, SetKind::Ipv6Addr, doh6),
+    ] {
+        if !elements.is_empty() {
+            sets.push(NamedSet {
+                name,
+                kind,
+                elements,
+            });
+        }
+    }
+    let hijack = plan.dns_hijack_port.map(hijack_rules).unwrap_or_default();
+    Ruleset {
+        sets,
+        rules,
+        hijack,
+    }
+}
+
+const PROXY_SRC: [(Family, &str); 2] = [(Family::V4, SET_PROXY_SRC4), (Family::V6, SET_PROXY_SRC6)];
+
+/// Bypass blocking (`dns/block_*`), between the exclusions and the TPROXY rules: an
+/// excluded packet is never rejected, and a rejected one never reaches mihomo.
+fn block_rules(plan: &TproxyPlan) -> Vec<RuleSpec> {
+    let mut out = Vec::new();
+    for (family, src) in PROXY_SRC {
+        let from = || RuleMatch::SaddrInSet(family, src);
+        let reject = |comment, matches, with| RuleSpec {
+            comment,
+            matches,
+            action: RuleAction::Reject(with),
+        };
+        if plan.block_quic {
+            out.push(reject(
+                "QUIC from a proxied LAN source: browsers fall back to TCP",
+                vec![from(), RuleMatch::Dport(L4::Udp, 443)],
+                RejectWith::IcmpxPortUnreachable,
+            ));
+        }
+        if plan.block_dot {
+            out.push(reject(
+                "DNS over TLS bypasses the gateway's DNS",
+                vec![from(), RuleMatch::Dport(L4::Tcp, 853)],
+                RejectWith::TcpReset,
+            ));
+            out.push(reject(
+                "DNS over QUIC bypasses the gateway's DNS",
+                vec![from(), RuleMatch::Dport(L4::Udp, 853)],
+                RejectWith::IcmpxPortUnreachable,
+            ));
+        }
+        let has_doh = plan.block_doh.iter().any(|a| match family {
+            Family::V4 => a.is_ipv4(),
+            Family::V6 => a.is_ipv6(),
+        });
+        if has_doh {
+            let doh = match family {
+                Family::V4 => SET_DOH_DST4,
+                Family::V6 => SET_DOH_DST6,
+            };
+            out.push(reject(
+                "DNS over HTTPS bypasses the gateway's DNS",
+                vec![
+                    from(),
+                    RuleMatch::DaddrInSet(family, doh),
+                    RuleMatch::Dport(L4::Tcp, 443),
+                ],
+                RejectWith::TcpReset,
+            ));
+            out.push(reject(
+                "DNS over HTTPS bypasses the gateway's DNS",
+                vec![
+                    from(),
+                    RuleMatch::DaddrInSet(family, doh),
+                    RuleMatch::Dport(L4::Udp, 443),
+                ],
+                RejectWith::IcmpxPortUnreachable,
+            ));
+        }
+    }
+    out
+}
+
+/// DNS hijack: the rules of the nat chain. The same exclusions as TPROXY (excluded
+/// sources, mesh and VPN interfaces, the node's own LANs as destination), then port 53
+/// from a proxied source, UDP and TCP, to the frontend. Only the prerouting hook:
+/// the frontend's and mihomo's own upstream queries originate on the gateway (output
+/// hook) and are never caught.
+fn hijack_rules(port: u16) -> Vec<RuleSpec> {
+    let ret = |comment: &'static str, m: RuleMatch| RuleSpec {
+        comment,
+        matches: vec![m],
+        action: RuleAction::Return,
+    };
+    let mut out = vec![
+        ret(
+            "excluded source (DEFAULT_GW)",
+            RuleMatch::SaddrInSet(Family::V4, SET_EXCLUDE_SRC4),
+        ),
+        ret(
+            "excluded source (DEFAULT_GW)",
+            RuleMatch::SaddrInSet(Family::V6, SET_EXCLUDE_SRC6),
+        ),
+        ret(
+            "mesh and VPN interfaces",
+            RuleMatch::IifnameInSet(SET_EXCLUDE_IFACES),
+        ),
+        ret(
+            "destination inside the node's own LANs",
+            RuleMatch::DaddrInSet(Family::V4, SET_BYPASS_DST4),
+        ),
+        ret(
+            "destination inside the node's own LANs",
+            RuleMatch::DaddrInSet(Family::V6, SET_BYPASS_DST6),
+        ),
     ];
-    Ruleset { sets, rules }
+    for (family, src) in PROXY_SRC {
+        for l4 in [L4::Udp, L4::Tcp] {
+            out.push(RuleSpec {
+                comment: "DNS from a proxied LAN source to the frontend",
+                matches: vec![RuleMatch::SaddrInSet(family, src), RuleMatch::Dport(l4, 53)],
+                action: RuleAction::Redirect { port },
+            });
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------
@@ -375,6 +563,10 @@ fn match_stmt(m: &RuleMatch) -> Statement<'static> {
         RuleMatch::L4protoTcpUdp => eq(meta(MetaKey::L4proto), anon_set(&["tcp", "udp"])),
         RuleMatch::ThDportInSet(set) => eq(payload("th", "dport"), set_ref(set)),
         RuleMatch::ThSportInSet(set) => eq(payload("th", "sport"), set_ref(set)),
+        RuleMatch::Dport(l4, port) => eq(
+            payload(l4.name(), "dport"),
+            Expression::Number(u32::from(*port)),
+        ),
     }
 }
 
@@ -399,6 +591,19 @@ fn rule_exprs(rule: &RuleSpec) -> Vec<Statement<'static>> {
             }));
             out.push(Statement::Accept(None));
         }
+        RuleAction::Redirect { port } => out.push(Statement::Redirect(Some(NAT {
+            addr: None,
+            family: None,
+            port: Some(Expression::Number(u32::from(*port))),
+            flags: None,
+        }))),
+        RuleAction::Reject(RejectWith::TcpReset) => out.push(Statement::Reject(Some(Reject::new(
+            Some(RejectType::TCPReset),
+            None,
+        )))),
+        RuleAction::Reject(RejectWith::IcmpxPortUnreachable) => out.push(Statement::Reject(Some(
+            Reject::new(Some(RejectType::ICMPX), Some(RejectCode::PortUnreach)),
+        ))),
     }
     out
 }
@@ -466,11 +671,30 @@ pub fn objects(rs: &Ruleset) -> Vec<NfListObject<'static>> {
         dev: None,
         policy: Some(NfChainPolicy::Accept),
     }));
-    for rule in &rs.rules {
+    if !rs.hijack.is_empty() {
+        out.push(NfListObject::Chain(schema::Chain {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(TABLE),
+            name: Cow::Borrowed(CHAIN_HIJACK),
+            newname: None,
+            handle: None,
+            _type: Some(NfChainType::NAT),
+            hook: Some(NfHook::Prerouting),
+            prio: Some(DSTNAT_PRIORITY),
+            dev: None,
+            policy: Some(NfChainPolicy::Accept),
+        }));
+    }
+    let chained = rs
+        .rules
+        .iter()
+        .map(|r| (CHAIN, r))
+        .chain(rs.hijack.iter().map(|r| (CHAIN_HIJACK, r)));
+    for (chain, rule) in chained {
         out.push(NfListObject::Rule(schema::Rule {
             family: NfFamily::INet,
             table: Cow::Borrowed(TABLE),
-            chain: Cow::Borrowed(CHAIN),
+            chain: Cow::Borrowed(chain),
             expr: Cow::Owned(rule_exprs(rule)),
             handle: None,
             index: None,
@@ -529,6 +753,7 @@ fn match_text(m: &RuleMatch) -> String {
         RuleMatch::L4protoTcpUdp => "meta l4proto { tcp, udp }".into(),
         RuleMatch::ThDportInSet(set) => format!("th dport @{set}"),
         RuleMatch::ThSportInSet(set) => format!("th sport @{set}"),
+        RuleMatch::Dport(l4, port) => format!("{} dport {port}", l4.name()),
     }
 }
 
@@ -549,6 +774,11 @@ fn action_text(a: &RuleAction) -> String {
                 "tproxy {} to {to} meta mark set {mark:#x} accept",
                 family.proto()
             )
+        }
+        RuleAction::Redirect { port } => format!("redirect to :{port}"),
+        RuleAction::Reject(RejectWith::TcpReset) => "reject with tcp reset".into(),
+        RuleAction::Reject(RejectWith::IcmpxPortUnreachable) => {
+            "reject with icmpx type port-unreachable".into()
         }
     }
 }
@@ -585,14 +815,27 @@ pub fn to_text(rs: &Ruleset) -> String {
         out,
         "\t\ttype filter hook prerouting priority mangle; policy accept;"
     );
-    for rule in &rs.rules {
+    rules_text(&mut out, &rs.rules);
+    let _ = writeln!(out, "\t}}");
+    if !rs.hijack.is_empty() {
+        let _ = writeln!(out, "\tchain {CHAIN_HIJACK} {{");
+        let _ = writeln!(
+            out,
+            "\t\ttype nat hook prerouting priority dstnat; policy accept;"
+        );
+        rules_text(&mut out, &rs.hijack);
+        let _ = writeln!(out, "\t}}");
+    }
+    let _ = writeln!(out, "}}");
+    out
+}
+
+fn rules_text(out: &mut String, rules: &[RuleSpec]) {
+    for rule in rules {
         let mut parts: Vec<String> = rule.matches.iter().map(match_text).collect();
         parts.push(action_text(&rule.action));
         let _ = writeln!(out, "\t\t{} comment \"{}\"", parts.join(" "), rule.comment);
     }
-    let _ = writeln!(out, "\t}}");
-    let _ = writeln!(out, "}}");
-    out
 }
 
 // ---------------------------------------------------------------------------
@@ -858,6 +1101,10 @@ pub fn view_of_objects<'a>(
             });
         }
     }
+    // Chains, and rules across chains, compare in a fixed order (within a chain the
+    // order is the rule order, which matters).
+    view.chains.sort_by(|a, b| a.name.cmp(&b.name));
+    view.rules.sort_by(|a, b| a.chain.cmp(&b.chain));
     Ok(table_seen.then_some(view))
 }
 
@@ -877,6 +1124,7 @@ pub fn desired_view(rs: &Ruleset) -> TableView {
     let objs: Vec<Value> = objects(&Ruleset {
         sets: Vec::new(),
         rules: rs.rules.clone(),
+        hijack: rs.hijack.clone(),
     })
     .into_iter()
     .map(|o| {
@@ -1233,6 +1481,104 @@ mod tests {
         )
         .unwrap()]);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn plan_without_dns_guard_keeps_the_table_of_before() {
+        let rs = build(&plan());
+        assert_eq!(rs.rules.len(), 12);
+        assert_eq!(rs.sets.len(), 8);
+        assert!(rs.hijack.is_empty());
+        assert!(!to_text(&rs).contains(CHAIN_HIJACK));
+    }
+
+    #[test]
+    fn hijack_redirects_port_53_of_proxied_sources_after_the_exclusions() {
+        let mut p = plan();
+        p.dns_hijack_port = Some(53);
+        let rs = build(&p);
+        let text = to_text(&rs);
+        assert!(text.contains(
+            "\tchain dns_hijack {\n\t\ttype nat hook prerouting priority dstnat; policy accept;"
+        ));
+        for family in ["ip", "ip6"] {
+            for l4 in ["udp", "tcp"] {
+                let set = if family == "ip" {
+                    "proxy_src4"
+                } else {
+                    "proxy_src6"
+                };
+                assert!(
+                    text.contains(&format!(
+                        "{family} saddr @{set} {l4} dport 53 redirect to :53 comment"
+                    )),
+                    "{text}"
+                );
+            }
+        }
+        // Every return of the nat chain comes before its first redirect.
+        let first_redirect = rs
+            .hijack
+            .iter()
+            .position(|r| matches!(r.action, RuleAction::Redirect { .. }))
+            .unwrap();
+        assert_eq!(first_redirect, 5);
+        assert!(rs.hijack[..5]
+            .iter()
+            .all(|r| r.action == RuleAction::Return));
+        // The mangle chain lets DNS through to the nat chain instead of TPROXY.
+        let dns_returns: Vec<usize> = rs
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.matches
+                    .iter()
+                    .any(|m| matches!(m, RuleMatch::Dport(_, 53)))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let first_tproxy = rs
+            .rules
+            .iter()
+            .position(|r| matches!(r.action, RuleAction::Tproxy { .. }))
+            .unwrap();
+        assert_eq!(dns_returns.len(), 2);
+        assert!(dns_returns.iter().all(|i| *i < first_tproxy));
+        // Desired view of a hijacked plan equals itself through the listing reader.
+        assert_eq!(desired_view(&rs).chains.len(), 2);
+    }
+
+    #[test]
+    fn bypass_blocks_reject_at_once_between_exclusions_and_tproxy() {
+        let mut p = plan();
+        p.block_quic = true;
+        p.block_dot = true;
+        p.block_doh = vec!["1.1.1.1".parse().unwrap()];
+        let rs = build(&p);
+        let text = to_text(&rs);
+        for line in [
+            "ip saddr @proxy_src4 udp dport 443 reject with icmpx type port-unreachable",
+            "ip6 saddr @proxy_src6 udp dport 443 reject with icmpx type port-unreachable",
+            "ip saddr @proxy_src4 tcp dport 853 reject with tcp reset",
+            "ip6 saddr @proxy_src6 udp dport 853 reject with icmpx type port-unreachable",
+            "ip saddr @proxy_src4 ip daddr @doh_dst4 tcp dport 443 reject with tcp reset",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        // Only an IPv4 resolver: no IPv6 DoH set or rule.
+        assert!(text.contains("set doh_dst4"));
+        assert!(!text.contains("doh_dst6"));
+        let rejects: Vec<usize> = (0..rs.rules.len())
+            .filter(|i| matches!(rs.rules[*i].action, RuleAction::Reject(_)))
+            .collect();
+        // QUIC and DoT (TCP, UDP) for each family, DoH (TCP, UDP) for IPv4 only.
+        assert_eq!(rejects.len(), 2 + 4 + 2);
+        assert_eq!(rejects[0], 10, "after the ten exclusions");
+        assert!(rejects
+            .iter()
+            .all(|i| !matches!(rs.rules[*i + 1].action, RuleAction::Return)));
+        assert!(rs.hijack.is_empty());
     }
 
     #[test]

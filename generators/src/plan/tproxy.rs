@@ -38,6 +38,22 @@ pub struct TproxyPlan {
     pub mark: u32,
     /// Policy-routing table (always [`TPROXY_TABLE`]).
     pub table: u32,
+    /// DNS hijack (`/nodes/<id>/dns/hijack`): DNS (port 53, UDP and TCP) from
+    /// `proxy_src` to any address is redirected to this local port, the DNS
+    /// frontend's. `None`: no hijack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_hijack_port: Option<u16>,
+    /// `/nodes/<id>/dns/block_quic`: UDP 443 from `proxy_src` is rejected.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub block_quic: bool,
+    /// `/nodes/<id>/dns/block_dot`: DNS over TLS and QUIC (TCP and UDP 853) from
+    /// `proxy_src` is rejected.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub block_dot: bool,
+    /// `/nodes/<id>/dns/block_doh`: HTTPS (TCP and UDP 443) from `proxy_src` to these
+    /// resolver addresses is rejected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub block_doh: Vec<IpAddr>,
 }
 
 impl TproxyPlan {
