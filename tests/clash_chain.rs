@@ -75,14 +75,25 @@ struct Deps {
 }
 
 async fn start_mosdns(workdir: &Path, listen: SocketAddr) -> Result<Child, String> {
-    let mut child = Command::new(doubles_dir().join("fake_mosdns.py"))
-        .args(["start", "-c", "config.yaml", "-d"])
+    let mut cmd = Command::new(doubles_dir().join("fake_mosdns.py"));
+    cmd.args(["start", "-c", "config.yaml", "-d"])
         .arg(workdir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| e.to_string())?;
+        .kill_on_drop(true);
+    // SIGHUP as a gateway's init leaves it (default), whatever the test runner
+    // inherited: under `nohup` it is ignored, and an ignored signal stays ignored
+    // across exec, for mosdns and for its double.
+    // SAFETY: only an async-signal-safe sigaction between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            use nix::sys::signal::{signal, SigHandler, Signal};
+            signal(Signal::SIGHUP, SigHandler::SigDfl)
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| e.to_string())?;
     for _ in 0..100 {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("mosdns exited: {status}"));
