@@ -57,7 +57,8 @@ pub enum BootError {
 }
 
 /// Kernel modules the data plane needs (DESIGN §7): nftables with TPROXY, socket and
-/// fib expressions, WireGuard, TUN (mihomo, tinc, OpenVPN, EasyTier) and veth.
+/// fib expressions, the nat chain type and `redirect` (LAN DNS hijack), `reject`
+/// (QUIC/DoT/DoH blocking), WireGuard, TUN (mihomo, tinc, OpenVPN, EasyTier) and veth.
 /// `nf_tproxy_*` and `nf_socket_*` are normally pulled in as dependencies; listing
 /// them keeps the report explicit and covers kernels that split them differently.
 pub const DATAPLANE_MODULES: &[&str] = &[
@@ -69,6 +70,9 @@ pub const DATAPLANE_MODULES: &[&str] = &[
     "nf_socket_ipv4",
     "nf_socket_ipv6",
     "nft_fib_inet",
+    "nft_chain_nat",
+    "nft_redir",
+    "nft_reject_inet",
     "wireguard",
     "tun",
     "veth",

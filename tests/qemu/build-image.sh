@@ -166,7 +166,7 @@ copy_with_libs "$(command -v wg)" /usr/bin/wg
 # softdog is the image's watchdog.
 MODS="virtio_pci virtio_net virtio_rng virtio_blk virtio_console
 	nf_tables nft_tproxy nf_tproxy_ipv4 nf_tproxy_ipv6 nft_socket nf_socket_ipv4
-	nf_socket_ipv6 nft_fib_inet nft_fib_ipv4 nft_fib_ipv6 nft_ct nft_nat nft_masq
+	nf_socket_ipv6 nft_fib_inet nft_fib_ipv4 nft_fib_ipv6 nft_ct nft_chain_nat nft_nat nft_masq
 	nft_redir nft_reject_inet nft_reject_ipv4 nft_reject_ipv6 nft_limit nft_log
 	nft_numgen nft_hash nft_quota nft_connlimit nf_conntrack nf_nat
 	wireguard tun veth overlay squashfs softdog"
