@@ -23,6 +23,9 @@ API_TOKEN="qemu-test-api-token-0001"
 
 qlog() { printf '[qemu] %s\n' "$*" >&2; }
 qdie() { printf '[qemu] FAIL: %s\n' "$*" >&2; exit 1; }
+# The first line of stdin. Reads all of it: `grep -m1` or `head -n1` would close the
+# pipe early, and under `set -o pipefail` the writer's SIGPIPE (exit 141) fails the test.
+first() { awk 'NR == 1'; }
 
 # Programs the test needs; a missing one is a failure, not a skip
 # (scripts/test installs them: etcd-server etcd-client qemu-system-x86 dnsutils jq
@@ -330,7 +333,7 @@ console_has() { grep -Eq "$1" "$CONSOLE"; }
 run_in_guest() {
 	send "$2; echo M\"\"ARK-$1-\$?"
 	wait_for 60 "guest command $1" console_has "^MARK-$1-[0-9]+" >/dev/null
-	grep -Eo "^MARK-$1-[0-9]+" "$CONSOLE" | head -n1 | sed "s/^MARK-$1-//"
+	grep -Eo "^MARK-$1-[0-9]+" "$CONSOLE" | first | sed "s/^MARK-$1-//"
 }
 
 # guest_output NAME COMMAND_LINE: the standard output of a command typed on the

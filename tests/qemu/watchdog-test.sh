@@ -82,11 +82,11 @@ applied_is() {
 T="$(wait_for 120 "/updated/$NODE_ID/applied = $REV" applied_is "$REV")"
 qlog "first boot: applied revision $REV at ${T}s"
 wait_for 30 "meduza arms the watchdog" since_has 'watchdog armed' >/dev/null
-armed="$(since | grep -m1 'watchdog armed')"
+armed="$(since | grep 'watchdog armed' | first)"
 TIMEOUT="$(sed -n 's/.*timeout_s=\([0-9]*\).*/\1/p' <<<"$armed")"
 IDENTITY="$(sed -n 's/.*identity="\{0,1\}\([^"]*\)"\{0,1\}.*/\1/p' <<<"$armed")"
 [ -n "$TIMEOUT" ] || qdie "no timeout in meduza's 'watchdog armed' line: $armed"
-DRIVER="$(since | sed -n 's/.*S01watchdog: \/dev\/watchdog from \([A-Za-z0-9_]*\).*/\1/p' | head -n1)"
+DRIVER="$(since | sed -n 's/.*S01watchdog: \/dev\/watchdog from \([A-Za-z0-9_]*\).*/\1/p' | first)"
 qlog "watchdog: driver ${DRIVER:-built in}, identity '$IDENTITY', timeout ${TIMEOUT}s"
 if [ "${MEDUZA_QEMU_KERNEL:-}" = amd64 ]; then
 	[ "$DRIVER" = i6300esb ] || qdie "the generic kernel's image armed '${DRIVER:-?}', not QEMU's i6300ESB"
@@ -96,7 +96,7 @@ wait_for 60 "mihomo and tunnel-keepalive running (node API)" \
 applied_before="$(etcd_value "/updated/$NODE_ID/applied")"
 # Booting and provisioning under TCG must not have cost a pet.
 since_has 'watchdog pet withheld' &&
-	qdie "meduza withheld a pet while healthy: $(since | grep -m1 'watchdog pet withheld')"
+	qdie "meduza withheld a pet while healthy: $(since | grep 'watchdog pet withheld' | first)"
 
 # --- 2. freeze meduza: the watchdog resets the VM ----------------------------------------
 rc="$(run_in_guest PID 'pidof meduza >/dev/null')"
@@ -112,7 +112,7 @@ T_RESET="$(wait_for $((TIMEOUT + 30)) "the watchdog resets the guest" \
 	since_has 'Initiating system reboot|SeaBIOS')"
 T_INIT="$(wait_for 60 "the guest boots again (/init)" since_has 'Run /init as init process')"
 since_has 'Initiating system reboot' &&
-	qlog "guest kernel: $(since | grep -m1 -o 'softdog: Initiating system reboot')"
+	qlog "guest kernel: $(since | grep -o 'softdog: Initiating system reboot' | first)"
 min="$(awk -v t="$TIMEOUT" 'BEGIN { printf "%.2f", t * 2 / 3 - 1 }')"
 max="$((TIMEOUT + 5))"
 awk -v r="$T_RESET" -v lo="$min" -v hi="$max" 'BEGIN { exit !(r >= lo && r <= hi) }' ||
