@@ -201,6 +201,18 @@ fn dns_guard_plan_lists_exactly_like_nft_f() {
     check_plan_against_nft_f("nfg", &p);
 }
 
+/// Fake-IP fail-fast (`TproxyPlan::while_down`): the exclusions and the fake-range
+/// rejects, IPv4 and IPv6, encode like nft's and list back equal to the desired view.
+#[test]
+fn fake_ip_plan_while_down_lists_exactly_like_nft_f() {
+    let mut p = small_plan();
+    p.fake_ip = vec![
+        "198.18.0.0/16".parse().unwrap(),
+        "fdfe:dcba:9876::/64".parse().unwrap(),
+    ];
+    check_plan_against_nft_f("nff", &p.while_down().expect("fake-ip mode"));
+}
+
 #[test]
 fn edge_plan_lists_exactly_like_nft_f() {
     check_plan_against_nft_f("nfe", &edge_plan());

@@ -12,7 +12,7 @@
 //!   network is refused while it is on, and served as a foreign network once it is off;
 //! - `[[proxy_network]]` and `routes = []`: the route to the other LAN is FRR's OSPF
 //!   route, and easytier-core carries the packets it is given;
-//! - `dhcp`: each node takes an address of its own and they answer each other;
+//! - `dhcp` (gw1 only, gw0 the fixed hub): gw1 takes a free address of gw0's subnet;
 //! - `mapped_listeners`, which 2.0.3 does not have, is refused naming the key while
 //!   the mesh keeps running.
 //!
@@ -393,9 +393,10 @@ fn easytier_mesh_carries_ospf_and_lan_traffic() {
         );
     }
 
-    // DHCP: the nodes pick their own addresses (easytier-core's, not meduza's) and
-    // reach each other at them.
-    etcd.put("/global/easytier/dhcp", "true");
+    // DHCP: gw1 picks its own address (easytier-core's, not meduza's) from the subnet
+    // of gw0, which keeps its fixed one (docs/testing.md, "EasyTier DHCP": two nodes
+    // taking the first address at once is a 2.0.3 bug that strands both).
+    etcd.put("/nodes/gw1/easytier/dhcp", "true");
     let rev = commit(&etcd);
     for g in &gws {
         g.wait_applied(&etcd, rev, Duration::from_secs(20));
@@ -406,22 +407,27 @@ fn easytier_mesh_carries_ospf_and_lan_traffic() {
         conf.contains("dhcp = true") && !conf.contains("ipv4 ="),
         "{conf}"
     );
-    // Both may take the first address before they see each other; easytier-core's
-    // conflict check then moves one of them.
+    let conf = std::fs::read_to_string(g0.file("/etc/easytier/config.toml")).expect("config");
+    assert!(conf.contains("dhcp = false"), "{conf}");
     let dhcp = Instant::now();
     let picked: Vec<String> = wait_for(
-        "distinct DHCP addresses on et0",
-        Duration::from_secs(90),
+        "a DHCP address of gw0's subnet on gw1's et0",
+        Duration::from_secs(60),
         || {
             let a: Vec<String> = gws
                 .iter()
                 .filter_map(|g| addrs(&g.ns, "et0").into_iter().next())
                 .collect();
-            (a.len() == 2 && a[0] != a[1]).then_some(a)
+            (a.len() == 2 && a[0] != a[1] && a[1].starts_with("10.144.144.")).then_some(a)
         },
     );
+    assert_eq!(
+        picked[0],
+        format!("{}/24", et_ip(0)),
+        "gw0 kept its address"
+    );
     eprintln!(
-        "distinct DHCP addresses {:.1}s after both applied the commit",
+        "DHCP address {:.1}s after both applied the commit",
         dhcp.elapsed().as_secs_f64()
     );
     let ip1 = picked[1].split('/').next().expect("address");

@@ -64,6 +64,59 @@ pub struct ClashGlobal {
     /// `/global/clash/health/*`, defaults filled in; a node's effective values are
     /// [`Clash::health`].
     pub health: ClashHealthCheck,
+    /// mihomo's fake-IP ranges when the base's `dns.enhanced-mode` is `fake-ip`
+    /// (`dns.fake-ip-range`, default `198.18.0.1/16`, and `dns.fake-ip-range6` when
+    /// set); empty in any other mode. The generated config's `dns` section is the
+    /// base's, so these are the ranges mihomo answers from.
+    pub fake_ip: Vec<IpNet>,
+}
+
+/// mihomo's `dns.fake-ip-range` when the config does not set it.
+pub const MIHOMO_FAKE_IP_RANGE: &str = "198.18.0.1/16";
+
+/// The fake-IP ranges of a mihomo config (see [`ClashGlobal::fake_ip`]); the error is
+/// the offending `dns.` field with its value, and why.
+fn fake_ip_ranges(base: &serde_yaml::Mapping) -> Result<Vec<IpNet>, (String, String)> {
+    let Some(dns) = base.get("dns").and_then(serde_yaml::Value::as_mapping) else {
+        return Ok(Vec::new());
+    };
+    let text = |field: &str| -> Result<Option<String>, (String, String)> {
+        match dns.get(field) {
+            None | Some(serde_yaml::Value::Null) => Ok(None),
+            Some(serde_yaml::Value::String(v)) => Ok(Some(v.clone())),
+            Some(other) => Err((format!("dns.{field}: {other:?}"), "must be a string".into())),
+        }
+    };
+    match text("enhanced-mode")?.as_deref() {
+        Some("fake-ip") => {}
+        None | Some("redir-host") | Some("normal") => return Ok(Vec::new()),
+        Some(other) => {
+            return Err((
+                format!("dns.enhanced-mode: {other}"),
+                "must be fake-ip, redir-host or normal".into(),
+            ))
+        }
+    }
+    let mut out = Vec::new();
+    for (field, default, v6) in [
+        ("fake-ip-range", Some(MIHOMO_FAKE_IP_RANGE), false),
+        ("fake-ip-range6", None, true),
+    ] {
+        let Some(v) = text(field)?.or(default.map(str::to_string)) else {
+            continue;
+        };
+        let bad = |why: &str| (format!("dns.{field}: {v}"), why.to_string());
+        let net: IpNet = v.parse().map_err(|_| bad("must be an address/prefix"))?;
+        if net.addr().is_ipv6() != v6 {
+            return Err(bad(if v6 {
+                "must be an IPv6 prefix"
+            } else {
+                "must be an IPv4 prefix"
+            }));
+        }
+        out.push(net.trunc());
+    }
+    Ok(out)
 }
 
 /// `clash/health/*`: mihomo's own health checks (proxy provider and the default
@@ -146,6 +199,10 @@ pub struct Easytier {
     pub dev_name: String,
     /// `ipv4`: address with optional prefix (`10.144.144.1/24`).
     pub ipv4: Option<IpNet>,
+    /// `easytier/dhcp`, default `/global/easytier/dhcp`: easytier-core picks the
+    /// overlay address and `ipv4` is not written (docs/etcd-schema.md: keep one node,
+    /// the hub, on a fixed address).
+    pub dhcp: bool,
     pub listeners: Vec<String>,
     pub peers: Vec<String>,
 }
@@ -582,6 +639,14 @@ fn parse_global(r: &mut Reader<'_>) -> Global {
             Err(e) => Err(format!("YAML does not parse: {e}")),
         }
     });
+    let fake_ip = match base.as_ref().map(fake_ip_ranges) {
+        Some(Err((value, reason))) => {
+            r.error("/global/clash/base", &value, reason);
+            Vec::new()
+        }
+        Some(Ok(ranges)) => ranges,
+        None => Vec::new(),
+    };
     let health = parse_clash_health(r, "/global/", &ClashHealthCheck::default());
     let mut subscriptions = BTreeMap::new();
     for (name, base) in r.named_children("/global/clash/subscriptions/", "url", "subscription") {
@@ -642,6 +707,7 @@ fn parse_global(r: &mut Reader<'_>) -> Global {
             base,
             subscriptions,
             health,
+            fake_ip,
         },
         mosdns: MosdnsGlobal {
             rule_files,
@@ -1054,6 +1120,7 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
                 IpNet::V6(_) => Err("easytier ipv4 must be IPv4".into()),
             }
         }),
+        dhcp: r.bool(&k("easytier/dhcp"), global.easytier.dhcp),
         listeners: r.list(&k("easytier/listeners"), parse_et_url),
         peers: r.list(&k("easytier/peers"), |v| {
             if v.parse::<u16>().is_ok() {

@@ -180,10 +180,11 @@ pub fn active_mesh(cfg: &Config, node: &Node) -> Option<MeshType> {
     }
 }
 
-/// The node's address on the active overlay, if configured.
+/// The node's address on the active overlay, if configured (an EasyTier node in DHCP
+/// mode has none that meduza knows).
 pub fn mesh_addr(cfg: &Config, node: &Node) -> Option<IpNet> {
     match active_mesh(cfg, node)? {
-        MeshType::Easytier => node.easytier.ipv4,
+        MeshType::Easytier => node.easytier.ipv4.filter(|_| !node.easytier.dhcp),
         MeshType::Tinc => node.tinc.ipv4,
     }
 }
@@ -315,6 +316,7 @@ pub fn tproxy_plan(cfg: &Config, node: &Node, env: &RenderEnv) -> TproxyPlan {
         block_quic: node.dns_guard.block_quic,
         block_dot: node.dns_guard.block_dot,
         block_doh: node.dns_guard.block_doh.clone(),
+        fake_ip: cfg.global.clash.fake_ip.clone(),
         ..TproxyPlan::empty()
     }
 }
@@ -387,6 +389,53 @@ mod tests {
         assert_eq!(t.dns_hijack_port, None);
         assert!(t.block_quic && t.block_dot);
         assert_eq!(t.block_doh.len(), 2);
+    }
+
+    #[test]
+    fn fake_ip_ranges_come_from_the_generated_dns_section() {
+        let plan = |base: &str| {
+            let cfg = example(&[("/global/clash/base", base)]);
+            let node = cfg.node("gw-a").expect("gw-a");
+            tproxy_plan(&cfg, node, &env()).fake_ip
+        };
+        assert_eq!(plan("mode: rule\n"), Vec::<IpNet>::new());
+        assert_eq!(
+            plan("dns: {enhanced-mode: redir-host}\n"),
+            Vec::<IpNet>::new()
+        );
+        // mihomo's default range when only the mode is set; host bits dropped.
+        assert_eq!(
+            plan("dns: {enhanced-mode: fake-ip}\n"),
+            nets(&["198.18.0.0/16"])
+        );
+        assert_eq!(
+            plan("dns: {enhanced-mode: fake-ip, fake-ip-range: 28.0.0.1/8, fake-ip-range6: 'fdfe:dcba:9876::1/64'}\n"),
+            nets(&["28.0.0.0/8", "fdfe:dcba:9876::/64"])
+        );
+        for (base, field) in [
+            (
+                "dns: {enhanced-mode: fake-ip, fake-ip-range: 2001:db8::/64}\n",
+                "dns.fake-ip-range: 2001:db8::/64",
+            ),
+            (
+                "dns: {enhanced-mode: fake-ip, fake-ip-range: nonsense}\n",
+                "dns.fake-ip-range: nonsense",
+            ),
+            (
+                "dns: {enhanced-mode: fakeip}\n",
+                "dns.enhanced-mode: fakeip",
+            ),
+        ] {
+            let mut s = Snapshot::from_json(EXAMPLE).expect("example is JSON");
+            s.0.insert("/global/clash/base".into(), base.into());
+            let errs = Config::parse(&s).expect_err(base);
+            assert!(
+                errs.0
+                    .iter()
+                    .any(|e| e.key == "/global/clash/base" && e.to_string().contains(field)),
+                "{base}: {errs:?}"
+            );
+        }
     }
 
     #[test]

@@ -86,9 +86,16 @@ impl TproxyGate for DataplaneGate {
     }
 
     async fn remove(&self) -> Result<(), GateError> {
+        // In fake-ip mode the fake ranges stay rejected while mihomo is out.
+        let down = self
+            .plan
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(TproxyPlan::while_down);
         self.shared
             .dataplane
-            .set_and_wait(None, GATE_TIMEOUT)
+            .set_and_wait(down, GATE_TIMEOUT)
             .await
             .map_err(|e| GateError::Remove(e.to_string()))
     }
@@ -258,7 +265,7 @@ impl ClashOrchestrator {
             tproxy.clone(),
         )
         .is_some();
-        if self.shared.dataplane.desired().is_some() {
+        if self.shared.dataplane.intercepting() {
             match &tproxy {
                 Some(p) => {
                     if self.shared.dataplane.desired().as_ref() != Some(p) {
@@ -270,18 +277,25 @@ impl ClashOrchestrator {
                     self.shared.set_tproxy("removed", "TPROXY not configured");
                 }
             }
-        } else if tproxy.is_none() {
-            self.shared.set_tproxy("removed", "TPROXY not configured");
-        } else if !was_configured {
-            // Newly configured (a later pass keeps the gate's own reason, such as
-            // "mihomo exited"). With MosDNS the chain is strict: TPROXY is armed
-            // only once MosDNS has its rule files and has started.
-            let waiting = if mosdns.is_some() && clash.is_some() {
-                "waiting for the startup chain: mihomo healthy, MosDNS rule files, MosDNS started"
-            } else {
-                "waiting for mihomo to be healthy"
-            };
-            self.shared.set_tproxy_reason("removed", waiting);
+        } else {
+            // Removed: keep the fake-IP rejects (or no table) in step with the plan.
+            let down = tproxy.as_ref().and_then(TproxyPlan::while_down);
+            if self.shared.dataplane.desired() != down {
+                self.shared.dataplane.set(down);
+            }
+            if tproxy.is_none() {
+                self.shared.set_tproxy("removed", "TPROXY not configured");
+            } else if !was_configured {
+                // Newly configured (a later pass keeps the gate's own reason, such as
+                // "mihomo exited"). With MosDNS the chain is strict: TPROXY is armed
+                // only once MosDNS has its rule files and has started.
+                let waiting = if mosdns.is_some() && clash.is_some() {
+                    "waiting for the startup chain: mihomo healthy, MosDNS rule files, MosDNS started"
+                } else {
+                    "waiting for mihomo to be healthy"
+                };
+                self.shared.set_tproxy_reason("removed", waiting);
+            }
         }
 
         match &clash {

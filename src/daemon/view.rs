@@ -230,7 +230,7 @@ impl NodeView for DaemonView {
                     })
                     .collect(),
             },
-            tproxy_applied: s.dataplane.desired().is_some(),
+            tproxy_applied: s.dataplane.intercepting(),
             mihomo_traffic: self.mihomo_traffic(),
         }
     }

@@ -149,14 +149,20 @@ pub fn routing_spec(plan: &TproxyPlan) -> RoutingSpec {
 pub fn show(plan: &TproxyPlan) -> String {
     let spec = routing_spec(plan);
     let plan_json = serde_json::to_string_pretty(plan).unwrap_or_else(|e| format!("<{e}>"));
+    let routing = if plan.proxy_down {
+        "none (TPROXY removed)\n".to_string()
+    } else {
+        format!(
+            "rule pref {prio} fwmark {mark:#x} lookup {table}\n\
+             route local default dev lo table {table}\n",
+            prio = spec.priority,
+            mark = spec.mark,
+            table = spec.table,
+        )
+    };
     format!(
-        "# plan\n{plan_json}\n\n# nftables (one transaction)\n{}\n# policy routing (IPv4 and IPv6)\n\
-         rule pref {prio} fwmark {mark:#x} lookup {table}\n\
-         route local default dev lo table {table}\n",
+        "# plan\n{plan_json}\n\n# nftables (one transaction)\n{}\n# policy routing (IPv4 and IPv6)\n{routing}",
         ruleset::to_text(&ruleset::build(plan)),
-        prio = spec.priority,
-        mark = spec.mark,
-        table = spec.table,
     )
 }
 
@@ -247,11 +253,14 @@ impl<N: Nft, R: Routing> Dataplane<N, R> {
         };
         let spec = routing_spec(plan);
         let present = self.routing.present(spec).await?;
-        let ops = routing::plan_routing(true, &present);
+        // While TPROXY is removed nothing is marked: no policy routing either.
+        let ops = routing::plan_routing(!plan.proxy_down, &present);
         // Independent items: sent together, one round trip instead of four.
-        futures::future::try_join_all(ops.iter().filter_map(|op| match op {
-            RoutingOp::Add(item) => Some(self.routing.add(spec, *item)),
-            RoutingOp::Delete(_) => None,
+        futures::future::try_join_all(ops.iter().map(|op| async move {
+            match op {
+                RoutingOp::Add(item) => self.routing.add(spec, *item).await,
+                RoutingOp::Delete(item) => self.routing.delete(spec, *item).await,
+            }
         }))
         .await?;
         let mut memo = self.memo();
@@ -486,6 +495,26 @@ mod tests {
         assert!(r.routing.is_empty());
         assert_eq!(dp.nft().state().applies, 2);
         assert_eq!(dp.apply(&p2).await.unwrap().nft, NftChange::Unchanged);
+    }
+
+    #[tokio::test]
+    async fn fake_ip_while_down_keeps_a_table_without_interception_or_routing() {
+        let dp = dp();
+        let mut p = plan();
+        p.fake_ip = vec!["198.18.0.0/16".parse().unwrap()];
+        dp.apply(&p).await.unwrap();
+        assert_eq!(dp.routing().state().items.len(), 4);
+        let down = p.while_down().expect("fake-ip mode");
+        let r = dp.apply(&down).await.unwrap();
+        assert_eq!(r.nft, NftChange::Replaced);
+        assert_eq!(r.routing.len(), 4, "policy routing removed: {r}");
+        assert!(dp.routing().state().items.is_empty());
+        assert!(dp.nft().state().table.is_some());
+        // Back up: interception and routing return.
+        let r = dp.apply(&p).await.unwrap();
+        assert_eq!((r.nft, r.routing.len()), (NftChange::Replaced, 4));
+        // Without fake-ip there is nothing to keep while down.
+        assert_eq!(plan().while_down(), None);
     }
 
     #[tokio::test]

@@ -198,6 +198,13 @@ const PKT_TYPES: [(&str, u8); 3] = [("host", 0), ("broadcast", 1), ("multicast",
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 
+fn l4_number(l4: L4) -> u8 {
+    match l4 {
+        L4::Tcp => IPPROTO_TCP,
+        L4::Udp => IPPROTO_UDP,
+    }
+}
+
 /// One transaction that creates the table (see [`ruleset::create_batch`] for why
 /// there is no `delete`).
 ///
@@ -741,12 +748,13 @@ impl Encoder {
                 });
                 out.push(Expr::Lookup(self.named_ref(set)));
             }
+            RuleMatch::L4proto(l4) => {
+                out.push(Expr::Meta(NFT_META_L4PROTO));
+                out.push(Expr::CmpEq(vec![l4_number(*l4)]));
+            }
             RuleMatch::Dport(l4, port) => {
                 out.push(Expr::Meta(NFT_META_L4PROTO));
-                out.push(Expr::CmpEq(vec![match l4 {
-                    L4::Tcp => IPPROTO_TCP,
-                    L4::Udp => IPPROTO_UDP,
-                }]));
+                out.push(Expr::CmpEq(vec![l4_number(*l4)]));
                 out.push(Expr::Payload {
                     base: NFT_PAYLOAD_TRANSPORT_HEADER,
                     offset: 2,

@@ -53,6 +53,10 @@ pub const SET_EXCLUDE_PORTS: &str = "exclude_ports";
 /// DNS-over-HTTPS resolvers (`dns/block_doh`); exist only when the list is not empty.
 pub const SET_DOH_DST4: &str = "doh_dst4";
 pub const SET_DOH_DST6: &str = "doh_dst6";
+/// mihomo's fake-IP ranges (`TproxyPlan::fake_ip`); exist only while TPROXY is
+/// removed in fake-ip mode.
+pub const SET_FAKE_DST4: &str = "fake_dst4";
+pub const SET_FAKE_DST6: &str = "fake_dst6";
 
 /// Layer-4 protocol of a port match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +163,8 @@ pub enum RuleMatch {
     ThSportInSet(&'static str),
     /// `tcp dport N` / `udp dport N` (nft adds the `meta l4proto` dependency).
     Dport(L4, u16),
+    /// `meta l4proto tcp` / `meta l4proto udp`
+    L4proto(L4),
 }
 
 /// What a rule does once all its matches hold.
@@ -280,6 +286,7 @@ pub fn build(plan: &TproxyPlan) -> Ruleset {
         matches,
         action: RuleAction::Return,
     };
+    let mut sets = sets;
     let mut rules = vec![
         ret("reply direction", vec![RuleMatch::CtDirectionReply]),
         ret(
@@ -329,6 +336,15 @@ pub fn build(plan: &TproxyPlan) -> Ruleset {
             ],
         ),
     ];
+    if plan.proxy_down {
+        // TPROXY removed: the exclusions, then only the fake-range rejects.
+        rules.extend(fake_ip_rules(plan, &mut sets));
+        return Ruleset {
+            sets,
+            rules,
+            hijack: Vec::new(),
+        };
+    }
     rules.extend(block_rules(plan));
     if plan.dns_hijack_port.is_some() {
         // The mangle chain runs before the nat chain (-150 < -100): without these,
@@ -368,7 +384,6 @@ pub fn build(plan: &TproxyPlan) -> Ruleset {
             },
         },
     ]);
-    let mut sets = sets;
     let doh4 = nets_of(Family::V4, plan.block_doh.iter().copied().map(host_net));
     let doh6 = nets_of(Family::V6, plan.block_doh.iter().copied().map(host_net));
     for (name, kind, elements) in [
@@ -451,6 +466,48 @@ fn block_rules(plan: &TproxyPlan) -> Vec<RuleSpec> {
                 RejectWith::IcmpxPortUnreachable,
             ));
         }
+    }
+    out
+}
+
+/// Fake-IP fail-fast (`TproxyPlan::while_down`): from a proxied LAN source to one of
+/// mihomo's fake ranges, TCP is reset and anything else gets an ICMP port
+/// unreachable, so the client gives up at once and resolves the name again (the
+/// frontend, with mihomo out of its chain, now answers a real address). Adds the
+/// `fake_dst` sets the rules use.
+fn fake_ip_rules(plan: &TproxyPlan, sets: &mut Vec<NamedSet>) -> Vec<RuleSpec> {
+    let mut out = Vec::new();
+    for ((family, src), (name, kind)) in PROXY_SRC.into_iter().zip([
+        (SET_FAKE_DST4, SetKind::Ipv4Addr),
+        (SET_FAKE_DST6, SetKind::Ipv6Addr),
+    ]) {
+        let elements = nets_of(family, plan.fake_ip.iter().copied());
+        if elements.is_empty() {
+            continue;
+        }
+        sets.push(NamedSet {
+            name,
+            kind,
+            elements,
+        });
+        let to_fake = || {
+            vec![
+                RuleMatch::SaddrInSet(family, src),
+                RuleMatch::DaddrInSet(family, name),
+            ]
+        };
+        let mut tcp = to_fake();
+        tcp.push(RuleMatch::L4proto(L4::Tcp));
+        out.push(RuleSpec {
+            comment: "fake IP while mihomo is down: fail now, resolve again",
+            matches: tcp,
+            action: RuleAction::Reject(RejectWith::TcpReset),
+        });
+        out.push(RuleSpec {
+            comment: "fake IP while mihomo is down: fail now, resolve again",
+            matches: to_fake(),
+            action: RuleAction::Reject(RejectWith::IcmpxPortUnreachable),
+        });
     }
     out
 }
@@ -567,6 +624,7 @@ fn match_stmt(m: &RuleMatch) -> Statement<'static> {
             payload(l4.name(), "dport"),
             Expression::Number(u32::from(*port)),
         ),
+        RuleMatch::L4proto(l4) => eq(meta(MetaKey::L4proto), s(l4.name())),
     }
 }
 
@@ -754,6 +812,7 @@ fn match_text(m: &RuleMatch) -> String {
         RuleMatch::ThDportInSet(set) => format!("th dport @{set}"),
         RuleMatch::ThSportInSet(set) => format!("th sport @{set}"),
         RuleMatch::Dport(l4, port) => format!("{} dport {port}", l4.name()),
+        RuleMatch::L4proto(l4) => format!("meta l4proto {}", l4.name()),
     }
 }
 
@@ -1579,6 +1638,42 @@ mod tests {
             .iter()
             .all(|i| !matches!(rs.rules[*i + 1].action, RuleAction::Return)));
         assert!(rs.hijack.is_empty());
+    }
+
+    #[test]
+    fn while_down_in_fake_ip_mode_only_rejects_the_fake_ranges() {
+        let mut p = plan();
+        p.fake_ip = vec!["198.18.0.1/16".parse().unwrap()];
+        p.dns_hijack_port = Some(53);
+        p.block_quic = true;
+        // Applied: the fake range is proxied like any destination, no reject.
+        let up = to_text(&build(&p));
+        assert!(!up.contains("fake_dst"), "{up}");
+        let rs = build(&p.while_down().expect("fake-ip mode"));
+        let text = to_text(&rs);
+        for line in [
+            "ip saddr @proxy_src4 ip daddr @fake_dst4 meta l4proto tcp reject with tcp reset",
+            "ip saddr @proxy_src4 ip daddr @fake_dst4 reject with icmpx type port-unreachable",
+            "elements = { 198.18.0.0/16 }",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        // No IPv6 range: no IPv6 set or rule. Nothing intercepted, hijacked or
+        // blocked while mihomo is down.
+        assert!(!text.contains("fake_dst6"), "{text}");
+        assert!(rs.hijack.is_empty());
+        assert!(
+            !text.contains("tproxy") && !text.contains("dport 443"),
+            "{text}"
+        );
+        // The TCP reset comes first (the catch-all would answer TCP with ICMP), both
+        // after the ten exclusions.
+        let rejects: Vec<&RuleSpec> = rs.rules[10..].iter().collect();
+        assert_eq!(rejects.len(), 2);
+        assert_eq!(rejects[0].action, RuleAction::Reject(RejectWith::TcpReset));
+        assert!(rs.rules[..10]
+            .iter()
+            .all(|r| r.action == RuleAction::Return));
     }
 
     #[test]

@@ -96,6 +96,15 @@ impl DataplaneHandle {
         self.desired.borrow().clone()
     }
 
+    /// Whether the desired state intercepts LAN traffic (TPROXY applied), as opposed
+    /// to no table or the fake-IP rejects of [`TproxyPlan::while_down`].
+    pub fn intercepting(&self) -> bool {
+        self.desired
+            .borrow()
+            .as_ref()
+            .is_some_and(|p| !p.proxy_down)
+    }
+
     /// A receiver of the task's status after each pass.
     pub fn status(&self) -> watch::Receiver<TaskStatus> {
         self.status.clone()

@@ -45,7 +45,7 @@ pub fn config_toml(cfg: &Config, node: &Node) -> String {
     let mut s = header_hash(&node.id, "easytier");
     let _ = writeln!(s, "instance_name = {}", toml_str(&node.id));
     let _ = writeln!(s, "hostname = {}", toml_str(&node.id));
-    if g.dhcp {
+    if et.dhcp {
         s.push_str("dhcp = true\n");
     } else if let Some(ip) = et.ipv4 {
         let _ = writeln!(s, "ipv4 = {}", toml_str(&ip.to_string()));

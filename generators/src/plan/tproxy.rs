@@ -54,6 +54,16 @@ pub struct TproxyPlan {
     /// resolver addresses is rejected.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub block_doh: Vec<IpAddr>,
+    /// mihomo's fake-IP ranges (its config's `dns.enhanced-mode: fake-ip`): while
+    /// mihomo is out of the path, a LAN connection to one of them is rejected at once
+    /// instead of leaving for the WAN (see [`Self::while_down`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fake_ip: Vec<IpNet>,
+    /// This is the state *while TPROXY is removed* (mihomo crashed, unhealthy or not
+    /// yet started): nothing is intercepted, no policy routing, no hijack, no bypass
+    /// blocking; only the `fake_ip` rejects, behind the same exclusions.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_down: bool,
 }
 
 impl TproxyPlan {
@@ -65,5 +75,22 @@ impl TproxyPlan {
             table: TPROXY_TABLE,
             ..Self::default()
         }
+    }
+
+    /// What stays installed while TPROXY is removed: in fake-ip mode the rejects of
+    /// the fake ranges, so a client still holding a fake address (mihomo answers them
+    /// with TTL 1, clients keep them longer) fails at once and resolves again; `None`
+    /// (no table at all) in any other mode.
+    pub fn while_down(&self) -> Option<TproxyPlan> {
+        (!self.fake_ip.is_empty()).then(|| TproxyPlan {
+            proxy_src: self.proxy_src.clone(),
+            bypass_dst: self.bypass_dst.clone(),
+            exclude_src: self.exclude_src.clone(),
+            exclude_ifaces: self.exclude_ifaces.clone(),
+            exclude_ports: self.exclude_ports.clone(),
+            fake_ip: self.fake_ip.clone(),
+            proxy_down: true,
+            ..TproxyPlan::empty()
+        })
     }
 }
