@@ -48,6 +48,9 @@ pub const UDP_ECHO_PORT: u16 = 9001;
 /// The proxy node's shadowsocks inbound (the real mihomo in the internet namespace).
 pub const NODE_PORT: u16 = 8388;
 pub const NODE_PASSWORD: &str = "meduza-lab-node";
+/// A name the node resolves (its `hosts:`) to the internet server: what a proxied
+/// connection by name (mihomo's fake-ip mode) reaches.
+pub const FAR_NAME: &str = "far.lab.test";
 /// What the node serves: TCP and UDP, as a subscription names it.
 pub fn node_proxy(name: &str, port: u16) -> String {
     format!(
@@ -419,7 +422,8 @@ impl Lab {
         std::fs::write(
             home.join("config.yaml"),
             format!(
-                "log-level: warning\nmode: direct\nlisteners:\n  - {{name: ss-in, type: shadowsocks, listen: 203.0.113.2, port: {NODE_PORT}, cipher: aes-128-gcm, password: {NODE_PASSWORD}, udp: true}}\n"
+                "log-level: warning\nmode: direct\nhosts:\n  {FAR_NAME}: {}\nlisteners:\n  - {{name: ss-in, type: shadowsocks, listen: 203.0.113.2, port: {NODE_PORT}, cipher: aes-128-gcm, password: {NODE_PASSWORD}, udp: true}}\n",
+                Topology::SERVER4
             ),
         )
         .expect("node config");
@@ -545,21 +549,45 @@ impl Lab {
     /// Time from `start` until the table's presence equals `want`, polling `nft` every
     /// 10 ms from a thread inside the gateway namespace.
     pub fn time_until_table(&self, start: Instant, want: bool, timeout: Duration) -> Duration {
+        self.time_until_listing(start, timeout, move |l| l.is_some() == want)
+    }
+
+    /// Time from `start` until TPROXY intercepts (`want`) or not: the table holds a
+    /// `tproxy` rule, or not (absent, or only the fake-IP rejects of fake-ip mode).
+    pub fn time_until_intercepting(
+        &self,
+        start: Instant,
+        want: bool,
+        timeout: Duration,
+    ) -> Duration {
+        self.time_until_listing(start, timeout, move |l| {
+            l.is_some_and(|t| t.contains(" tproxy ")) == want
+        })
+    }
+
+    /// Time from `start` until `ok` holds for `nft list table inet meduza` (`None`:
+    /// no table), polling every 10 ms from a thread inside the gateway namespace.
+    fn time_until_listing(
+        &self,
+        start: Instant,
+        timeout: Duration,
+        ok: impl Fn(Option<&str>) -> bool + Send + 'static,
+    ) -> Duration {
         self.topo.gw.run_in(move || loop {
             let tick = Instant::now();
-            let present = Command::new("nft")
+            let listing = Command::new("nft")
                 .args(["list", "table", "inet", "meduza"])
-                .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if present == want {
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            if ok(listing.as_deref()) {
                 return start.elapsed();
             }
             assert!(
                 start.elapsed() < timeout,
-                "table inet meduza present={present} still after {timeout:?}"
+                "table inet meduza still not as expected after {timeout:?}: {listing:?}"
             );
             if let Some(rest) = Duration::from_millis(10).checked_sub(tick.elapsed()) {
                 std::thread::sleep(rest);
@@ -570,7 +598,12 @@ impl Lab {
     /// A TCP connection from the LAN client to the internet server's echo port; the
     /// first line it gets back.
     pub fn lan_connect(&self, v6: bool) -> String {
-        let dst = SocketAddr::new(Topology::server(v6), ECHO_PORT);
+        self.lan_echo(SocketAddr::new(Topology::server(v6), ECHO_PORT))
+    }
+
+    /// A TCP connection from the LAN client to `dst` (an echo port, by whatever
+    /// address); the first line it gets back.
+    pub fn lan_echo(&self, dst: SocketAddr) -> String {
         self.topo.lan.run_in(move || {
             let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(3))
                 .unwrap_or_else(|e| panic!("LAN connect {dst}: {e}"));
