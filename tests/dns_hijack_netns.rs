@@ -10,7 +10,10 @@
 //!    (the lab's "internet" has no 8.8.8.8, so nothing ever leaves the lab);
 //! 3. with `dns/block_quic` and `dns/block_dot`, UDP 443 gets an ICMP port
 //!    unreachable and TCP 853 a reset at once (IPv4 and IPv6), measured;
-//! 4. `dns/hijack` false removes the hijack chain and the frontend's answer with it.
+//! 4. `dns/hijack` false removes the hijack chain and the frontend's answer with it;
+//! 5. the gateway's own resolver file (setting `resolv_conf`) points at the frontend:
+//!    the gateway namespace's own lookups get the host record, and the file is
+//!    restored after something else rewrites it.
 //!
 //! Needs root, etcd, nftables, iproute2, dig and the real mihomo (scripts/install-deps).
 
@@ -92,6 +95,33 @@ fn tcp_refused(lab: &Lab, dst: SocketAddr) -> (ErrorKind, Duration) {
     })
 }
 
+/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec <ns>` bind-mounts over
+/// `/etc/resolv.conf`: the gateway namespace's own resolver file, and only its.
+/// The directory is removed on drop.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn new(ns: &str) -> Self {
+        let dir = std::path::Path::new("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir).expect("/etc/netns/<ns>");
+        Self(dir)
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.0.join("resolv.conf")
+    }
+
+    fn read(&self) -> String {
+        std::fs::read_to_string(self.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn figure(name: &str, d: Duration) {
     println!("FIGURE {name}_ms={:.1}", d.as_secs_f64() * 1000.0);
 }
@@ -128,11 +158,14 @@ fn lan_dns_is_hijacked_and_bypasses_are_rejected_at_once() {
         .ip(&["-6", "addr", "del", "fd00:60::1/64", "dev", "lan0"]);
     // The frontend on the wildcard addresses (the firmware's default): `redirect`
     // hands the query to the LAN interface's own address.
+    let resolv = NetnsResolvConf::new(lab.topo.gw.name());
+    let resolv_path = resolv.path().display().to_string();
     lab.start_meduza(
         Mihomo::Real,
         &[
             ("MEDUZA_DNS_LISTEN", "0.0.0.0:53,[::]:53"),
             ("DEFAULT_GW", EXCLUDED_SRC),
+            ("MEDUZA_RESOLV_CONF", &resolv_path),
         ],
     );
 
@@ -198,4 +231,25 @@ fn lan_dns_is_hijacked_and_bypasses_are_rejected_at_once() {
         !direct.contains(HOST_ADDR),
         "answered with hijack off: {direct}"
     );
+
+    // 5. The gateway's own resolver: its lookups reach the frontend (the host record
+    // is known nowhere else), and a rewritten file is restored.
+    wait_for("the resolver file", Duration::from_secs(10), || {
+        resolv.read().contains("nameserver 127.0.0.1").then_some(())
+    });
+    let own = lab.topo.gw.exec(&["getent", "hosts", HOST]);
+    assert!(
+        own.starts_with(HOST_ADDR),
+        "the gateway's own lookup: {own}"
+    );
+    std::fs::write(resolv.path(), "nameserver 192.0.2.53\n").expect("overwrite");
+    let t = Instant::now();
+    wait_for(
+        "the resolver file restored",
+        Duration::from_secs(10),
+        || resolv.read().contains("nameserver 127.0.0.1").then_some(()),
+    );
+    figure("resolv_conf_restored", t.elapsed());
+    // meduza stops before the directory goes (drop order would be the other way).
+    drop(lab);
 }

@@ -29,6 +29,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "boot",
     "watchdog",
     "watchdog_timeout",
+    "resolv_conf",
 ];
 
 /// The `meduza.*` parameters of one kernel command line. A key given twice keeps the

@@ -190,6 +190,8 @@ pub struct SettingsLayer {
     pub watchdog: Option<String>,
     /// Watchdog timeout, seconds.
     pub watchdog_timeout: Option<u32>,
+    /// The resolver file pointed at the DNS frontend (absolute path) or `off`.
+    pub resolv_conf: Option<String>,
 }
 
 /// The resolved settings meduza runs with.
@@ -216,6 +218,9 @@ pub struct Settings {
     pub watchdog: Option<PathBuf>,
     /// Seconds without a pet before the watchdog resets the machine.
     pub watchdog_timeout: u32,
+    /// The gateway's own resolver file (`/etc/resolv.conf` in the image), kept
+    /// pointing at the DNS frontend; `None` (the default, `off`): left alone.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl Settings {
@@ -351,6 +356,14 @@ fn parse_watchdog(origin: Origin, key: &str, v: &str) -> Result<String, Settings
     }
 }
 
+fn parse_resolv_conf(origin: Origin, key: &str, v: &str) -> Result<String, SettingsError> {
+    let v = v.trim();
+    if v == "off" {
+        return Ok(v.to_string());
+    }
+    parse_abs_path(origin, key, v).map(|p| p.display().to_string())
+}
+
 fn parse_watchdog_timeout(origin: Origin, key: &str, v: &str) -> Result<u32, SettingsError> {
     match v.trim().parse::<u32>() {
         Ok(n) if WATCHDOG_TIMEOUT_RANGE.contains(&n) => Ok(n),
@@ -422,6 +435,7 @@ impl SettingsLayer {
                 "MEDUZA_WATCHDOG_TIMEOUT" => {
                     l.watchdog_timeout = Some(parse_watchdog_timeout(o, k, v)?)
                 }
+                "MEDUZA_RESOLV_CONF" => l.resolv_conf = Some(parse_resolv_conf(o, k, v)?),
                 _ => {
                     if let Some(suffix) = k.strip_prefix("MEDUZA_BIN_") {
                         let tool = Tool::ALL
@@ -500,6 +514,9 @@ impl SettingsLayer {
                 &v.to_string(),
             )?);
         }
+        if let Some(v) = raw.resolv_conf {
+            l.resolv_conf = Some(parse_resolv_conf(o, "resolv_conf", &v)?);
+        }
         for (name, path) in raw.bin {
             let key = format!("bin.{name}");
             let tool = Tool::ALL
@@ -550,6 +567,7 @@ impl SettingsLayer {
             bins: BTreeMap::new(),
             watchdog: field(c, "watchdog", parse_watchdog)?,
             watchdog_timeout: field(c, "watchdog_timeout", parse_watchdog_timeout)?,
+            resolv_conf: field(c, "resolv_conf", parse_resolv_conf)?,
         })
     }
 }
@@ -581,6 +599,7 @@ struct TomlFile {
     boot: Option<bool>,
     watchdog: Option<String>,
     watchdog_timeout: Option<u32>,
+    resolv_conf: Option<String>,
     #[serde(default)]
     bin: BTreeMap<String, String>,
 }
@@ -654,6 +673,9 @@ pub fn resolve_settings(
             .map(PathBuf::from),
         watchdog_timeout: pick(&layers, |l| &l.watchdog_timeout)
             .unwrap_or(DEFAULT_WATCHDOG_TIMEOUT),
+        resolv_conf: pick(&layers, |l| &l.resolv_conf)
+            .filter(|r| r != "off")
+            .map(PathBuf::from),
     })
 }
 
@@ -907,6 +929,25 @@ mod tests {
         assert_eq!(s.dataplane, Dataplane::Nft);
         assert_eq!(s.watchdog, Some(PathBuf::from("/dev/watchdog")));
         assert_eq!(s.watchdog_timeout, DEFAULT_WATCHDOG_TIMEOUT);
+        assert_eq!(s.resolv_conf, Some(PathBuf::from("/etc/resolv.conf")));
+    }
+
+    #[test]
+    fn resolv_conf_is_left_alone_by_default_and_set_per_layer() {
+        let s = resolve_settings(&none(), &none(), &none(), &none(), Some("h")).unwrap();
+        assert_eq!(
+            s.resolv_conf, None,
+            "a development machine's file is not touched"
+        );
+        let t = SettingsLayer::from_toml("resolv_conf = \"/etc/resolv.conf\"\n", "t").unwrap();
+        let c = SettingsLayer::from_cmdline(&parse_cmdline("meduza.resolv_conf=off")).unwrap();
+        let s = resolve_settings(&none(), &none(), &t, &c, Some("h")).unwrap();
+        assert_eq!(s.resolv_conf, Some(PathBuf::from("/etc/resolv.conf")));
+        let e = env(&[("MEDUZA_RESOLV_CONF", "off")]);
+        let s = resolve_settings(&none(), &e, &t, &c, Some("h")).unwrap();
+        assert_eq!(s.resolv_conf, None, "off in the environment wins");
+        let err = SettingsLayer::from_env([("MEDUZA_RESOLV_CONF", "resolv.conf")]).unwrap_err();
+        assert!(err.to_string().contains("MEDUZA_RESOLV_CONF"), "{err}");
     }
 
     #[test]

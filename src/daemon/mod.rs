@@ -67,6 +67,9 @@ pub struct RunConfig {
     /// `MEDUZA_WATCHDOG` (`None`: off) and `MEDUZA_WATCHDOG_TIMEOUT`, seconds.
     pub watchdog: Option<PathBuf>,
     pub watchdog_timeout: u32,
+    /// `resolv_conf`: the resolver file kept pointing at the DNS frontend, and its
+    /// content ([`crate::dns::resolv::render`]); `None`: left alone.
+    pub resolv_conf: Option<(PathBuf, String)>,
 }
 
 impl RunConfig {
@@ -99,6 +102,13 @@ impl RunConfig {
             bins: s.bins.clone(),
             watchdog: s.watchdog.clone(),
             watchdog_timeout: s.watchdog_timeout,
+            resolv_conf: match &s.resolv_conf {
+                Some(path) => Some((
+                    path.clone(),
+                    crate::dns::resolv::render(&s.dns_listen).map_err(anyhow::Error::msg)?,
+                )),
+                None => None,
+            },
         })
     }
 
@@ -349,6 +359,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tokio::spawn(publish_links(Arc::clone(&shared), cfg.root.clone())),
         tokio::spawn(keep_frr_loaded(Arc::clone(&shared), Arc::clone(&frr))),
     ];
+    if let Some((path, content)) = cfg.resolv_conf.clone() {
+        tasks.push(tokio::spawn(crate::dns::resolv::keep(
+            path,
+            content,
+            crate::dns::resolv::REPAIR_INTERVAL,
+        )));
+    }
 
     // Node API.
     let (stop_tx, stop_rx) = watch::channel(false);

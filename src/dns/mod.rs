@@ -12,7 +12,8 @@
 //!
 //! Layout: `wire` (hot-path parsing/building), `cache`, `hosts`, `failover` (pure state
 //! machine), `exchange` (one query to one upstream; the OS edge behind a trait),
-//! `frontend` (the request path), `server` (sockets), `cli` (`meduza dns serve`).
+//! `frontend` (the request path), `server` (sockets), `cli` (`meduza dns serve`),
+//! `resolv` (the gateway's own resolver file).
 
 pub mod cache;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod failover;
 pub mod frontend;
 pub mod fuzzing;
 pub mod hosts;
+pub mod resolv;
 pub mod server;
 pub mod wire;
 
