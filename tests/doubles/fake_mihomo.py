@@ -35,6 +35,10 @@ Double-only knobs (environment, never flags, so the argv stays mihomo's):
 * ``FAKE_MIHOMO_OUTBOUND_BIND=127.0.0.2`` — source address of every outgoing connection,
   so a test server on loopback can tell a proxied request from a direct one.
 * ``FAKE_MIHOMO_DNS_ANSWER=198.18.0.1`` — the address every A query gets.
+* ``FAKE_MIHOMO_FETCH_PROVIDERS=1`` — an ``http`` provider whose ``path`` file is
+  missing is downloaded from its ``url`` (directly, as mihomo's first fetch of a
+  provider does) and saved there before it is loaded, as real mihomo does at start.
+  Off by default: the namespace tests give the double its provider files themselves.
 
 Plain HTTP proxying adds ``Via: 1.1 fake-mihomo`` to the forwarded request.
 Python 3 standard library plus PyYAML (Debian ``python3-yaml``).
@@ -50,6 +54,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import ThreadingMixIn, TCPServer, BaseRequestHandler
 
@@ -199,6 +204,18 @@ class State:
             return []
         if not os.path.isabs(path):
             path = os.path.join(self.home, path)
+        url = (provider or {}).get("url")
+        fetch = os.environ.get("FAKE_MIHOMO_FETCH_PROVIDERS") == "1"
+        if fetch and url and provider.get("type") == "http" and not os.path.exists(path):
+            try:
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    body = resp.read()
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path + ".tmp", "wb") as fh:
+                    fh.write(body)
+                os.replace(path + ".tmp", path)
+            except OSError as err:
+                log("warning", f"[Provider] {name} pull error: {err}")
         try:
             with open(path, encoding="utf-8") as fh:
                 doc = yaml.safe_load(fh) or {}

@@ -11,12 +11,29 @@ QEMU_HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # host-side proxy node's).
 # shellcheck source=SCRIPTDIR/../../scripts/mihomo-path
 . "$QEMU_HERE/../../scripts/mihomo-path"
-# The image build-image.sh made for MEDUZA_QEMU_KERNEL (cloud-amd64 by default; amd64
-# is Debian's generic kernel, in build/generic/).
-case "${MEDUZA_QEMU_KERNEL:-cloud-amd64}" in
-amd64) QEMU_BUILD="$QEMU_HERE/build/generic" ;;
-*) QEMU_BUILD="$QEMU_HERE/build" ;;
-esac
+# The guest's architecture (MEDUZA_QEMU_ARCH, or a script's --arch): x86_64 (default)
+# or aarch64. The image build-image.sh made for it: aarch64 in build/aarch64/; x86_64
+# for MEDUZA_QEMU_KERNEL (cloud-amd64 by default; amd64 is Debian's generic kernel, in
+# build/generic/).
+QEMU_ARCH="${MEDUZA_QEMU_ARCH:-x86_64}"
+# qemu_arch ARCH: select the guest architecture (sets QEMU_ARCH, QEMU_BUILD, QEMU_BIN).
+qemu_arch() {
+	QEMU_ARCH="$1"
+	case "$QEMU_ARCH" in
+	x86_64)
+		QEMU_BIN=qemu-system-x86_64
+		case "${MEDUZA_QEMU_KERNEL:-cloud-amd64}" in
+		amd64) QEMU_BUILD="$QEMU_HERE/build/generic" ;;
+		*) QEMU_BUILD="$QEMU_HERE/build" ;;
+		esac
+		;;
+	aarch64)
+		QEMU_BIN=qemu-system-aarch64
+		QEMU_BUILD="$QEMU_HERE/build/aarch64"
+		;;
+	*) qdie "the guest architecture must be x86_64 or aarch64, not '$QEMU_ARCH'" ;;
+	esac
+}
 NODE_ID="${NODE_ID:-qemu1}"
 # The node API token the test node gets (/nodes/<id>/api/token, >= 16 chars).
 API_TOKEN="qemu-test-api-token-0001"
@@ -26,6 +43,7 @@ qdie() { printf '[qemu] FAIL: %s\n' "$*" >&2; exit 1; }
 # The first line of stdin. Reads all of it: `grep -m1` or `head -n1` would close the
 # pipe early, and under `set -o pipefail` the writer's SIGPIPE (exit 141) fails the test.
 first() { awk 'NR == 1'; }
+qemu_arch "$QEMU_ARCH"
 
 # Programs the test needs; a missing one is a failure, not a skip
 # (scripts/test installs them: etcd-server etcd-client qemu-system-x86 dnsutils jq
@@ -251,7 +269,8 @@ etcd_value() {
 }
 
 # qemu_cmd EXTRA_APPEND: sets QEMU_CMD (array) and picks DNS_PORT, API_PORT.
-# The guest: q35, 512 MiB, software emulation (TCG), serial console on stdio,
+# The guest: q35 (x86_64) or virt with a Cortex-A53 (aarch64), 512 MiB, software
+# emulation (TCG), serial console on stdio,
 # user networking with the host's loopback at 10.0.2.2; the guest's DNS (53,
 # UDP and TCP) and node API (9100) are forwarded to 127.0.0.1:$DNS_PORT and
 # 127.0.0.1:$API_PORT. Provisioning is on the kernel command line.
@@ -265,9 +284,15 @@ qemu_cmd() {
 	local extra="$1"
 	DNS_PORT="$(free_port)"
 	API_PORT="$(free_port)"
-	local append="console=ttyS0 printk.time=1 panic=-1"
+	local console=ttyS0 machine=(-M q35)
+	if [ "$QEMU_ARCH" = aarch64 ]; then
+		# The virt board's PL011 UART; a Cortex-A53 as on a Raspberry Pi 3/4-class SBC.
+		console=ttyAMA0
+		machine=(-M virt -cpu cortex-a53)
+	fi
+	local append="console=$console printk.time=1 panic=-1"
 	append="$append meduza.node_id=$NODE_ID meduza.etcd=http://10.0.2.2:$ETCD_PORT $extra"
-	QEMU_CMD=(qemu-system-x86_64 -M q35 -m 512 -smp "${QEMU_SMP:-1}" -nographic
+	QEMU_CMD=("$QEMU_BIN" "${machine[@]}" -m 512 -smp "${QEMU_SMP:-1}" -nographic
 		-kernel "$QEMU_BUILD/vmlinuz" -initrd "$QEMU_BUILD/initrd.cpio.gz"
 		-append "$append"
 		-netdev "user,id=n0,hostfwd=udp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$DNS_PORT-:53,hostfwd=tcp:127.0.0.1:$API_PORT-:9100"

@@ -7,8 +7,10 @@
 # terminal and provisioning on the kernel command line (meduza.node_id=,
 # meduza.etcd=).
 #
-#   tests/qemu/run-demo.sh [--no-build] [--node ID]
+#   tests/qemu/run-demo.sh [--arch x86_64|aarch64] [--no-build] [--node ID]
 #
+# --arch      the guest (default x86_64); aarch64 boots the ARM image (virt,
+#             Cortex-A53), which runs the mihomo double (no arm64 mihomo here)
 # --node ID   boot as another node of the example (gw-a, gw-b, gw-c); the image
 #             carries only busybox, nft, meduza and mihomo, so that node's other
 #             children (tinc, OpenVPN, FRR, ...) report missing programs in its
@@ -26,15 +28,16 @@ REPO="$(cd "$HERE/../.." && pwd)"
 BUILD_IMAGE=1
 while [ $# -gt 0 ]; do
 	case "$1" in
+	--arch) [ $# -ge 2 ] || qdie "--arch needs x86_64 or aarch64"; qemu_arch "$2"; shift 2 ;;
 	--no-build) BUILD_IMAGE=0; shift ;;
 	--node) [ $# -ge 2 ] || qdie "--node needs an id"; NODE_ID="$2"; shift 2 ;;
 	*) qdie "unknown argument $1" ;;
 	esac
 done
 
-require_programs etcd etcdctl qemu-system-x86_64 jq python3 dnsmasq
+require_programs etcd etcdctl "$QEMU_BIN" jq python3 dnsmasq
 if [ "$BUILD_IMAGE" = 1 ]; then
-	"$HERE/build-image.sh"
+	"$HERE/build-image.sh" --arch "$QEMU_ARCH"
 fi
 [ -f "$QEMU_BUILD/vmlinuz" ] && [ -f "$QEMU_BUILD/initrd.cpio.gz" ] ||
 	qdie "no image in $QEMU_BUILD (run tests/qemu/build-image.sh)"
