@@ -32,7 +32,7 @@ mod netns;
 mod gateway_lab;
 
 use gateway_lab::{
-    health_url, node_proxy, stop, wait_for, Lab, Mihomo, HTTP_PORT, NODE, NODE_PORT,
+    figure, health_url, node_proxy, stop, wait_for, Lab, Mihomo, HTTP_PORT, NODE, NODE_PORT,
 };
 use netns::Topology;
 use std::net::IpAddr;
@@ -58,10 +58,6 @@ fn outlast_hold_down(removed_at: Instant, hold_down: Duration) {
 /// A random 0–500 ms pause, so a fault starts at a random point of the probe cycle.
 fn random_phase() {
     std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 500));
-}
-
-fn figure(name: &str, d: Duration) {
-    println!("FIGURE {name}_ms={:.1}", d.as_secs_f64() * 1000.0);
 }
 
 fn signal(pid: i32, sig: libc::c_int) {

@@ -23,10 +23,10 @@ mod netns;
 #[path = "doubles/gateway_lab.rs"]
 mod gateway_lab;
 
-use gateway_lab::{node_proxy, wait_for, Lab, Mihomo, HTTP_PORT, NODE, NODE_PORT};
+use gateway_lab::{figure, node_proxy, wait_for, Lab, Mihomo, HTTP_PORT, NODE, NODE_PORT};
 use netns::Topology;
 use std::io::ErrorKind;
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -64,37 +64,6 @@ fn wait_table(lab: &Lab, what: &str, ok: impl Fn(&str) -> bool) {
     });
 }
 
-/// A UDP datagram from the LAN client to `dst`; the error of the receive and how long
-/// it took to come.
-fn udp_refused(lab: &Lab, dst: SocketAddr) -> (ErrorKind, Duration) {
-    lab.topo.lan.run_in(move || {
-        let any: SocketAddr = if dst.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-            .parse()
-            .unwrap();
-        let sock = UdpSocket::bind(any).expect("bind");
-        sock.connect(dst).expect("connect");
-        sock.set_read_timeout(Some(Duration::from_secs(2)))
-            .expect("timeout");
-        let t = Instant::now();
-        sock.send(b"quic-initial").expect("send");
-        let mut buf = [0u8; 64];
-        let err = sock
-            .recv(&mut buf)
-            .expect_err("an answer to a rejected datagram");
-        (err.kind(), t.elapsed())
-    })
-}
-
-/// A TCP connection from the LAN client to `dst`; the error and how long it took.
-fn tcp_refused(lab: &Lab, dst: SocketAddr) -> (ErrorKind, Duration) {
-    lab.topo.lan.run_in(move || {
-        let t = Instant::now();
-        let err = TcpStream::connect_timeout(&dst, Duration::from_secs(2))
-            .expect_err("a rejected connection");
-        (err.kind(), t.elapsed())
-    })
-}
-
 /// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec <ns>` bind-mounts over
 /// `/etc/resolv.conf`: the gateway namespace's own resolver file, and only its.
 /// The directory is removed on drop.
@@ -120,10 +89,6 @@ impl Drop for NetnsResolvConf {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn figure(name: &str, d: Duration) {
-    println!("FIGURE {name}_ms={:.1}", d.as_secs_f64() * 1000.0);
 }
 
 #[test]
@@ -208,11 +173,11 @@ fn lan_dns_is_hijacked_and_bypasses_are_rejected_at_once() {
     });
     for v6 in [false, true] {
         let server: IpAddr = Topology::server(v6);
-        let (kind, took) = udp_refused(&lab, SocketAddr::new(server, 443));
+        let (kind, took) = lab.lan_udp_refused(SocketAddr::new(server, 443));
         assert_eq!(kind, ErrorKind::ConnectionRefused, "QUIC (IPv6 {v6})");
         assert!(took < FAST, "QUIC rejected after {took:?} (IPv6 {v6})");
         figure(&format!("quic_reject_v6_{v6}"), took);
-        let (kind, took) = tcp_refused(&lab, SocketAddr::new(server, 853));
+        let (kind, took) = lab.lan_tcp_refused(SocketAddr::new(server, 853));
         assert_eq!(kind, ErrorKind::ConnectionRefused, "DoT (IPv6 {v6})");
         assert!(took < FAST, "DoT rejected after {took:?} (IPv6 {v6})");
         figure(&format!("dot_reject_v6_{v6}"), took);

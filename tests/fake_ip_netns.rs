@@ -24,13 +24,13 @@ mod netns;
 mod gateway_lab;
 
 use gateway_lab::{
-    node_proxy, spawn_in, wait_for, Lab, Mihomo, ECHO_PORT, FAR_NAME, HTTP_PORT, NODE, NODE_PORT,
-    UDP_ECHO_PORT,
+    figure, node_proxy, spawn_in, wait_for, Lab, Mihomo, ECHO_PORT, FAR_NAME, HTTP_PORT, NODE,
+    NODE_PORT, UDP_ECHO_PORT,
 };
 use ipnet::Ipv4Net;
 use netns::Topology;
 use std::io::ErrorKind;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -123,37 +123,6 @@ fn is_fake(a: Ipv4Addr) -> bool {
         .contains(&a)
 }
 
-/// A TCP connection from the LAN client to `dst`: the error and how long it took.
-fn tcp_error(lab: &Lab, dst: SocketAddr) -> (ErrorKind, Duration) {
-    lab.topo.lan.run_in(move || {
-        let t = Instant::now();
-        let err = TcpStream::connect_timeout(&dst, Duration::from_secs(2))
-            .expect_err("a rejected connection");
-        (err.kind(), t.elapsed())
-    })
-}
-
-/// A UDP datagram from the LAN client to `dst`: the receive's error and its delay.
-fn udp_error(lab: &Lab, dst: SocketAddr) -> (ErrorKind, Duration) {
-    lab.topo.lan.run_in(move || {
-        let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        sock.connect(dst).expect("connect");
-        sock.set_read_timeout(Some(Duration::from_secs(2)))
-            .expect("timeout");
-        let t = Instant::now();
-        sock.send(b"ping").expect("send");
-        let mut buf = [0u8; 64];
-        let err = sock
-            .recv(&mut buf)
-            .expect_err("an answer to a rejected datagram");
-        (err.kind(), t.elapsed())
-    })
-}
-
-fn figure(name: &str, d: Duration) {
-    println!("FIGURE {name}_ms={:.1}", d.as_secs_f64() * 1000.0);
-}
-
 #[test]
 fn fake_ip_connections_fail_fast_while_mihomo_is_down() {
     let mut lab = Lab::new();
@@ -202,11 +171,11 @@ fn fake_ip_connections_fail_fast_while_mihomo_is_down() {
     assert_eq!(unsafe { libc::kill(mihomo, libc::SIGKILL) }, 0);
     let rejecting = lab.time_until_intercepting(t, false, Duration::from_secs(3));
     figure("kill_to_fake_ip_rejected", rejecting);
-    let (kind, took) = tcp_error(&lab, to_fake);
+    let (kind, took) = lab.lan_tcp_refused(to_fake);
     assert_eq!(kind, ErrorKind::ConnectionRefused, "TCP to {fake}");
     assert!(took < FAST, "TCP to {fake} failed after {took:?}");
     figure("fake_ip_tcp_reset", took);
-    let (kind, took) = udp_error(&lab, SocketAddr::new(IpAddr::V4(fake), UDP_ECHO_PORT));
+    let (kind, took) = lab.lan_udp_refused(SocketAddr::new(IpAddr::V4(fake), UDP_ECHO_PORT));
     assert_eq!(kind, ErrorKind::ConnectionRefused, "UDP to {fake}");
     assert!(took < FAST, "UDP to {fake} failed after {took:?}");
     figure("fake_ip_udp_unreachable", took);
@@ -231,7 +200,7 @@ fn fake_ip_connections_fail_fast_while_mihomo_is_down() {
         format!("server {}", Topology::CLIENT4),
         "direct while mihomo is out"
     );
-    let (kind, _) = tcp_error(&lab, to_fake);
+    let (kind, _) = lab.lan_tcp_refused(to_fake);
     assert_eq!(kind, ErrorKind::ConnectionRefused, "still rejected");
 
     // 4. The node back, mihomo healthy: fake answers and the proxy again.

@@ -151,6 +151,12 @@ impl Drop for Lab {
     }
 }
 
+/// Print a measured duration the way the benchmark pages collect them
+/// (`FIGURE <name>_ms=<ms>`).
+pub fn figure(name: &str, d: Duration) {
+    println!("FIGURE {name}_ms={:.1}", d.as_secs_f64() * 1000.0);
+}
+
 /// SIGTERM, then SIGKILL after `grace`.
 pub fn stop(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
     // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
@@ -612,6 +618,38 @@ impl Lab {
             let mut buf = String::new();
             let _ = s.read_to_string(&mut buf);
             buf.lines().next().unwrap_or("").to_string()
+        })
+    }
+
+    /// A TCP connection from the LAN client to `dst` that must be refused: its error
+    /// and how long it took (a reset comes at once; a timeout takes 2 s).
+    pub fn lan_tcp_refused(&self, dst: SocketAddr) -> (std::io::ErrorKind, Duration) {
+        self.topo.lan.run_in(move || {
+            let t = Instant::now();
+            let err = TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+                .expect_err("a rejected connection");
+            (err.kind(), t.elapsed())
+        })
+    }
+
+    /// A UDP datagram from the LAN client to `dst` that must be refused: the error of
+    /// the receive (an ICMP port unreachable) and how long it took to come.
+    pub fn lan_udp_refused(&self, dst: SocketAddr) -> (std::io::ErrorKind, Duration) {
+        self.topo.lan.run_in(move || {
+            let any: SocketAddr = if dst.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+                .parse()
+                .expect("literal");
+            let sock = UdpSocket::bind(any).expect("bind");
+            sock.connect(dst).expect("connect");
+            sock.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            let t = Instant::now();
+            sock.send(b"ping").expect("send");
+            let mut buf = [0u8; 64];
+            let err = sock
+                .recv(&mut buf)
+                .expect_err("an answer to a rejected datagram");
+            (err.kind(), t.elapsed())
         })
     }
 
