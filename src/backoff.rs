@@ -29,7 +29,7 @@
 //! Randomness is injected: [`Backoff::next_with`] takes any [`rand::Rng`], so tests pass
 //! a seeded `StdRng` and are deterministic; [`Backoff::next`] uses the thread RNG.
 
-use rand::Rng;
+use rand::{Rng, RngExt};
 use std::time::Duration;
 
 /// How a nominal wait is randomised.

@@ -22,20 +22,6 @@ pub const EXIT_INVALID: i32 = 2;
 /// secret; offline rendering must stay deterministic and never invents a real secret.
 pub const OFFLINE_CLASH_SECRET: &str = "generated-per-node-at-runtime";
 
-#[derive(Debug, thiserror::Error)]
-pub enum OfflineError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Invalid(String),
-    #[error("writing {0}")]
-    Write(String),
-}
-
 /// Read a snapshot file (`-` = stdin).
 pub fn read_snapshot(path: &Path) -> Result<Snapshot, Vec<ValidationError>> {
     let text = if path.as_os_str() == "-" {

@@ -58,7 +58,7 @@ pub struct TincGlobal {
 #[derive(Debug, Clone, PartialEq, Serialize, Default)]
 pub struct ClashGlobal {
     /// `/global/clash/base`: YAML mapping merged under every subscription.
-    pub base: Option<serde_yaml::Mapping>,
+    pub base: Option<serde_norway::Mapping>,
     /// `/global/clash/subscriptions/<name>/url`.
     pub subscriptions: BTreeMap<String, String>,
     /// `/global/clash/health/*`, defaults filled in; a node's effective values are
@@ -76,14 +76,14 @@ pub const MIHOMO_FAKE_IP_RANGE: &str = "198.18.0.1/16";
 
 /// The fake-IP ranges of a mihomo config (see [`ClashGlobal::fake_ip`]); the error is
 /// the offending `dns.` field with its value, and why.
-fn fake_ip_ranges(base: &serde_yaml::Mapping) -> Result<Vec<IpNet>, (String, String)> {
-    let Some(dns) = base.get("dns").and_then(serde_yaml::Value::as_mapping) else {
+fn fake_ip_ranges(base: &serde_norway::Mapping) -> Result<Vec<IpNet>, (String, String)> {
+    let Some(dns) = base.get("dns").and_then(serde_norway::Value::as_mapping) else {
         return Ok(Vec::new());
     };
     let text = |field: &str| -> Result<Option<String>, (String, String)> {
         match dns.get(field) {
-            None | Some(serde_yaml::Value::Null) => Ok(None),
-            Some(serde_yaml::Value::String(v)) => Ok(Some(v.clone())),
+            None | Some(serde_norway::Value::Null) => Ok(None),
+            Some(serde_norway::Value::String(v)) => Ok(Some(v.clone())),
             Some(other) => Err((format!("dns.{field}: {other:?}"), "must be a string".into())),
         }
     };
@@ -160,7 +160,7 @@ pub struct MosdnsGlobal {
     /// `/global/mosdns/rule_files`: relative path → URL.
     pub rule_files: BTreeMap<String, String>,
     /// `/global/mosdns/plugins`: YAML list of plugins.
-    pub plugins: Option<Vec<serde_yaml::Value>>,
+    pub plugins: Option<Vec<serde_norway::Value>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -633,8 +633,8 @@ fn parse_global(r: &mut Reader<'_>) -> Global {
     let bgp_filter_out = r.list("/global/bgp/filter/out", parse_prefix_rule);
 
     let base = r.parsed("/global/clash/base", |v| {
-        match serde_yaml::from_str::<serde_yaml::Value>(v) {
-            Ok(serde_yaml::Value::Mapping(m)) => Ok(m),
+        match serde_norway::from_str::<serde_norway::Value>(v) {
+            Ok(serde_norway::Value::Mapping(m)) => Ok(m),
             Ok(_) => Err("must be a YAML mapping".into()),
             Err(e) => Err(format!("YAML does not parse: {e}")),
         }
@@ -663,8 +663,8 @@ fn parse_global(r: &mut Reader<'_>) -> Global {
         .parsed("/global/mosdns/rule_files", parse_rule_files)
         .unwrap_or_default();
     let plugins = r.parsed("/global/mosdns/plugins", |v| {
-        match serde_yaml::from_str::<serde_yaml::Value>(v) {
-            Ok(serde_yaml::Value::Sequence(s)) => {
+        match serde_norway::from_str::<serde_norway::Value>(v) {
+            Ok(serde_norway::Value::Sequence(s)) => {
                 for (i, p) in s.iter().enumerate() {
                     let ok = p.get("tag").and_then(|t| t.as_str()).is_some()
                         && p.get("type").and_then(|t| t.as_str()).is_some();

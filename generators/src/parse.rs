@@ -177,10 +177,6 @@ impl<'a> Reader<'a> {
         out
     }
 
-    pub fn string_or(&self, key: &str, default: &str) -> String {
-        self.str(key).unwrap_or(default).to_string()
-    }
-
     /// A parsed value via `parse`, which returns the reason on failure.
     pub fn parsed<T>(
         &mut self,

@@ -223,16 +223,6 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// `MEDUZA_API_LISTEN`, else [`DEFAULT_LISTEN`].
-pub fn listen_addr_from_env() -> Result<SocketAddr, ApiError> {
-    let v = std::env::var("MEDUZA_API_LISTEN").unwrap_or_else(|_| DEFAULT_LISTEN.into());
-    v.parse()
-        .map_err(|e: std::net::AddrParseError| ApiError::Listen {
-            value: v.clone(),
-            reason: e.to_string(),
-        })
-}
-
 /// Bind `addr` and serve until `shutdown` resolves.
 pub async fn serve(
     addr: SocketAddr,

@@ -14,7 +14,7 @@
 use crate::clash::api::{ApiError, MihomoApi};
 use crate::clash::monitor::{HealthStatus, Phase};
 use crate::clash::rules::{write_if_changed, Fetcher, Route, RulesError};
-use serde_yaml::Value as Yaml;
+use serde_norway::Value as Yaml;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -51,7 +51,7 @@ pub struct Summary {
 /// (each entry a mapping with `name` and `type`) or a non-empty `proxy-providers`
 /// mapping. A provider payload (a file with just `proxies:`) passes the same check.
 pub fn validate(text: &str) -> Result<Summary, String> {
-    let doc: Yaml = serde_yaml::from_str(text).map_err(|e| format!("not YAML: {e}"))?;
+    let doc: Yaml = serde_norway::from_str(text).map_err(|e| format!("not YAML: {e}"))?;
     let map = doc.as_mapping().ok_or("not a YAML mapping")?;
     let mut proxies = 0;
     if let Some(list) = map.get("proxies") {
@@ -83,7 +83,7 @@ pub fn validate(text: &str) -> Result<Summary, String> {
 /// The proxy names a subscription gives mihomo's proxy provider: its `proxies[].name`
 /// (a provider reads only `proxies`; groups and rules in the document are ignored).
 pub fn subscription_names(text: &str) -> Result<Vec<String>, String> {
-    let doc: Yaml = serde_yaml::from_str(text).map_err(|e| format!("not YAML: {e}"))?;
+    let doc: Yaml = serde_norway::from_str(text).map_err(|e| format!("not YAML: {e}"))?;
     let names: BTreeSet<String> = doc
         .get("proxies")
         .and_then(Yaml::as_sequence)
@@ -167,7 +167,7 @@ pub trait Signaller: Send + Sync {
 /// Names a reload must make visible in `GET /proxies`: every `proxies[].name` and
 /// `proxy-groups[].name` of the config.
 pub fn expected_names(config_yaml: &str) -> Result<Vec<String>, String> {
-    let doc: Yaml = serde_yaml::from_str(config_yaml).map_err(|e| format!("not YAML: {e}"))?;
+    let doc: Yaml = serde_norway::from_str(config_yaml).map_err(|e| format!("not YAML: {e}"))?;
     let mut names = BTreeSet::new();
     for key in ["proxies", "proxy-groups"] {
         for entry in doc

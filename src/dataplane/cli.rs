@@ -101,14 +101,3 @@ pub async fn cli(cmd: DataplaneCmd, plan: TproxyPlan) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-/// Entry point for `main.rs` while no snapshot wiring exists: the plan comes from
-/// `--plan FILE` (removal needs none).
-pub async fn run_with_plan_file(args: DataplaneArgs) -> anyhow::Result<()> {
-    let plan = match (&args.plan, args.cmd) {
-        (Some(path), _) => load_plan_file(path)?,
-        (None, DataplaneCmd::Remove) => TproxyPlan::empty(),
-        (None, _) => anyhow::bail!("no plan given: pass --plan FILE"),
-    };
-    cli(args.cmd, plan).await
-}

@@ -941,7 +941,7 @@ mod tests {
     /// (the fuzz target's function, so CI exercises it on every run).
     #[test]
     fn random_packets_never_panic() {
-        use rand::{Rng, SeedableRng};
+        use rand::{RngExt, SeedableRng};
         let h = crate::dns::fuzzing::Harness::new().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x6d65_6475_7a61);
         let mut seeds = vec![

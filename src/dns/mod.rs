@@ -281,14 +281,6 @@ impl Drop for DnsHandle {
 /// `meduza dns serve`: the frontend alone, until SIGINT/SIGTERM. Without a supervisor
 /// the chain members the plan enables are assumed running; one that is not answers
 /// ECONNREFUSED on loopback and is skipped at once.
-pub async fn serve_standalone(plan: DnsPlan, listen: Vec<SocketAddr>) -> anyhow::Result<()> {
-    let config = DnsConfig {
-        listen,
-        ..DnsConfig::default()
-    };
-    serve_standalone_with(plan, config).await
-}
-
 pub async fn serve_standalone_with(plan: DnsPlan, config: DnsConfig) -> anyhow::Result<()> {
     let state = ChainState {
         mosdns_running: plan.mosdns_enabled,

@@ -107,7 +107,7 @@ pub enum Wait {
 }
 
 /// The members' health and the preferred member.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Failover {
     members: Vec<MemberState>,
     probing: Vec<bool>,

@@ -27,7 +27,7 @@ use crate::plan::dns::CLASH_DNS_ADDR;
 use crate::plan::service::ReloadStrategy;
 use crate::plan::tproxy::TPROXY_PORT;
 use crate::render::{ClashRuntime, DomainOutput, FileOut, RenderEnv};
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 pub const SERVICE: &str = "mihomo";
 pub const HOME_DIR: &str = "/etc/mihomo";
@@ -172,7 +172,7 @@ pub fn render(
     env: &RenderEnv,
 ) -> Result<(DomainOutput, ClashRuntime), ValidationError> {
     let secret = secret(node, env)?;
-    let yaml = serde_yaml::to_string(&config_mapping(cfg, node, &secret)).map_err(|e| {
+    let yaml = serde_norway::to_string(&config_mapping(cfg, node, &secret)).map_err(|e| {
         ValidationError::new(
             "/global/clash/base",
             "",

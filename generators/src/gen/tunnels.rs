@@ -313,7 +313,7 @@ mod tests {
         let f = &out.files[0];
         assert_eq!(f.path, "/etc/meduza/tunnels/pq/config.yaml");
         assert_eq!(f.mode, MODE_SECRET);
-        let y: serde_yaml::Value = serde_yaml::from_str(&f.content).expect("YAML");
+        let y: serde_norway::Value = serde_norway::from_str(&f.content).expect("YAML");
         assert_eq!(y["role"], "client");
         assert_eq!(y["socks5"][0]["listen"], "127.0.0.1:1081");
         assert_eq!(y["network"]["interface"], "wan0");
@@ -354,7 +354,7 @@ mod tests {
             ("/nodes/n1/tunnels/pq/key", "k"),
             ("/nodes/n1/tunnels/pq/mtu", "1200"),
         ]);
-        let y: serde_yaml::Value = serde_yaml::from_str(&out.files[0].content).expect("YAML");
+        let y: serde_norway::Value = serde_norway::from_str(&out.files[0].content).expect("YAML");
         assert_eq!(y["role"], "server");
         assert_eq!(y["listen"]["addr"], ":9999");
         assert_eq!(y["network"]["ipv4"]["addr"], "203.0.113.9:9999");
