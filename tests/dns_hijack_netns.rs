@@ -23,7 +23,7 @@ mod netns;
 #[path = "doubles/gateway_lab.rs"]
 mod gateway_lab;
 
-use gateway_lab::{figure, node_proxy, wait_for, Lab, Mihomo, HTTP_PORT, NODE, NODE_PORT};
+use gateway_lab::{dig, figure, node_proxy, wait_for, Lab, Mihomo, HTTP_PORT, NODE, NODE_PORT};
 use netns::Topology;
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
@@ -37,17 +37,6 @@ const HOST_ADDR: &str = "10.11.12.13";
 const EXCLUDED_SRC: &str = "192.168.50.3";
 /// A rejected connection must fail faster than this (no timeout involved).
 const FAST: Duration = Duration::from_millis(100);
-
-/// `dig` from the LAN client namespace; stdout whatever the exit status.
-fn dig(lab: &Lab, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", lab.topo.lan.name(), "dig", "+short"])
-        .args(["+time=1", "+tries=1"])
-        .args(args)
-        .output()
-        .expect("run dig");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 fn nft_table(lab: &Lab) -> String {
     Command::new("ip")
@@ -139,26 +128,30 @@ fn lan_dns_is_hijacked_and_bypasses_are_rejected_at_once() {
         t.contains("chain dns_hijack") && t.contains("redirect to :53")
     });
     let t = Instant::now();
-    assert_eq!(dig(&lab, &["@8.8.8.8", HOST, "A"]), HOST_ADDR, "UDP, IPv4");
+    assert_eq!(
+        dig(&lab.topo.lan, &["@8.8.8.8", HOST, "A"]),
+        HOST_ADDR,
+        "UDP, IPv4"
+    );
     figure("hijacked_query", t.elapsed());
     assert_eq!(
-        dig(&lab, &["+tcp", "@8.8.8.8", HOST, "A"]),
+        dig(&lab.topo.lan, &["+tcp", "@8.8.8.8", HOST, "A"]),
         HOST_ADDR,
         "TCP, IPv4"
     );
     assert_eq!(
-        dig(&lab, &["@2001:4860:4860::8888", HOST, "A"]),
+        dig(&lab.topo.lan, &["@2001:4860:4860::8888", HOST, "A"]),
         HOST_ADDR,
         "UDP, IPv6"
     );
     assert_eq!(
-        dig(&lab, &["+tcp", "@2001:4860:4860::8888", HOST, "A"]),
+        dig(&lab.topo.lan, &["+tcp", "@2001:4860:4860::8888", HOST, "A"]),
         HOST_ADDR,
         "TCP, IPv6"
     );
 
     // 2. The excluded source is not hijacked: no resolver answers it in the lab.
-    let excluded = dig(&lab, &["-b", EXCLUDED_SRC, "@8.8.8.8", HOST, "A"]);
+    let excluded = dig(&lab.topo.lan, &["-b", EXCLUDED_SRC, "@8.8.8.8", HOST, "A"]);
     assert!(
         !excluded.contains(HOST_ADDR),
         "excluded source hijacked: {excluded}"
@@ -183,7 +176,7 @@ fn lan_dns_is_hijacked_and_bypasses_are_rejected_at_once() {
         figure(&format!("dot_reject_v6_{v6}"), took);
     }
     // Hijack still answers beside the blocks.
-    assert_eq!(dig(&lab, &["@8.8.8.8", HOST, "A"]), HOST_ADDR);
+    assert_eq!(dig(&lab.topo.lan, &["@8.8.8.8", HOST, "A"]), HOST_ADDR);
 
     // 4. Hijack off: the chain goes, 8.8.8.8 is not answered by the frontend.
     lab.put(&node("dns/hijack"), "false");
@@ -191,7 +184,7 @@ fn lan_dns_is_hijacked_and_bypasses_are_rejected_at_once() {
     wait_table(&lab, "the hijack chain to go", |t| {
         t.contains("chain prerouting") && !t.contains("dns_hijack")
     });
-    let direct = dig(&lab, &["@8.8.8.8", HOST, "A"]);
+    let direct = dig(&lab.topo.lan, &["@8.8.8.8", HOST, "A"]);
     assert!(
         !direct.contains(HOST_ADDR),
         "answered with hijack off: {direct}"

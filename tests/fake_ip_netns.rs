@@ -24,7 +24,7 @@ mod netns;
 mod gateway_lab;
 
 use gateway_lab::{
-    figure, node_proxy, spawn_in, wait_for, Lab, Mihomo, ECHO_PORT, FAR_NAME, HTTP_PORT, NODE,
+    dig, figure, node_proxy, spawn_in, wait_for, Lab, Mihomo, ECHO_PORT, FAR_NAME, HTTP_PORT, NODE,
     NODE_PORT, UDP_ECHO_PORT,
 };
 use ipnet::Ipv4Net;
@@ -37,17 +37,6 @@ use std::time::{Duration, Instant};
 const FAKE_RANGE: &str = "198.18.0.1/16";
 /// A rejected connection must fail faster than this (no timeout involved).
 const FAST: Duration = Duration::from_millis(100);
-
-/// Stdout of `argv` in namespace `ns`, whatever its exit status (`dig` exits 9 when
-/// nothing answers).
-fn output(ns: &str, argv: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(argv)
-        .output()
-        .expect("ip netns exec");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A child killed and reaped on drop (the lab tears down only what it started).
 struct Reaped(Child);
@@ -81,17 +70,9 @@ fn start_upstream(lab: &Lab) -> Reaped {
     .stderr(Stdio::null());
     let child = Reaped(spawn_in(&lab.topo.inet, cmd));
     wait_for("dnsmasq to answer", Duration::from_secs(10), || {
-        let out = output(
-            lab.topo.inet.name(),
-            &[
-                "dig",
-                "+short",
-                "+time=1",
-                "+tries=1",
-                &format!("@{}", Topology::SERVER4),
-                FAR_NAME,
-                "A",
-            ],
+        let out = dig(
+            &lab.topo.inet,
+            &[&format!("@{}", Topology::SERVER4), FAR_NAME, "A"],
         );
         (out.trim() == Topology::SERVER4.to_string()).then_some(())
     });
@@ -100,17 +81,9 @@ fn start_upstream(lab: &Lab) -> Reaped {
 
 /// `dig +short far.lab.test A` from the LAN client at the gateway's LAN address.
 fn resolve(lab: &Lab) -> Option<Ipv4Addr> {
-    let out = output(
-        lab.topo.lan.name(),
-        &[
-            "dig",
-            "+short",
-            "+time=1",
-            "+tries=1",
-            &format!("@{}", Topology::GW_LAN4),
-            FAR_NAME,
-            "A",
-        ],
+    let out = dig(
+        &lab.topo.lan,
+        &[&format!("@{}", Topology::GW_LAN4), FAR_NAME, "A"],
     );
     out.lines().last()?.trim().parse().ok()
 }

@@ -239,7 +239,7 @@ pub fn build(plan: &TproxyPlan) -> Ruleset {
     let mut ports: Vec<u16> = plan.exclude_ports.clone();
     ports.sort_unstable();
     ports.dedup();
-    let sets = vec![
+    let mut sets = vec![
         NamedSet {
             name: SET_PROXY_SRC4,
             kind: SetKind::Ipv4Addr,
@@ -286,7 +286,6 @@ pub fn build(plan: &TproxyPlan) -> Ruleset {
         matches,
         action: RuleAction::Return,
     };
-    let mut sets = sets;
     let mut rules = vec![
         ret("reply direction", vec![RuleMatch::CtDirectionReply]),
         ret(

@@ -151,6 +151,18 @@ impl Drop for Lab {
     }
 }
 
+/// `dig +short +time=1 +tries=1 ARGS` in `ns`: its trimmed stdout whatever the exit
+/// status (dig exits 9 when nothing answers).
+pub fn dig(ns: &Netns, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "dig", "+short"])
+        .args(["+time=1", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("run dig");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Print a measured duration the way the benchmark pages collect them
 /// (`FIGURE <name>_ms=<ms>`).
 pub fn figure(name: &str, d: Duration) {
