@@ -38,15 +38,29 @@ pub enum PullError {
     Proxy { reason: String },
 }
 
-/// The network edge: one authenticated GET. The real one is [`HttpNodeClient`].
+/// The network edge: one authenticated request to a node's API. The real one is
+/// [`HttpNodeClient`].
 pub trait NodeClient: Send + Sync + 'static {
-    /// GET `url` with `Authorization: Bearer <token>`, directly when `proxy` is `None`.
+    /// `method url` with `Authorization: Bearer <token>` and, when given, a JSON `body`;
+    /// directly when `proxy` is `None`. The answer's body when the status is 2xx.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        url: String,
+        token: Option<String>,
+        body: Option<Vec<u8>>,
+        proxy: Option<String>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, PullError>>;
+
+    /// GET `url` (the pull round's requests).
     fn get(
         &self,
         url: String,
         token: Option<String>,
         proxy: Option<String>,
-    ) -> BoxFuture<'static, Result<Vec<u8>, PullError>>;
+    ) -> BoxFuture<'static, Result<Vec<u8>, PullError>> {
+        self.request(reqwest::Method::GET, url, token, None, proxy)
+    }
 }
 
 /// reqwest-based [`NodeClient`]. The direct client ignores `*_PROXY` environment
@@ -100,18 +114,25 @@ impl HttpNodeClient {
 }
 
 impl NodeClient for HttpNodeClient {
-    fn get(
+    fn request(
         &self,
+        method: reqwest::Method,
         url: String,
         token: Option<String>,
+        body: Option<Vec<u8>>,
         proxy: Option<String>,
     ) -> BoxFuture<'static, Result<Vec<u8>, PullError>> {
         let client = self.client_for(proxy.as_deref());
         Box::pin(async move {
             let client = client?;
-            let mut req = client.get(&url);
+            let mut req = client.request(method, &url);
             if let Some(t) = token {
                 req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(b);
             }
             let resp = req.send().await.map_err(|e| PullError::Transport {
                 url: url.clone(),
@@ -686,10 +707,12 @@ mod tests {
     }
 
     impl NodeClient for FakeClient {
-        fn get(
+        fn request(
             &self,
+            _method: reqwest::Method,
             url: String,
             token: Option<String>,
+            _body: Option<Vec<u8>>,
             proxy: Option<String>,
         ) -> BoxFuture<'static, Result<Vec<u8>, PullError>> {
             self.calls

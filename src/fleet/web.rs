@@ -29,6 +29,8 @@ pub struct WebState {
     admin_token: Arc<str>,
     view: watch::Receiver<FleetView>,
     sessions: Arc<Mutex<VecDeque<String>>>,
+    /// `Secure` on the session cookie (the page is served over HTTPS).
+    secure: bool,
 }
 
 impl WebState {
@@ -37,7 +39,14 @@ impl WebState {
             admin_token: Arc::from(admin_token.into()),
             view,
             sessions: Arc::new(Mutex::new(VecDeque::new())),
+            secure: false,
         }
+    }
+
+    /// Mark the session cookie `Secure` (set when the page is served over HTTPS).
+    pub fn secure_cookies(mut self, on: bool) -> Self {
+        self.secure = on;
+        self
     }
 
     fn token_ok(&self, given: &str) -> bool {
@@ -122,9 +131,10 @@ fn signed_in(st: &WebState) -> Response {
     let id = st.new_session();
     info!("fleet web sign-in");
     let mut r = Redirect::to("/").into_response();
-    if let Ok(v) =
-        HeaderValue::from_str(&format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict"))
-    {
+    let secure = if st.secure { "; Secure" } else { "" };
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict{secure}"
+    )) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     secure_headers(r)
