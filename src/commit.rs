@@ -59,6 +59,11 @@ pub struct CommitArgs {
     /// transaction as `/commit`; docs/operations.md "Automatic rollback").
     #[arg(long, value_name = "SECS", value_parser = parse_confirm)]
     pub confirm: Option<u64>,
+    /// Commit only what a dry run at this revision showed: refused (exit 3) when any
+    /// configuration key differs from what it was at REV (the fleet console's
+    /// "dry run, then confirm"; scripts: `--dry-run -o json`, then its `revision`).
+    #[arg(long, value_name = "REV")]
+    pub expect_revision: Option<i64>,
 }
 
 /// `--confirm`: the gateways' own parser of `/commit_confirm`, so the CLI refuses what
@@ -617,11 +622,14 @@ fn counted(resp: &TxnResponse) -> usize {
 }
 
 /// Keys added, changed or deleted between two reads.
-fn changed_keys(before: &Keys, after: &Keys) -> Vec<String> {
+fn changed_keys<V: PartialEq>(
+    before: &BTreeMap<String, V>,
+    after: &BTreeMap<String, V>,
+) -> Vec<String> {
     let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
     names
         .into_iter()
-        .filter(|k| before.get(*k).map(|e| e.1) != after.get(*k).map(|e| e.1))
+        .filter(|k| before.get(*k) != after.get(*k))
         .map(|k| {
             let how = match (before.contains_key(k), after.contains_key(k)) {
                 (false, _) => "added",
@@ -724,6 +732,17 @@ async fn commit(
 
 /// `meduza commit`: returns the text to print and the exit code.
 pub async fn run(args: &CommitArgs, config: &EtcdConfig) -> Result<(String, u8), CommitError> {
+    let report = execute(args, config).await?;
+    let text = match args.output {
+        Format::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+        Format::Text => render_text(&report),
+    };
+    Ok((text, report.outcome.exit_code()))
+}
+
+/// Validate, diff and (unless a dry run, or invalid) commit; the CLI and the fleet
+/// console's commit both come here. `args.output` is not used.
+pub async fn execute(args: &CommitArgs, config: &EtcdConfig) -> Result<Report, CommitError> {
     let opts = config.connect_options()?;
     let mut client = Client::connect(config.endpoints.clone(), Some(opts))
         .await
@@ -741,22 +760,39 @@ pub async fn run(args: &CommitArgs, config: &EtcdConfig) -> Result<(String, u8),
     };
     let env = offline::env_from_process(offline::OFFLINE_CLASH_SECRET.to_string());
     let mut report = plan(&snapshot_of(&keys), revision, &previous, &args.nodes, &env);
-    if report.outcome == Outcome::DryRun && !args.dry_run {
-        commit(
-            &mut client,
-            &keys,
-            revision,
-            args.confirm,
-            args.max_txn_ops,
-            &mut report,
-        )
-        .await?;
+    if report.outcome != Outcome::DryRun || args.dry_run {
+        return Ok(report);
     }
-    let text = match args.output {
-        Format::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
-        Format::Text => render_text(&report),
-    };
-    Ok((text, report.outcome.exit_code()))
+    if let Some(expected) = args.expect_revision.filter(|e| *e != revision) {
+        let changed = match read_at(&mut client, expected).await {
+            Ok(mut then) => {
+                let mut now = snapshot_of(&keys);
+                then.0.remove(COMMIT_KEY);
+                now.0.remove(COMMIT_KEY);
+                changed_keys(&then.0, &now.0)
+            }
+            Err(why) => vec![format!("(revision {expected} unavailable: {why})")],
+        };
+        if !changed.is_empty() {
+            report.outcome = Outcome::Conflict;
+            report.changed_keys = changed;
+            report.message = format!(
+                "refused: configuration keys changed since the dry run at revision \
+                 {expected}; nothing committed (run the dry run again)"
+            );
+            return Ok(report);
+        }
+    }
+    commit(
+        &mut client,
+        &keys,
+        revision,
+        args.confirm,
+        args.max_txn_ops,
+        &mut report,
+    )
+    .await?;
+    Ok(report)
 }
 
 #[cfg(test)]

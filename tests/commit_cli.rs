@@ -132,6 +132,35 @@ fn dry_run_shows_the_diff_and_commit_bumps_the_commit_key() {
     assert!(out.contains("node gw-a\n  no change"), "{out}");
 }
 
+/// `--expect-revision`: the commit of what a dry run showed. A key changed after that
+/// dry run refuses it (exit 3, the key named); unchanged keys commit even when other
+/// writes moved the store revision on.
+#[test]
+fn expect_revision_commits_only_what_the_dry_run_showed() {
+    let etcd = TestEtcd::start();
+    seed(&etcd);
+    let dry = |etcd: &TestEtcd| -> i64 {
+        let (code, out, err) = meduza(etcd, &["commit", "--dry-run", "-o", "json"]);
+        assert_eq!(code, 0, "{out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v["revision"].as_i64().expect("revision")
+    };
+    let shown = dry(&etcd);
+    etcd.put("/nodes/gw-b/lan", "10.0.9.0/24");
+    let (code, out, _) = meduza(&etcd, &["commit", "--expect-revision", &shown.to_string()]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("/nodes/gw-b/lan (changed)"), "{out}");
+    assert!(out.contains("since the dry run"), "{out}");
+    assert_eq!(commit_key(&etcd).0, 0, "refused: nothing committed");
+
+    let shown = dry(&etcd);
+    // A status write (not configuration) moves the revision; the commit still goes.
+    etcd.put("/updated/gw-b/online", "1");
+    let (code, out, err) = meduza(&etcd, &["commit", "--expect-revision", &shown.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(commit_key(&etcd).0 > shown);
+}
+
 #[test]
 fn errors_are_refused_per_node_and_json_parses() {
     let etcd = TestEtcd::start();
