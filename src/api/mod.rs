@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod stats;
 pub mod store;
 pub mod types;
+pub mod upstream_store;
 pub mod upstreams;
 
 pub use stats::{FakeIfaces, IfaceCounter, IfaceCounters, ProcNetDev};
@@ -33,7 +34,8 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq as _;
 use tokio::sync::watch;
 use tracing::{info, warn};
-use upstreams::{StoredUpstream, UpstreamSpec};
+pub use upstream_store::{Apply, Scope, UpstreamSource, UpstreamView};
+use upstreams::UpstreamSpec;
 
 /// Default of `MEDUZA_API_LISTEN` (DESIGN §2).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9100";
@@ -159,8 +161,8 @@ impl ApiState {
         }
     }
 
-    fn node_prefix(&self) -> String {
-        format!("/nodes/{}/dns/upstreams/", self.node_id)
+    fn scope(&self) -> Scope {
+        Scope::Node(self.node_id.to_string())
     }
 }
 
@@ -278,66 +280,8 @@ async fn metrics_handler(State(st): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
-/// Where an effective upstream comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UpstreamSource {
-    /// `/nodes/<id>/dns/upstreams/<name>/` (editable here).
-    Node,
-    /// `/global/dns/upstreams/<name>/` (a node entry of the same name overrides it).
-    Global,
-    /// The built-in defaults, used when nothing is configured.
-    Default,
-}
-
-/// One entry of `GET /v1/dns/upstreams`.
-#[derive(Debug, Clone, Serialize)]
-pub struct UpstreamView {
-    pub name: String,
-    pub source: UpstreamSource,
-    pub config: UpstreamSpec,
-    /// Problems in the stored keys (the reconciler rejects such a snapshot).
-    pub problems: Vec<upstreams::KeyProblem>,
-    /// Live state from the DNS frontend, when it knows the group.
-    pub live: Option<UpstreamStatus>,
-}
-
 async fn effective_upstreams(st: &ApiState) -> Result<BTreeMap<String, UpstreamView>, ApiError> {
-    const GLOBAL: &str = "/global/dns/upstreams/";
-    let node_prefix = st.node_prefix();
-    let global = upstreams::from_keys(GLOBAL, &st.store.get_prefix(GLOBAL).await?);
-    let node = upstreams::from_keys(&node_prefix, &st.store.get_prefix(&node_prefix).await?);
-    let mut out: BTreeMap<String, UpstreamView> = BTreeMap::new();
-    let mut add = |src: UpstreamSource, m: BTreeMap<String, StoredUpstream>| {
-        for (name, s) in m {
-            out.insert(
-                name.clone(),
-                UpstreamView {
-                    name,
-                    source: src,
-                    config: s.spec,
-                    problems: s.problems,
-                    live: None,
-                },
-            );
-        }
-    };
-    add(UpstreamSource::Global, global);
-    add(UpstreamSource::Node, node);
-    if out.is_empty() {
-        for g in meduza_generators::model::default_upstreams() {
-            out.insert(
-                g.name.clone(),
-                UpstreamView {
-                    name: g.name.clone(),
-                    source: UpstreamSource::Default,
-                    config: UpstreamSpec::from(&g),
-                    problems: Vec::new(),
-                    live: None,
-                },
-            );
-        }
-    }
+    let mut out = upstream_store::effective(&*st.store, &st.scope()).await?;
     for live in st.view.status().dns_upstreams {
         if let Some(v) = out.get_mut(&live.name) {
             v.live = Some(live);
@@ -347,14 +291,9 @@ async fn effective_upstreams(st: &ApiState) -> Result<BTreeMap<String, UpstreamV
 }
 
 async fn list_upstreams(State(st): State<ApiState>) -> Result<Json<Vec<UpstreamView>>, ApiError> {
-    let mut v: Vec<UpstreamView> = effective_upstreams(&st).await?.into_values().collect();
-    v.sort_by(|a, b| {
-        a.config
-            .priority
-            .cmp(&b.config.priority)
-            .then(a.name.cmp(&b.name))
-    });
-    Ok(Json(v))
+    Ok(Json(upstream_store::by_priority(
+        effective_upstreams(&st).await?,
+    )))
 }
 
 async fn get_upstream(
@@ -372,7 +311,7 @@ async fn get_upstream(
 }
 
 /// Map axum's body rejection (413 past [`BODY_LIMIT`]) to a JSON error.
-fn body_bytes(
+pub fn body_bytes(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Bytes, ApiError> {
     body.map_err(|rej| {
@@ -387,26 +326,6 @@ fn body_bytes(
     })
 }
 
-async fn write_spec(
-    st: &ApiState,
-    spec: &UpstreamSpec,
-    existing: &BTreeMap<String, String>,
-) -> Result<i64, ApiError> {
-    let base = format!("{}{}/", st.node_prefix(), spec.name);
-    let new_keys = spec.to_keys(&base);
-    let mut ops: Vec<WriteOp> = existing
-        .keys()
-        .filter(|k| !new_keys.iter().any(|(nk, _)| nk == *k))
-        .map(|k| WriteOp::Delete { key: k.clone() })
-        .collect();
-    ops.extend(
-        new_keys
-            .into_iter()
-            .map(|(key, value)| WriteOp::Put { key, value }),
-    );
-    Ok(st.store.write_and_commit(ops).await?)
-}
-
 #[derive(Serialize)]
 struct WriteResult {
     upstream: UpstreamSpec,
@@ -418,23 +337,7 @@ async fn create_upstream(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let spec = upstreams::parse_body(&body_bytes(body)?, None)?;
-    if let Some(v) = effective_upstreams(&st).await?.get(&spec.name) {
-        if v.source != UpstreamSource::Default {
-            return Err(ApiError::Exists {
-                name: spec.name.clone(),
-                reason: format!(
-                    "upstream already exists ({}); use PUT /v1/dns/upstreams/{} to change it",
-                    if v.source == UpstreamSource::Node {
-                        "on this node"
-                    } else {
-                        "globally"
-                    },
-                    spec.name
-                ),
-            });
-        }
-    }
-    let rev = write_spec(&st, &spec, &BTreeMap::new()).await?;
+    let rev = upstream_store::create(&*st.store, &st.scope(), &spec, Apply::Commit).await?;
     info!(node = %st.node_id, upstream = %spec.name, revision = rev, "dns upstream created");
     Ok((
         StatusCode::CREATED,
@@ -453,16 +356,7 @@ async fn update_upstream(
 ) -> Result<Json<WriteResult>, ApiError> {
     upstreams::check_name(&name)?;
     let spec = upstreams::parse_body(&body_bytes(body)?, Some(&name))?;
-    if !effective_upstreams(&st).await?.contains_key(&name) {
-        return Err(ApiError::NotFound {
-            what: format!("upstream {name}"),
-        });
-    }
-    let existing = st
-        .store
-        .get_prefix(&format!("{}{name}/", st.node_prefix()))
-        .await?;
-    let rev = write_spec(&st, &spec, &existing).await?;
+    let rev = upstream_store::update(&*st.store, &st.scope(), &name, &spec, Apply::Commit).await?;
     info!(node = %st.node_id, upstream = %name, revision = rev, "dns upstream updated");
     Ok(Json(WriteResult {
         upstream: spec,
@@ -474,28 +368,7 @@ async fn delete_upstream(
     State(st): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    upstreams::check_name(&name)?;
-    let existing = st
-        .store
-        .get_prefix(&format!("{}{name}/", st.node_prefix()))
-        .await?;
-    if existing.is_empty() {
-        let global = effective_upstreams(&st).await?.get(&name).map(|v| v.source);
-        return Err(match global {
-            Some(UpstreamSource::Global) => ApiError::Conflict {
-                name: name.clone(),
-                reason: "defined in /global/dns/upstreams; the node API edits only this node's upstreams".into(),
-            },
-            _ => ApiError::NotFound {
-                what: format!("upstream {name}"),
-            },
-        });
-    }
-    let ops = existing
-        .into_keys()
-        .map(|key| WriteOp::Delete { key })
-        .collect();
-    let rev = st.store.write_and_commit(ops).await?;
+    let rev = upstream_store::delete(&*st.store, &st.scope(), &name, Apply::Commit).await?;
     info!(node = %st.node_id, upstream = %name, revision = rev, "dns upstream deleted");
     Ok(Json(
         serde_json::json!({"deleted": name, "commit_revision": rev}),

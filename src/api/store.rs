@@ -1,7 +1,7 @@
 //! Key-value access for the node API's upstream CRUD and for the fleet manager.
 //!
-//! Owns: the small [`ConfigStore`] trait (prefix reads, single puts, atomic write sets
-//! that bump `/commit`), an in-memory fake ([`MemStore`]) and the real implementation
+//! Owns: the small [`ConfigStore`] trait (prefix reads, single puts, atomic write sets,
+//! with or without a bump of `/commit`), an in-memory fake ([`MemStore`]) and the real implementation
 //! [`KvStore`] on the etcd layer's [`Kv`] (so TLS, user/password, timeouts and
 //! re-authentication are `crate::etcd`'s, configured by the global `--etcd-*` flags).
 //! Must not: interpret keys (callers build and parse them) or open its own etcd
@@ -35,10 +35,18 @@ pub trait ConfigStore: Send + Sync + 'static {
     fn get(&self, key: &str) -> BoxFuture<'_, Result<Option<Versioned>, StoreError>>;
     fn put(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StoreError>>;
     fn delete_prefix(&self, prefix: &str) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Apply `ops` in one transaction; returns its store revision.
+    fn write(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<i64, StoreError>>;
     /// Apply `ops` and put `/commit` (the current unix time, as an operator would) in one
     /// transaction, so the reconcilers never see half an edit. Returns the store
     /// revision of that transaction, which is `/commit`'s new mod revision.
-    fn write_and_commit(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<i64, StoreError>>;
+    fn write_and_commit(&self, mut ops: Vec<WriteOp>) -> BoxFuture<'_, Result<i64, StoreError>> {
+        ops.push(WriteOp::Put {
+            key: COMMIT_KEY.to_string(),
+            value: commit_value(),
+        });
+        self.write(ops)
+    }
     /// Put `/commit` alone.
     fn bump_commit(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
         self.write_and_commit(Vec::new())
@@ -146,8 +154,9 @@ impl ConfigStore for MemStore {
         Box::pin(async move { r })
     }
 
-    fn write_and_commit(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<i64, StoreError>> {
-        let r = self.check("txn", COMMIT_KEY).map(|mut g| {
+    fn write(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<i64, StoreError>> {
+        let first = ops.first().map(|o| o.key().to_string()).unwrap_or_default();
+        let r = self.check("txn", &first).map(|mut g| {
             g.revision += 1;
             let rev = g.revision;
             for op in ops {
@@ -166,13 +175,6 @@ impl ConfigStore for MemStore {
                     }
                 }
             }
-            g.kvs.insert(
-                COMMIT_KEY.to_string(),
-                Versioned {
-                    value: commit_value(),
-                    mod_revision: rev,
-                },
-            );
             rev
         });
         Box::pin(async move { r })
@@ -227,11 +229,7 @@ impl ConfigStore for KvStore {
         Box::pin(async move { self.kv.delete_prefix(&prefix).await.map(|_| ()) })
     }
 
-    fn write_and_commit(&self, mut ops: Vec<WriteOp>) -> BoxFuture<'_, Result<i64, StoreError>> {
-        ops.push(WriteOp::Put {
-            key: COMMIT_KEY.to_string(),
-            value: commit_value(),
-        });
+    fn write(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<i64, StoreError>> {
         Box::pin(async move { self.kv.write_batch(&ops).await })
     }
 }
