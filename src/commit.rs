@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::etcd::{EtcdConfig, EtcdError, COMMIT_KEY, SNAPSHOT_PREFIXES};
 use crate::offline;
+use crate::output::{to_json, OutputArgs, OutputFormat};
 use crate::reconcile::rollback::{commit_confirm_value, COMMIT_CONFIRM_KEY};
 
 /// Exit code: validation errors, nothing committed (as `meduza validate`).
@@ -47,9 +48,8 @@ pub struct CommitArgs {
     /// gateway refuses a snapshot with any error in it.
     #[arg(long = "node", value_name = "ID")]
     pub nodes: Vec<String>,
-    /// Output format.
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
-    pub output: Format,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// The etcd server's `--max-txn-ops`: up to this many keys get a compare of their
     /// own in the commit transaction (see docs/operations.md).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TXN_OPS)]
@@ -70,12 +70,6 @@ pub struct CommitArgs {
 /// a gateway would ignore.
 fn parse_confirm(v: &str) -> Result<u64, String> {
     crate::reconcile::rollback::parse_commit_confirm(v)
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Text,
-    Json,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -347,13 +341,28 @@ pub fn plan(
 }
 
 /// Files and services of `new` against `old` (`None`: nothing before).
+fn pretty<T: Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+}
+
 fn diff_rendered(old: Option<&Rendered>, new: &Rendered) -> (Vec<FileChange>, Vec<ServiceChange>) {
+    // Files, and the plans meduza applies in-process (the DNS frontend's upstreams and
+    // host records, the TPROXY plan), shown as `plan:dns` and `plan:tproxy` in JSON,
+    // so an upstream edit is not a "no change". No plan shown here holds a secret.
     let files_of = |r: Option<&Rendered>| -> BTreeMap<String, String> {
-        r.into_iter()
+        let mut m: BTreeMap<String, String> = r
+            .into_iter()
             .flat_map(|r| r.domains.values())
             .flat_map(|d| d.files.iter())
             .map(|f| (f.path.clone(), f.content.clone()))
-            .collect()
+            .collect();
+        if let Some(r) = r {
+            m.insert("plan:dns".into(), pretty(&r.dns));
+            if let Some(t) = &r.tproxy {
+                m.insert("plan:tproxy".into(), pretty(t));
+            }
+        }
+        m
     };
     let services_of = |r: Option<&Rendered>| {
         r.into_iter()
@@ -733,9 +742,9 @@ async fn commit(
 /// `meduza commit`: returns the text to print and the exit code.
 pub async fn run(args: &CommitArgs, config: &EtcdConfig) -> Result<(String, u8), CommitError> {
     let report = execute(args, config).await?;
-    let text = match args.output {
-        Format::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
-        Format::Text => render_text(&report),
+    let text = match args.output.format() {
+        OutputFormat::Json => to_json(&report),
+        OutputFormat::Table => render_text(&report),
     };
     Ok((text, report.outcome.exit_code()))
 }
@@ -816,6 +825,23 @@ mod tests {
         ("/nodes/gw-a/lan", "10.0.0.0/24"),
         ("/nodes/gw-b/lan", "10.0.1.0/24"),
     ];
+
+    /// An upstream edit changes no file: it shows as the DNS plan's diff.
+    #[test]
+    fn an_upstream_edit_shows_as_the_dns_plan() {
+        let mut prev: Vec<(&str, &str)> = BASE.to_vec();
+        prev.push(("/global/dns/upstreams/u1/addresses", "9.9.9.9"));
+        let mut now: Vec<(&str, &str)> = BASE.to_vec();
+        now.push(("/global/dns/upstreams/u1/addresses", "9.9.9.9\n1.1.1.1"));
+        let r = plan(&snap(&now), 9, &Previous::At(5, snap(&prev)), &[], &env());
+        for n in &r.nodes {
+            let dns = n.files.iter().find(|f| f.path == "plan:dns");
+            let dns = dns.unwrap_or_else(|| panic!("{}: {:#?}", n.node, n.files));
+            assert_eq!(dns.change, Change::Changed);
+            assert!(dns.diff.contains("+++ b/plan:dns"), "{}", dns.diff);
+            assert!(dns.diff.contains("+        \"1.1.1.1:53\""), "{}", dns.diff);
+        }
+    }
 
     #[test]
     fn diff_against_previous_lists_changed_files_and_services() {

@@ -13,6 +13,8 @@ pub mod etcd;
 pub mod files;
 pub mod fleet;
 pub mod offline;
+pub mod output;
 pub mod reconcile;
 pub mod supervise;
+pub mod tls;
 pub mod watchdog;

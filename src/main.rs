@@ -1,9 +1,10 @@
 //! `meduza`: the gateway agent and its operator CLI. This file only wires modules.
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use meduza::etcd::{run_command, EtcdArgs, EtcdCommand, EtcdConfig, EtcdKv};
 use meduza::offline;
+use meduza::output::{OutputArgs, OutputFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,9 +27,13 @@ enum Cmd {
     Run(meduza::daemon::RunArgs),
     /// Validate a snapshot; prints every error as `key: value: reason` (exit 2) and
     /// every unknown key as `warning: key: reason` (no effect on the exit code).
+    ///
+    /// `-o json`: one object with both (docs/cli-output.md), same exit codes.
     Validate {
         #[arg(long)]
         snapshot: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Validate the live keys, show each node's change against the previous commit,
     /// and bump /commit in one transaction that fails if a key changed meanwhile
@@ -51,6 +56,8 @@ enum Cmd {
         /// Print a unified diff against the files already in DIR.
         #[arg(long)]
         diff: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// The predecessor's generator interface: JSON {node_id, node, global, all_nodes} on stdin.
     Gen {
@@ -70,6 +77,11 @@ enum Cmd {
     /// Run only the supervisor with services from a JSON file (benchmarks, debugging).
     #[command(hide = true)]
     Supervise(meduza::supervise::cli::SuperviseArgs),
+    /// Print a shell completion script (`meduza completions bash > /etc/bash_completion.d/meduza`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -103,6 +115,10 @@ async fn load_config(
 fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
+    if let Cmd::Completions { shell } = cli.cmd {
+        clap_complete::generate(shell, &mut Cli::command(), "meduza", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     // `meduza run` resolves its settings (and performs the firmware boot duties) while
     // the process is still single-threaded: see daemon::settings.
     let settings = match &cli.cmd {
@@ -167,36 +183,15 @@ fn init_tracing() {
     }
 }
 
-fn invalid(errors: &[meduza_generators::ValidationError]) -> ExitCode {
-    offline::print_errors(errors);
-    eprintln!("meduza: {} invalid key(s); nothing applied", errors.len());
-    ExitCode::from(offline::EXIT_INVALID as u8)
-}
-
-/// `meduza validate`'s result: `ok: <n> node(s): ...` or the errors (exit 2).
-fn validated(
-    cfg: Result<meduza_generators::Config, Vec<meduza_generators::ValidationError>>,
-) -> anyhow::Result<ExitCode> {
-    match cfg {
-        Ok(cfg) => {
-            println!(
-                "ok: {} node(s): {}",
-                cfg.nodes.len(),
-                cfg.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(errors) => Ok(invalid(&errors)),
-    }
+fn invalid(errors: &[meduza_generators::ValidationError], format: OutputFormat) -> ExitCode {
+    ExitCode::from(offline::print_invalid(errors, format))
 }
 
 async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Validate { snapshot } => {
-            let (cfg, warnings) = offline::validate_checked(&snapshot);
-            offline::print_warnings(&warnings);
-            validated(cfg)
-        }
+        Cmd::Validate { snapshot, output } => Ok(ExitCode::from(
+            offline::ValidateReport::of_file(&snapshot).print(output.format()),
+        )),
         Cmd::Commit(args) => {
             let config = EtcdConfig::from_args(&cli.etcd)?;
             let (text, code) = meduza::commit::run(&args, &config).await?;
@@ -208,26 +203,22 @@ async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Resu
             node,
             out,
             diff,
+            output,
         } => {
+            let format = output.format();
             let cfg = match offline::validate(&snapshot) {
                 Ok(cfg) => cfg,
-                Err(errors) => return Ok(invalid(&errors)),
+                Err(errors) => return Ok(invalid(&errors, format)),
             };
             match offline::render_to_dir(&cfg, &node, &out, diff) {
                 Ok(summary) => {
-                    if diff {
-                        print!("{}", summary.diff);
+                    match format {
+                        OutputFormat::Table => print!("{}", summary.text()),
+                        OutputFormat::Json => print!("{}", meduza::output::to_json(&summary)),
                     }
-                    for l in &summary.written {
-                        println!("wrote     {l}");
-                    }
-                    for l in &summary.unchanged {
-                        println!("unchanged {l}");
-                    }
-                    println!("plans     {}", out.join("plans.json").display());
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(errors) => Ok(invalid(&errors)),
+                Err(errors) => Ok(invalid(&errors, format)),
             }
         }
         Cmd::Gen { tool } => {
@@ -244,6 +235,7 @@ async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Resu
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Dataplane(dp) => {
+            let format = dp.inner.output.format();
             let plan = match &dp.inner.plan {
                 Some(file) => meduza::dataplane::cli::load_plan_file(file)?,
                 // Removal deletes our table and routes whatever the plan was.
@@ -256,7 +248,7 @@ async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Resu
                     let node_id = dp.node.clone().context("--node (or NODE_ID) is required")?;
                     let cfg = match load_config(dp.snapshot.as_deref(), &cli.etcd).await? {
                         Ok(cfg) => cfg,
-                        Err(errors) => return Ok(invalid(&errors)),
+                        Err(errors) => return Ok(invalid(&errors, format)),
                     };
                     let node = cfg
                         .node(&node_id)
@@ -265,7 +257,7 @@ async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Resu
                     meduza_generators::render::tproxy_plan(&cfg, node, &env)
                 }
             };
-            meduza::dataplane::cli::cli(dp.inner.cmd, plan).await?;
+            meduza::dataplane::cli::cli(dp.inner.cmd, plan, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Dns(cmd) => {
@@ -286,6 +278,8 @@ async fn run(cli: Cli, settings: Option<meduza::boot::Settings>) -> anyhow::Resu
             println!("confirmed revision {rev}");
             Ok(ExitCode::SUCCESS)
         }
+        // Answered in `main` before the runtime starts.
+        Cmd::Completions { .. } => Ok(ExitCode::SUCCESS),
         Cmd::Etcd(cmd) => {
             let kv = EtcdKv::new(EtcdConfig::from_args(&cli.etcd)?);
             print!("{}", run_command(&cmd, &kv).await?);

@@ -166,7 +166,7 @@ async fn fleet_page_in_headless_chromium() {
     let serve = tokio::spawn(meduza::fleet::serve(
         web,
         manager.clone(),
-        ADMIN.into(),
+        meduza::fleet::ServeOptions::token(ADMIN),
         async {
             let _ = stop_rx.await;
         },

@@ -504,9 +504,32 @@ pub struct Node {
     pub tunnels: Vec<Tunnel>,
     #[serde(skip)]
     pub api_token: Option<String>,
+    /// `/nodes/<id>/api/tls/{cert,key}`: the node API's HTTPS certificate and key.
+    #[serde(skip)]
+    pub api_tls: Option<ApiTls>,
     /// `/nodes/<id>/confirm_timeout`, else the global value.
     #[serde(skip)]
     pub confirm_timeout_secs: u64,
+}
+
+/// `/nodes/<id>/api/tls/cert` and `/nodes/<id>/api/tls/key` (PEM), both checked to
+/// decode; whether the key belongs to the certificate is checked where rustls loads
+/// them (`meduza::tls`). `Debug` never shows the key.
+#[derive(Clone, PartialEq)]
+pub struct ApiTls {
+    /// Certificate chain, leaf first.
+    pub cert_pem: String,
+    /// Private key: a secret, never logged, serialized or published.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ApiTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiTls")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
 }
 
 /// The whole validated snapshot.
@@ -1495,13 +1518,9 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
         });
     }
 
-    let api_token = r.parsed(&k("api/token"), |v| {
-        if v.len() >= 16 && v.chars().all(|c| c.is_ascii_graphic()) {
-            Ok(v.to_string())
-        } else {
-            Err("token must be at least 16 printable characters without spaces".into())
-        }
-    });
+    let api_token = r.parsed(&k("api/token"), parse::parse_api_token);
+
+    let api_tls = parse_api_tls(r, &k("api/tls/cert"), &k("api/tls/key"));
 
     Node {
         id: id.to_string(),
@@ -1520,8 +1539,30 @@ fn parse_node(r: &mut Reader<'_>, id: &str, global: &Global) -> Node {
         services,
         tunnels,
         api_token,
+        api_tls,
         confirm_timeout_secs: confirm_timeout(r, &k("confirm_timeout"))
             .unwrap_or(global.confirm_timeout_secs),
+    }
+}
+
+/// The node API's certificate and key: both or neither (an error names the missing
+/// one); each must decode as PEM (the error names the key, never the key's value).
+fn parse_api_tls(r: &mut Reader<'_>, cert_key: &str, key_key: &str) -> Option<ApiTls> {
+    let cert = r.parsed(cert_key, |v| {
+        parse::parse_pem_certs(v).map(|_| v.to_string())
+    });
+    let key = r.parsed(key_key, |v| parse::parse_pem_key(v).map(|_| v.to_string()));
+    let (cert_set, key_set) = (r.str(cert_key).is_some(), r.str(key_key).is_some());
+    match (cert, key) {
+        (Some(cert_pem), Some(key_pem)) => Some(ApiTls { cert_pem, key_pem }),
+        _ => {
+            if cert_set && !key_set {
+                r.error(key_key, "", format!("missing: {cert_key} is set"));
+            } else if key_set && !cert_set {
+                r.error(cert_key, "", format!("missing: {key_key} is set"));
+            }
+            None
+        }
     }
 }
 
@@ -1925,6 +1966,42 @@ mod tests {
         let cfg = parse(&[]).expect("valid snapshot");
         assert_eq!(cfg.global.clash.health, d);
         assert_eq!(cfg.node("a").expect("a").clash.health, d);
+    }
+
+    #[test]
+    fn api_tls_keys_decode_and_errors_name_the_key_not_the_secret() {
+        const CERT: &str = include_str!("../../tests/data/tls/self.crt");
+        const KEY: &str = include_str!("../../tests/data/tls/self.key");
+        let cfg = parse(&[
+            ("/nodes/a/api/tls/cert", CERT),
+            ("/nodes/a/api/tls/key", KEY),
+        ])
+        .expect("valid snapshot");
+        let tls = cfg.node("a").expect("a").api_tls.clone().expect("tls");
+        assert!(tls.cert_pem.contains("BEGIN CERTIFICATE"));
+        assert!(!format!("{tls:?}").contains("PRIVATE KEY"), "{tls:?}");
+        assert!(cfg.node("b").expect("b").api_tls.is_none());
+
+        let secret = "-----BEGIN PRIVATE KEY-----\nc2Vj!cmV0\n-----END PRIVATE KEY-----";
+        let errs = parse(&[
+            ("/nodes/a/api/tls/cert", "not pem"),
+            ("/nodes/a/api/tls/key", secret),
+            ("/nodes/b/api/tls/cert", CERT),
+        ])
+        .expect_err("bad PEM")
+        .0;
+        let by_key = |k: &str| errs.iter().find(|e| e.key == k).cloned();
+        let cert = by_key("/nodes/a/api/tls/cert").expect("cert error");
+        assert!(cert.reason.contains("no \"BEGIN CERTIFICATE\""), "{cert:?}");
+        let key = by_key("/nodes/a/api/tls/key").expect("key error");
+        assert_eq!(key.value, "<redacted>");
+        assert!(key.reason.starts_with("not a PEM private key"), "{key:?}");
+        assert!(!key.reason.contains("c2Vj"), "{key:?}");
+        let missing = by_key("/nodes/b/api/tls/key").expect("missing key error");
+        assert!(
+            missing.reason.contains("/nodes/b/api/tls/cert is set"),
+            "{missing:?}"
+        );
     }
 
     #[test]

@@ -362,6 +362,16 @@ pub fn is_secret_key(key: &str) -> bool {
     .any(|w| last.contains(w))
 }
 
+/// `/nodes/<id>/api/token`: the node API's bearer token (the model and the fleet
+/// console's "add node" check it alike).
+pub fn parse_api_token(v: &str) -> Result<String, String> {
+    if v.len() >= 16 && v.chars().all(|c| c.is_ascii_graphic()) {
+        Ok(v.to_string())
+    } else {
+        Err("token must be at least 16 printable characters without spaces".into())
+    }
+}
+
 pub fn parse_bool(v: &str) -> Result<bool, String> {
     match v {
         "true" => Ok(true),
@@ -507,6 +517,44 @@ pub fn parse_http_url(v: &str) -> Result<String, String> {
         return Err("URL has no host or contains whitespace".into());
     }
     Ok(v.to_string())
+}
+
+/// The certificates of a PEM value (`/nodes/<id>/api/tls/cert`, a `--tls-cert` file):
+/// one or more `CERTIFICATE` sections, leaf first. The one PEM decoder of the project
+/// (rustls-pki-types); `meduza::tls` builds on it.
+pub fn parse_pem_certs(v: &str) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(v.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate chain: {}", pem_error(&e)))?;
+    if certs.is_empty() {
+        return Err("no \"BEGIN CERTIFICATE\" section".into());
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM value (PKCS#8, PKCS#1 or SEC1). The reason never quotes
+/// the value: it is a secret.
+pub fn parse_pem_key(v: &str) -> Result<rustls_pki_types::PrivateKeyDer<'static>, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::PrivateKeyDer::from_pem_slice(v.as_bytes()).map_err(|e| {
+        format!(
+            "not a PEM private key (PKCS#8, PKCS#1 or SEC1): {}",
+            pem_error(&e)
+        )
+    })
+}
+
+/// A PEM error without the offending line (it may be part of a private key).
+fn pem_error(e: &rustls_pki_types::pem::Error) -> &'static str {
+    use rustls_pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { .. } => "a section has no END line",
+        Error::IllegalSectionStart { .. } => "malformed BEGIN line",
+        Error::Base64Decode(_) => "a section is not valid base64",
+        Error::NoItemsFound => "no matching section",
+        _ => "unreadable PEM",
+    }
 }
 
 #[cfg(test)]

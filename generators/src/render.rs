@@ -168,6 +168,9 @@ pub struct Rendered {
     /// `/nodes/<id>/api/token`: bearer token of the node API; never serialized.
     #[serde(skip)]
     pub api_token: Option<String>,
+    /// `/nodes/<id>/api/tls/{cert,key}`: HTTPS for the node API; never serialized.
+    #[serde(skip)]
+    pub api_tls: Option<crate::model::ApiTls>,
 }
 
 /// The overlay that runs on `node`: the global `mesh_type`, if the node enables it.
@@ -268,6 +271,7 @@ pub fn render_node(
         mosdns,
         frr_enabled,
         api_token: node.api_token.clone(),
+        api_tls: node.api_tls.clone(),
     })
 }
 

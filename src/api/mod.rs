@@ -2,8 +2,10 @@
 //!
 //! Owns: routing, Bearer-token authentication (constant-time comparison against the
 //! node's `/nodes/<id>/api/token`, followed live through a `watch` channel), bounded
-//! request bodies, JSON errors, and the DNS upstream CRUD that writes
-//! `/nodes/<id>/dns/upstreams/<name>/...` and bumps `/commit` in one transaction.
+//! request bodies, JSON errors, serving plain or HTTPS with the certificate followed
+//! live ([`follow_tls`]; TLS itself is [`crate::tls`]), and the DNS upstream CRUD
+//! that writes `/nodes/<id>/dns/upstreams/<name>/...` and bumps `/commit` in one
+//! transaction.
 //! Must not: hold or return secrets (tokens, keys, Clash secret), reach into the
 //! daemon's internals (everything live comes through [`NodeView`]) or talk to etcd
 //! except through [`ConfigStore`].
@@ -225,10 +227,12 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Bind `addr` and serve until `shutdown` resolves.
+/// Bind `addr` and serve until `shutdown` resolves, over HTTPS while `tls` holds a
+/// configuration ([`follow_tls`]).
 pub async fn serve(
     addr: SocketAddr,
     state: ApiState,
+    tls: crate::tls::ServerTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApiError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -237,24 +241,89 @@ pub async fn serve(
             value: addr.to_string(),
             reason: e.to_string(),
         })?;
-    serve_listener(listener, state, shutdown).await
+    serve_tls(listener, state, tls, shutdown).await
 }
 
-/// Serve on an already bound listener (tests bind port 0 first).
+/// Serve plain HTTP on an already bound listener (tests bind port 0 first).
 pub async fn serve_listener(
     listener: tokio::net::TcpListener,
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApiError> {
+    serve_tls(listener, state, crate::tls::fixed(None), shutdown).await
+}
+
+/// Serve on an already bound listener; each new connection is TLS or plain as `tls`
+/// holds at that moment, so a new certificate needs no new listener.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    tls: crate::tls::ServerTls,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ApiError> {
     let local = listener.local_addr().ok();
-    info!(addr = ?local, node = %state.node_id, "node api listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+    info!(addr = ?local, node = %state.node_id, https = tls.borrow().is_some(), "node api listening");
+    crate::tls::serve(listener, router(state), tls, shutdown)
         .await
         .map_err(|e| ApiError::Internal {
             what: "api server".into(),
             reason: e.to_string(),
         })
+}
+
+/// The node API's certificate: the `MEDUZA_API_TLS_CERT`/`_KEY` files when given
+/// (`files`, loaded once at start; they win over etcd), else `/nodes/<id>/api/tls/...`
+/// as each reconcile pass hands it in (`from_etcd`). Every change is sent to `out`
+/// (read by [`serve_tls`] per connection) and published with `publish`: the
+/// certificate's fingerprint and source, or `None` when serving plain HTTP. A pair
+/// from etcd that rustls refuses (the key does not match the certificate) is logged by
+/// key name and the previous configuration kept. Returns when `from_etcd` closes.
+pub async fn follow_tls(
+    node_id: &str,
+    files: Option<crate::tls::ServerIdentity>,
+    mut from_etcd: watch::Receiver<Option<meduza_generators::model::ApiTls>>,
+    out: watch::Sender<Option<Arc<rustls::ServerConfig>>>,
+    publish: impl Fn(Option<(&crate::tls::Fingerprint, &str)>),
+) {
+    let (cert_key, key_key) = (
+        format!("/nodes/{node_id}/api/tls/cert"),
+        format!("/nodes/{node_id}/api/tls/key"),
+    );
+    if let Some(id) = &files {
+        out.send_replace(Some(id.config.clone()));
+        publish(Some((&id.fingerprint, "file")));
+        info!(fingerprint = %id.fingerprint, source = "file", "node api serves https");
+    }
+    loop {
+        let wanted = from_etcd.borrow_and_update().clone();
+        match (&files, wanted) {
+            (Some(_), Some(_)) => {
+                warn!(key = %cert_key, "ignored: MEDUZA_API_TLS_CERT/KEY files are in use")
+            }
+            (Some(_), None) => {}
+            (None, None) => {
+                if out.send_replace(None).is_some() {
+                    info!("node api serves plain http");
+                }
+                publish(None);
+            }
+            (None, Some(t)) => {
+                match crate::tls::server_identity(&cert_key, &t.cert_pem, &key_key, &t.key_pem) {
+                    Ok(id) => {
+                        out.send_replace(Some(id.config.clone()));
+                        publish(Some((&id.fingerprint, "etcd")));
+                        info!(fingerprint = %id.fingerprint, source = "etcd", "node api serves https");
+                    }
+                    Err(err) => {
+                        warn!(%err, "node api certificate not usable; keeping the previous one")
+                    }
+                }
+            }
+        }
+        if from_etcd.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -182,6 +182,9 @@ pub struct SettingsLayer {
     pub state_device: Option<String>,
     pub dns_listen: Option<Vec<SocketAddr>>,
     pub api_listen: Option<SocketAddr>,
+    /// HTTPS certificate chain and key of the node API (PEM files).
+    pub api_tls_cert: Option<PathBuf>,
+    pub api_tls_key: Option<PathBuf>,
     pub dataplane: Option<Dataplane>,
     pub bins: BTreeMap<Tool, PathBuf>,
     /// Run the boot duties (`MEDUZA_BOOT=1`, `meduza.boot`, `--boot`).
@@ -211,6 +214,9 @@ pub struct Settings {
     pub state_device: Option<String>,
     pub dns_listen: Vec<SocketAddr>,
     pub api_listen: SocketAddr,
+    /// `MEDUZA_API_TLS_CERT` and `MEDUZA_API_TLS_KEY`: the node API serves HTTPS with
+    /// these files (both or neither); they take precedence over the etcd keys.
+    pub api_tls_files: Option<(PathBuf, PathBuf)>,
     pub dataplane: Dataplane,
     pub bins: BTreeMap<Tool, PathBuf>,
     pub boot: bool,
@@ -429,6 +435,8 @@ impl SettingsLayer {
                 "MEDUZA_STATE_DEVICE" => l.state_device = Some(parse_state_device(o, k, v)?),
                 "MEDUZA_DNS_LISTEN" => l.dns_listen = Some(parse_sockets(o, k, v.split(','))?),
                 "MEDUZA_API_LISTEN" => l.api_listen = Some(parse_socket(o, k, v)?),
+                "MEDUZA_API_TLS_CERT" => l.api_tls_cert = Some(parse_abs_path(o, k, v)?),
+                "MEDUZA_API_TLS_KEY" => l.api_tls_key = Some(parse_abs_path(o, k, v)?),
                 "MEDUZA_DATAPLANE" => l.dataplane = Some(parse_dataplane(o, k, v)?),
                 "MEDUZA_BOOT" => l.boot = Some(parse_bool(o, k, v)?),
                 "MEDUZA_WATCHDOG" => l.watchdog = Some(parse_watchdog(o, k, v)?),
@@ -500,6 +508,12 @@ impl SettingsLayer {
         if let Some(v) = raw.api_listen {
             l.api_listen = Some(parse_socket(o, "api_listen", &v)?);
         }
+        if let Some(v) = raw.api_tls_cert {
+            l.api_tls_cert = Some(parse_abs_path(o, "api_tls_cert", &v)?);
+        }
+        if let Some(v) = raw.api_tls_key {
+            l.api_tls_key = Some(parse_abs_path(o, "api_tls_key", &v)?);
+        }
         if let Some(v) = raw.dataplane {
             l.dataplane = Some(parse_dataplane(o, "dataplane", &v)?);
         }
@@ -557,6 +571,8 @@ impl SettingsLayer {
             state_device: field(c, "state", parse_state_device)?,
             dns_listen: field(c, "dns_listen", |o, k, v| parse_sockets(o, k, v.split(',')))?,
             api_listen: field(c, "api_listen", parse_socket)?,
+            api_tls_cert: None,
+            api_tls_key: None,
             dataplane: field(c, "dataplane", parse_dataplane)?,
             // A bare `meduza.boot` means yes.
             boot: field(
@@ -595,6 +611,8 @@ struct TomlFile {
     state_device: Option<String>,
     dns_listen: Option<StringOrList>,
     api_listen: Option<String>,
+    api_tls_cert: Option<String>,
+    api_tls_key: Option<String>,
     dataplane: Option<String>,
     boot: Option<bool>,
     watchdog: Option<String>,
@@ -665,6 +683,10 @@ pub fn resolve_settings(
         }),
         api_listen: pick(&layers, |l| &l.api_listen)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9100))),
+        api_tls_files: api_tls_files(
+            pick(&layers, |l| &l.api_tls_cert),
+            pick(&layers, |l| &l.api_tls_key),
+        )?,
         dataplane: pick(&layers, |l| &l.dataplane).unwrap_or_default(),
         bins,
         boot: pick(&layers, |l| &l.boot).unwrap_or(false),
@@ -679,6 +701,26 @@ pub fn resolve_settings(
     })
 }
 
+/// Both of `MEDUZA_API_TLS_CERT` / `MEDUZA_API_TLS_KEY` (`api_tls_cert` / `api_tls_key`
+/// in meduza.toml), or neither.
+fn api_tls_files(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<(PathBuf, PathBuf)>, SettingsError> {
+    let missing = |key: &str, other: &Path| SettingsError::Invalid {
+        origin: Origin::Env,
+        key: key.to_string(),
+        value: String::new(),
+        reason: format!("missing while the other half ({}) is set", other.display()),
+    };
+    match (cert, key) {
+        (Some(c), Some(k)) => Ok(Some((c, k))),
+        (None, None) => Ok(None),
+        (Some(c), None) => Err(missing("MEDUZA_API_TLS_KEY", &c)),
+        (None, Some(k)) => Err(missing("MEDUZA_API_TLS_CERT", &k)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,6 +732,24 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> SettingsLayer {
         SettingsLayer::from_env(pairs.iter().copied()).expect("valid env")
+    }
+
+    #[test]
+    fn api_tls_files_come_in_pairs() {
+        let (crt, key) = ("/etc/meduza/api.crt", "/etc/meduza/api.key");
+        let both = env(&[("MEDUZA_API_TLS_CERT", crt), ("MEDUZA_API_TLS_KEY", key)]);
+        let s = resolve_settings(&none(), &both, &none(), &none(), Some("b")).unwrap();
+        assert_eq!(s.api_tls_files, Some((crt.into(), key.into())));
+        let one = env(&[("MEDUZA_API_TLS_CERT", crt)]);
+        let err = resolve_settings(&none(), &one, &none(), &none(), Some("b"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("MEDUZA_API_TLS_KEY") && err.contains(crt),
+            "{err}"
+        );
+        let s = resolve_settings(&none(), &none(), &none(), &none(), Some("b")).unwrap();
+        assert_eq!(s.api_tls_files, None);
     }
 
     #[test]

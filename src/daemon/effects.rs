@@ -5,6 +5,7 @@ use super::clash::ClashOrchestrator;
 use super::Shared;
 use crate::reconcile::Effects;
 use crate::supervise::frr::FrrControl;
+use meduza_generators::model::ApiTls;
 use meduza_generators::plan::dns::DnsPlan;
 use meduza_generators::plan::service::ServiceSpec;
 use meduza_generators::plan::tproxy::TproxyPlan;
@@ -158,6 +159,14 @@ impl Effects for DaemonEffects {
         self.shared.api_token.send_if_modified(|t| {
             let changed = *t != token;
             *t = token;
+            changed
+        });
+    }
+
+    fn apply_api_tls(&mut self, tls: Option<ApiTls>) {
+        self.shared.api_tls.send_if_modified(|t| {
+            let changed = *t != tls;
+            *t = tls;
             changed
         });
     }

@@ -56,6 +56,9 @@ pub struct RunConfig {
     pub root: PathBuf,
     pub state_dir: PathBuf,
     pub api_listen: SocketAddr,
+    /// Loaded from `MEDUZA_API_TLS_CERT` / `MEDUZA_API_TLS_KEY` (they win over etcd's
+    /// keys).
+    pub api_tls_files: Option<crate::tls::ServerIdentity>,
     pub dns: DnsConfig,
     pub lease_ttl: i64,
     /// `MEDUZA_DATAPLANE`.
@@ -95,6 +98,18 @@ impl RunConfig {
             root: s.root.clone(),
             state_dir: s.state_dir.clone(),
             api_listen: s.api_listen,
+            // A certificate file that cannot be loaded stops the start: serving the
+            // API in plain HTTP instead would send tokens in clear to clients that
+            // expect HTTPS.
+            api_tls_files: match &s.api_tls_files {
+                Some((cert, key)) => Some(crate::tls::server_identity_from_files(
+                    "MEDUZA_API_TLS_CERT",
+                    cert,
+                    "MEDUZA_API_TLS_KEY",
+                    key,
+                )?),
+                None => None,
+            },
             dns,
             lease_ttl,
             dataplane: s.dataplane,
@@ -138,6 +153,8 @@ pub struct Shared {
     /// Revision of the newest `/commit` seen.
     pub commit_revision: Mutex<Option<i64>>,
     pub api_token: watch::Sender<Option<String>>,
+    /// `/nodes/<id>/api/tls/{cert,key}` as the last pass rendered it.
+    pub api_tls: watch::Sender<Option<meduza_generators::model::ApiTls>>,
     /// mihomo's traffic totals, written by the Clash glue's poller, read by the API.
     pub mihomo_traffic: Mutex<view::MihomoTraffic>,
 }
@@ -329,6 +346,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     };
 
     let (token_tx, token_rx) = watch::channel(None);
+    let (api_tls_tx, api_tls_rx) = watch::channel(None);
     let shared = Arc::new(Shared {
         node_id: cfg.node_id.clone(),
         supervisor,
@@ -349,6 +367,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tproxy_status: Mutex::new(None),
         commit_revision: Mutex::new(None),
         api_token: token_tx,
+        api_tls: api_tls_tx,
         mihomo_traffic: Mutex::new(view::MihomoTraffic::default()),
     });
     shared.publisher.set_last("starting");
@@ -383,11 +402,22 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         );
         let mut stop = stop_rx.clone();
         let addr = cfg.api_listen;
+        let (tls_tx, tls_rx) = watch::channel(None);
+        let (tls_shared, tls_files) = (Arc::clone(&shared), cfg.api_tls_files.clone());
+        // The certificate is followed by swapping the configuration each new connection
+        // reads, not by rebinding: no window without a listener, open connections finish.
+        tasks.push(tokio::spawn(async move {
+            let node_id = tls_shared.node_id.clone();
+            crate::api::follow_tls(&node_id, tls_files, api_tls_rx, tls_tx, |tls| {
+                tls_shared.publisher.set_api_tls(tls)
+            })
+            .await
+        }));
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(err) = crate::api::serve(addr, state, shutdown).await {
+            if let Err(err) = crate::api::serve(addr, state, tls_rx, shutdown).await {
                 warn!(%err, "node api stopped");
             }
         }));

@@ -1,15 +1,20 @@
 //! `meduza dataplane show|apply|remove`: the data plane from the command line.
 //!
-//! Owns: the clap definitions of the subcommand and its output. Must not: build a
-//! plan from etcd or a snapshot (the integrator passes the plan in; the hidden
-//! `--plan FILE` reads a `TproxyPlan` as JSON, for tests and the benchmark).
+//! Owns: the clap definitions of the subcommand and its output, text or `-o json`
+//! ([`ShowReport`], [`ApplyOutput`]; docs/cli-output.md). Must not: build a plan from
+//! etcd or a snapshot (the integrator passes the plan in; the hidden `--plan FILE`
+//! reads a `TproxyPlan` as JSON, for tests and the benchmark), or touch the system
+//! for `show` (it runs without root: only `apply`, `remove` and `bench` open nftables
+//! and rtnetlink).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use meduza_generators::plan::tproxy::TproxyPlan;
+use serde::Serialize;
 
-use super::{ruleset, show, SystemDataplane};
+use super::{routing_spec, ruleset, show, ApplyReport, SystemDataplane};
+use crate::output::{to_json, OutputArgs, OutputFormat};
 
 /// `meduza dataplane ...`
 #[derive(Debug, Clone, clap::Args)]
@@ -19,6 +24,9 @@ pub struct DataplaneArgs {
     /// Read the plan from a JSON file (a `TproxyPlan`) instead of a snapshot.
     #[arg(long, global = true, hide = true, value_name = "FILE")]
     pub plan: Option<PathBuf>,
+    /// `-o json` for `show`, `apply` and `remove` (`ruleset` and `bench` print text).
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
@@ -49,20 +57,99 @@ pub fn load_plan_file(path: &Path) -> anyhow::Result<TproxyPlan> {
     serde_json::from_str(&text).with_context(|| format!("parsing plan file {}", path.display()))
 }
 
-/// Run one dataplane command for `plan`, printing the plan and what changed.
-pub async fn cli(cmd: DataplaneCmd, plan: TproxyPlan) -> anyhow::Result<()> {
+/// `meduza dataplane show -o json`: the plan and what it means in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShowReport<'a> {
+    /// Always `true` (a refused snapshot prints the invalid report instead).
+    pub ok: bool,
+    /// The TPROXY plan as the daemon would apply it (`TproxyPlan`'s own fields).
+    pub plan: &'a TproxyPlan,
+    /// table `inet meduza` in nft syntax (what `nft -f` would load).
+    pub nftables: String,
+    /// The policy routing the plan needs, IPv4 and IPv6 alike; `null` while
+    /// `plan.proxy_down` (TPROXY removed: no routing).
+    pub routing: Option<ShowRouting>,
+}
+
+/// `rule pref <priority> fwmark <mark> lookup <table>` plus `route local default dev
+/// lo table <table>`, as numbers: the CLI's view of [`super::RoutingSpec`], which is
+/// the routing edge's input and stays free to change shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ShowRouting {
+    pub priority: u32,
+    pub mark: u32,
+    pub table: u32,
+}
+
+impl<'a> ShowReport<'a> {
+    /// Pure: builds the ruleset, opens nothing.
+    pub fn new(plan: &'a TproxyPlan) -> Self {
+        let spec = routing_spec(plan);
+        Self {
+            ok: true,
+            plan,
+            nftables: ruleset::to_text(&ruleset::build(plan)),
+            routing: (!plan.proxy_down).then_some(ShowRouting {
+                priority: spec.priority,
+                mark: spec.mark,
+                table: spec.table,
+            }),
+        }
+    }
+}
+
+/// `meduza dataplane apply|remove -o json`: what changed in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApplyOutput<'a> {
+    /// Always `true` (a failure exits 1 with the error on stderr).
+    pub ok: bool,
+    /// `apply` or `remove`.
+    pub action: &'static str,
+    /// Whether anything in the kernel changed.
+    pub changed: bool,
+    /// `nft` (`Unchanged`, `Created`, `Replaced`, `Deleted`, `Absent`) and `routing`
+    /// (`[{"Add": "RuleV4"}, ...]`): [`ApplyReport`] as it serializes.
+    #[serde(flatten)]
+    pub report: &'a ApplyReport,
+}
+
+impl<'a> ApplyOutput<'a> {
+    pub fn new(action: &'static str, report: &'a ApplyReport) -> Self {
+        Self {
+            ok: true,
+            action,
+            changed: report.changed(),
+            report,
+        }
+    }
+
+    /// The text (`ApplyReport`'s one line) or the JSON.
+    fn render(&self, format: OutputFormat) -> String {
+        match format {
+            OutputFormat::Table => format!("{}\n", self.report),
+            OutputFormat::Json => to_json(self),
+        }
+    }
+}
+
+/// Run one dataplane command for `plan`, printing the plan and what changed in
+/// `format` (`ruleset` and `bench` always print text).
+pub async fn cli(cmd: DataplaneCmd, plan: TproxyPlan, format: OutputFormat) -> anyhow::Result<()> {
     match cmd {
-        DataplaneCmd::Show => print!("{}", show(&plan)),
+        DataplaneCmd::Show => match format {
+            OutputFormat::Table => print!("{}", show(&plan)),
+            OutputFormat::Json => print!("{}", to_json(&ShowReport::new(&plan))),
+        },
         DataplaneCmd::Ruleset => print!("{}", ruleset::to_text(&ruleset::build(&plan))),
         DataplaneCmd::Apply => {
             let dp = SystemDataplane::from_env()?;
             let report = dp.apply(&plan).await?;
-            println!("{report}");
+            print!("{}", ApplyOutput::new("apply", &report).render(format));
         }
         DataplaneCmd::Remove => {
             let dp = SystemDataplane::from_env()?;
             let report = dp.remove().await?;
-            println!("{report}");
+            print!("{}", ApplyOutput::new("remove", &report).render(format));
         }
         DataplaneCmd::Bench { reps } => {
             let dp = SystemDataplane::from_env()?;
@@ -100,4 +187,61 @@ pub async fn cli(cmd: DataplaneCmd, plan: TproxyPlan) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{NftChange, RouteItem, RoutingOp};
+
+    fn plan() -> TproxyPlan {
+        let mut p = TproxyPlan::empty();
+        p.proxy_src = vec!["192.168.50.0/24".parse().unwrap()];
+        p
+    }
+
+    #[test]
+    fn show_json_has_the_plan_ruleset_and_routing() {
+        let p = plan();
+        let v: serde_json::Value = serde_json::from_str(&to_json(&ShowReport::new(&p))).unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["plan"]["proxy_src"][0], "192.168.50.0/24");
+        assert_eq!(v["plan"]["port"], p.port);
+        assert!(
+            v["nftables"]
+                .as_str()
+                .is_some_and(|t| t.contains("table inet meduza")),
+            "{v}"
+        );
+        assert_eq!(v["routing"]["mark"], p.mark);
+        assert_eq!(v["routing"]["table"], p.table);
+        assert!(v["routing"]["priority"].is_u64(), "{v}");
+
+        let mut down = plan();
+        down.proxy_down = true;
+        let v = serde_json::to_value(ShowReport::new(&down)).unwrap();
+        assert!(v["routing"].is_null(), "{v}");
+    }
+
+    #[test]
+    fn apply_json_names_the_action_and_the_changes() {
+        let report = ApplyReport {
+            nft: NftChange::Created,
+            routing: vec![RoutingOp::Add(RouteItem::RuleV4)],
+        };
+        let out = ApplyOutput::new("apply", &report);
+        let v: serde_json::Value = serde_json::from_str(&out.render(OutputFormat::Json)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "ok": true,
+                "action": "apply",
+                "changed": true,
+                "nft": "Created",
+                "routing": [{"Add": "RuleV4"}],
+            })
+        );
+        let text = out.render(OutputFormat::Table);
+        assert_eq!(text, format!("{report}\n"));
+    }
 }

@@ -89,6 +89,20 @@ pub fn state_value(state: &str, ts: u64, detail: Option<&str>) -> String {
     }
 }
 
+/// Suffix of `api_tls`: set while the node API serves HTTPS, absent otherwise.
+pub const API_TLS_SUFFIX: &str = "api_tls";
+
+/// `"<sha256-hex> <unix-ts> <source>"` for `api_tls`: the SHA-256 of the certificate
+/// the node API serves, and where it came from (`etcd` or `file`).
+pub fn api_tls_value(fingerprint: &crate::tls::Fingerprint, ts: u64, source: &str) -> String {
+    state_value(&fingerprint.to_string(), ts, Some(source))
+}
+
+/// The fingerprint in an `api_tls` value (the fleet manager's reader).
+pub fn api_tls_fingerprint(value: &str) -> Option<crate::tls::Fingerprint> {
+    value.split_whitespace().next()?.parse().ok()
+}
+
 /// The JSON array for `warnings` (`[]` when none): the node's and the global unknown
 /// keys, `{key, reason, did_you_mean}` (`meduza_generators::Warning`).
 pub fn warnings_value(warnings: &[meduza_generators::Warning]) -> String {
@@ -255,6 +269,15 @@ impl StatusPublisher {
             &format!("dns/upstreams/{name}/status"),
             state_value(state, unix_now(), latency.as_deref()),
         );
+    }
+
+    /// `api_tls` = `"<sha256> <now> <source>"` while the node API serves HTTPS;
+    /// removed when it serves plain HTTP.
+    pub fn set_api_tls(&self, tls: Option<(&crate::tls::Fingerprint, &str)>) {
+        match tls {
+            Some((fp, source)) => self.set(API_TLS_SUFFIX, api_tls_value(fp, unix_now(), source)),
+            None => self.remove(API_TLS_SUFFIX),
+        }
     }
 
     /// `dns/failover_log` = JSON array, newest last, at most 100 entries.

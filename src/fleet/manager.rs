@@ -3,16 +3,20 @@
 //! `/v1/status` and failover log for the web page, and compute push/pull status.
 //!
 //! Owns: the in-memory fleet view (published on a `watch` channel), usage accounting
-//! and, when enabled, `/fleet/status/<id>`. Must not: write any node's configuration or
-//! show a token — node tokens are read from `/nodes/<id>/api/token` and only ever sent
-//! in an `Authorization` header to that node.
+//! and, when enabled, `/fleet/status/<id>`; the TLS policy toward nodes (trust from a
+//! node's pin, `--node-ca` and `/fleet/ca`; nothing sent to a node that serves HTTPS
+//! at a plain `http://` URL). Must not: write any node's configuration or show a
+//! token — node tokens are read from `/nodes/<id>/api/token` and only ever sent in an
+//! `Authorization` header to that node, over TLS when the node has it.
 
 use super::status::{
     pull_status, push_status, usage_total, NodeFacts, PullStatus, PushStatus, Route, Usage,
 };
 use super::FleetError;
 use crate::api::{redact_errors, ConfigError, ConfigStore, FailoverLogEntry, NodeStatus, Stat};
+use crate::tls::{Fingerprint, ServerTrust};
 use futures::future::BoxFuture;
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -32,10 +36,26 @@ pub fn now_ms() -> u64 {
 pub enum PullError {
     #[error("{url}: {reason}")]
     Transport { url: String, reason: String },
-    #[error("{url}: HTTP {status}")]
-    Status { url: String, status: u16 },
+    #[error("{url}: HTTP {status}{}", if error.is_empty() { String::new() } else { format!(": {error}") })]
+    Status {
+        url: String,
+        status: u16,
+        /// The `error` of the node API's JSON answer, when it has one.
+        error: String,
+    },
     #[error("proxy {reason}")]
     Proxy { reason: String },
+}
+
+/// Why a console request to a node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeCallError {
+    #[error("no node {id} in /fleet/nodes/")]
+    Unknown { id: String },
+    #[error(transparent)]
+    Registry(#[from] FleetError),
+    #[error(transparent)]
+    Node(#[from] PullError),
 }
 
 /// The network edge: one authenticated request to a node's API. The real one is
@@ -61,59 +81,135 @@ pub trait NodeClient: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Vec<u8>, PullError>> {
         self.request(reqwest::Method::GET, url, token, None, proxy)
     }
+
+    /// The trust in node certificates read from etcd this round; clients that do not
+    /// speak TLS ignore it.
+    fn set_trust(&self, _trust: NodeTrust) {}
 }
 
-/// reqwest-based [`NodeClient`]. The direct client ignores `*_PROXY` environment
-/// variables so "direct" means direct.
+/// Trust in node certificates learned from etcd (docs/fleet.md, "HTTPS"), handed to
+/// the client each round: a node's pin wins; else the CAs (`--node-ca` and
+/// `/fleet/ca`); else the webpki roots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeTrust {
+    /// `/fleet/ca` (PEM).
+    pub ca_pem: Option<String>,
+    /// Origin of a node's api_url (`https://host:port`) → its pinned certificate
+    /// (`/fleet/nodes/<id>/cert_sha256`).
+    pub pins: BTreeMap<String, Fingerprint>,
+}
+
+/// `scheme://host:port` of `url`, the key of [`NodeTrust::pins`].
+pub fn origin(url: &str) -> Option<String> {
+    reqwest::Url::parse(url)
+        .ok()
+        .map(|u| u.origin().ascii_serialization())
+}
+
+/// reqwest-based [`NodeClient`]: one reqwest client per (proxy, trust). The direct
+/// clients ignore `*_PROXY` environment variables so "direct" means direct.
 pub struct HttpNodeClient {
     timeout: Duration,
-    direct: reqwest::Client,
-    proxied: Mutex<HashMap<String, reqwest::Client>>,
+    /// `--node-ca`: trusted together with `/fleet/ca`.
+    node_ca: Vec<CertificateDer<'static>>,
+    trust: Mutex<NodeTrust>,
+    clients: Mutex<HashMap<(Option<String>, ServerTrust), reqwest::Client>>,
 }
 
 impl HttpNodeClient {
     pub fn new(timeout: Duration) -> Result<Self, FleetError> {
-        let direct = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|e| FleetError::Http {
-                reason: e.to_string(),
-            })?;
         Ok(Self {
             timeout,
-            direct,
-            proxied: Mutex::new(HashMap::new()),
+            node_ca: Vec::new(),
+            trust: Mutex::new(NodeTrust::default()),
+            clients: Mutex::new(HashMap::new()),
         })
     }
 
-    fn client_for(&self, proxy: Option<&str>) -> Result<reqwest::Client, PullError> {
-        let Some(p) = proxy else {
-            return Ok(self.direct.clone());
+    /// Trust node certificates signed by the CA certificates in the PEM file `path`
+    /// (`--node-ca`).
+    pub fn with_node_ca_file(mut self, path: &std::path::Path) -> Result<Self, FleetError> {
+        let invalid = |reason: String| FleetError::Invalid {
+            field: "--node-ca",
+            value: path.display().to_string(),
+            reason,
         };
-        let mut map = self.proxied.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(p) {
+        let pem = crate::tls::read_pem("--node-ca", path).map_err(|e| invalid(e.to_string()))?;
+        self.node_ca =
+            crate::tls::ca_certs("--node-ca", &pem).map_err(|e| invalid(e.to_string()))?;
+        Ok(self)
+    }
+
+    /// How the certificate of the node at `url` is checked.
+    fn trust_for(&self, url: &str) -> Result<ServerTrust, PullError> {
+        if !url.starts_with("https://") {
+            return Ok(ServerTrust::Default);
+        }
+        let t = self.trust.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pin) = origin(url).and_then(|o| t.pins.get(&o).copied()) {
+            return Ok(ServerTrust::Pin(pin));
+        }
+        let mut cas = self.node_ca.clone();
+        if let Some(pem) = &t.ca_pem {
+            let etcd_ca =
+                crate::tls::ca_certs("/fleet/ca", pem).map_err(|e| PullError::Transport {
+                    url: url.to_string(),
+                    reason: e.to_string(),
+                })?;
+            cas.extend(etcd_ca);
+        }
+        Ok(if cas.is_empty() {
+            ServerTrust::Default
+        } else {
+            ServerTrust::Ca(cas)
+        })
+    }
+
+    fn client_for(&self, url: &str, proxy: Option<&str>) -> Result<reqwest::Client, PullError> {
+        let key = (proxy.map(str::to_string), self.trust_for(url)?);
+        let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        // Never echo the proxy URL: it may carry credentials.
-        let px = reqwest::Proxy::all(p).map_err(|_| PullError::Proxy {
-            reason: "URL in /fleet/proxy is not valid".into(),
+        let builder = crate::tls::client_builder(&key.1).map_err(|e| PullError::Transport {
+            url: url.to_string(),
+            reason: e.to_string(),
         })?;
-        let c = reqwest::Client::builder()
-            .proxy(px)
+        let builder = match proxy {
+            None => builder.no_proxy(),
+            // Never echo the proxy URL: it may carry credentials.
+            Some(p) => builder.proxy(reqwest::Proxy::all(p).map_err(|_| PullError::Proxy {
+                reason: "URL in /fleet/proxy is not valid".into(),
+            })?),
+        };
+        // A node API never redirects; following one could carry the token elsewhere.
+        let c = builder
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(self.timeout)
             .connect_timeout(self.timeout)
             .build()
-            .map_err(|e| PullError::Proxy {
+            .map_err(|e| PullError::Transport {
+                url: url.to_string(),
                 reason: e.to_string(),
             })?;
-        map.insert(p.to_string(), c.clone());
+        map.insert(key, c.clone());
         Ok(c)
     }
 }
 
 impl NodeClient for HttpNodeClient {
+    fn set_trust(&self, trust: NodeTrust) {
+        let mut t = self.trust.lock().unwrap_or_else(|e| e.into_inner());
+        if *t != trust {
+            *t = trust;
+            // Clients built for the old CA or pins are not used again.
+            self.clients
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+    }
+
     fn request(
         &self,
         method: reqwest::Method,
@@ -122,7 +218,7 @@ impl NodeClient for HttpNodeClient {
         body: Option<Vec<u8>>,
         proxy: Option<String>,
     ) -> BoxFuture<'static, Result<Vec<u8>, PullError>> {
-        let client = self.client_for(proxy.as_deref());
+        let client = self.client_for(&url, proxy.as_deref());
         Box::pin(async move {
             let client = client?;
             let mut req = client.request(method, &url);
@@ -139,10 +235,16 @@ impl NodeClient for HttpNodeClient {
                 reason: describe(&e),
             })?;
             if !resp.status().is_success() {
-                return Err(PullError::Status {
-                    url,
-                    status: resp.status().as_u16(),
-                });
+                let status = resp.status().as_u16();
+                // The node API's JSON error names the field; keep its message only.
+                let error = resp
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+                    .map(|e| e.chars().take(300).collect())
+                    .unwrap_or_default();
+                return Err(PullError::Status { url, status, error });
             }
             let body = resp.bytes().await.map_err(|e| PullError::Transport {
                 url: url.clone(),
@@ -153,8 +255,12 @@ impl NodeClient for HttpNodeClient {
     }
 }
 
-/// reqwest's Display hides the cause; walk the source chain.
+/// reqwest's Display hides the cause; walk the source chain. A certificate the trust
+/// refuses is named as such ("certificate not trusted: ...").
 fn describe(e: &reqwest::Error) -> String {
+    if let Some(why) = crate::tls::untrusted_reason(e) {
+        return why;
+    }
     let mut parts = Vec::new();
     if e.is_timeout() {
         parts.push("timed out".to_string());
@@ -200,6 +306,36 @@ pub struct Registered {
     pub online: bool,
     pub applied_revision: Option<i64>,
     pub errors: Vec<ConfigError>,
+    /// `/fleet/nodes/<id>/cert_sha256`: the pinned certificate, or why the value is
+    /// not a fingerprint.
+    pub pin: Option<Result<Fingerprint, String>>,
+    /// `/updated/<id>/api_tls` is set: the node serves its API over HTTPS.
+    pub serves_https: bool,
+}
+
+impl Registered {
+    /// Why the manager must not send this node anything (its token would cross the
+    /// network in clear, or its pin is unreadable); `None` when it may.
+    pub fn tls_refusal(&self) -> Option<String> {
+        if let Some(Err(reason)) = &self.pin {
+            return Some(format!("/fleet/nodes/{}/cert_sha256: {reason}", self.id));
+        }
+        if !self.api_url.starts_with("http://") {
+            return None;
+        }
+        let why = if self.serves_https {
+            format!("/updated/{}/api_tls is set", self.id)
+        } else if self.pin.is_some() {
+            format!("/fleet/nodes/{}/cert_sha256 pins its certificate", self.id)
+        } else {
+            return None;
+        };
+        Some(format!(
+            "refused: {} is plain http:// but the node serves its API over HTTPS ({why}); \
+             its token is not sent in clear: register its https:// URL",
+            self.api_url
+        ))
+    }
 }
 
 /// The registry and the shared keys, read in one go.
@@ -207,8 +343,24 @@ pub struct Registered {
 pub struct Registry {
     pub commit_revision: Option<i64>,
     pub proxy: Option<String>,
+    /// `/fleet/ca`: PEM of the CA that signs node certificates.
+    pub ca: Option<String>,
     pub nodes: Vec<Registered>,
     pub published: BTreeMap<String, Published>,
+}
+
+impl Registry {
+    /// What the client needs to check node certificates.
+    pub fn trust(&self) -> NodeTrust {
+        NodeTrust {
+            ca_pem: self.ca.clone(),
+            pins: self
+                .nodes
+                .iter()
+                .filter_map(|n| Some((origin(&n.api_url)?, *n.pin.as_ref()?.as_ref().ok()?)))
+                .collect(),
+        }
+    }
 }
 
 /// `/fleet/status/<id>`.
@@ -251,6 +403,10 @@ pub async fn load_registry(store: &dyn ConfigStore) -> Result<Registry, FleetErr
         .get("/fleet/proxy")
         .map(|p| p.trim().to_string())
         .filter(|p| !p.is_empty());
+    let ca = fleet
+        .get("/fleet/ca")
+        .filter(|c| !c.trim().is_empty())
+        .cloned();
     let mut nodes = Vec::new();
     let mut published = BTreeMap::new();
     for (k, v) in &fleet {
@@ -291,11 +447,21 @@ pub async fn load_registry(store: &dyn ConfigStore) -> Result<Registry, FleetErr
                     .map(|e| parse_errors(&errors_key, e))
                     .unwrap_or_default(),
             ),
+            pin: fleet
+                .get(&format!("/fleet/nodes/{id}/cert_sha256"))
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| p.parse::<Fingerprint>()),
+            serves_https: updated.contains_key(&format!(
+                "{}{id}/{}",
+                crate::etcd::status::STATUS_ROOT,
+                crate::etcd::status::API_TLS_SUFFIX
+            )),
         });
     }
     Ok(Registry {
         commit_revision,
         proxy,
+        ca,
         nodes,
         published,
     })
@@ -453,6 +619,52 @@ impl Manager {
         &self.cfg
     }
 
+    /// The etcd the manager reads (the console writes through the same one).
+    pub fn store(&self) -> Arc<dyn ConfigStore> {
+        self.store.clone()
+    }
+
+    /// One request to node `id`'s API for the console (test an upstream, fail over,
+    /// read the failover log): its registered URL and its token, by the route its pulls
+    /// take (direct, else through `/fleet/proxy` when the direct attempt fails to
+    /// connect). The token goes only to that node; the answer's body on 2xx.
+    pub async fn call_node(
+        &self,
+        id: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, NodeCallError> {
+        let registry = load_registry(&*self.store).await?;
+        self.client.set_trust(registry.trust());
+        let node = registry
+            .nodes
+            .into_iter()
+            .find(|n| n.id == id)
+            .ok_or_else(|| NodeCallError::Unknown { id: id.to_string() })?;
+        let url = format!("{}{path}", node.api_url);
+        if let Some(reason) = node.tls_refusal() {
+            return Err(PullError::Transport { url, reason }.into());
+        }
+        let direct = self
+            .client
+            .request(
+                method.clone(),
+                url.clone(),
+                node.token.clone(),
+                body.clone(),
+                None,
+            )
+            .await;
+        match (direct, registry.proxy) {
+            (Err(PullError::Transport { .. }), Some(proxy)) => Ok(self
+                .client
+                .request(method, url, node.token, body, Some(proxy))
+                .await?),
+            (r, _) => Ok(r?),
+        }
+    }
+
     fn threshold_ms(&self) -> u64 {
         self.cfg.pull_threshold.as_millis() as u64
     }
@@ -478,11 +690,14 @@ impl Manager {
         }
         // Re-evaluations between and during rounds use this round's registry.
         *self.last_registry.lock().unwrap_or_else(|e| e.into_inner()) = Some(reg.clone());
+        self.client.set_trust(reg.trust());
         let pulls = reg.nodes.iter().map(|n| {
             let (client, node, proxy) = (self.client.clone(), n.clone(), reg.proxy.clone());
             async move {
                 let id = node.id.clone();
-                let r = if node.token.is_none() {
+                let r = if let Some(refused) = node.tls_refusal() {
+                    Err(refused)
+                } else if node.token.is_none() {
                     Err(format!("no API token at /nodes/{id}/api/token"))
                 } else {
                     pull_node(client, node, proxy).await
@@ -910,6 +1125,79 @@ mod tests {
         let json = serde_json::to_string(&v).unwrap();
         assert!(!json.contains("tok-"), "{json}");
         assert!(!json.contains("leak"), "{json}");
+    }
+
+    #[tokio::test]
+    async fn a_node_with_tls_is_never_called_at_a_plain_http_url() {
+        let (store, commit) = committed_store().await;
+        let pin = "ab".repeat(32);
+        seed(&store, "a", Some(commit), "[]").await;
+        store
+            .put("/updated/a/api_tls", &format!("{pin} 1700000000 file"))
+            .await
+            .unwrap();
+        seed(&store, "b", Some(commit), "[]").await;
+        store.put("/fleet/nodes/b/cert_sha256", &pin).await.unwrap();
+        seed(&store, "c", Some(commit), "[]").await;
+        store.put("/fleet/nodes/c/cert_sha256", "zz").await.unwrap();
+        seed(&store, "d", Some(commit), "[]").await;
+        store
+            .put("/fleet/nodes/d/api_url", "https://d:9443")
+            .await
+            .unwrap();
+        store.put("/fleet/nodes/d/cert_sha256", &pin).await.unwrap();
+        store.put("/fleet/ca", "CA PEM").await.unwrap();
+        let client = Arc::new(FakeClient::default());
+        for id in ["a", "b", "c"] {
+            answer(&client, id, 1);
+        }
+        let m = Manager::new(
+            Arc::new(store.clone()),
+            client.clone(),
+            ManagerConfig::default(),
+        );
+        let v = m.round(1_800_000_000_000).await.unwrap();
+        let err = |id: &str| {
+            v.nodes
+                .iter()
+                .find(|r| r.id == id)
+                .and_then(|r| r.last_error.clone())
+                .unwrap_or_default()
+        };
+        assert!(
+            err("a").starts_with(
+                "refused: http://a:9100 is plain http:// but the node serves its API over HTTPS (/updated/a/api_tls is set)"
+            ),
+            "{}",
+            err("a")
+        );
+        assert!(
+            err("b").contains("(/fleet/nodes/b/cert_sha256 pins its certificate)"),
+            "{}",
+            err("b")
+        );
+        assert!(
+            err("c").starts_with("/fleet/nodes/c/cert_sha256: must be a SHA-256"),
+            "{}",
+            err("c")
+        );
+        // Only d (https, pinned) was asked; a, b and c never saw a request or token.
+        let calls = client.calls.lock().unwrap().clone();
+        assert!(
+            calls
+                .iter()
+                .all(|(url, _, _)| url.starts_with("https://d:9443/")),
+            "{calls:?}"
+        );
+        let trust = load_registry(&store).await.unwrap().trust();
+        assert_eq!(trust.ca_pem.as_deref(), Some("CA PEM"));
+        assert_eq!(
+            trust.pins.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("http://b:9100".to_string(), pin.parse().unwrap()),
+                ("https://d:9443".to_string(), pin.parse().unwrap()),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@
 //! (they stay in `/nodes/<id>/api/token` and are only sent to their node) or write
 //! node configuration.
 
+pub mod console;
 pub mod manager;
 pub mod status;
 pub mod web;
@@ -58,22 +59,39 @@ pub enum FleetCmd {
         #[arg(long)]
         id: String,
     },
-    /// Pull every node once and print the fleet as a table.
+    /// Read a password on stdin and print its argon2id hash, for
+    /// `serve --password-hash-file` or /fleet/admin/password_hash.
+    HashPassword,
+    /// Pull every node once and print the fleet as a table (`-o json`: the fleet
+    /// view, docs/cli-output.md; `--json` is the older spelling).
     Nodes {
-        /// Print the fleet view as JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: crate::output::OutputArgs,
         /// Per-request timeout, seconds.
         #[arg(long, default_value_t = 5)]
         timeout: u64,
+        #[command(flatten)]
+        nodes_tls: NodeTlsArgs,
     },
-    /// Run the manager: pull loop and web page.
+    /// Run the manager: pull loop, web page and console.
     Serve {
+        #[command(flatten)]
+        nodes_tls: NodeTlsArgs,
+        /// Serve the page over HTTPS with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// Private key (PEM) of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
         #[arg(long, default_value = "0.0.0.0:9200")]
         listen: SocketAddr,
-        /// Admin token for the web page and /fleet/api/nodes.
+        /// Admin token for the web page and /fleet/api/ (sign-in and Bearer).
         #[arg(long, env = "MEDUZA_FLEET_TOKEN", hide_env_values = true)]
-        token: String,
+        token: Option<String>,
+        /// File holding the admin password's argon2 hash (`meduza fleet
+        /// hash-password`); without it, /fleet/admin/password_hash in etcd.
+        #[arg(long, value_name = "FILE")]
+        password_hash_file: Option<std::path::PathBuf>,
         /// Seconds between pulls.
         #[arg(long, default_value_t = 10)]
         pull_interval: u64,
@@ -87,6 +105,26 @@ pub enum FleetCmd {
         #[arg(long)]
         publish: bool,
     },
+}
+
+/// How the manager checks node certificates (docs/fleet.md, "HTTPS").
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeTlsArgs {
+    /// CA certificate(s) (PEM) that sign the nodes' API certificates; trusted together
+    /// with /fleet/ca. A node's /fleet/nodes/<id>/cert_sha256 pin wins over both.
+    #[arg(long, value_name = "FILE")]
+    pub node_ca: Option<std::path::PathBuf>,
+}
+
+impl NodeTlsArgs {
+    /// The node client with this trust and per-request `timeout`.
+    pub fn client(&self, timeout: Duration) -> Result<HttpNodeClient, FleetError> {
+        let client = HttpNodeClient::new(timeout)?;
+        match &self.node_ca {
+            Some(path) => client.with_node_ca_file(path),
+            None => Ok(client),
+        }
+    }
 }
 
 /// Validate and write a registration.
@@ -119,26 +157,80 @@ pub async fn add_node(
         .is_some())
 }
 
+/// Unregister a node: `/fleet/nodes/<id>/` and `/fleet/status/<id>` (its
+/// configuration under `/nodes/<id>/` stays).
+pub async fn remove_node(store: &dyn ConfigStore, id: &str) -> Result<(), FleetError> {
+    meduza_generators::parse::validate_name(id).map_err(|reason| FleetError::Invalid {
+        field: "--id",
+        value: id.to_string(),
+        reason,
+    })?;
+    store.delete_prefix(&format!("/fleet/nodes/{id}/")).await?;
+    store.delete_prefix(&format!("/fleet/status/{id}")).await?;
+    Ok(())
+}
+
+/// How `serve` runs the page: who may sign in, and the etcd of the console's commit.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    pub auth: web::AdminAuth,
+    /// `meduza commit`'s etcd settings; the console's commit answers 503 without.
+    pub etcd: Option<EtcdConfig>,
+    /// `--tls-cert`/`--tls-key`: the page is served over HTTPS (and its session
+    /// cookie is `Secure`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl ServeOptions {
+    /// Sign-in with `token` only, no commit (tests, `fleet serve --token`).
+    pub fn token(token: impl Into<String>) -> Self {
+        Self {
+            auth: web::AdminAuth::token(token),
+            etcd: None,
+            tls: None,
+        }
+    }
+}
+
 /// Serve the web page on `listener` and run the pull loop until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     manager: Arc<Manager>,
-    admin_token: String,
+    opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), FleetError> {
-    if admin_token.trim().is_empty() {
-        return Err(FleetError::Invalid {
-            field: "--token",
-            value: String::new(),
-            reason: "an admin token is required (MEDUZA_FLEET_TOKEN or --token)".into(),
-        });
+    let mut auth = opts.auth;
+    auth.store = Some(manager.store());
+    if auth.token.is_none() && auth.password_hash.is_none() {
+        let in_etcd = manager
+            .store()
+            .get(web::PASSWORD_HASH_KEY)
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        if !in_etcd {
+            return Err(FleetError::Invalid {
+                field: "--token",
+                value: String::new(),
+                reason: format!(
+                    "an admin credential is required: --token (MEDUZA_FLEET_TOKEN), \
+                     --password-hash-file, or {} in etcd",
+                    web::PASSWORD_HASH_KEY
+                ),
+            });
+        }
     }
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let app = web::router(web::WebState::new(admin_token, manager.subscribe()));
+    let app = web::router(
+        web::WebState::new(auth, manager.subscribe())
+            .secure_cookies(opts.tls.is_some())
+            .with_console(console::Console::new(manager.clone(), opts.etcd)),
+    );
     let m = manager.clone();
     let mut loop_stop = stop_rx.clone();
     let pull = tokio::spawn(async move {
@@ -147,13 +239,12 @@ pub async fn serve(
         })
         .await
     });
-    info!(%addr, "fleet web listening");
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await;
+    info!(%addr, https = opts.tls.is_some(), "fleet web listening");
+    let stop = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let r = crate::tls::serve(listener, app, crate::tls::fixed(opts.tls), stop).await;
     let _ = pull.await;
     r.map_err(|e| FleetError::Listen {
         addr,
@@ -257,10 +348,11 @@ async fn shutdown_signal() {
 /// Run one `meduza fleet` subcommand against the etcd of the global `--etcd-*` flags.
 pub async fn fleet_cli(args: FleetArgs, etcd: &EtcdArgs) -> anyhow::Result<()> {
     let config = EtcdConfig::from_args(etcd)?;
+    let commit_etcd = config.clone();
     // `serve` starts even while etcd is down (each round retries); the one-shot
     // commands fail at once with the connection error.
     let kv = match args.cmd {
-        FleetCmd::Serve { .. } => EtcdKv::new(config),
+        FleetCmd::Serve { .. } | FleetCmd::HashPassword => EtcdKv::new(config),
         _ => EtcdKv::connect(config)
             .await
             .context("connecting to etcd")?,
@@ -278,34 +370,54 @@ pub async fn fleet_cli(args: FleetArgs, etcd: &EtcdArgs) -> anyhow::Result<()> {
             }
         }
         FleetCmd::RemoveNode { id } => {
-            meduza_generators::parse::validate_name(&id).map_err(|reason| FleetError::Invalid {
-                field: "--id",
-                value: id.clone(),
-                reason,
-            })?;
-            store.delete_prefix(&format!("/fleet/nodes/{id}/")).await?;
-            store.delete_prefix(&format!("/fleet/status/{id}")).await?;
+            remove_node(&*store, &id).await?;
             println!("removed {id}");
         }
-        FleetCmd::Nodes { json, timeout } => {
-            let client = Arc::new(HttpNodeClient::new(Duration::from_secs(timeout))?);
+        FleetCmd::HashPassword => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password on stdin")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!password.is_empty(), "an empty password on stdin");
+            println!(
+                "{}",
+                web::hash_password(password).map_err(anyhow::Error::msg)?
+            );
+        }
+        FleetCmd::Nodes {
+            output,
+            timeout,
+            nodes_tls,
+        } => {
+            let client = Arc::new(nodes_tls.client(Duration::from_secs(timeout))?);
             let m = Manager::new(store, client, ManagerConfig::default());
             let v = m.round(now_ms()).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", render_table(&v));
+            match output.format() {
+                crate::output::OutputFormat::Json => print!("{}", crate::output::to_json(&v)),
+                crate::output::OutputFormat::Table => print!("{}", render_table(&v)),
             }
         }
         FleetCmd::Serve {
             listen,
             token,
+            password_hash_file,
             pull_interval,
             pull_threshold,
             timeout,
             publish,
+            nodes_tls,
+            tls_cert,
+            tls_key,
         } => {
-            let client = Arc::new(HttpNodeClient::new(Duration::from_secs(timeout))?);
+            let client = Arc::new(nodes_tls.client(Duration::from_secs(timeout))?);
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(
+                    crate::tls::server_identity_from_files("--tls-cert", &cert, "--tls-key", &key)?
+                        .config,
+                ),
+                _ => None,
+            };
             let cfg = ManagerConfig {
                 pull_interval: Duration::from_secs(pull_interval.max(1)),
                 pull_threshold: Duration::from_secs(pull_threshold.max(1)),
@@ -315,7 +427,25 @@ pub async fn fleet_cli(args: FleetArgs, etcd: &EtcdArgs) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            serve(listener, m, token, shutdown_signal()).await?;
+            let password_hash = match password_hash_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("--password-hash-file {}", path.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let opts = ServeOptions {
+                auth: web::AdminAuth {
+                    token: token.filter(|t| !t.trim().is_empty()),
+                    password_hash,
+                    store: None,
+                },
+                etcd: Some(commit_etcd),
+                tls,
+            };
+            serve(listener, m, opts, shutdown_signal()).await?;
         }
     }
     Ok(())

@@ -14,6 +14,7 @@ pub mod rollback;
 
 use crate::backoff::{Backoff, Jitter};
 use crate::files::{write_atomic, Fs};
+use meduza_generators::model::ApiTls;
 use meduza_generators::plan::dns::DnsPlan;
 use meduza_generators::plan::service::ServiceSpec;
 use meduza_generators::plan::tproxy::TproxyPlan;
@@ -113,6 +114,8 @@ pub trait Effects: Send {
     fn apply_dns(&mut self, plan: DnsPlan) -> impl Future<Output = Result<(), String>> + Send;
     /// The node API's bearer token (`/nodes/<id>/api/token`).
     fn apply_api_token(&mut self, token: Option<String>);
+    /// The node API's certificate and key from etcd (`/nodes/<id>/api/tls/...`).
+    fn apply_api_tls(&mut self, tls: Option<ApiTls>);
     /// Publish `/updated/<id>/<suffix>` = value (non-blocking; queued while etcd is down).
     fn publish(&mut self, suffix: &str, value: String);
 }
@@ -508,6 +511,7 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             failures.push(format!("clash: {e}"));
         }
         self.effects.apply_api_token(rendered.api_token.clone());
+        self.effects.apply_api_tls(rendered.api_tls.clone());
         if let Err(e) = self.effects.apply_dns(rendered.dns.clone()).await {
             failures.push(format!("dns: {e}"));
         }
@@ -828,6 +832,7 @@ mod tests {
             Ok(())
         }
         fn apply_api_token(&mut self, _token: Option<String>) {}
+        fn apply_api_tls(&mut self, _tls: Option<ApiTls>) {}
         fn publish(&mut self, suffix: &str, value: String) {
             self.published.insert(suffix.to_string(), value);
         }
