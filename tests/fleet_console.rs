@@ -20,14 +20,15 @@
 mod gateway;
 #[path = "common/mesh.rs"]
 mod mesh;
+#[path = "common/pki.rs"]
+mod pki;
 #[path = "common/webdriver.rs"]
 mod webdriver;
 
 use gateway::{commit, mod_revision, Gateway};
-use mesh::{wait_for, Mesh, NsEtcd};
+use mesh::{ns_try, wait_for, Mesh, NsEtcd};
 use serde_json::Value;
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,17 +94,37 @@ fn hash_password(dir: &Path) -> PathBuf {
     path
 }
 
-fn serve(hub: &str, etcd: &str, hash: &Path, log: &Path) -> Proc {
+/// The test PKI: a CA, gw0's API certificate, the fleet page's certificate.
+struct Pki {
+    ca: pki::Ca,
+    node: (PathBuf, PathBuf),
+    page: (PathBuf, PathBuf),
+}
+
+fn pki(dir: &Path) -> Pki {
+    let ca = pki::Ca::new(dir, "fleet-ca");
+    let node = ca.issue("gw0", "serverAuth", &format!("IP:{}", Mesh::gw_ip(0)));
+    let page = ca.issue("page", "serverAuth", &format!("IP:{}", Mesh::HUB_IP));
+    Pki { ca, node, page }
+}
+
+fn serve(hub: &str, etcd: &str, hash: &Path, pki: &Pki, log: &Path) -> Proc {
     let out = std::fs::File::create(log).expect("manager log");
     let err = out.try_clone().expect("log fd");
     let child = Command::new("ip")
         .args(["netns", "exec", hub, env!("CARGO_BIN_EXE_meduza")])
         .args(["--etcd-endpoints", etcd, "fleet", "serve"])
         .arg("--listen")
-        .arg(SocketAddr::from((Mesh::HUB_IP, WEB_PORT)).to_string())
+        .arg(format!("{}:{WEB_PORT}", Mesh::HUB_IP))
         .args(["--pull-interval", "2", "--timeout", "3"])
         .arg("--password-hash-file")
         .arg(hash)
+        .arg("--tls-cert")
+        .arg(&pki.page.0)
+        .arg("--tls-key")
+        .arg(&pki.page.1)
+        .arg("--node-ca")
+        .arg(&pki.ca.cert)
         .env("MEDUZA_FLEET_TOKEN", ADMIN_TOKEN)
         .env("MEDUZA_LOG", "info")
         .stdin(Stdio::null())
@@ -140,7 +161,11 @@ fn fleet_console_in_a_real_browser() {
     let etcd = NsEtcd::start(&mesh.hub, Mesh::HUB_IP, 2379, &mesh.path("etcd"));
     let _dns_a = dnsmasq(&mesh.hub, 53);
     let _dns_b = dnsmasq(&mesh.hub, 5353);
+    let pki = pki(&mesh.path(""));
+    let read = |p: &Path| std::fs::read_to_string(p).expect("read pem");
     etcd.put("/nodes/gw0/api/token", NODE_TOKEN);
+    etcd.put("/nodes/gw0/api/tls/cert", &read(&pki.node.0));
+    etcd.put("/nodes/gw0/api/tls/key", &read(&pki.node.1));
     etcd.put("/nodes/gw0/lan", &gateway::lan(0));
     upstream_keys(&etcd, "primary", &Mesh::HUB_IP.to_string(), 1);
     upstream_keys(&etcd, "backup", &format!("{}:5353", Mesh::HUB_IP), 2);
@@ -153,13 +178,22 @@ fn fleet_console_in_a_real_browser() {
 
     let hash = hash_password(&mesh.path(""));
     let log = mesh.path("fleet.log");
-    let _serve = serve(&mesh.hub, &etcd.endpoint, &hash, &log);
-    let base = format!("http://{}:{WEB_PORT}", Mesh::HUB_IP);
-    let b = Browser::start(&mesh.hub, DRIVER_PORT, &shots_dir());
-    let web: SocketAddr = SocketAddr::from((Mesh::HUB_IP, WEB_PORT));
-    wait_for("fleet serve", Duration::from_secs(20), || {
-        b.http.request("GET", web, "/", &[], None).ok()
+    let _serve = serve(&mesh.hub, &etcd.endpoint, &hash, &pki, &log);
+    let base = format!("https://{}:{WEB_PORT}", Mesh::HUB_IP);
+    let ca = pki.ca.cert.display().to_string();
+    // Over HTTPS, verified against the test CA.
+    let curl = |args: &[&str]| {
+        let mut argv = vec!["curl", "-s", "--cacert", &ca, "--max-time", "5"];
+        argv.extend_from_slice(args);
+        ns_try(&mesh.hub, &argv)
+    };
+    wait_for("fleet serve over https", Duration::from_secs(20), || {
+        curl(&["-o", "/dev/null", &format!("{base}/")])
+            .status
+            .success()
+            .then_some(())
     });
+    let b = Browser::start(&mesh.hub, DRIVER_PORT, &shots_dir());
 
     // Sign in: the wrong password is refused, the right one opens the page.
     b.goto(&format!("{base}/"));
@@ -172,12 +206,16 @@ fn fleet_console_in_a_real_browser() {
     b.click("#sign-in");
     b.wait_text("#state", "the first refresh", |t| t.starts_with("updated"));
     let cookie = b.cookie("meduza_fleet_session").expect("session cookie");
+    assert_eq!(cookie["secure"], true, "{cookie}");
+    assert_eq!(cookie["httpOnly"], true, "{cookie}");
+    assert_eq!(cookie["sameSite"], "Strict", "{cookie}");
 
     // Add a node: an invalid id first (the error at the id field), then gw0.
     b.click("#add-node");
     b.fill("#n-id", "gw 0");
     b.fill("#n-host", &Mesh::gw_ip(0).to_string());
     b.fill("#n-token", NODE_TOKEN);
+    b.click("#n-https");
     b.click("#n-save");
     let err = b.wait_text(".field-error[data-for=id]", "the id error", |t| {
         !t.is_empty()
@@ -196,24 +234,21 @@ fn fleet_console_in_a_real_browser() {
     );
     assert_eq!(
         etcd.get("/fleet/nodes/gw0/api_url").as_deref(),
-        Some(format!("http://{}:9100", Mesh::gw_ip(0)).as_str())
+        Some(format!("https://{}:9100", Mesh::gw_ip(0)).as_str())
     );
     shot(&b, "nodes");
 
-    // A write with the session cookie but no CSRF token is refused.
-    let cookie_hdr = format!("meduza_fleet_session={cookie}");
-    let (status, body) = b
-        .http
-        .request(
-            "POST",
-            web,
-            "/fleet/api/nodes",
-            &[("Cookie", &cookie_hdr)],
-            Some(r#"{"id":"gw9","api_url":"http://10.99.0.99:9100"}"#.into()),
-        )
-        .expect("csrf probe");
-    assert_eq!(status, 403, "{body}");
-    assert!(body.contains("CSRF"), "{body}");
+    // A write from the page without the CSRF token (the browser still sends the
+    // session cookie) is refused, and nothing is written.
+    let v = b.js_async(
+        "const done = arguments[arguments.length - 1];
+         fetch('/fleet/api/nodes', {method: 'POST', credentials: 'same-origin',
+           headers: {'Content-Type': 'application/json'},
+           body: JSON.stringify({id: 'gw9', api_url: 'https://10.99.0.99:9100'})})
+           .then(async r => done([r.status, await r.text()]));",
+    );
+    assert_eq!(v[0], 403, "{v}");
+    assert!(v[1].as_str().unwrap_or_default().contains("CSRF"), "{v}");
     assert_eq!(etcd.get("/fleet/nodes/gw9/api_url"), None);
 
     // Edit the global "primary": an invalid priority (error at the field), then a
@@ -268,24 +303,23 @@ fn fleet_console_in_a_real_browser() {
     assert!(rev2 > rev1 && msg.contains(&rev2.to_string()), "{msg}");
     shot(&b, "committed");
     gw.wait_applied(&etcd, rev2, Duration::from_secs(20));
-    // On the node: its API reports the new address.
-    let auth = format!("Bearer {NODE_TOKEN}");
-    let node_api = SocketAddr::from((Mesh::gw_ip(0), 9100));
-    let (status, body) = b
-        .http
-        .request(
-            "GET",
-            node_api,
-            "/v1/dns/upstreams/primary",
-            &[("Authorization", &auth)],
-            None,
-        )
-        .expect("node api");
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).expect("json");
+    // On the node: its API (HTTPS, verified against the CA) reports the new address.
+    let auth = format!("Authorization: Bearer {NODE_TOKEN}");
+    let url = format!("https://{}:9100/v1/dns/upstreams/primary", Mesh::gw_ip(0));
+    let out = curl(&["-f", "-H", &auth, &url]);
+    assert!(out.status.success(), "node api over https");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(
         v["config"]["addresses"][1],
         format!("{}:5353", Mesh::HUB_IP)
+    );
+    let applied_tls = etcd
+        .get("/updated/gw0/api_tls")
+        .expect("gw0 publishes api_tls");
+    assert_eq!(
+        applied_tls.split_whitespace().nth(2),
+        Some("etcd"),
+        "{applied_tls}"
     );
 
     // Test an upstream from gw0: its latency.

@@ -397,65 +397,15 @@ impl Drop for TestEtcd {
 /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate.
 fn make_pki(dir: &Path) -> TlsFiles {
     require("openssl");
-    let p = |n: &str| dir.join(n);
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(Command::new("openssl")
-        .args(["req", "-x509"])
-        .args(ec)
-        .arg("-keyout")
-        .arg(p("ca.key"))
-        .arg("-out")
-        .arg(p("ca.pem"))
-        .args(["-days", "2", "-subj", "/CN=meduza-test-ca"]));
-    for (name, usage, san) in [
-        (
-            "server",
-            "serverAuth",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        ),
-        ("client", "clientAuth", ""),
-    ] {
-        let ext = p(&format!("{name}.ext"));
-        std::fs::write(
-            &ext,
-            format!(
-                "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n{san}"
-            ),
-        )
-        .expect("write ext file");
-        run(Command::new("openssl")
-            .arg("req")
-            .args(ec)
-            .arg("-keyout")
-            .arg(p(&format!("{name}.key")))
-            .arg("-out")
-            .arg(p(&format!("{name}.csr")))
-            .args(["-subj", &format!("/CN=meduza-test-{name}")]));
-        run(Command::new("openssl")
-            .args(["x509", "-req", "-in"])
-            .arg(p(&format!("{name}.csr")))
-            .arg("-CA")
-            .arg(p("ca.pem"))
-            .arg("-CAkey")
-            .arg(p("ca.key"))
-            .arg("-CAcreateserial")
-            .arg("-out")
-            .arg(p(&format!("{name}.pem")))
-            .args(["-days", "2", "-extfile"])
-            .arg(&ext));
-    }
+    let ca = super::pki::Ca::new(dir, "ca");
+    let (server_cert, server_key) = ca.issue("server", "serverAuth", "IP:127.0.0.1,DNS:localhost");
+    let (client_cert, client_key) = ca.issue("client", "clientAuth", "");
     TlsFiles {
-        ca: p("ca.pem"),
-        server_cert: p("server.pem"),
-        server_key: p("server.key"),
-        client_cert: p("client.pem"),
-        client_key: p("client.key"),
+        ca: ca.cert,
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
     }
 }
 

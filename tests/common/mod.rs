@@ -2,4 +2,5 @@
 
 pub mod etcd;
 pub mod etcd_args;
+pub mod pki;
 pub mod ports;

@@ -226,6 +226,8 @@ impl Browser {
         };
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            // The pages are served with the test's own CA.
+            "acceptInsecureCerts": true,
             "goog:chromeOptions": {
                 "binary": "/usr/bin/chromium",
                 "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -387,13 +389,20 @@ impl Browser {
         }
     }
 
-    /// The value of cookie `name` (HttpOnly ones included).
-    pub fn cookie(&self, name: &str) -> Option<String> {
+    /// Cookie `name` as WebDriver describes it (`value`, `secure`, `httpOnly`,
+    /// `sameSite`; HttpOnly ones included).
+    pub fn cookie(&self, name: &str) -> Option<Value> {
         let v = self.call("GET", &self.s("/cookie"), None);
-        v.as_array()?
-            .iter()
-            .find(|c| c["name"] == name)
-            .and_then(|c| c["value"].as_str().map(str::to_string))
+        v.as_array()?.iter().find(|c| c["name"] == name).cloned()
+    }
+
+    /// Run `script` asynchronously: it calls `arguments[arguments.length - 1](value)`.
+    pub fn js_async(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            &self.s("/execute/async"),
+            Some(json!({"script": script, "args": []})),
+        )
     }
 
     /// Save a screenshot as `<shots>/<name>.png`; its path.
