@@ -9,7 +9,8 @@
 //! an upstream edited from the page is in etcd at once (staged), a dry run shows the
 //! node's diff, Commit publishes it and the gateway's API reports the new address; an
 //! invalid edit shows its error at the field; an upstream tested from the page shows
-//! its latency; a failover from the node's dialog shows its result and the log entry;
+//! its latency; a group created for one node only, then deleted; a failover from the
+//! node's dialog shows its result and the log entry; the node removed from the fleet;
 //! a write with the session cookie but without the CSRF token is refused (403); the
 //! page at a phone's width. A screenshot of each state goes to
 //! `target/fleet-console/`; `UPDATE_SCREENSHOT=1` copies them to `docs/`.
@@ -338,6 +339,28 @@ fn fleet_console_in_a_real_browser() {
     assert!(res.starts_with("backup: answered in"), "{res}");
     shot(&b, "upstream-test");
 
+    // A per-node group: created for gw0 only (source "node"), then deleted.
+    b.click("#new-upstream");
+    b.fill("#u-name", "office");
+    b.fill("#u-addresses", &format!("{}:5353", Mesh::HUB_IP));
+    b.fill("#u-priority", "5");
+    b.click("#u-save");
+    b.wait_text("#upstream-office", "the node's group", |t| {
+        t.contains("node")
+    });
+    assert_eq!(
+        etcd.get("/nodes/gw0/dns/upstreams/office/addresses")
+            .as_deref(),
+        Some(format!("{}:5353", Mesh::HUB_IP).as_str())
+    );
+    assert_eq!(etcd.get("/global/dns/upstreams/office/addresses"), None);
+    b.click("#upstream-office button.delete");
+    b.accept_alert();
+    b.wait_text("#upstream-test-result", "the deletion", |t| {
+        t.contains("office deleted")
+    });
+    assert_eq!(etcd.get("/nodes/gw0/dns/upstreams/office/addresses"), None);
+
     // Fail over to "backup" from gw0's dialog: the result and the log entry.
     b.click("#tab-nodes");
     b.click("#node-gw0 button.manage");
@@ -376,6 +399,22 @@ fn fleet_console_in_a_real_browser() {
     shot(&b, "phone");
     b.click("#tab-upstreams");
     shot(&b, "phone-upstreams");
+
+    // Remove the node from the fleet: its registration goes, its configuration stays.
+    b.resize(1280, 900);
+    b.click("#tab-nodes");
+    b.click("#node-gw0 button.manage");
+    b.wait_text("#d-title", "the dialog", |t| t == "gw0");
+    b.click("#d-remove");
+    b.accept_alert();
+    b.wait_text("#empty-fleet", "the empty fleet", |t| {
+        t.contains("No nodes")
+    });
+    assert_eq!(etcd.get("/fleet/nodes/gw0/api_url"), None);
+    assert_eq!(
+        etcd.get("/nodes/gw0/lan").as_deref(),
+        Some(gateway::lan(0).as_str())
+    );
     eprintln!(
         "fleet console browser test: {:.1} s; screenshots in {}",
         t0.elapsed().as_secs_f64(),
