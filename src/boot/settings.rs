@@ -101,11 +101,10 @@ pub enum Tool {
     WireguardGo,
     FrrReload,
     Vtysh,
-    Watchfrr,
 }
 
 impl Tool {
-    pub const ALL: [Tool; 9] = [
+    pub const ALL: [Tool; 8] = [
         Tool::Mihomo,
         Tool::Mosdns,
         Tool::Easytier,
@@ -114,7 +113,6 @@ impl Tool {
         Tool::WireguardGo,
         Tool::FrrReload,
         Tool::Vtysh,
-        Tool::Watchfrr,
     ];
 
     /// Suffix of the environment variable (`MEDUZA_BIN_<suffix>`).
@@ -128,7 +126,6 @@ impl Tool {
             Tool::WireguardGo => "WIREGUARD_GO",
             Tool::FrrReload => "FRR_RELOAD",
             Tool::Vtysh => "VTYSH",
-            Tool::Watchfrr => "WATCHFRR",
         }
     }
 
@@ -143,7 +140,6 @@ impl Tool {
             Tool::WireguardGo => "wireguard_go",
             Tool::FrrReload => "frr_reload",
             Tool::Vtysh => "vtysh",
-            Tool::Watchfrr => "watchfrr",
         }
     }
 
@@ -159,9 +155,26 @@ impl Tool {
             Tool::WireguardGo => "/usr/bin/wireguard-go",
             Tool::FrrReload => "/usr/sbin/frr-reload.py",
             Tool::Vtysh => "/usr/bin/vtysh",
-            Tool::Watchfrr => "/usr/sbin/watchfrr",
         }
     }
+}
+
+/// Tools an older meduza.toml or environment may still name, accepted with a warning
+/// so that an upgrade does not stop the gateway: `watchfrr` (meduza starts and watches
+/// the FRR daemons itself, src/supervise/frr.rs).
+const RETIRED_TOOLS: [&str; 1] = ["watchfrr"];
+
+/// Whether `name` (a `[bin]` key, or a `MEDUZA_BIN_` suffix in lower case) is a retired
+/// tool: then `key` is warned about and ignored.
+fn retired_tool(name: &str, key: &str) -> bool {
+    let retired = RETIRED_TOOLS.contains(&name);
+    if retired {
+        tracing::warn!(
+            setting = key,
+            "{name} is no longer used (meduza supervises the FRR daemons itself); the setting is ignored"
+        );
+    }
+    retired
 }
 
 /// One layer of optional settings. Flags are built by the CLI directly from these
@@ -446,6 +459,9 @@ impl SettingsLayer {
                 "MEDUZA_RESOLV_CONF" => l.resolv_conf = Some(parse_resolv_conf(o, k, v)?),
                 _ => {
                     if let Some(suffix) = k.strip_prefix("MEDUZA_BIN_") {
+                        if retired_tool(suffix.to_ascii_lowercase().as_str(), k) {
+                            continue;
+                        }
                         let tool = Tool::ALL
                             .into_iter()
                             .find(|t| t.env_suffix() == suffix)
@@ -533,6 +549,9 @@ impl SettingsLayer {
         }
         for (name, path) in raw.bin {
             let key = format!("bin.{name}");
+            if retired_tool(&name, &key) {
+                continue;
+            }
             let tool = Tool::ALL
                 .into_iter()
                 .find(|t| t.toml_key() == name)
@@ -803,7 +822,6 @@ mod tests {
             ("MEDUZA_BIN_WIREGUARD_GO", "/opt/wireguard-go"),
             ("MEDUZA_BIN_FRR_RELOAD", "/opt/frr-reload.py"),
             ("MEDUZA_BIN_VTYSH", "/opt/vtysh"),
-            ("MEDUZA_BIN_WATCHFRR", "/opt/watchfrr"),
             ("MEDUZA_BOOT", "1"),
             ("PATH", "/usr/bin"),
         ]);
@@ -950,6 +968,19 @@ mod tests {
     fn empty_env_values_are_unset() {
         let l = SettingsLayer::from_env([("NODE_ID", ""), ("ETCD_ENDPOINTS", "")]).unwrap();
         assert_eq!(l, SettingsLayer::default());
+    }
+
+    /// `watchfrr` (never run) is accepted with a warning, from both layers.
+    #[test]
+    fn the_retired_watchfrr_setting_is_ignored_not_an_error() {
+        let l = SettingsLayer::from_env([("MEDUZA_BIN_WATCHFRR", "/usr/sbin/watchfrr")]).unwrap();
+        assert!(l.bins.is_empty());
+        let l = SettingsLayer::from_toml(
+            "[bin]\nwatchfrr = \"/usr/sbin/watchfrr\"\n",
+            "/etc/meduza/meduza.toml",
+        )
+        .unwrap();
+        assert!(l.bins.is_empty());
     }
 
     #[test]
