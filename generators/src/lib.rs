@@ -10,6 +10,7 @@ pub mod error;
 pub mod gen;
 pub mod legacy;
 pub mod model;
+pub mod output;
 pub mod parse;
 pub mod plan;
 pub mod render;

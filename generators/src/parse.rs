@@ -507,6 +507,29 @@ pub fn parse_wg_key(v: &str) -> Result<String, String> {
     }
 }
 
+/// Cipher/digest names: OpenSSL names such as `aes-256-cbc`, `sha256`.
+pub fn parse_token(v: &str) -> Result<String, String> {
+    if v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(v.to_string())
+    } else {
+        Err("must be a cipher/digest name of [A-Za-z0-9_-]".into())
+    }
+}
+
+/// Check a PEM block (`-----BEGIN ... <kind>-----`); the whole value is kept.
+pub fn parse_inline_pem(v: &str, kind: &str) -> Result<String, String> {
+    if v.contains("-----BEGIN") && v.contains(kind) && v.contains("-----END") {
+        Ok(format!("{}\n", v.trim_end()))
+    } else {
+        Err(format!(
+            "must be inline PEM content containing `{kind}` (not a file path)"
+        ))
+    }
+}
+
 /// An absolute URL with http or https scheme.
 pub fn parse_http_url(v: &str) -> Result<String, String> {
     let rest = v

@@ -12,50 +12,18 @@
 
 use crate::error::ValidationError;
 use crate::gen;
-use crate::model::{ClashHealthCheck, ClashMode, Config, MeshType, Node};
+use crate::model::{self, ClashMode, Config, MeshType, Node};
 use crate::plan::dns::DnsPlan;
-use crate::plan::service::ServiceSpec;
 use crate::plan::tproxy::TproxyPlan;
 use crate::plan::wireguard::WgDevice;
 use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
 
-/// Inputs that are not in etcd.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RenderEnv {
-    /// `DEFAULT_GW`: never proxied by TPROXY.
-    pub default_gw: Option<IpAddr>,
-    /// Used when `/nodes/<id>/clash/secret` is absent: the daemon generates and persists
-    /// one per node. An empty string means "none": rendering Clash then fails naming
-    /// the key rather than falling back to a public default.
-    pub clash_secret: String,
-    pub bins: Bins,
-}
-
-/// Paths of the child programs (`MEDUZA_BIN_<TOOL>`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bins {
-    pub mihomo: String,
-    pub mosdns: String,
-    pub easytier: String,
-    pub tincd: String,
-    pub openvpn: String,
-}
-
-impl Default for Bins {
-    /// The image's paths.
-    fn default() -> Self {
-        Self {
-            mihomo: "/usr/bin/mihomo".into(),
-            mosdns: "/usr/bin/mosdns".into(),
-            easytier: "/usr/bin/easytier-core".into(),
-            tincd: "/usr/sbin/tincd".into(),
-            openvpn: "/usr/sbin/openvpn".into(),
-        }
-    }
-}
+// The generators' inputs and outputs, and the overlay queries, under their old paths
+// (`render::FileOut`, `render::mesh_addr`, ...).
+pub use crate::model::{active_mesh, mesh_addr, mesh_dev};
+pub use crate::output::{Bins, ClashRuntime, DomainOutput, FileOut, MosdnsRuntime, RenderEnv};
 
 /// A unit of configuration that is compared, written and reloaded on its own.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -91,67 +59,6 @@ impl Domain {
     }
 }
 
-/// One file to write.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FileOut {
-    /// Absolute, e.g. `/etc/frr/frr.conf`; the daemon prefixes `MEDUZA_ROOT`.
-    pub path: String,
-    pub content: String,
-    /// Permission bits (0o600 for anything holding a secret).
-    pub mode: u32,
-}
-
-impl FileOut {
-    pub fn new(path: impl Into<String>, content: impl Into<String>, mode: u32) -> Self {
-        Self {
-            path: path.into(),
-            content: content.into(),
-            mode,
-        }
-    }
-}
-
-/// Files and services of one domain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
-pub struct DomainOutput {
-    pub files: Vec<FileOut>,
-    pub services: Vec<ServiceSpec>,
-}
-
-/// What the mihomo orchestration (health, subscription refresh, TPROXY gating) needs.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ClashRuntime {
-    pub mode: ClashMode,
-    /// `external-controller` (REST API).
-    pub controller: SocketAddr,
-    /// API secret (`Authorization: Bearer`); never serialized.
-    #[serde(skip)]
-    pub secret: String,
-    /// Active subscription `(name, url)`.
-    pub subscription: Option<(String, String)>,
-    /// Refresh interval when `clash/refresh/enable` is true.
-    pub refresh_minutes: Option<u32>,
-    /// `/etc/mihomo/config.yaml`.
-    pub config_path: String,
-    /// `/etc/mihomo` (mihomo's `-d`; every provider file must stay inside it).
-    pub home_dir: String,
-    /// Where the subscription is stored (`/etc/mihomo/providers/<name>.yaml`); empty
-    /// when no subscription is active.
-    pub provider_path: String,
-    /// The node's `clash/health/*`: the URL, interval and timeout mihomo's checks use,
-    /// and how often and how patiently the monitor delay-tests the node in use.
-    pub health: ClashHealthCheck,
-}
-
-/// What the MosDNS orchestration needs: rule files to download before start.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct MosdnsRuntime {
-    /// Absolute path (under `/etc/mosdns/`) → URL.
-    pub rule_files: BTreeMap<String, String>,
-    /// `mosdns/refresh`: minutes between rule-file refreshes.
-    pub refresh_minutes: u32,
-}
-
 /// Everything rendered for one node.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Rendered {
@@ -170,34 +77,7 @@ pub struct Rendered {
     pub api_token: Option<String>,
     /// `/nodes/<id>/api/tls/{cert,key}`: HTTPS for the node API; never serialized.
     #[serde(skip)]
-    pub api_tls: Option<crate::model::ApiTls>,
-}
-
-/// The overlay that runs on `node`: the global `mesh_type`, if the node enables it.
-/// The other overlay's keys are ignored (they may stay in etcd while a fleet switches).
-pub fn active_mesh(cfg: &Config, node: &Node) -> Option<MeshType> {
-    match cfg.global.mesh_type? {
-        MeshType::Easytier if node.easytier.enable => Some(MeshType::Easytier),
-        MeshType::Tinc if node.tinc.enable => Some(MeshType::Tinc),
-        _ => None,
-    }
-}
-
-/// The node's address on the active overlay, if configured (an EasyTier node in DHCP
-/// mode has none that meduza knows).
-pub fn mesh_addr(cfg: &Config, node: &Node) -> Option<IpNet> {
-    match active_mesh(cfg, node)? {
-        MeshType::Easytier => node.easytier.ipv4.filter(|_| !node.easytier.dhcp),
-        MeshType::Tinc => node.tinc.ipv4,
-    }
-}
-
-/// The node's overlay interface, if an overlay runs on it.
-pub fn mesh_dev<'a>(cfg: &Config, node: &'a Node) -> Option<&'a str> {
-    match active_mesh(cfg, node)? {
-        MeshType::Easytier => Some(&node.easytier.dev_name),
-        MeshType::Tinc => Some(&node.tinc.dev_name),
-    }
+    pub api_tls: Option<model::ApiTls>,
 }
 
 /// Render every domain of node `node_id`.
@@ -239,7 +119,8 @@ pub fn render_node(
     }
     let frr_enabled = gen::frr::enabled(node);
     if frr_enabled {
-        domains.insert(Domain::Frr, gen::frr::render(cfg, node)?);
+        let routing = model::frr_routing(cfg, node)?;
+        domains.insert(Domain::Frr, gen::frr::render(cfg, node, &routing));
     }
     let mut clash = None;
     if node.clash.enable {
@@ -339,6 +220,7 @@ pub fn dns_plan(cfg: &Config, node: &Node) -> DnsPlan {
 mod tests {
     use super::*;
     use crate::snapshot::Snapshot;
+    use std::net::IpAddr;
 
     const EXAMPLE: &str = include_str!("../../docs/examples/three-nodes.json");
 

@@ -124,13 +124,9 @@ pub enum UpstreamHealth {
     Unknown,
 }
 
-/// One validation error as published in `/updated/<id>/errors`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConfigError {
-    pub key: String,
-    pub value: String,
-    pub reason: String,
-}
+/// One validation error as published in `/updated/<id>/errors`: the status key's own
+/// type (`etcd::status` owns the format).
+pub use crate::etcd::status::ErrorEntry as ConfigError;
 
 /// Counters the daemon owns, for `/v1/stats`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -190,14 +186,9 @@ pub struct FailoverResult {
     pub reason: String,
 }
 
-/// DESIGN §4 `/updated/<id>/dns/failover_log` entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FailoverLogEntry {
-    pub ts: u64,
-    pub upstream: String,
-    pub action: String,
-    pub reason: String,
-}
+/// DESIGN §4 `/updated/<id>/dns/failover_log` entry: the status key's own type
+/// (`etcd::status` owns the format).
+pub use crate::etcd::status::FailoverEntry as FailoverLogEntry;
 
 /// Everything `/metrics` shows, as plain numbers.
 #[derive(Debug, Clone, PartialEq, Default)]

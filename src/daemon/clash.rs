@@ -17,6 +17,7 @@ use crate::clash::subscription::{
     refresh_loop, RefreshOutcome, ReloadTarget, SubscriptionStore, VerifyPolicy,
 };
 use crate::dns::ChainState;
+use crate::etcd::status::{unix_now, StateLine, StatusKey, StatusUpdate};
 use crate::reconcile::Trigger;
 use crate::supervise::{EventKind, RestartSource};
 use meduza_generators::plan::service::ServiceSpec;
@@ -111,7 +112,7 @@ impl ClashHealthSink for Sink {
     fn health(&self, status: &HealthStatus) {
         self.shared
             .publisher
-            .set("clash/health", status.render(crate::reconcile::unix_now()));
+            .publish(StatusUpdate::ClashHealth(health_line(status, unix_now())));
         self.shared
             .clash_healthy
             .store(status.phase == Phase::Healthy, Ordering::SeqCst);
@@ -127,6 +128,11 @@ impl ClashHealthSink for Sink {
         let state = if applied { "applied" } else { "removed" };
         self.shared.set_tproxy(state, reason);
     }
+}
+
+/// The `clash/health` line of a health status at `ts` (also what `/v1/status` shows).
+pub fn health_line(status: &HealthStatus, ts: u64) -> StateLine {
+    StateLine::new(status.phase.as_str(), ts, status.reason.clone())
 }
 
 /// Tell the DNS frontend which local resolvers may be used right now.
@@ -321,7 +327,7 @@ impl ClashOrchestrator {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .retire();
-                self.shared.publisher.remove("clash/health");
+                self.shared.publisher.remove_key(&StatusKey::ClashHealth);
                 self.shared.clash_healthy.store(false, Ordering::SeqCst);
                 update_dns_chain(&self.shared);
             }
@@ -557,7 +563,9 @@ impl ClashOrchestrator {
             task.abort();
         }
         let Some((key, rt, url, minutes, health)) = wanted else {
-            self.shared.publisher.remove("clash/subscription");
+            self.shared
+                .publisher
+                .remove_key(&StatusKey::ClashSubscription);
             return;
         };
         let api = match MihomoApi::new(&rt.controller.to_string(), &rt.secret, PROBE_TIMEOUT) {
@@ -591,10 +599,12 @@ impl ClashOrchestrator {
             health,
             target,
             move |outcome: &RefreshOutcome| {
-                shared.publisher.set(
-                    "clash/subscription",
-                    outcome.status(crate::reconcile::unix_now()),
-                );
+                // The outcome renders its own line (clash::subscription); read back
+                // into the typed value so the key and its shape stay this module's.
+                let line = StateLine::parse(&outcome.status(unix_now()));
+                shared
+                    .publisher
+                    .publish(StatusUpdate::ClashSubscription(line));
             },
         ));
         self.refresh = Some((key, task));

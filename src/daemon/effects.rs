@@ -3,6 +3,7 @@
 
 use super::clash::ClashOrchestrator;
 use super::Shared;
+use crate::etcd::status::StatusUpdate;
 use crate::reconcile::Effects;
 use crate::supervise::frr::FrrControl;
 use meduza_generators::model::ApiTls;
@@ -171,19 +172,20 @@ impl Effects for DaemonEffects {
         });
     }
 
-    fn publish(&mut self, suffix: &str, value: String) {
-        if suffix == "applied" {
-            if let Some(rev) = value.split_whitespace().next().and_then(|r| r.parse().ok()) {
+    fn publish(&mut self, update: StatusUpdate) {
+        match &update {
+            StatusUpdate::Applied { revision, .. } => {
                 self.shared
                     .metrics
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .applied_revision = Some(rev);
+                    .applied_revision = Some(*revision);
             }
+            StatusUpdate::Errors(errors) => {
+                *self.shared.errors.lock().unwrap_or_else(|p| p.into_inner()) = errors.clone();
+            }
+            _ => {}
         }
-        if suffix == "errors" {
-            *self.shared.errors.lock().unwrap_or_else(|p| p.into_inner()) = value.clone();
-        }
-        self.shared.publisher.set(suffix, value);
+        self.shared.publisher.publish(update);
     }
 }

@@ -18,7 +18,9 @@ use crate::dataplane::task::netlink_triggers;
 use crate::dataplane::wireguard::{status_of, AutoWg, LinkOps, WgBackend as _, WgManager};
 use crate::dataplane::{spawn_task, DataplaneHandle, NetlinkNft, SystemDataplane};
 use crate::dns::{DnsConfig, DnsHandle};
-use crate::etcd::status::PublisherConfig;
+use crate::etcd::status::{
+    unix_now, ErrorEntry, PublisherConfig, StateLine, StatusKey, StatusUpdate, FAILOVER_LOG_MAX,
+};
 use crate::etcd::{
     load_config, spawn_watcher, EtcdConfig, EtcdKv, Kv, StatusPublisher, WatchEvent, WatcherConfig,
 };
@@ -145,11 +147,11 @@ pub struct Shared {
     pub publisher: StatusPublisher,
     pub metrics: Mutex<crate::api::types::ReconcileMetrics>,
     /// `/updated/<id>/errors` as last published.
-    pub errors: Mutex<String>,
+    pub errors: Mutex<Vec<ErrorEntry>>,
     pub clash_healthy: AtomicBool,
     pub clash_status: Mutex<Option<crate::clash::monitor::HealthStatus>>,
     /// `/updated/<id>/tproxy` as last published.
-    pub tproxy_status: Mutex<Option<String>>,
+    pub tproxy_status: Mutex<Option<StateLine>>,
     /// Revision of the newest `/commit` seen.
     pub commit_revision: Mutex<Option<i64>>,
     pub api_token: watch::Sender<Option<String>>,
@@ -175,18 +177,16 @@ impl Shared {
 
     fn publish_tproxy(&self, state: &str, reason: &str, new_reason_counts: bool) {
         let mut cur = self.tproxy_status.lock().unwrap_or_else(|p| p.into_inner());
-        let unchanged = cur.as_deref().is_some_and(|v| {
-            let mut parts = v.splitn(3, ' ');
-            let same_state = parts.next() == Some(state);
-            same_state && (!new_reason_counts || parts.nth(1) == Some(reason))
-        });
+        let unchanged = cur
+            .as_ref()
+            .is_some_and(|v| v.state == state && (!new_reason_counts || v.detail == reason));
         if unchanged {
             return;
         }
-        let value = format!("{state} {} {reason}", crate::reconcile::unix_now());
+        let line = StateLine::new(state, unix_now(), reason);
         info!(state, reason, "tproxy");
-        self.publisher.set("tproxy", value.clone());
-        *cur = Some(value);
+        self.publisher.publish(StatusUpdate::Tproxy(line.clone()));
+        *cur = Some(line);
     }
 }
 
@@ -361,7 +361,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             ]),
             ..Default::default()
         }),
-        errors: Mutex::new("[]".into()),
+        errors: Mutex::new(Vec::new()),
         clash_healthy: AtomicBool::new(false),
         clash_status: Mutex::new(None),
         tproxy_status: Mutex::new(None),
@@ -536,9 +536,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // The children's final state goes out with the last flush: publish_services is
     // aborted below and may not have seen it yet.
     for st in shared.supervisor.status() {
-        shared
-            .publisher
-            .set(&format!("services/{}/status", st.name), st.status_value());
+        shared.publisher.publish(service_update(&st));
     }
     shared.publisher.set_last("stopped");
     for t in &tasks {
@@ -632,25 +630,34 @@ async fn refresh_hosts(shared: &Shared, kv: &dyn Kv, root: &Path) {
     }
 }
 
+/// `services/<svc>/status`: the service's state and when it entered it.
+fn service_update(st: &crate::supervise::ServiceStatus) -> StatusUpdate {
+    StatusUpdate::Service {
+        name: st.name.clone(),
+        state: st.state.to_string(),
+        since: st.since,
+    }
+}
+
 /// `/updated/<id>/services/<svc>/status` follows the supervisor.
 async fn publish_services(shared: Arc<Shared>) {
     let mut rx = shared.supervisor.watch_status();
-    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    let mut last: BTreeMap<String, StatusUpdate> = BTreeMap::new();
     loop {
-        let now: BTreeMap<String, String> = rx
+        let now: BTreeMap<String, StatusUpdate> = rx
             .borrow_and_update()
             .iter()
-            .map(|(n, s)| (n.clone(), s.status_value()))
+            .map(|(n, s)| (n.clone(), service_update(s)))
             .collect();
-        for (name, value) in &now {
-            if last.get(name) != Some(value) {
-                shared
-                    .publisher
-                    .set(&format!("services/{name}/status"), value.clone());
+        for (name, update) in &now {
+            if last.get(name) != Some(update) {
+                shared.publisher.publish(update.clone());
             }
         }
-        for name in last.keys().filter(|n| !now.contains_key(*n)) {
-            shared.publisher.remove(&format!("services/{name}/status"));
+        for (name, _) in last.iter().filter(|(n, _)| !now.contains_key(*n)) {
+            shared
+                .publisher
+                .remove_key(&StatusKey::Service(name.clone()));
         }
         clash::update_dns_chain(&shared);
         last = now;
@@ -706,22 +713,26 @@ async fn publish_dns(shared: Arc<Shared>) {
             let st = rx.borrow_and_update();
             (st.upstreams.clone(), st.failover_log.clone())
         };
-        let now = crate::reconcile::unix_now();
+        let now = unix_now();
         for u in &ups {
             // Publish on a change of state (not of the timestamp or latency alone).
-            let key = format!("{}", u.status);
-            if last.get(&u.name) != Some(&key) {
-                shared.publisher.set(
-                    &format!("dns/upstreams/{}/status", u.name),
-                    u.etcd_value(now),
-                );
-                last.insert(u.name.clone(), key);
+            let state = u.status.to_string();
+            if last.get(&u.name) != Some(&state) {
+                shared.publisher.publish(StatusUpdate::DnsUpstream {
+                    name: u.name.clone(),
+                    state: state.clone(),
+                    ts: u.updated.unwrap_or(now),
+                    latency_ms: u.latency_ms.unwrap_or(0),
+                });
+                last.insert(u.name.clone(), state);
             }
         }
-        if log.len() != last_log || log.len() == 100 {
-            let value = serde_json::to_string(&log).unwrap_or_else(|_| "[]".into());
-            shared.publisher.set("dns/failover_log", value);
+        // A full log keeps its length while entries rotate through it.
+        if log.len() != last_log || log.len() == FAILOVER_LOG_MAX {
             last_log = log.len();
+            shared
+                .publisher
+                .publish(StatusUpdate::FailoverLog(view::failover_entries(log)));
         }
         if rx.changed().await.is_err() {
             return;
@@ -732,15 +743,15 @@ async fn publish_dns(shared: Arc<Shared>) {
 /// OpenVPN (management socket) and WireGuard (handshake age) status every 5 s.
 async fn publish_links(shared: Arc<Shared>, root: PathBuf) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let mut last: BTreeMap<String, &'static str> = BTreeMap::new();
+    let mut last: BTreeMap<StatusKey, &'static str> = BTreeMap::new();
     loop {
         tick.tick().await;
-        let mut now: BTreeMap<String, &'static str> = BTreeMap::new();
+        let mut now: BTreeMap<StatusKey, &'static str> = BTreeMap::new();
         for st in shared.supervisor.status() {
             if let Some(name) = st.name.strip_prefix("openvpn-") {
                 let sock = vpnstatus::openvpn_socket(&root, name);
                 let state = vpnstatus::openvpn_state(&sock).await;
-                now.insert(format!("openvpn/{name}/status"), state.as_str());
+                now.insert(StatusKey::Openvpn(name.to_owned()), state.as_str());
             }
         }
         if let Some(wg) = &shared.wireguard {
@@ -752,18 +763,29 @@ async fn publish_links(shared: Arc<Shared>, root: PathBuf) {
             for d in devices {
                 let state = wg.backend().get(&d.dev).await.ok();
                 let status = status_of(state.as_ref(), std::time::SystemTime::now());
-                now.insert(format!("wireguard/{}/status", d.name), status.as_str());
+                now.insert(StatusKey::Wireguard(d.name.clone()), status.as_str());
             }
         }
         for (k, v) in &now {
             if last.get(k) != Some(v) {
-                shared
-                    .publisher
-                    .set(k, format!("{v} {}", crate::reconcile::unix_now()));
+                let (state, ts) = ((*v).to_owned(), unix_now());
+                shared.publisher.publish(match k {
+                    StatusKey::Openvpn(name) => StatusUpdate::Openvpn {
+                        name: name.clone(),
+                        state,
+                        ts,
+                    },
+                    StatusKey::Wireguard(name) => StatusUpdate::Wireguard {
+                        name: name.clone(),
+                        state,
+                        ts,
+                    },
+                    _ => continue,
+                });
             }
         }
         for k in last.keys().filter(|k| !now.contains_key(*k)) {
-            shared.publisher.remove(k);
+            shared.publisher.remove_key(k);
         }
         last = now;
     }

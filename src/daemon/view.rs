@@ -13,6 +13,7 @@ use crate::api::types::{
 use crate::api::{ApiError, NodeView};
 use crate::clash::api::Totals;
 use crate::dns::Health;
+use crate::etcd::status::{unix_now, StateLine};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
@@ -98,31 +99,41 @@ fn service_state(s: crate::supervise::ServiceState) -> t::ServiceState {
     }
 }
 
-/// Parse `"<state> <ts> <reason...>"` status values.
-fn condition<S>(value: &str, parse: impl Fn(&str) -> S) -> Condition<S> {
-    let mut parts = value.splitn(3, ' ');
-    let state = parse(parts.next().unwrap_or_default());
-    let since = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+/// A published state line as the API's condition.
+fn condition<S>(line: &StateLine, parse: impl Fn(&str) -> S) -> Condition<S> {
     Condition {
-        state,
-        since,
-        reason: parts.next().unwrap_or_default().to_string(),
+        state: parse(&line.state),
+        since: line.ts,
+        reason: line.detail.clone(),
     }
+}
+
+/// The DNS frontend's failover log as published (`dns/failover_log`) and served.
+pub fn failover_entries(log: Vec<crate::dns::FailoverLogEntry>) -> Vec<t::FailoverLogEntry> {
+    log.into_iter()
+        .map(|e| t::FailoverLogEntry {
+            ts: e.ts,
+            upstream: e.upstream,
+            action: serde_json::to_value(e.action)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            reason: e.reason,
+        })
+        .collect()
 }
 
 impl NodeView for DaemonView {
     fn status(&self) -> NodeStatus {
         let s = &self.shared;
         let metrics = s.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let errors: Vec<ConfigError> =
-            serde_json::from_str(&s.errors.lock().unwrap_or_else(|p| p.into_inner()))
-                .unwrap_or_default();
+        let errors: Vec<ConfigError> = s.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let clash = s
             .clash_status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|h| h.render(crate::reconcile::unix_now()));
+            .map(|h| super::clash::health_line(h, unix_now()));
         let tproxy = s
             .tproxy_status
             .lock()
@@ -297,20 +308,7 @@ impl NodeView for DaemonView {
     }
 
     fn dns_failover_log(&self) -> Vec<t::FailoverLogEntry> {
-        self.shared
-            .dns
-            .failover_log()
-            .into_iter()
-            .map(|e| t::FailoverLogEntry {
-                ts: e.ts,
-                upstream: e.upstream,
-                action: serde_json::to_value(e.action)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
-                reason: e.reason,
-            })
-            .collect()
+        failover_entries(self.shared.dns.failover_log())
     }
 }
 

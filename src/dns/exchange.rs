@@ -20,6 +20,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::sockopt::set_rcvbuf;
 use super::wire;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,7 +127,7 @@ impl NetExchange {
             };
             let sock = UdpSocket::bind(bind).await?;
             // Room for a burst of answers to every in-flight query.
-            super::server::set_rcvbuf(&sock, 1 << 20);
+            set_rcvbuf(&sock, 1 << 20);
             let sock = Arc::new(sock);
             sock.connect(addr).await?;
             let pending: Arc<Pending> = Arc::default();

@@ -2,15 +2,16 @@
 //!
 //! Owns: answering one DNS message (parse → host records → cache → forwarding chain
 //! → shaping for UDP), the chain order (MosDNS, mihomo, upstream groups), the
-//! in-flight bound, health-check tasks and status publication.
-//! Must not: own sockets of its own listeners (server.rs does) or talk to etcd (the
-//! integrator publishes what [`Frontend::subscribe`] reports).
+//! in-flight bound, the failover state fed by live queries, and status publication.
+//! Must not: own sockets of its own listeners (server.rs does), run health checks
+//! (`health_checks` does, feeding the same state), or talk to etcd (the integrator
+//! publishes what [`Frontend::subscribe`] reports).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use meduza_generators::plan::dns::{DnsPlan, UpstreamGroup};
@@ -22,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::cache::{Cache, Key};
 use super::exchange::{Exchange, ExchangeError};
-use super::failover::{AddrCheck, Event, Failover, FailoverLogEntry, UpstreamStatus};
+use super::failover::{Event, Failover, FailoverLogEntry, UpstreamStatus};
 use super::hosts::HostsTable;
 use super::wire::{self, ParseError, Query};
 use super::{DnsConfig, DnsError};
@@ -50,15 +51,6 @@ pub enum Local<'a> {
     Drop,
     /// Needs the forwarding chain.
     Forward(Query<'a>),
-}
-
-/// Result of a manual upstream test.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TestResult {
-    pub ok: bool,
-    /// Mean latency of the addresses that answered (or time spent when none did).
-    pub latency: Duration,
-    pub error: Option<String>,
 }
 
 /// What the status watch carries.
@@ -94,11 +86,11 @@ struct Member {
     addrs: Vec<SocketAddr>,
 }
 
-struct ChainInputs {
+pub(super) struct ChainInputs {
     mosdns_enabled: bool,
     clash_enabled: bool,
     state: ChainState,
-    groups: Vec<UpstreamGroup>,
+    pub(super) groups: Vec<UpstreamGroup>,
 }
 
 #[derive(Default)]
@@ -118,12 +110,12 @@ pub struct Frontend {
     cache: Cache,
     route: ArcSwap<Vec<Member>>,
     failover: Mutex<Failover>,
-    chain: Mutex<ChainInputs>,
+    pub(super) chain: Mutex<ChainInputs>,
     inflight: Arc<Semaphore>,
-    exchange: Arc<dyn Exchange>,
+    pub(super) exchange: Arc<dyn Exchange>,
     status_tx: watch::Sender<DnsStatus>,
-    health_tasks: Mutex<Vec<JoinHandle<()>>>,
-    health_name: Vec<u8>,
+    pub(super) health_tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) health_name: Vec<u8>,
     counters: AtomicCounters,
 }
 
@@ -314,7 +306,7 @@ impl Frontend {
 
     /// Feeds the failover state machine; rebuilds the route and publishes when
     /// something an operator sees changed.
-    fn feed(&self, event: Event) -> Result<Vec<FailoverLogEntry>, DnsError> {
+    pub(super) fn feed(&self, event: Event) -> Result<Vec<FailoverLogEntry>, DnsError> {
         let is_check = matches!(event, Event::Check { .. } | Event::Manual { .. });
         let entries = {
             let mut f = self.failover.lock().unwrap_or_else(|e| e.into_inner());
@@ -373,118 +365,6 @@ impl Frontend {
 
     pub fn cache_stats(&self) -> super::cache::CacheStats {
         self.cache.stats()
-    }
-
-    // ---- health checks ------------------------------------------------------------
-
-    async fn check_group(&self, group: &UpstreamGroup) -> Vec<AddrCheck> {
-        let timeout = Duration::from_secs(group.health_check.timeout_secs.max(1));
-        let checks = group.addresses.iter().map(|addr| {
-            let query = wire::build_query(rand::random(), &self.health_name, wire::TYPE_A);
-            async move {
-                let start = Instant::now();
-                let result = match self.exchange.exchange(*addr, &query, timeout).await {
-                    Ok(resp) => match wire::rcode(&resp) {
-                        Some(wire::RCODE_NOERROR) | Some(wire::RCODE_NXDOMAIN) => {
-                            Ok(start.elapsed())
-                        }
-                        Some(rc) => Err(format!("answered rcode {rc}")),
-                        None => Err("malformed answer".to_string()),
-                    },
-                    Err(e) => Err(e.to_string()),
-                };
-                AddrCheck {
-                    addr: *addr,
-                    result,
-                }
-            }
-        });
-        futures::future::join_all(checks).await
-    }
-
-    /// (Re)starts one periodic check task per enabled group with checks enabled.
-    pub fn start_health_checks(self: &Arc<Self>) {
-        let groups = self
-            .chain
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .groups
-            .clone();
-        let mut tasks = self.health_tasks.lock().unwrap_or_else(|e| e.into_inner());
-        for t in tasks.drain(..) {
-            t.abort();
-        }
-        for g in groups
-            .into_iter()
-            .filter(|g| g.enable && g.health_check.enable)
-        {
-            let weak = Arc::downgrade(self);
-            let interval = Duration::from_secs(g.health_check.interval_secs.max(1));
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let Some(fe) = weak.upgrade() else { return };
-                    let results = fe.check_group(&g).await;
-                    if let Err(e) = fe.feed(Event::Check {
-                        group: g.name.clone(),
-                        results,
-                    }) {
-                        tracing::warn!(upstream = %g.name, error = %e, "health check result dropped");
-                    }
-                    drop(fe);
-                    tokio::time::sleep(interval).await;
-                }
-            }));
-        }
-    }
-
-    pub fn stop_health_checks(&self) {
-        for t in self
-            .health_tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            t.abort();
-        }
-    }
-
-    /// Checks every address of `name` now (the node API's "test" button). The result
-    /// also feeds the state machine like a scheduled check.
-    pub async fn test_upstream(&self, name: &str) -> Result<TestResult, DnsError> {
-        let group = self
-            .chain
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .groups
-            .iter()
-            .find(|g| g.name == name)
-            .cloned()
-            .ok_or_else(|| DnsError::UnknownUpstream {
-                upstream: name.to_string(),
-            })?;
-        let start = Instant::now();
-        let results = self.check_group(&group).await;
-        let oks: Vec<Duration> = results
-            .iter()
-            .filter_map(|r| r.result.as_ref().ok().copied())
-            .collect();
-        let errors: Vec<String> = results
-            .iter()
-            .filter_map(|r| r.result.as_ref().err().map(|e| format!("{}: {e}", r.addr)))
-            .collect();
-        let _ = self.feed(Event::Check {
-            group: group.name.clone(),
-            results,
-        });
-        Ok(TestResult {
-            ok: !oks.is_empty(),
-            latency: if oks.is_empty() {
-                start.elapsed()
-            } else {
-                oks.iter().sum::<Duration>() / oks.len() as u32
-            },
-            error: (!errors.is_empty()).then(|| errors.join("; ")),
-        })
     }
 
     // ---- the request path ---------------------------------------------------------
@@ -619,140 +499,13 @@ fn log_entries(entries: &[FailoverLogEntry]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::failover::{FailoverAction, Health};
-    use hickory_proto::op::{Message, Query as HQuery, ResponseCode};
+    use crate::dns::failover::FailoverAction;
+    use crate::dns::test_support::{addr, answer_ip, cfg, plan, query, Behaviour, FakeExchange};
+    use hickory_proto::op::{Message, ResponseCode};
     use hickory_proto::rr::rdata::A;
     use hickory_proto::rr::{Name, RData, Record, RecordType};
-    use meduza_generators::plan::dns::{Failover as FailoverCfg, HealthCheck};
-    use std::collections::HashMap;
     use std::net::Ipv4Addr;
-
-    /// A fake network: each address answers with a fixed A record, an rcode,
-    /// refuses, or never answers.
-    #[derive(Clone, Copy)]
-    enum Behaviour {
-        Answer(Ipv4Addr),
-        Rcode(ResponseCode),
-        Refused,
-        Hang,
-    }
-
-    struct FakeExchange {
-        map: Mutex<HashMap<SocketAddr, Behaviour>>,
-        calls: Mutex<Vec<SocketAddr>>,
-    }
-
-    impl FakeExchange {
-        fn new(entries: &[(SocketAddr, Behaviour)]) -> Arc<Self> {
-            Arc::new(Self {
-                map: Mutex::new(entries.iter().copied().collect()),
-                calls: Mutex::new(Vec::new()),
-            })
-        }
-        fn set(&self, addr: SocketAddr, b: Behaviour) {
-            self.map.lock().unwrap().insert(addr, b);
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl Exchange for FakeExchange {
-        async fn exchange(
-            &self,
-            addr: SocketAddr,
-            query: &[u8],
-            timeout: Duration,
-        ) -> Result<Vec<u8>, ExchangeError> {
-            self.calls.lock().unwrap().push(addr);
-            let b = self
-                .map
-                .lock()
-                .unwrap()
-                .get(&addr)
-                .copied()
-                .unwrap_or(Behaviour::Refused);
-            let req = Message::from_vec(query).map_err(|_| ExchangeError::Malformed)?;
-            let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
-            resp.add_queries(req.queries.clone());
-            match b {
-                Behaviour::Answer(ip) => {
-                    resp.add_answer(Record::from_rdata(
-                        req.queries[0].name().clone(),
-                        300,
-                        RData::A(A::from(ip)),
-                    ));
-                }
-                Behaviour::Rcode(rc) => resp.metadata.response_code = rc,
-                Behaviour::Refused => return Err(ExchangeError::Refused),
-                Behaviour::Hang => {
-                    tokio::time::sleep(timeout).await;
-                    return Err(ExchangeError::Timeout);
-                }
-            }
-            Ok(resp.to_vec().unwrap())
-        }
-    }
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    fn group(name: &str, prio: u32, a: &str) -> UpstreamGroup {
-        UpstreamGroup {
-            name: name.into(),
-            addresses: vec![addr(a)],
-            priority: prio,
-            enable: true,
-            health_check: HealthCheck::default(),
-            failover: FailoverCfg {
-                enable: true,
-                threshold: 2,
-            },
-        }
-    }
-
-    fn plan() -> DnsPlan {
-        let mut hosts = BTreeMap::new();
-        hosts.insert(
-            "gw.internal".to_string(),
-            vec!["10.42.1.1".parse().unwrap(), "fd00::1".parse().unwrap()],
-        );
-        DnsPlan {
-            hosts,
-            mosdns_enabled: true,
-            clash_enabled: true,
-            upstreams: vec![
-                group("primary", 1, "192.0.2.1:53"),
-                group("secondary", 2, "192.0.2.2:53"),
-            ],
-        }
-    }
-
-    fn cfg() -> DnsConfig {
-        DnsConfig {
-            mosdns_addr: addr("127.0.0.1:1153"),
-            clash_addr: addr("127.0.0.1:1053"),
-            attempt_timeout: Duration::from_millis(50),
-            query_budget: Duration::from_millis(500),
-            ..DnsConfig::default()
-        }
-    }
-
-    fn query(name: &str, rt: RecordType) -> Vec<u8> {
-        let mut m = Message::query();
-        m.metadata.id = 4242;
-        m.metadata.recursion_desired = true;
-        m.add_query(HQuery::query(Name::from_ascii(name).unwrap(), rt));
-        m.to_vec().unwrap()
-    }
-
-    fn answer_ip(resp: &[u8]) -> (ResponseCode, Vec<RData>) {
-        let m = Message::from_vec(resp).unwrap();
-        assert_eq!(m.metadata.id, 4242);
-        (
-            m.metadata.response_code,
-            m.answers.iter().map(|r| r.data.clone()).collect(),
-        )
-    }
+    use std::time::Duration;
 
     #[tokio::test]
     async fn chain_order_follows_state_and_plan() {
@@ -899,42 +652,6 @@ mod tests {
         assert_eq!(answer_ip(&r).0, ResponseCode::ServFail);
         assert_eq!(fe.counters().servfail_overload, 1);
         slow.abort();
-    }
-
-    #[tokio::test]
-    async fn manual_test_and_failover() {
-        let fx = FakeExchange::new(&[
-            (
-                addr("192.0.2.1:53"),
-                Behaviour::Answer(Ipv4Addr::new(1, 1, 1, 1)),
-            ),
-            (
-                addr("192.0.2.2:53"),
-                Behaviour::Rcode(ResponseCode::Refused),
-            ),
-        ]);
-        let fe = Frontend::new(cfg(), &plan(), fx).unwrap();
-        let mut rx = fe.subscribe();
-        let t = fe.test_upstream("primary").await.unwrap();
-        assert!(t.ok && t.error.is_none());
-        let t = fe.test_upstream("secondary").await.unwrap();
-        assert!(!t.ok);
-        assert!(t.error.unwrap().contains("rcode 5"));
-        assert!(matches!(
-            fe.test_upstream("nope").await,
-            Err(DnsError::UnknownUpstream { .. })
-        ));
-        assert!(rx.has_changed().unwrap());
-        assert_eq!(rx.borrow_and_update().upstreams[0].status, Health::Healthy);
-        assert_eq!(
-            fe.manual_failover(Some("secondary".into())).unwrap(),
-            "secondary"
-        );
-        assert_eq!(fe.chain_order(), vec!["secondary", "primary"]);
-        assert_eq!(
-            rx.borrow_and_update().failover_log.last().unwrap().action,
-            FailoverAction::ManualFailover
-        );
     }
 
     /// Random and mutated packets through the request path and the response scanner

@@ -12,8 +12,9 @@
 //!
 //! Layout: `wire` (hot-path parsing/building), `cache`, `hosts`, `failover` (pure state
 //! machine), `exchange` (one query to one upstream; the OS edge behind a trait),
-//! `frontend` (the request path), `server` (sockets), `cli` (`meduza dns serve`),
-//! `resolv` (the gateway's own resolver file).
+//! `frontend` (the request path), `health_checks` (the upstream groups' health tasks),
+//! `server` (sockets), `sockopt` (socket options of `server` and `exchange`), `cli`
+//! (`meduza dns serve`), `resolv` (the gateway's own resolver file).
 
 pub mod cache;
 pub mod cli;
@@ -21,9 +22,13 @@ pub mod exchange;
 pub mod failover;
 pub mod frontend;
 pub mod fuzzing;
+pub mod health_checks;
 pub mod hosts;
 pub mod resolv;
 pub mod server;
+mod sockopt;
+#[cfg(test)]
+mod test_support;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -36,7 +41,8 @@ use tokio::sync::watch;
 
 pub use exchange::{Exchange, ExchangeError, NetExchange};
 pub use failover::{FailoverAction, FailoverLogEntry, Health, UpstreamStatus};
-pub use frontend::{ChainState, Counters, DnsStatus, Frontend, Local, Proto, TestResult};
+pub use frontend::{ChainState, Counters, DnsStatus, Frontend, Local, Proto};
+pub use health_checks::TestResult;
 pub use hosts::{render_hosts_file, write_hosts_file_if_changed};
 
 /// Default of `MEDUZA_DNS_LISTEN` (DESIGN §2).

@@ -33,6 +33,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 
 use super::frontend::{Frontend, Local, Proto};
+use super::sockopt::set_rcvbuf;
 use super::{DnsError, UdpMode};
 
 /// Socket receive buffer for UDP listeners: room for bursts of 500+ outstanding
@@ -40,16 +41,6 @@ use super::{DnsError, UdpMode};
 const UDP_RCVBUF: usize = 4 << 20;
 /// Largest query datagram read; longer ones are cut and answered FORMERR.
 const UDP_QUERY_MAX: usize = 4096;
-
-/// Raises a socket's receive buffer: SO_RCVBUFFORCE when we have CAP_NET_ADMIN
-/// (`meduza run` does), else SO_RCVBUF capped by net.core.rmem_max (212 KiB by
-/// default, about 200 small datagrams: too few for 500 outstanding queries).
-pub(crate) fn set_rcvbuf<F: std::os::fd::AsFd>(fd: &F, bytes: usize) {
-    use nix::sys::socket::{setsockopt, sockopt};
-    if setsockopt(fd, sockopt::RcvBufForce, &bytes).is_err() {
-        let _ = setsockopt(fd, sockopt::RcvBuf, &bytes);
-    }
-}
 
 fn bind_udp_std(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let domain = if addr.is_ipv4() {

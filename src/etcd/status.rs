@@ -1,36 +1,127 @@
-//! Status publishing under `/updated/<id>/` (DESIGN §4) and reading it back for
+//! Every status key under `/updated/<id>/` (DESIGN §4): its name ([`StatusKey`]) and
+//! its value format, for writing (typed value → key + string: [`StatusUpdate`]) and
+//! for reading (string → typed value: [`StatusKey::parse`], [`StatusUpdate::parse`]
+//! and the `parse_*` functions). Every writer and reader of a status key in the crate
+//! goes through this module; [`publisher`] writes them, [`read`] reads them back for
 //! `meduza status`.
 //!
-//! [`StatusPublisher`] never blocks its caller: `set` hands the value to a task over a
-//! channel. The task keeps the `online` key on a lease (TTL 15 s, refreshed every
-//! 5 s, re-granted and re-put when it expired or etcd lost it), writes a key only when
-//! its value changed, and while etcd is unreachable keeps the newest value per key in a
-//! pending map that is flushed when etcd answers again (at the end of the retry
-//! backoff, or at once when the client reports a member back). After an outage every
-//! known key is written once more, in case etcd came back from an older backup.
+//! Must not: decide what a state means (the supervisor, the Clash monitor, the DNS
+//! frontend and the reconciler do); here a state is the word they chose.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+pub mod publisher;
+pub mod read;
 
+pub use publisher::{PublisherConfig, StatusPublisher};
+pub use read::{read_status, render_status_table, NodeStatus};
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use meduza_generators::{ValidationError, Warning};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
-use tokio::time::{sleep_until, Instant, MissedTickBehavior};
-use tracing::{debug, info, warn};
 
-use super::kv::{KeyRange, Kv};
-use super::watch::COMMIT_KEY;
-use super::EtcdError;
-use crate::backoff::{Backoff, Jitter};
+use crate::tls::Fingerprint;
 
 /// Root of every node's status keys.
 pub const STATUS_ROOT: &str = "/updated/";
 /// The failover log keeps at most this many entries (DESIGN §4).
 pub const FAILOVER_LOG_MAX: usize = 100;
+/// The value of `online` (the key itself lives on a lease).
+pub const ONLINE_VALUE: &str = "1";
 
-/// One validation error, as published in `errors`.
+/// `/updated/<id>/`: the prefix of node `node_id`'s status keys.
+pub fn node_prefix(node_id: &str) -> String {
+    format!("{STATUS_ROOT}{node_id}/")
+}
+
+/// One status key, by what it describes; [`StatusKey::suffix`] is its path below
+/// `/updated/<id>/`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StatusKey {
+    /// `online`: [`ONLINE_VALUE`] on a lease.
+    Online,
+    /// `last`: [`last_value`].
+    Last,
+    /// `applied`: [`applied_value`].
+    Applied,
+    /// `errors`: [`errors_value`].
+    Errors,
+    /// `warnings`: [`warnings_value`].
+    Warnings,
+    /// `rollback`: [`rollback_value`].
+    Rollback,
+    /// `tproxy`: a [`StateLine`] with its reason.
+    Tproxy,
+    /// `api_tls`: [`api_tls_value`]; absent while the node API serves plain HTTP.
+    ApiTls,
+    /// `clash/health`: a [`StateLine`] with its reason.
+    ClashHealth,
+    /// `clash/subscription`: a [`StateLine`] with its detail.
+    ClashSubscription,
+    /// `dns/failover_log`: [`failover_log_value`].
+    FailoverLog,
+    /// `services/<svc>/status`: a [`StateLine`] without detail.
+    Service(String),
+    /// `openvpn/<name>/status`: a [`StateLine`] without detail.
+    Openvpn(String),
+    /// `wireguard/<name>/status`: a [`StateLine`] without detail.
+    Wireguard(String),
+    /// `dns/upstreams/<name>/status`: a [`StateLine`] whose detail is the latency.
+    DnsUpstream(String),
+}
+
+impl StatusKey {
+    /// The key below `/updated/<id>/`.
+    pub fn suffix(&self) -> String {
+        match self {
+            Self::Online => "online".into(),
+            Self::Last => "last".into(),
+            Self::Applied => "applied".into(),
+            Self::Errors => "errors".into(),
+            Self::Warnings => "warnings".into(),
+            Self::Rollback => "rollback".into(),
+            Self::Tproxy => "tproxy".into(),
+            Self::ApiTls => "api_tls".into(),
+            Self::ClashHealth => "clash/health".into(),
+            Self::ClashSubscription => "clash/subscription".into(),
+            Self::FailoverLog => "dns/failover_log".into(),
+            Self::Service(n) => format!("services/{n}/status"),
+            Self::Openvpn(n) => format!("openvpn/{n}/status"),
+            Self::Wireguard(n) => format!("wireguard/{n}/status"),
+            Self::DnsUpstream(n) => format!("dns/upstreams/{n}/status"),
+        }
+    }
+
+    /// The whole key: `/updated/<node_id>/<suffix>`.
+    pub fn key(&self, node_id: &str) -> String {
+        format!("{}{}", node_prefix(node_id), self.suffix())
+    }
+
+    /// The key a suffix names; `None` for a key this version does not know.
+    pub fn parse(suffix: &str) -> Option<Self> {
+        let parts: Vec<&str> = suffix.split('/').collect();
+        Some(match parts.as_slice() {
+            ["online"] => Self::Online,
+            ["last"] => Self::Last,
+            ["applied"] => Self::Applied,
+            ["errors"] => Self::Errors,
+            ["warnings"] => Self::Warnings,
+            ["rollback"] => Self::Rollback,
+            ["tproxy"] => Self::Tproxy,
+            ["api_tls"] => Self::ApiTls,
+            ["clash", "health"] => Self::ClashHealth,
+            ["clash", "subscription"] => Self::ClashSubscription,
+            ["dns", "failover_log"] => Self::FailoverLog,
+            ["services", n, "status"] => Self::Service((*n).to_owned()),
+            ["openvpn", n, "status"] => Self::Openvpn((*n).to_owned()),
+            ["wireguard", n, "status"] => Self::Wireguard((*n).to_owned()),
+            ["dns", "upstreams", n, "status"] => Self::DnsUpstream((*n).to_owned()),
+            _ => return None,
+        })
+    }
+}
+
+/// One validation error, as published in `errors` (and served by the node API as
+/// `api::ConfigError`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorEntry {
     pub key: String,
@@ -38,7 +129,18 @@ pub struct ErrorEntry {
     pub reason: String,
 }
 
-/// One entry of `dns/failover_log`.
+impl From<&ValidationError> for ErrorEntry {
+    fn from(e: &ValidationError) -> Self {
+        ErrorEntry {
+            key: e.key.clone(),
+            value: e.value.clone(),
+            reason: e.reason.clone(),
+        }
+    }
+}
+
+/// One entry of `dns/failover_log` (served by the node API as
+/// `api::FailoverLogEntry`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverEntry {
     pub ts: u64,
@@ -55,6 +157,222 @@ pub struct RollbackEntry {
     pub reason: String,
     /// When it was rolled back, seconds since the epoch (like `ts` elsewhere).
     pub at: u64,
+}
+
+/// `"<state> <unix-ts>[ <detail>]"`: the value of the per-service, tunnel, clash,
+/// tproxy and upstream keys. Which keys carry the detail is the key's
+/// ([`StatusUpdate`]); a reader splits at most three ways, so the detail may hold
+/// spaces.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StateLine {
+    pub state: String,
+    pub ts: u64,
+    pub detail: String,
+}
+
+impl StateLine {
+    pub fn new(state: impl Into<String>, ts: u64, detail: impl Into<String>) -> Self {
+        StateLine {
+            state: state.into(),
+            ts,
+            detail: detail.into(),
+        }
+    }
+
+    /// `"<state> <ts> <detail>"`, the detail written even when empty (the keys with a
+    /// reason field always have three).
+    pub fn value(&self) -> String {
+        format!("{} {} {}", self.state, self.ts, self.detail)
+    }
+
+    /// Reads any state line; a missing or unreadable timestamp reads as 0 and a missing
+    /// detail as empty.
+    pub fn parse(value: &str) -> Self {
+        let mut parts = value.splitn(3, ' ');
+        StateLine {
+            state: parts.next().unwrap_or_default().to_owned(),
+            ts: parts.next().and_then(|s| s.parse().ok()).unwrap_or(0),
+            detail: parts.next().unwrap_or_default().to_owned(),
+        }
+    }
+}
+
+/// A status value to publish, typed: [`StatusUpdate::key`] and
+/// [`StatusUpdate::value`] render it, [`StatusUpdate::parse`] reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusUpdate {
+    Last {
+        ts: u64,
+        reason: String,
+    },
+    /// After a snapshot was fully applied.
+    Applied {
+        revision: i64,
+        ts: u64,
+    },
+    Errors(Vec<ErrorEntry>),
+    Warnings(Vec<Warning>),
+    Rollback(RollbackEntry),
+    /// `"starting|running|backoff|fatal|stopped <since>"`.
+    Service {
+        name: String,
+        state: String,
+        since: u64,
+    },
+    /// `"up|connecting|down <ts>"`.
+    Openvpn {
+        name: String,
+        state: String,
+        ts: u64,
+    },
+    /// `"up|connecting|down <ts>"`.
+    Wireguard {
+        name: String,
+        state: String,
+        ts: u64,
+    },
+    /// `"healthy|waiting|unhealthy <ts> <reason>"`.
+    ClashHealth(StateLine),
+    /// `"ok|failed <ts> <detail>"`.
+    ClashSubscription(StateLine),
+    /// `"applied|removed <ts> <reason>"`.
+    Tproxy(StateLine),
+    /// `"healthy|degraded|down|unknown <ts> <latency-ms>"`.
+    DnsUpstream {
+        name: String,
+        state: String,
+        ts: u64,
+        latency_ms: u64,
+    },
+    FailoverLog(Vec<FailoverEntry>),
+    /// `"<sha256-hex> <ts> <source>"`.
+    ApiTls {
+        fingerprint: Fingerprint,
+        ts: u64,
+        source: String,
+    },
+}
+
+impl StatusUpdate {
+    /// The key this value is written to.
+    pub fn key(&self) -> StatusKey {
+        match self {
+            Self::Last { .. } => StatusKey::Last,
+            Self::Applied { .. } => StatusKey::Applied,
+            Self::Errors(_) => StatusKey::Errors,
+            Self::Warnings(_) => StatusKey::Warnings,
+            Self::Rollback(_) => StatusKey::Rollback,
+            Self::Service { name, .. } => StatusKey::Service(name.clone()),
+            Self::Openvpn { name, .. } => StatusKey::Openvpn(name.clone()),
+            Self::Wireguard { name, .. } => StatusKey::Wireguard(name.clone()),
+            Self::ClashHealth(_) => StatusKey::ClashHealth,
+            Self::ClashSubscription(_) => StatusKey::ClashSubscription,
+            Self::Tproxy(_) => StatusKey::Tproxy,
+            Self::DnsUpstream { name, .. } => StatusKey::DnsUpstream(name.clone()),
+            Self::FailoverLog(_) => StatusKey::FailoverLog,
+            Self::ApiTls { .. } => StatusKey::ApiTls,
+        }
+    }
+
+    /// The string written to etcd.
+    pub fn value(&self) -> String {
+        match self {
+            Self::Last { ts, reason } => last_value(*ts, reason),
+            Self::Applied { revision, ts } => applied_value(*revision, *ts),
+            Self::Errors(e) => errors_value(e),
+            Self::Warnings(w) => warnings_value(w),
+            Self::Rollback(r) => rollback_value(r),
+            Self::Service {
+                state, since: ts, ..
+            }
+            | Self::Openvpn { state, ts, .. }
+            | Self::Wireguard { state, ts, .. } => state_value(state, *ts, None),
+            Self::ClashHealth(l) | Self::ClashSubscription(l) | Self::Tproxy(l) => l.value(),
+            Self::DnsUpstream {
+                state,
+                ts,
+                latency_ms,
+                ..
+            } => state_value(state, *ts, Some(&latency_ms.to_string())),
+            Self::FailoverLog(entries) => failover_log_value(entries),
+            Self::ApiTls {
+                fingerprint,
+                ts,
+                source,
+            } => api_tls_value(fingerprint, *ts, source),
+        }
+    }
+
+    /// Reads a value back; `None` for `online`, a key this version does not know, or
+    /// a value that is not of its key's format.
+    pub fn parse(suffix: &str, value: &str) -> Option<Self> {
+        let line = || StateLine::parse(value);
+        Some(match StatusKey::parse(suffix)? {
+            StatusKey::Online => return None,
+            StatusKey::Last => {
+                let (ts, reason) = value.split_once(' ')?;
+                Self::Last {
+                    ts: ts.parse().ok()?,
+                    reason: reason.to_owned(),
+                }
+            }
+            StatusKey::Applied => {
+                let (revision, ts) = value.split_once(' ')?;
+                Self::Applied {
+                    revision: revision.parse().ok()?,
+                    ts: ts.parse().ok()?,
+                }
+            }
+            StatusKey::Errors => Self::Errors(parse_errors(value).ok()?),
+            StatusKey::Warnings => Self::Warnings(serde_json::from_str(value).ok()?),
+            StatusKey::Rollback => Self::Rollback(serde_json::from_str(value).ok()?),
+            StatusKey::Service(name) => {
+                let l = line();
+                Self::Service {
+                    name,
+                    state: l.state,
+                    since: l.ts,
+                }
+            }
+            StatusKey::Openvpn(name) => {
+                let l = line();
+                Self::Openvpn {
+                    name,
+                    state: l.state,
+                    ts: l.ts,
+                }
+            }
+            StatusKey::Wireguard(name) => {
+                let l = line();
+                Self::Wireguard {
+                    name,
+                    state: l.state,
+                    ts: l.ts,
+                }
+            }
+            StatusKey::ClashHealth => Self::ClashHealth(line()),
+            StatusKey::ClashSubscription => Self::ClashSubscription(line()),
+            StatusKey::Tproxy => Self::Tproxy(line()),
+            StatusKey::DnsUpstream(name) => {
+                let l = line();
+                Self::DnsUpstream {
+                    name,
+                    state: l.state,
+                    ts: l.ts,
+                    latency_ms: l.detail.parse().ok()?,
+                }
+            }
+            StatusKey::FailoverLog => Self::FailoverLog(parse_failover_log(value).ok()?),
+            StatusKey::ApiTls => {
+                let l = line();
+                Self::ApiTls {
+                    fingerprint: l.state.parse().ok()?,
+                    ts: l.ts,
+                    source: l.detail,
+                }
+            }
+        })
+    }
 }
 
 /// The JSON object for `rollback`.
@@ -80,8 +398,13 @@ pub fn applied_value(revision: i64, ts: u64) -> String {
     format!("{revision} {ts}")
 }
 
-/// `"<state> <unix-ts>[ <detail>]"` for the per-service, tunnel, clash, tproxy and
-/// upstream keys.
+/// The revision in an `applied` value.
+pub fn parse_applied(value: &str) -> Option<i64> {
+    value.split_whitespace().next()?.parse().ok()
+}
+
+/// `"<state> <unix-ts>[ <detail>]"` for the per-service, tunnel and upstream keys:
+/// an empty or absent detail is left out.
 pub fn state_value(state: &str, ts: u64, detail: Option<&str>) -> String {
     match detail {
         Some(d) if !d.is_empty() => format!("{state} {ts} {d}"),
@@ -89,29 +412,31 @@ pub fn state_value(state: &str, ts: u64, detail: Option<&str>) -> String {
     }
 }
 
-/// Suffix of `api_tls`: set while the node API serves HTTPS, absent otherwise.
-pub const API_TLS_SUFFIX: &str = "api_tls";
-
 /// `"<sha256-hex> <unix-ts> <source>"` for `api_tls`: the SHA-256 of the certificate
 /// the node API serves, and where it came from (`etcd` or `file`).
-pub fn api_tls_value(fingerprint: &crate::tls::Fingerprint, ts: u64, source: &str) -> String {
+pub fn api_tls_value(fingerprint: &Fingerprint, ts: u64, source: &str) -> String {
     state_value(&fingerprint.to_string(), ts, Some(source))
 }
 
 /// The fingerprint in an `api_tls` value (the fleet manager's reader).
-pub fn api_tls_fingerprint(value: &str) -> Option<crate::tls::Fingerprint> {
+pub fn api_tls_fingerprint(value: &str) -> Option<Fingerprint> {
     value.split_whitespace().next()?.parse().ok()
 }
 
 /// The JSON array for `warnings` (`[]` when none): the node's and the global unknown
 /// keys, `{key, reason, did_you_mean}` (`meduza_generators::Warning`).
-pub fn warnings_value(warnings: &[meduza_generators::Warning]) -> String {
+pub fn warnings_value(warnings: &[Warning]) -> String {
     serde_json::to_string(warnings).unwrap_or_else(|_| "[]".to_owned())
 }
 
 /// The JSON array for `errors` (`[]` when none).
 pub fn errors_value(errors: &[ErrorEntry]) -> String {
     serde_json::to_string(errors).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// The entries of an `errors` value.
+pub fn parse_errors(value: &str) -> Result<Vec<ErrorEntry>, serde_json::Error> {
+    serde_json::from_str(value)
 }
 
 /// The JSON array for `dns/failover_log`: the newest [`FAILOVER_LOG_MAX`] entries,
@@ -121,593 +446,14 @@ pub fn failover_log_value(entries: &[FailoverEntry]) -> String {
     serde_json::to_string(&entries[start..]).unwrap_or_else(|_| "[]".to_owned())
 }
 
-/// Timing of the publisher.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PublisherConfig {
-    /// TTL of the `online` lease, seconds.
-    pub ttl_secs: i64,
-    /// Keep-alive period of the lease.
-    pub keep_alive_interval: Duration,
-    /// First retry delay after a failed write, doubled up to `retry_max` (the shared
-    /// [`Backoff`]).
-    pub retry_min: Duration,
-    pub retry_max: Duration,
-    /// Jitter of the retry delays (equal jitter by default: a fleet's retries after an
-    /// etcd restart spread out).
-    pub jitter: Jitter,
-}
-
-impl Default for PublisherConfig {
-    fn default() -> Self {
-        PublisherConfig {
-            ttl_secs: 15,
-            keep_alive_interval: Duration::from_secs(5),
-            retry_min: Duration::from_millis(500),
-            retry_max: Duration::from_secs(10),
-            jitter: Jitter::Equal,
-        }
-    }
-}
-
-enum Cmd {
-    Set(String, Option<String>),
-    Flush(oneshot::Sender<bool>),
-    Shutdown(oneshot::Sender<()>),
-}
-
-/// Handle of the status task. Dropping it aborts the task without revoking the lease,
-/// like a crash: `online` vanishes when the TTL runs out. [`StatusPublisher::shutdown`]
-/// revokes it at once.
-#[derive(Debug)]
-pub struct StatusPublisher {
-    tx: mpsc::UnboundedSender<Cmd>,
-    task: JoinHandle<()>,
-    node_id: String,
-}
-
-impl Drop for StatusPublisher {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl StatusPublisher {
-    /// Starts publishing for `node_id`; `online` is written as soon as etcd answers.
-    pub fn spawn(kv: Arc<dyn Kv>, node_id: &str, config: PublisherConfig) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = Task {
-            kv,
-            prefix: format!("{STATUS_ROOT}{node_id}/"),
-            config,
-            cache: BTreeMap::new(),
-            pending: BTreeMap::new(),
-            lease: None,
-            online_written: false,
-            healthy: true,
-            retry_at: None,
-            backoff: Backoff::new(config.retry_min, config.retry_max, config.jitter),
-        };
-        let task = tokio::spawn(task.run(rx));
-        StatusPublisher {
-            tx,
-            task,
-            node_id: node_id.to_owned(),
-        }
-    }
-
-    /// The node this publisher writes for.
-    pub fn node_id(&self) -> &str {
-        &self.node_id
-    }
-
-    /// Sets `/updated/<id>/<suffix>`; returns at once.
-    pub fn set(&self, suffix: &str, value: impl Into<String>) {
-        // A send fails only after the task ended (shutdown); nothing to publish then.
-        let _ = self
-            .tx
-            .send(Cmd::Set(suffix.to_owned(), Some(value.into())));
-    }
-
-    /// Deletes `/updated/<id>/<suffix>` (e.g. a removed service); returns at once.
-    pub fn remove(&self, suffix: &str) {
-        let _ = self.tx.send(Cmd::Set(suffix.to_owned(), None));
-    }
-
-    /// `last` = `"<now> <reason>"`.
-    pub fn set_last(&self, reason: &str) {
-        self.set("last", last_value(unix_now(), reason));
-    }
-
-    /// `applied` = `"<revision> <now>"` after a snapshot was fully applied.
-    pub fn set_applied(&self, commit_revision: i64) {
-        self.set("applied", applied_value(commit_revision, unix_now()));
-    }
-
-    /// `errors` = JSON array (`[]` when none).
-    pub fn set_errors(&self, errors: &[ErrorEntry]) {
-        self.set("errors", errors_value(errors));
-    }
-
-    /// `services/<svc>/status` = `"starting|running|backoff|fatal|stopped <now>"`.
-    pub fn set_service(&self, svc: &str, state: &str) {
-        self.set(
-            &format!("services/{svc}/status"),
-            state_value(state, unix_now(), None),
-        );
-    }
-
-    /// `openvpn/<name>/status` = `"up|connecting|down <now>"`.
-    pub fn set_openvpn(&self, name: &str, state: &str) {
-        self.set(
-            &format!("openvpn/{name}/status"),
-            state_value(state, unix_now(), None),
-        );
-    }
-
-    /// `wireguard/<name>/status` = `"up|connecting|down <now>"`.
-    pub fn set_wireguard(&self, name: &str, state: &str) {
-        self.set(
-            &format!("wireguard/{name}/status"),
-            state_value(state, unix_now(), None),
-        );
-    }
-
-    /// `clash/health` = `"healthy|waiting|unhealthy <now> <reason>"`.
-    pub fn set_clash_health(&self, state: &str, reason: &str) {
-        self.set("clash/health", state_value(state, unix_now(), Some(reason)));
-    }
-
-    /// `tproxy` = `"applied|removed <now> <reason>"`.
-    pub fn set_tproxy(&self, state: &str, reason: &str) {
-        self.set("tproxy", state_value(state, unix_now(), Some(reason)));
-    }
-
-    /// `dns/upstreams/<name>/status` = `"healthy|degraded|down|unknown <now> <latency-ms>"`.
-    pub fn set_dns_upstream(&self, name: &str, state: &str, latency_ms: Option<u64>) {
-        let latency = latency_ms.map(|l| l.to_string());
-        self.set(
-            &format!("dns/upstreams/{name}/status"),
-            state_value(state, unix_now(), latency.as_deref()),
-        );
-    }
-
-    /// `api_tls` = `"<sha256> <now> <source>"` while the node API serves HTTPS;
-    /// removed when it serves plain HTTP.
-    pub fn set_api_tls(&self, tls: Option<(&crate::tls::Fingerprint, &str)>) {
-        match tls {
-            Some((fp, source)) => self.set(API_TLS_SUFFIX, api_tls_value(fp, unix_now(), source)),
-            None => self.remove(API_TLS_SUFFIX),
-        }
-    }
-
-    /// `dns/failover_log` = JSON array, newest last, at most 100 entries.
-    pub fn set_failover_log(&self, entries: &[FailoverEntry]) {
-        self.set("dns/failover_log", failover_log_value(entries));
-    }
-
-    /// Waits until everything set so far was attempted; true when all of it (and the
-    /// `online` key) is in etcd.
-    pub async fn flush(&self) -> bool {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Cmd::Flush(tx)).is_err() {
-            return false;
-        }
-        rx.await.unwrap_or(false)
-    }
-
-    /// Orderly stop: one last flush attempt, then the lease is revoked so `online`
-    /// disappears now rather than after the TTL.
-    pub async fn shutdown(self) {
-        self.close().await;
-    }
-
-    /// [`shutdown`](Self::shutdown) through a shared reference (a daemon's publisher
-    /// is shared by its tasks): the last flush, then the lease is revoked and the task
-    /// ends; later `set`s are dropped.
-    pub async fn close(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Cmd::Shutdown(tx)).is_ok() {
-            let _ = rx.await;
-        }
-    }
-}
-
-/// A lease keep-alive running beside the status task; aborted when dropped (the
-/// publisher dropped like a crash renews nothing more).
-struct Renewal {
-    lease: i64,
-    task: JoinHandle<Result<bool, EtcdError>>,
-}
-
-impl Drop for Renewal {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-struct Task {
-    kv: Arc<dyn Kv>,
-    prefix: String,
-    config: PublisherConfig,
-    /// What etcd holds, as far as we know (`None`: deleted by us).
-    cache: BTreeMap<String, Option<String>>,
-    /// Newest value per key not yet written.
-    pending: BTreeMap<String, Option<String>>,
-    lease: Option<i64>,
-    online_written: bool,
-    healthy: bool,
-    retry_at: Option<Instant>,
-    backoff: Backoff,
-}
-
-impl Task {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-        let mut keep_alive = tokio::time::interval(self.config.keep_alive_interval);
-        keep_alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let kv = Arc::clone(&self.kv);
-        // The keep-alive in flight (its lease and task). It runs beside the writes:
-        // around a leader election a renewal can wait a while, and `applied` must not
-        // wait behind it.
-        let mut renewing: Option<Renewal> = None;
-        loop {
-            tokio::select! {
-                cmd = rx.recv() => {
-                    let Some(cmd) = cmd else { return };
-                    let mut cmds = vec![cmd];
-                    while let Ok(c) = rx.try_recv() {
-                        cmds.push(c);
-                    }
-                    let mut waiting = Vec::new();
-                    for c in cmds {
-                        match c {
-                            Cmd::Set(k, v) => self.enqueue(k, v),
-                            Cmd::Flush(resp) => waiting.push(resp),
-                            Cmd::Shutdown(resp) => {
-                                // No renewal after the revoke.
-                                drop(renewing.take());
-                                self.flush().await;
-                                self.revoke().await;
-                                let _ = resp.send(());
-                                return;
-                            }
-                        }
-                    }
-                    self.flush().await;
-                    let done = self.pending.is_empty() && self.online_written;
-                    for w in waiting {
-                        let _ = w.send(done);
-                    }
-                }
-                _ = keep_alive.tick(), if renewing.is_none() => match self.lease {
-                    Some(id) => {
-                        let kv = Arc::clone(&self.kv);
-                        renewing = Some(Renewal {
-                            lease: id,
-                            task: tokio::spawn(async move { kv.lease_keep_alive(id).await }),
-                        });
-                    }
-                    None => self.flush().await,
-                },
-                res = async { (&mut renewing.as_mut().expect("guarded by the condition").task).await },
-                    if renewing.is_some() =>
-                {
-                    let id = renewing.take().expect("guarded by the condition").lease;
-                    let res = res.unwrap_or_else(|e| {
-                        Err(EtcdError::Unavailable {
-                            op: "lease-keep-alive",
-                            key: format!("{id:x}: {e}"),
-                        })
-                    });
-                    self.renewed(id, res).await;
-                }
-                _ = sleep_until(self.retry_at.unwrap_or_else(Instant::now)), if self.retry_at.is_some() => {
-                    self.retry_at = None;
-                    self.flush().await;
-                }
-                // etcd answers again: flush now, not at the end of the grown backoff.
-                () = kv.recovered(), if self.retry_at.is_some() => {
-                    self.retry_at = None;
-                    self.flush().await;
-                }
-            }
-        }
-    }
-
-    fn enqueue(&mut self, suffix: String, value: Option<String>) {
-        if !self.pending.contains_key(&suffix) && self.cache.get(&suffix) == Some(&value) {
-            return;
-        }
-        self.pending.insert(suffix, value);
-    }
-
-    fn failed(&mut self, err: &EtcdError) {
-        if self.healthy {
-            warn!(%err, pending = self.pending.len(), "status publishing paused: etcd unreachable");
-        } else {
-            debug!(%err, "status publishing still paused");
-        }
-        self.healthy = false;
-        self.retry_at = Some(Instant::now() + self.backoff.next());
-    }
-
-    /// Grants the lease and writes `online` if needed.
-    async fn ensure_online(&mut self) -> Result<(), EtcdError> {
-        let id = match self.lease {
-            Some(id) => id,
-            None => {
-                let id = self.kv.lease_grant(self.config.ttl_secs).await?;
-                debug!(
-                    lease = id,
-                    ttl = self.config.ttl_secs,
-                    "status lease granted"
-                );
-                self.lease = Some(id);
-                self.online_written = false;
-                id
-            }
-        };
-        if !self.online_written {
-            let key = format!("{}online", self.prefix);
-            match self.kv.put_with_lease(&key, "1", id).await {
-                Ok(_) => self.online_written = true,
-                Err(e) => {
-                    if matches!(e, EtcdError::LeaseNotFound { .. }) {
-                        self.lease = None;
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn flush(&mut self) {
-        if let Err(e) = self.ensure_online().await {
-            self.failed(&e);
-            return;
-        }
-        if !self.healthy {
-            // Back after an outage: rewrite what we know, newer pending values win.
-            for (k, v) in &self.cache {
-                if v.is_some() && !self.pending.contains_key(k) {
-                    self.pending.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        while let Some((suffix, value)) = next_to_write(&self.pending) {
-            let key = format!("{}{suffix}", self.prefix);
-            let res = match &value {
-                Some(v) => self.kv.put(&key, v).await.map(|_| ()),
-                None => self.kv.delete(&key).await.map(|_| ()),
-            };
-            if let Err(e) = res {
-                self.failed(&e);
-                return;
-            }
-            self.pending.remove(&suffix);
-            self.cache.insert(suffix, value);
-        }
-        if !self.healthy {
-            info!("status publishing resumed: etcd reachable, queue flushed");
-        }
-        self.healthy = true;
-        self.retry_at = None;
-        self.backoff.reset();
-    }
-
-    /// The answer to a keep-alive of lease `id`.
-    async fn renewed(&mut self, id: i64, res: Result<bool, EtcdError>) {
-        if self.lease != Some(id) {
-            // Re-granted meanwhile: this answer is about the old lease.
-            return;
-        }
-        match res {
-            Ok(true) => {
-                if !self.healthy || !self.pending.is_empty() || !self.online_written {
-                    self.flush().await;
-                }
-            }
-            Ok(false) => {
-                warn!(
-                    lease = id,
-                    "status lease expired; re-granting and re-putting online"
-                );
-                self.lease = None;
-                self.online_written = false;
-                self.flush().await;
-            }
-            Err(e) => self.failed(&e),
-        }
-    }
-
-    async fn revoke(&mut self) {
-        if let Some(id) = self.lease.take() {
-            if let Err(err) = self.kv.lease_revoke(id).await {
-                warn!(%err, lease = id, "cannot revoke status lease; online expires with its TTL");
-            }
-        }
-    }
-}
-
-/// A node's published status, as `meduza status` shows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct NodeStatus {
-    pub node_id: String,
-    pub online: bool,
-    pub last: Option<String>,
-    pub applied: Option<String>,
-    /// The revision in `applied`.
-    pub applied_revision: Option<i64>,
-    /// The mod revision of `/commit` now.
-    pub commit_revision: Option<i64>,
-    pub errors: Vec<ErrorEntry>,
-    /// Set when `errors` is not a JSON array of entries.
-    pub errors_unparsed: Option<String>,
-    pub services: BTreeMap<String, String>,
-    pub openvpn: BTreeMap<String, String>,
-    pub wireguard: BTreeMap<String, String>,
-    pub clash_health: Option<String>,
-    pub tproxy: Option<String>,
-    pub dns_upstreams: BTreeMap<String, String>,
-    pub failover_log: Vec<FailoverEntry>,
-    /// Keys under the node's status prefix this version does not know.
-    pub other: BTreeMap<String, String>,
-}
-
-impl NodeStatus {
-    /// Whether the node applied the current `/commit`; `None` when unknown.
-    pub fn up_to_date(&self) -> Option<bool> {
-        match (self.applied_revision, self.commit_revision) {
-            (Some(a), Some(c)) => Some(a >= c),
-            (Some(_), None) => Some(true),
-            _ => None,
-        }
-    }
-
-    /// Builds the status from the keys under `/updated/<id>/` (prefix stripped).
-    pub fn from_keys(
-        node_id: &str,
-        keys: &BTreeMap<String, String>,
-        commit_revision: Option<i64>,
-    ) -> Self {
-        let mut st = NodeStatus {
-            node_id: node_id.to_owned(),
-            commit_revision,
-            ..NodeStatus::default()
-        };
-        for (k, v) in keys {
-            let parts: Vec<&str> = k.split('/').collect();
-            match parts.as_slice() {
-                ["online"] => st.online = v == "1",
-                ["last"] => st.last = Some(v.clone()),
-                ["applied"] => {
-                    st.applied_revision = v.split_whitespace().next().and_then(|r| r.parse().ok());
-                    st.applied = Some(v.clone());
-                }
-                ["errors"] => match serde_json::from_str::<Vec<ErrorEntry>>(v) {
-                    Ok(e) => st.errors = e,
-                    Err(_) => st.errors_unparsed = Some(v.clone()),
-                },
-                ["services", svc, "status"] => {
-                    st.services.insert((*svc).to_owned(), v.clone());
-                }
-                ["openvpn", name, "status"] => {
-                    st.openvpn.insert((*name).to_owned(), v.clone());
-                }
-                ["wireguard", name, "status"] => {
-                    st.wireguard.insert((*name).to_owned(), v.clone());
-                }
-                ["clash", "health"] => st.clash_health = Some(v.clone()),
-                ["tproxy"] => st.tproxy = Some(v.clone()),
-                ["dns", "upstreams", name, "status"] => {
-                    st.dns_upstreams.insert((*name).to_owned(), v.clone());
-                }
-                ["dns", "failover_log"] => {
-                    st.failover_log = serde_json::from_str(v).unwrap_or_default();
-                }
-                _ => {
-                    st.other.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        st
-    }
-}
-
-/// Reads a node's status and the current `/commit` revision.
-pub async fn read_status(kv: &dyn Kv, node_id: &str) -> Result<NodeStatus, EtcdError> {
-    let prefix = format!("{STATUS_ROOT}{node_id}/");
-    let (keys, _) = kv.get_ranges(&[KeyRange::Prefix(prefix.clone())]).await?;
-    let keys: BTreeMap<String, String> = keys
-        .into_iter()
-        .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|s| (s.to_owned(), v)))
-        .collect();
-    let commit = kv.get(COMMIT_KEY).await?.map(|e| e.mod_revision);
-    Ok(NodeStatus::from_keys(node_id, &keys, commit))
-}
-
-/// The terminal table of `meduza status`.
-pub fn render_status_table(st: &NodeStatus) -> String {
-    let mut out = String::new();
-    let mut row = |name: &str, value: &str| {
-        let _ = writeln!(out, "{name:<28} {value}");
-    };
-    row("node", &st.node_id);
-    row("online", if st.online { "yes" } else { "no" });
-    row("last", st.last.as_deref().unwrap_or("-"));
-    let applied = match (&st.applied, st.commit_revision, st.up_to_date()) {
-        (None, Some(c), _) => format!("never (current /commit revision {c})"),
-        (None, None, _) => "never".to_owned(),
-        (Some(a), Some(c), Some(true)) => format!("{a} (up to date; /commit revision {c})"),
-        (Some(a), Some(c), _) => format!("{a} (BEHIND: /commit revision {c})"),
-        (Some(a), None, _) => format!("{a} (no /commit key)"),
-    };
-    row("applied", &applied);
-    match &st.errors_unparsed {
-        Some(raw) => row("errors", &format!("unreadable: {raw}")),
-        None => row("errors", &st.errors.len().to_string()),
-    }
-    for e in &st.errors {
-        row("", &format!("{} = {:?}: {}", e.key, e.value, e.reason));
-    }
-    for (name, v) in &st.services {
-        row(&format!("service {name}"), v);
-    }
-    for (name, v) in &st.openvpn {
-        row(&format!("openvpn {name}"), v);
-    }
-    for (name, v) in &st.wireguard {
-        row(&format!("wireguard {name}"), v);
-    }
-    row("clash health", st.clash_health.as_deref().unwrap_or("-"));
-    row("tproxy", st.tproxy.as_deref().unwrap_or("-"));
-    for (name, v) in &st.dns_upstreams {
-        row(&format!("dns upstream {name}"), v);
-    }
-    if let Some(last) = st.failover_log.last() {
-        row(
-            "dns failover log",
-            &format!(
-                "{} entries; last: {} {} {} ({})",
-                st.failover_log.len(),
-                last.ts,
-                last.upstream,
-                last.action,
-                last.reason
-            ),
-        );
-    }
-    for (k, v) in &st.other {
-        row(k, v);
-    }
-    out
-}
-
-/// The next pending key to write: in key order, but `applied` last, so a reader who
-/// sees a new `applied` also sees the `errors` and `last` of the same pass (keys are
-/// written one by one).
-fn next_to_write(pending: &BTreeMap<String, Option<String>>) -> Option<(String, Option<String>)> {
-    pending
-        .iter()
-        .find(|(k, _)| k.as_str() != "applied")
-        .or_else(|| pending.iter().next())
-        .map(|(k, v)| (k.clone(), v.clone()))
+/// The entries of a `dns/failover_log` value.
+pub fn parse_failover_log(value: &str) -> Result<Vec<FailoverEntry>, serde_json::Error> {
+    serde_json::from_str(value)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::etcd::MemKv;
-
-    fn fast() -> PublisherConfig {
-        PublisherConfig {
-            ttl_secs: 3,
-            keep_alive_interval: Duration::from_millis(50),
-            retry_min: Duration::from_millis(10),
-            retry_max: Duration::from_millis(40),
-            jitter: Jitter::None,
-        }
-    }
 
     #[test]
     fn values_have_the_documented_shape() {
@@ -739,145 +485,167 @@ mod tests {
         assert_eq!(parsed.last().unwrap().ts, 149, "newest last");
     }
 
-    #[tokio::test]
-    async fn writes_online_and_only_changed_values() {
-        let kv = MemKv::new();
-        let p = StatusPublisher::spawn(Arc::new(kv.clone()), "a", fast());
-        p.set("tproxy", "applied 1 ok");
-        assert!(p.flush().await);
-        let puts = kv.put_count();
-        p.set("tproxy", "applied 1 ok");
-        p.set("tproxy", "applied 1 ok");
-        assert!(p.flush().await);
-        assert_eq!(kv.put_count(), puts, "unchanged value must not be written");
-        p.set("tproxy", "removed 2 crash");
-        assert!(p.flush().await);
-        assert_eq!(kv.put_count(), puts + 1);
-        let e = kv.get("/updated/a/online").await.unwrap().unwrap();
-        assert_eq!(e.value, "1");
-        assert_ne!(e.lease, 0, "online must be attached to a lease");
-        p.remove("tproxy");
-        assert!(p.flush().await);
-        assert!(kv.get("/updated/a/tproxy").await.unwrap().is_none());
-        p.shutdown().await;
-        assert!(
-            kv.get("/updated/a/online").await.unwrap().is_none(),
-            "shutdown revokes the lease"
-        );
-    }
-
-    #[tokio::test]
-    async fn applied_is_written_after_the_rest_of_its_pass() {
-        let kv = MemKv::new();
-        let p = StatusPublisher::spawn(Arc::new(kv.clone()), "a", fast());
-        assert!(p.flush().await);
-        p.set_errors(&[]);
-        p.set_applied(7);
-        p.set("last", "1 applied revision 7");
-        p.set("tproxy", "applied 1 ok");
-        assert!(p.flush().await);
-        let rev = |k: &str| {
-            let kv = kv.clone();
-            let key = format!("/updated/a/{k}");
-            async move { kv.get(&key).await.unwrap().unwrap().mod_revision }
-        };
-        let applied = rev("applied").await;
-        for k in ["errors", "last", "tproxy"] {
-            assert!(rev(k).await < applied, "{k} must be written before applied");
-        }
-        p.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn queue_survives_an_outage_newest_value_wins() {
-        let kv = MemKv::new();
-        let p = StatusPublisher::spawn(Arc::new(kv.clone()), "a", fast());
-        assert!(p.flush().await);
-        kv.set_down(true);
-        p.set("last", "1 first");
-        p.set("last", "2 second");
-        p.set_errors(&[]);
-        assert!(
-            !p.flush().await,
-            "nothing can be written while etcd is down"
-        );
-        // While down, the lease expired.
-        kv.expire_all_leases();
-        assert!(!kv.dump().contains_key("/updated/a/online"));
-        kv.set_down(false);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let d = kv.dump();
-            if d.get("/updated/a/last").map(String::as_str) == Some("2 second")
-                && d.get("/updated/a/online").map(String::as_str) == Some("1")
-                && d.get("/updated/a/errors").map(String::as_str) == Some("[]")
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "queue not flushed: {d:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(kv.leases().len(), 1, "a fresh lease was granted");
-    }
-
-    #[tokio::test]
-    async fn expired_lease_is_regranted() {
-        let kv = MemKv::new();
-        let p = StatusPublisher::spawn(Arc::new(kv.clone()), "a", fast());
-        assert!(p.flush().await);
-        kv.expire_all_leases();
-        assert!(kv.get("/updated/a/online").await.unwrap().is_none());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while kv.get("/updated/a/online").await.unwrap().is_none() {
-            assert!(Instant::now() < deadline, "online not re-put");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn read_status_parses_and_renders() {
-        let kv = MemKv::new();
-        kv.put("/commit", "x").await.unwrap();
-        let commit_rev = kv.revision();
-        for (k, v) in [
-            ("online", "1".to_owned()),
-            ("last", "100 commit".to_owned()),
-            ("applied", format!("{} 100", commit_rev - 1)),
+    #[test]
+    fn every_key_round_trips() {
+        let keys = [
+            (StatusKey::Online, "online"),
+            (StatusKey::Last, "last"),
+            (StatusKey::Applied, "applied"),
+            (StatusKey::Errors, "errors"),
+            (StatusKey::Warnings, "warnings"),
+            (StatusKey::Rollback, "rollback"),
+            (StatusKey::Tproxy, "tproxy"),
+            (StatusKey::ApiTls, "api_tls"),
+            (StatusKey::ClashHealth, "clash/health"),
+            (StatusKey::ClashSubscription, "clash/subscription"),
+            (StatusKey::FailoverLog, "dns/failover_log"),
             (
-                "errors",
-                errors_value(&[ErrorEntry {
+                StatusKey::Service("mihomo".into()),
+                "services/mihomo/status",
+            ),
+            (StatusKey::Openvpn("office".into()), "openvpn/office/status"),
+            (StatusKey::Wireguard("wg0".into()), "wireguard/wg0/status"),
+            (
+                StatusKey::DnsUpstream("ali".into()),
+                "dns/upstreams/ali/status",
+            ),
+        ];
+        for (key, suffix) in keys {
+            assert_eq!(key.suffix(), suffix);
+            assert_eq!(StatusKey::parse(suffix), Some(key.clone()));
+            assert_eq!(key.key("gw-a"), format!("/updated/gw-a/{suffix}"));
+        }
+        for unknown in ["future/key", "services/x", "dns/upstreams/a/b/status", ""] {
+            assert_eq!(StatusKey::parse(unknown), None, "{unknown:?}");
+        }
+    }
+
+    #[test]
+    fn every_value_round_trips() {
+        let fp: Fingerprint = "ab".repeat(32).parse().unwrap();
+        let cases = [
+            (
+                StatusUpdate::Last {
+                    ts: 100,
+                    reason: "applied revision 7".into(),
+                },
+                "100 applied revision 7".to_owned(),
+            ),
+            (
+                StatusUpdate::Applied {
+                    revision: 7,
+                    ts: 100,
+                },
+                "7 100".to_owned(),
+            ),
+            (StatusUpdate::Errors(Vec::new()), "[]".to_owned()),
+            (
+                StatusUpdate::Errors(vec![ErrorEntry {
                     key: "/nodes/a/lan".into(),
                     value: "bad".into(),
                     reason: "not a CIDR".into(),
                 }]),
+                r#"[{"key":"/nodes/a/lan","value":"bad","reason":"not a CIDR"}]"#.to_owned(),
             ),
-            ("services/mihomo/status", "running 100".to_owned()),
-            ("wireguard/wg0/status", "up 100".to_owned()),
-            ("clash/health", "healthy 100 ok".to_owned()),
-            ("dns/upstreams/ali/status", "healthy 100 12".to_owned()),
-            ("future/key", "v".to_owned()),
-        ] {
-            kv.put(&format!("/updated/a/{k}"), &v).await.unwrap();
+            (
+                StatusUpdate::Warnings(vec![Warning::unknown_key("/nodes/a/lann", None)]),
+                warnings_value(&[Warning::unknown_key("/nodes/a/lann", None)]),
+            ),
+            (
+                StatusUpdate::Rollback(RollbackEntry {
+                    revision: 6,
+                    reason: "etcd unreachable".into(),
+                    at: 100,
+                }),
+                r#"{"revision":6,"reason":"etcd unreachable","at":100}"#.to_owned(),
+            ),
+            (
+                StatusUpdate::Service {
+                    name: "mihomo".into(),
+                    state: "running".into(),
+                    since: 100,
+                },
+                "running 100".to_owned(),
+            ),
+            (
+                StatusUpdate::Openvpn {
+                    name: "office".into(),
+                    state: "connecting".into(),
+                    ts: 100,
+                },
+                "connecting 100".to_owned(),
+            ),
+            (
+                StatusUpdate::Wireguard {
+                    name: "wg0".into(),
+                    state: "up".into(),
+                    ts: 100,
+                },
+                "up 100".to_owned(),
+            ),
+            (
+                StatusUpdate::ClashHealth(StateLine::new("unhealthy", 100, "api down")),
+                "unhealthy 100 api down".to_owned(),
+            ),
+            (
+                StatusUpdate::ClashSubscription(StateLine::new("ok", 100, "3 proxies, unchanged")),
+                "ok 100 3 proxies, unchanged".to_owned(),
+            ),
+            // The reason field is written even when empty.
+            (
+                StatusUpdate::Tproxy(StateLine::new("removed", 100, "")),
+                "removed 100 ".to_owned(),
+            ),
+            (
+                StatusUpdate::Tproxy(StateLine::new("applied", 100, "mihomo healthy")),
+                "applied 100 mihomo healthy".to_owned(),
+            ),
+            (
+                StatusUpdate::DnsUpstream {
+                    name: "ali".into(),
+                    state: "healthy".into(),
+                    ts: 100,
+                    latency_ms: 0,
+                },
+                "healthy 100 0".to_owned(),
+            ),
+            (
+                StatusUpdate::FailoverLog(vec![FailoverEntry {
+                    ts: 100,
+                    upstream: "ali".into(),
+                    action: "failover_triggered".into(),
+                    reason: "3 failures".into(),
+                }]),
+                r#"[{"ts":100,"upstream":"ali","action":"failover_triggered","reason":"3 failures"}]"#
+                    .to_owned(),
+            ),
+            (
+                StatusUpdate::ApiTls {
+                    fingerprint: fp,
+                    ts: 100,
+                    source: "file".into(),
+                },
+                format!("{} 100 file", "ab".repeat(32)),
+            ),
+        ];
+        for (update, value) in cases {
+            assert_eq!(update.value(), value, "{update:?}");
+            let suffix = update.key().suffix();
+            assert_eq!(
+                StatusUpdate::parse(&suffix, &value),
+                Some(update.clone()),
+                "{suffix} = {value:?}"
+            );
         }
-        kv.put("/updated/b/online", "1").await.unwrap();
-        let st = read_status(&kv, "a").await.unwrap();
-        assert!(st.online);
-        assert_eq!(st.commit_revision, Some(commit_rev));
-        assert_eq!(st.up_to_date(), Some(false));
-        assert_eq!(st.errors.len(), 1);
-        assert_eq!(st.services["mihomo"], "running 100");
-        assert_eq!(st.other["future/key"], "v");
-        let table = render_status_table(&st);
-        assert!(table.contains("BEHIND"), "{table}");
-        assert!(
-            table.contains("/nodes/a/lan = \"bad\": not a CIDR"),
-            "{table}"
+        assert_eq!(parse_applied("7 100"), Some(7));
+        assert_eq!(api_tls_fingerprint(&format!("{fp} 100 etcd")), Some(fp));
+        assert_eq!(
+            StateLine::parse("running"),
+            StateLine::new("running", 0, ""),
+            "a short line reads with defaults"
         );
-        assert!(table.contains("service mihomo"), "{table}");
-        assert!(table.contains("dns upstream ali"), "{table}");
-
-        let none = read_status(&kv, "zzz").await.unwrap();
-        assert!(!none.online);
-        assert!(render_status_table(&none).contains("never"));
+        assert_eq!(StatusUpdate::parse("online", ONLINE_VALUE), None);
+        assert_eq!(StatusUpdate::parse("applied", "seven"), None);
+        assert_eq!(StatusUpdate::parse("errors", "not json"), None);
     }
 }

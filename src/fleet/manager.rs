@@ -1,24 +1,24 @@
-//! The fleet manager's loop: read the registry and node status keys from etcd, pull
-//! every node's `/v1/stats` (directly, else through `/fleet/proxy`), fetch its
-//! `/v1/status` and failover log for the web page, and compute push/pull status.
+//! The fleet manager's loop: read the registry ([`super::registry`]), pull every
+//! node's `/v1/stats` over [`super::client`] (directly, else through `/fleet/proxy`),
+//! fetch its `/v1/status` and failover log for the web page, and compute push/pull
+//! status.
 //!
 //! Owns: the in-memory fleet view (published on a `watch` channel), usage accounting
-//! and, when enabled, `/fleet/status/<id>`; the TLS policy toward nodes (trust from a
-//! node's pin, `--node-ca` and `/fleet/ca`; nothing sent to a node that serves HTTPS
-//! at a plain `http://` URL). Must not: write any node's configuration or show a
-//! token — node tokens are read from `/nodes/<id>/api/token` and only ever sent in an
-//! `Authorization` header to that node, over TLS when the node has it.
+//! and, when enabled, `/fleet/status/<id>`. Must not: write any node's configuration
+//! or show a token — node tokens are read from `/nodes/<id>/api/token` and only ever
+//! sent in an `Authorization` header to that node, over TLS when the node has it
+//! ([`Registered::tls_refusal`]).
+
+pub use super::client::{origin, HttpNodeClient, NodeClient, NodeTrust, PullError};
+pub use super::registry::{load_registry, Published, Registered, Registry};
 
 use super::status::{
     pull_status, push_status, usage_total, NodeFacts, PullStatus, PushStatus, Route, Usage,
 };
 use super::FleetError;
-use crate::api::{redact_errors, ConfigError, ConfigStore, FailoverLogEntry, NodeStatus, Stat};
-use crate::tls::{Fingerprint, ServerTrust};
-use futures::future::BoxFuture;
-use rustls::pki_types::CertificateDer;
+use crate::api::{ConfigError, ConfigStore, FailoverLogEntry, NodeStatus, Stat};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -31,22 +31,6 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Why one HTTP fetch failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum PullError {
-    #[error("{url}: {reason}")]
-    Transport { url: String, reason: String },
-    #[error("{url}: HTTP {status}{}", if error.is_empty() { String::new() } else { format!(": {error}") })]
-    Status {
-        url: String,
-        status: u16,
-        /// The `error` of the node API's JSON answer, when it has one.
-        error: String,
-    },
-    #[error("proxy {reason}")]
-    Proxy { reason: String },
-}
-
 /// Why a console request to a node failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeCallError {
@@ -56,226 +40,6 @@ pub enum NodeCallError {
     Registry(#[from] FleetError),
     #[error(transparent)]
     Node(#[from] PullError),
-}
-
-/// The network edge: one authenticated request to a node's API. The real one is
-/// [`HttpNodeClient`].
-pub trait NodeClient: Send + Sync + 'static {
-    /// `method url` with `Authorization: Bearer <token>` and, when given, a JSON `body`;
-    /// directly when `proxy` is `None`. The answer's body when the status is 2xx.
-    fn request(
-        &self,
-        method: reqwest::Method,
-        url: String,
-        token: Option<String>,
-        body: Option<Vec<u8>>,
-        proxy: Option<String>,
-    ) -> BoxFuture<'static, Result<Vec<u8>, PullError>>;
-
-    /// GET `url` (the pull round's requests).
-    fn get(
-        &self,
-        url: String,
-        token: Option<String>,
-        proxy: Option<String>,
-    ) -> BoxFuture<'static, Result<Vec<u8>, PullError>> {
-        self.request(reqwest::Method::GET, url, token, None, proxy)
-    }
-
-    /// The trust in node certificates read from etcd this round; clients that do not
-    /// speak TLS ignore it.
-    fn set_trust(&self, _trust: NodeTrust) {}
-}
-
-/// Trust in node certificates learned from etcd (docs/fleet.md, "HTTPS"), handed to
-/// the client each round: a node's pin wins; else the CAs (`--node-ca` and
-/// `/fleet/ca`); else the webpki roots.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeTrust {
-    /// `/fleet/ca` (PEM).
-    pub ca_pem: Option<String>,
-    /// Origin of a node's api_url (`https://host:port`) → its pinned certificate
-    /// (`/fleet/nodes/<id>/cert_sha256`).
-    pub pins: BTreeMap<String, Fingerprint>,
-}
-
-/// `scheme://host:port` of `url`, the key of [`NodeTrust::pins`].
-pub fn origin(url: &str) -> Option<String> {
-    reqwest::Url::parse(url)
-        .ok()
-        .map(|u| u.origin().ascii_serialization())
-}
-
-/// reqwest-based [`NodeClient`]: one reqwest client per (proxy, trust). The direct
-/// clients ignore `*_PROXY` environment variables so "direct" means direct.
-pub struct HttpNodeClient {
-    timeout: Duration,
-    /// `--node-ca`: trusted together with `/fleet/ca`.
-    node_ca: Vec<CertificateDer<'static>>,
-    trust: Mutex<NodeTrust>,
-    clients: Mutex<HashMap<(Option<String>, ServerTrust), reqwest::Client>>,
-}
-
-impl HttpNodeClient {
-    pub fn new(timeout: Duration) -> Result<Self, FleetError> {
-        Ok(Self {
-            timeout,
-            node_ca: Vec::new(),
-            trust: Mutex::new(NodeTrust::default()),
-            clients: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// Trust node certificates signed by the CA certificates in the PEM file `path`
-    /// (`--node-ca`).
-    pub fn with_node_ca_file(mut self, path: &std::path::Path) -> Result<Self, FleetError> {
-        let invalid = |reason: String| FleetError::Invalid {
-            field: "--node-ca",
-            value: path.display().to_string(),
-            reason,
-        };
-        let pem = crate::tls::read_pem("--node-ca", path).map_err(|e| invalid(e.to_string()))?;
-        self.node_ca =
-            crate::tls::ca_certs("--node-ca", &pem).map_err(|e| invalid(e.to_string()))?;
-        Ok(self)
-    }
-
-    /// How the certificate of the node at `url` is checked.
-    fn trust_for(&self, url: &str) -> Result<ServerTrust, PullError> {
-        if !url.starts_with("https://") {
-            return Ok(ServerTrust::Default);
-        }
-        let t = self.trust.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pin) = origin(url).and_then(|o| t.pins.get(&o).copied()) {
-            return Ok(ServerTrust::Pin(pin));
-        }
-        let mut cas = self.node_ca.clone();
-        if let Some(pem) = &t.ca_pem {
-            let etcd_ca =
-                crate::tls::ca_certs("/fleet/ca", pem).map_err(|e| PullError::Transport {
-                    url: url.to_string(),
-                    reason: e.to_string(),
-                })?;
-            cas.extend(etcd_ca);
-        }
-        Ok(if cas.is_empty() {
-            ServerTrust::Default
-        } else {
-            ServerTrust::Ca(cas)
-        })
-    }
-
-    fn client_for(&self, url: &str, proxy: Option<&str>) -> Result<reqwest::Client, PullError> {
-        let key = (proxy.map(str::to_string), self.trust_for(url)?);
-        let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(&key) {
-            return Ok(c.clone());
-        }
-        let builder = crate::tls::client_builder(&key.1).map_err(|e| PullError::Transport {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })?;
-        let builder = match proxy {
-            None => builder.no_proxy(),
-            // Never echo the proxy URL: it may carry credentials.
-            Some(p) => builder.proxy(reqwest::Proxy::all(p).map_err(|_| PullError::Proxy {
-                reason: "URL in /fleet/proxy is not valid".into(),
-            })?),
-        };
-        // A node API never redirects; following one could carry the token elsewhere.
-        let c = builder
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(self.timeout)
-            .connect_timeout(self.timeout)
-            .build()
-            .map_err(|e| PullError::Transport {
-                url: url.to_string(),
-                reason: e.to_string(),
-            })?;
-        map.insert(key, c.clone());
-        Ok(c)
-    }
-}
-
-impl NodeClient for HttpNodeClient {
-    fn set_trust(&self, trust: NodeTrust) {
-        let mut t = self.trust.lock().unwrap_or_else(|e| e.into_inner());
-        if *t != trust {
-            *t = trust;
-            // Clients built for the old CA or pins are not used again.
-            self.clients
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
-        }
-    }
-
-    fn request(
-        &self,
-        method: reqwest::Method,
-        url: String,
-        token: Option<String>,
-        body: Option<Vec<u8>>,
-        proxy: Option<String>,
-    ) -> BoxFuture<'static, Result<Vec<u8>, PullError>> {
-        let client = self.client_for(&url, proxy.as_deref());
-        Box::pin(async move {
-            let client = client?;
-            let mut req = client.request(method, &url);
-            if let Some(t) = token {
-                req = req.bearer_auth(t);
-            }
-            if let Some(b) = body {
-                req = req
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(b);
-            }
-            let resp = req.send().await.map_err(|e| PullError::Transport {
-                url: url.clone(),
-                reason: describe(&e),
-            })?;
-            if !resp.status().is_success() {
-                let status = resp.status().as_u16();
-                // The node API's JSON error names the field; keep its message only.
-                let error = resp
-                    .json::<serde_json::Value>()
-                    .await
-                    .ok()
-                    .and_then(|v| v.get("error")?.as_str().map(str::to_string))
-                    .map(|e| e.chars().take(300).collect())
-                    .unwrap_or_default();
-                return Err(PullError::Status { url, status, error });
-            }
-            let body = resp.bytes().await.map_err(|e| PullError::Transport {
-                url: url.clone(),
-                reason: describe(&e),
-            })?;
-            Ok(body.to_vec())
-        })
-    }
-}
-
-/// reqwest's Display hides the cause; walk the source chain. A certificate the trust
-/// refuses is named as such ("certificate not trusted: ...").
-fn describe(e: &reqwest::Error) -> String {
-    if let Some(why) = crate::tls::untrusted_reason(e) {
-        return why;
-    }
-    let mut parts = Vec::new();
-    if e.is_timeout() {
-        parts.push("timed out".to_string());
-    } else if e.is_connect() {
-        parts.push("connect failed".to_string());
-    }
-    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    while let Some(s) = src {
-        parts.push(s.to_string());
-        src = s.source();
-    }
-    if parts.is_empty() {
-        parts.push(e.to_string());
-    }
-    parts.join(": ")
 }
 
 /// Tunables (DESIGN §9 defaults: pull every 10 s, pull unavailable after 60 s).
@@ -295,176 +59,6 @@ impl Default for ManagerConfig {
             publish: false,
         }
     }
-}
-
-/// One registered node as etcd describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Registered {
-    pub id: String,
-    pub api_url: String,
-    pub token: Option<String>,
-    pub online: bool,
-    pub applied_revision: Option<i64>,
-    pub errors: Vec<ConfigError>,
-    /// `/fleet/nodes/<id>/cert_sha256`: the pinned certificate, or why the value is
-    /// not a fingerprint.
-    pub pin: Option<Result<Fingerprint, String>>,
-    /// `/updated/<id>/api_tls` is set: the node serves its API over HTTPS.
-    pub serves_https: bool,
-}
-
-impl Registered {
-    /// Why the manager must not send this node anything (its token would cross the
-    /// network in clear, or its pin is unreadable); `None` when it may.
-    pub fn tls_refusal(&self) -> Option<String> {
-        if let Some(Err(reason)) = &self.pin {
-            return Some(format!("/fleet/nodes/{}/cert_sha256: {reason}", self.id));
-        }
-        if !self.api_url.starts_with("http://") {
-            return None;
-        }
-        let why = if self.serves_https {
-            format!("/updated/{}/api_tls is set", self.id)
-        } else if self.pin.is_some() {
-            format!("/fleet/nodes/{}/cert_sha256 pins its certificate", self.id)
-        } else {
-            return None;
-        };
-        Some(format!(
-            "refused: {} is plain http:// but the node serves its API over HTTPS ({why}); \
-             its token is not sent in clear: register its https:// URL",
-            self.api_url
-        ))
-    }
-}
-
-/// The registry and the shared keys, read in one go.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Registry {
-    pub commit_revision: Option<i64>,
-    pub proxy: Option<String>,
-    /// `/fleet/ca`: PEM of the CA that signs node certificates.
-    pub ca: Option<String>,
-    pub nodes: Vec<Registered>,
-    pub published: BTreeMap<String, Published>,
-}
-
-impl Registry {
-    /// What the client needs to check node certificates.
-    pub fn trust(&self) -> NodeTrust {
-        NodeTrust {
-            ca_pem: self.ca.clone(),
-            pins: self
-                .nodes
-                .iter()
-                .filter_map(|n| Some((origin(&n.api_url)?, *n.pin.as_ref()?.as_ref().ok()?)))
-                .collect(),
-        }
-    }
-}
-
-/// `/fleet/status/<id>`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Published {
-    pub push: PushStatus,
-    pub pull: PullStatus,
-    pub usage: Usage,
-    pub last_pull_ms: Option<u64>,
-    pub route: Option<Route>,
-    pub updated_ms: u64,
-}
-
-fn parse_applied(v: &str) -> Option<i64> {
-    v.split_whitespace().next()?.parse().ok()
-}
-
-fn parse_errors(key: &str, v: &str) -> Vec<ConfigError> {
-    let v = v.trim();
-    if v.is_empty() {
-        return Vec::new();
-    }
-    serde_json::from_str(v).unwrap_or_else(|e| {
-        vec![ConfigError {
-            key: key.to_string(),
-            value: String::new(),
-            reason: format!("unreadable errors list: {e}"),
-        }]
-    })
-}
-
-/// Read `/fleet/`, `/commit` and, per registered node, `/updated/<id>/` and its token.
-pub async fn load_registry(store: &dyn ConfigStore) -> Result<Registry, FleetError> {
-    let fleet = store.get_prefix("/fleet/").await?;
-    let commit_revision = store
-        .get(crate::api::store::COMMIT_KEY)
-        .await?
-        .map(|v| v.mod_revision);
-    let proxy = fleet
-        .get("/fleet/proxy")
-        .map(|p| p.trim().to_string())
-        .filter(|p| !p.is_empty());
-    let ca = fleet
-        .get("/fleet/ca")
-        .filter(|c| !c.trim().is_empty())
-        .cloned();
-    let mut nodes = Vec::new();
-    let mut published = BTreeMap::new();
-    for (k, v) in &fleet {
-        if let Some(id) = k.strip_prefix("/fleet/status/") {
-            if let Ok(p) = serde_json::from_str::<Published>(v) {
-                published.insert(id.to_string(), p);
-            }
-            continue;
-        }
-        let Some(id) = k
-            .strip_prefix("/fleet/nodes/")
-            .and_then(|r| r.strip_suffix("/api_url"))
-        else {
-            continue;
-        };
-        if let Err(reason) = meduza_generators::parse::validate_name(id) {
-            warn!(key = %k, %reason, "skipping fleet node with an invalid id");
-            continue;
-        }
-        let updated = store.get_prefix(&format!("/updated/{id}/")).await?;
-        let token = store
-            .get(&format!("/nodes/{id}/api/token"))
-            .await?
-            .map(|v| v.value.trim().to_string())
-            .filter(|t| !t.is_empty());
-        let errors_key = format!("/updated/{id}/errors");
-        nodes.push(Registered {
-            id: id.to_string(),
-            api_url: v.trim().trim_end_matches('/').to_string(),
-            token,
-            online: updated.contains_key(&format!("/updated/{id}/online")),
-            applied_revision: updated
-                .get(&format!("/updated/{id}/applied"))
-                .and_then(|a| parse_applied(a)),
-            errors: redact_errors(
-                updated
-                    .get(&errors_key)
-                    .map(|e| parse_errors(&errors_key, e))
-                    .unwrap_or_default(),
-            ),
-            pin: fleet
-                .get(&format!("/fleet/nodes/{id}/cert_sha256"))
-                .filter(|p| !p.trim().is_empty())
-                .map(|p| p.parse::<Fingerprint>()),
-            serves_https: updated.contains_key(&format!(
-                "{}{id}/{}",
-                crate::etcd::status::STATUS_ROOT,
-                crate::etcd::status::API_TLS_SUFFIX
-            )),
-        });
-    }
-    Ok(Registry {
-        commit_revision,
-        proxy,
-        ca,
-        nodes,
-        published,
-    })
 }
 
 /// Pull memory of one node.
@@ -910,6 +504,8 @@ impl Manager {
 mod tests {
     use super::*;
     use crate::api::{MemStore, WriteOp};
+    use futures::future::BoxFuture;
+    use std::collections::HashMap;
 
     /// Answers by URL; `proxy_only` URLs fail unless asked through a proxy.
     #[derive(Default)]

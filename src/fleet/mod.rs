@@ -6,8 +6,10 @@
 //! (they stay in `/nodes/<id>/api/token` and are only sent to their node) or write
 //! node configuration.
 
+pub mod client;
 pub mod console;
 pub mod manager;
+pub mod registry;
 pub mod status;
 pub mod web;
 

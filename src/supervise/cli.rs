@@ -6,8 +6,9 @@
 //! Must not: read etcd or render configuration.
 
 use super::clock::SystemClock;
+use super::config::SupervisorConfig;
 use super::spawn::RealSpawner;
-use super::supervisor::{Supervisor, SupervisorConfig};
+use super::supervisor::Supervisor;
 use super::{reaper, SuperviseError};
 use meduza_generators::plan::service::ServiceSpec;
 use std::collections::BTreeSet;

@@ -18,8 +18,8 @@
 //! `frr-reload.py` would, then pushes the new config (tests/frr_policy.rs shows a
 //! policy turned off through the fallback taking effect).
 
+use super::config::FrrReloader;
 use super::spawn::clean_command;
-use super::supervisor::FrrReloader;
 use futures::future::BoxFuture;
 use meduza_generators::plan::service::{ReloadStrategy, ServiceSpec};
 use std::collections::BTreeSet;

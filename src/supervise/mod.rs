@@ -9,28 +9,35 @@
 //! Must not: read etcd, render configuration files, or run FRR's reload command
 //! itself (that is the `FrrReloader` the integrator provides).
 //!
-//! Layout: `policy` (pure decisions) → `supervisor` (plan of `apply`, the per-service
-//! actors) → `spawn`/`reaper`/`health` (the OS edge), `state_file` (the budget on
-//! disk), `cli` (`meduza supervise --services FILE.json`).
+//! Layout: `policy` (pure restart decisions) and `plan` (pure plan of `apply`) →
+//! `supervisor` (executes `apply`, keeps the registry) → `actor` (one task per service)
+//! with `loops` (its health-check loop and cron timer) → `spawn`/`reaper`/`health` (the
+//! OS edge); `config` (tunables, the FRR hook), `status` (observed state and events),
+//! `state_file` (the budget on disk), `cli` (`meduza supervise --services FILE.json`).
 
+mod actor;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod frr;
 pub mod health;
 pub mod logbuf;
+mod loops;
+pub mod plan;
 pub mod policy;
 pub mod reaper;
 pub mod spawn;
 pub mod state_file;
+pub mod status;
 pub mod supervisor;
 
 pub use clock::{Clock, FakeClock, SystemClock};
+pub use config::{FrrReloader, SupervisorConfig};
+pub use plan::{plan, Op};
 pub use policy::{decide, BackoffPolicy, Decision, Event, RestartSource, RestartState};
 pub use spawn::{ExitInfo, FakeSpawner, RealSpawner, Spawner};
-pub use supervisor::{
-    plan, EventKind, FrrReloader, Op, ServiceEvent, ServiceState, ServiceStatus, Supervisor,
-    SupervisorConfig,
-};
+pub use status::{EventKind, ServiceEvent, ServiceState, ServiceStatus};
+pub use supervisor::Supervisor;
 
 use nix::sys::signal::Signal;
 use std::path::PathBuf;

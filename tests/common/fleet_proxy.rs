@@ -3,6 +3,11 @@
 //! reaches a node it cannot reach directly (`/fleet/proxy`). It runs on its own thread
 //! with a current-thread tokio runtime after `setns(2)`, so every socket it opens,
 //! listening and outgoing, belongs to that namespace. Stopped and joined on drop.
+//!
+//! Through a CONNECT tunnel (how reqwest reaches an `https://` node through a proxy)
+//! the proxy sees TLS records only, and a client reuses one tunnel for many requests:
+//! it counts tunnels by target, and keeps every byte clients sent it (capped) so a test
+//! can check that a secret never crossed the bastion in clear.
 
 #![allow(dead_code)]
 
@@ -10,13 +15,34 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Bytes kept from clients at most; the fleet tests send a few KiB per round.
+const SEEN_CAP: usize = 16 << 20;
+
+/// What the proxy observed, shared with its connection tasks.
+#[derive(Default)]
+struct Seen {
+    requests: AtomicUsize,
+    /// Target (`host:port`) of every CONNECT, in order.
+    tunnels: Mutex<Vec<String>>,
+    /// Every byte clients sent: request heads, bodies, tunnelled bytes.
+    from_clients: Mutex<Vec<u8>>,
+}
+
+impl Seen {
+    fn record(&self, bytes: &[u8]) {
+        let mut b = self.from_clients.lock().unwrap_or_else(|e| e.into_inner());
+        let room = SEEN_CAP.saturating_sub(b.len());
+        b.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+}
+
 pub struct NsProxy {
     pub addr: SocketAddr,
-    requests: Arc<AtomicUsize>,
+    seen: Arc<Seen>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -25,8 +51,8 @@ impl NsProxy {
     /// Listen on `addr` inside the namespace `ns` (`/var/run/netns/<ns>`).
     pub fn start(ns: &str, addr: SocketAddr) -> NsProxy {
         let path = format!("/var/run/netns/{ns}");
-        let requests = Arc::new(AtomicUsize::new(0));
-        let n = requests.clone();
+        let seen = Arc::new(Seen::default());
+        let n = seen.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -83,7 +109,7 @@ impl NsProxy {
         }
         NsProxy {
             addr,
-            requests,
+            seen,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
@@ -93,9 +119,26 @@ impl NsProxy {
         format!("http://{}", self.addr)
     }
 
-    /// Requests served so far.
+    /// Requests served so far (a CONNECT counts once, whatever went through it).
     pub fn count(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
+        self.seen.requests.load(Ordering::SeqCst)
+    }
+
+    /// CONNECT tunnels opened to `target` (`host:port`) so far.
+    pub fn tunnels_to(&self, target: &str) -> usize {
+        let t = self.seen.tunnels.lock().unwrap_or_else(|e| e.into_inner());
+        t.iter().filter(|t| *t == target).count()
+    }
+
+    /// Whether `needle` appeared in clear in anything a client sent the proxy.
+    pub fn saw(&self, needle: &str) -> bool {
+        let b = self
+            .seen
+            .from_clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = needle.as_bytes();
+        !n.is_empty() && b.windows(n.len()).any(|w| w == n)
     }
 }
 
@@ -110,7 +153,7 @@ impl Drop for NsProxy {
     }
 }
 
-async fn handle(mut client: TcpStream, n: Arc<AtomicUsize>) -> std::io::Result<()> {
+async fn handle(mut client: TcpStream, n: Arc<Seen>) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -118,6 +161,7 @@ async fn handle(mut client: TcpStream, n: Arc<AtomicUsize>) -> std::io::Result<(
         if r == 0 {
             return Ok(());
         }
+        n.record(&chunk[..r]);
         buf.extend_from_slice(&chunk[..r]);
         if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break p + 4;
@@ -136,8 +180,12 @@ async fn handle(mut client: TcpStream, n: Arc<AtomicUsize>) -> std::io::Result<(
         parts.next().unwrap_or_default(),
         parts.next().unwrap_or("HTTP/1.1"),
     );
-    n.fetch_add(1, Ordering::SeqCst);
+    n.requests.fetch_add(1, Ordering::SeqCst);
     if method == "CONNECT" {
+        n.tunnels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(target.to_string());
         let Ok(mut up) = TcpStream::connect(target).await else {
             client
                 .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
@@ -148,8 +196,7 @@ async fn handle(mut client: TcpStream, n: Arc<AtomicUsize>) -> std::io::Result<(
             .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .await?;
         up.write_all(&rest).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut up).await?;
-        return Ok(());
+        return relay(client, up, &n).await;
     }
     let Some(after_scheme) = target.strip_prefix("http://") else {
         client
@@ -185,6 +232,28 @@ async fn handle(mut client: TcpStream, n: Arc<AtomicUsize>) -> std::io::Result<(
     out.push_str("connection: close\r\n\r\n");
     up.write_all(out.as_bytes()).await?;
     up.write_all(&rest).await?;
-    tokio::io::copy_bidirectional(&mut client, &mut up).await?;
+    relay(client, up, &n).await
+}
+
+/// Copies both ways until each side has closed, recording what the client sends.
+async fn relay(mut client: TcpStream, mut up: TcpStream, n: &Seen) -> std::io::Result<()> {
+    let (mut client_rx, mut client_tx) = client.split();
+    let (mut up_rx, mut up_tx) = up.split();
+    let to_up = async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            let r = client_rx.read(&mut chunk).await?;
+            if r == 0 {
+                return up_tx.shutdown().await;
+            }
+            n.record(&chunk[..r]);
+            up_tx.write_all(&chunk[..r]).await?;
+        }
+    };
+    let to_client = async {
+        tokio::io::copy(&mut up_rx, &mut client_tx).await?;
+        client_tx.shutdown().await
+    };
+    tokio::try_join!(to_up, to_client)?;
     Ok(())
 }

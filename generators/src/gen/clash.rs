@@ -23,10 +23,10 @@
 use super::{apply_service_overrides, service, MODE_SECRET};
 use crate::error::ValidationError;
 use crate::model::{Config, Node};
+use crate::output::{ClashRuntime, DomainOutput, FileOut, RenderEnv};
 use crate::plan::dns::CLASH_DNS_ADDR;
 use crate::plan::service::ReloadStrategy;
 use crate::plan::tproxy::TPROXY_PORT;
-use crate::render::{ClashRuntime, DomainOutput, FileOut, RenderEnv};
 use serde_norway::{Mapping, Value};
 
 pub const SERVICE: &str = "mihomo";
@@ -227,7 +227,7 @@ pub fn render(
 mod tests {
     use super::*;
     use crate::model::ClashHealthCheck;
-    use crate::render::Bins;
+    use crate::output::Bins;
     use crate::snapshot::Snapshot;
 
     const EXAMPLE: &str = include_str!("../../../docs/examples/three-nodes.json");

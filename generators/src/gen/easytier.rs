@@ -28,8 +28,8 @@
 use super::{apply_service_overrides, header_hash, service, MODE_SECRET};
 use crate::error::ValidationError;
 use crate::model::{Config, Node};
+use crate::output::{DomainOutput, FileOut, RenderEnv};
 use crate::plan::service::{Redact, ReloadStrategy, ServiceSpec};
-use crate::render::{DomainOutput, FileOut, RenderEnv};
 use ipnet::IpNet;
 use std::fmt::Write as _;
 

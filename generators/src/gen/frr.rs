@@ -1,6 +1,11 @@
-//! FRR: `/etc/frr/frr.conf` (integrated config), `/etc/frr/daemons` and
-//! `/etc/frr/vtysh.conf`. No services: the integrator starts FRR's daemons and reloads
-//! with `frr-reload.py` when `frr.conf` changes.
+//! FRR: `/etc/frr/frr.conf` (integrated config) and `/etc/frr/vtysh.conf`. No
+//! services: the integrator starts FRR's daemons and reloads with `frr-reload.py` when
+//! `frr.conf` changes. No `/etc/frr/daemons` either: only FRR's init scripts and
+//! watchfrr read it, and meduza's supervisor starts the daemons itself.
+//!
+//! Owns: the text of those files, from the routing the model resolved and checked
+//! ([`crate::model::frr_routing`]). Must not: refuse a configuration (the model does)
+//! or decide whether FRR runs on a node (that is [`crate::render`], asking [`enabled`]).
 //!
 //! Routing policy (seed "BGP Control Flags", DESIGN §3):
 //! - OSPF (`ospf/enable`): area 0 over the overlay interface (every other interface
@@ -38,15 +43,12 @@
 //!   (tests/frr_policy.rs met it; docs/routing.md).
 
 use super::{header_hash, MODE_PUBLIC};
-use crate::error::ValidationError;
-use crate::model::{BgpPeer, Config, InternalRouting, Node, PrefixRule};
-use crate::render::{mesh_addr, mesh_dev, DomainOutput, FileOut};
+use crate::model::{mesh_addr, mesh_dev, Config, EbgpNeighbor, FrrRouting, Node, PrefixRule};
+use crate::output::{DomainOutput, FileOut};
 use ipnet::IpNet;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
 
 pub const FRR_CONF: &str = "/etc/frr/frr.conf";
-pub const DAEMONS: &str = "/etc/frr/daemons";
 pub const VTYSH_CONF: &str = "/etc/frr/vtysh.conf";
 /// Written as `frr version`: FRR keeps the defaults of the version that wrote a config.
 pub const FRR_VERSION: &str = "8.4";
@@ -74,92 +76,10 @@ pub fn enabled(node: &Node) -> bool {
     node.ospf.enable || node.bgp.enable
 }
 
-/// An eBGP session over a VPN instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EbgpNeighbor<'a> {
-    /// `openvpn` or `wireguard`.
-    pub kind: &'static str,
-    pub instance: &'a str,
-    pub peer: &'a BgpPeer,
-}
-
-impl EbgpNeighbor<'_> {
-    fn map(&self, dir: &str) -> String {
-        let k = if self.kind == "openvpn" { "OVPN" } else { "WG" };
-        format!("MEDUZA-EBGP-{k}-{}-{dir}", self.instance)
-    }
-}
-
-/// An iBGP session over the overlay.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IbgpNeighbor {
-    pub node_id: String,
-    pub addr: IpAddr,
-    pub asn: u32,
-}
-
-/// eBGP sessions of `node`: enabled instances with `bgp/enable`.
-pub fn ebgp_neighbors(node: &Node) -> Vec<EbgpNeighbor<'_>> {
-    let ovpn = node.openvpn.iter().filter(|o| o.enable).filter_map(|o| {
-        o.bgp.as_ref().map(|peer| EbgpNeighbor {
-            kind: "openvpn",
-            instance: &o.name,
-            peer,
-        })
-    });
-    let wg = node.wireguard.iter().filter(|w| w.enable).filter_map(|w| {
-        w.bgp.as_ref().map(|peer| EbgpNeighbor {
-            kind: "wireguard",
-            instance: &w.name,
-            peer,
-        })
-    });
-    ovpn.chain(wg).collect()
-}
-
-/// iBGP sessions of `node`: with `internal_routing_system = bgp`, every other node that
-/// enables BGP and has an overlay address, if this node runs the overlay too.
-pub fn ibgp_neighbors(cfg: &Config, node: &Node) -> Vec<IbgpNeighbor> {
-    if cfg.global.internal_routing != InternalRouting::Bgp
-        || !node.bgp.enable
-        || mesh_addr(cfg, node).is_none()
-    {
-        return Vec::new();
-    }
-    cfg.nodes
-        .values()
-        .filter(|o| o.id != node.id && o.bgp.enable)
-        .filter_map(|o| {
-            Some(IbgpNeighbor {
-                node_id: o.id.clone(),
-                addr: mesh_addr(cfg, o)?.addr(),
-                asn: o.bgp.asn?,
-            })
-        })
-        .collect()
-}
-
-fn mesh_v4(cfg: &Config, node: &Node) -> Option<Ipv4Addr> {
-    match mesh_addr(cfg, node)?.addr() {
-        IpAddr::V4(a) => Some(a),
-        IpAddr::V6(_) => None,
-    }
-}
-
-/// BGP router id: `bgp/router_id`, else `ospf/router_id`, else the IPv4 overlay address.
-pub fn bgp_router_id(cfg: &Config, node: &Node) -> Option<Ipv4Addr> {
-    node.bgp
-        .router_id
-        .or(node.ospf.router_id)
-        .or_else(|| mesh_v4(cfg, node))
-}
-
-/// OSPF router id: `ospf/router_id`, else `bgp/router_id`, else the IPv4 overlay address.
-pub fn ospf_router_id(cfg: &Config, node: &Node) -> Option<Ipv4Addr> {
-    node.ospf
-        .router_id
-        .or(node.bgp.router_id)
-        .or_else(|| mesh_v4(cfg, node))
+/// The route-map of an eBGP session in direction `dir` (`IN` or `OUT`).
+fn ebgp_map(n: &EbgpNeighbor<'_>, dir: &str) -> String {
+    let k = if n.kind == "openvpn" { "OVPN" } else { "WG" };
+    format!("MEDUZA-EBGP-{k}-{}-{dir}", n.instance)
 }
 
 fn v4_lans(node: &Node) -> Vec<IpNet> {
@@ -200,9 +120,8 @@ fn rm(s: &mut String, name: &str, permit: bool, seq: u32, lines: &[String]) {
     s.push_str("exit\n!\n");
 }
 
-/// The `frr.conf` text.
-pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
-    let key = |s: &str| format!("/nodes/{}/{s}", node.id);
+/// The `frr.conf` text of `node`, whose routing the model resolved into `routing`.
+pub fn frr_conf(cfg: &Config, node: &Node, routing: &FrrRouting<'_>) -> String {
     let mut s = String::new();
     s.push_str(&header_hash(&node.id, "frr").replacen('#', "!", 1));
     let _ = writeln!(s, "frr version {FRR_VERSION}");
@@ -210,12 +129,6 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
     let _ = writeln!(s, "hostname {}", node.id);
     s.push_str("service integrated-vtysh-config\n!\nip forwarding\n!\n");
 
-    let ebgp = if node.bgp.enable {
-        ebgp_neighbors(node)
-    } else {
-        Vec::new()
-    };
-    let ibgp = ibgp_neighbors(cfg, node);
     let filter_in = &cfg.global.bgp_filter_in;
     let filter_out = &cfg.global.bgp_filter_out;
     let private: Vec<IpNet> = cfg
@@ -226,35 +139,8 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
         .copied()
         .collect();
 
-    if node.bgp.enable {
-        let Some(asn) = node.bgp.asn else {
-            return Err(ValidationError::new(
-                key("bgp/asn"),
-                "",
-                "required when bgp/enable is true",
-            ));
-        };
-        let mut seen = std::collections::BTreeMap::new();
-        for n in &ebgp {
-            let k = format!("/nodes/{}/{}/{}/bgp/peer_ip", node.id, n.kind, n.instance);
-            if let Some(prev) = seen.insert(n.peer.peer_ip, k.clone()) {
-                return Err(ValidationError::new(
-                    k,
-                    n.peer.peer_ip.to_string(),
-                    format!("peer_ip already used by {prev}"),
-                ));
-            }
-        }
-        for n in &ibgp {
-            if let Some(prev) = seen.get(&n.addr) {
-                return Err(ValidationError::new(
-                    prev.clone(),
-                    n.addr.to_string(),
-                    format!("peer_ip is the overlay address of node {}", n.node_id),
-                ));
-            }
-        }
-
+    if let Some(bgp) = &routing.bgp {
+        let (asn, ebgp, ibgp) = (bgp.asn, &bgp.ebgp, &bgp.ibgp);
         // Prefix lists.
         let _ = writeln!(s, "ip prefix-list {PL_DEFAULT} seq 5 permit 0.0.0.0/0");
         for (i, r) in filter_in.iter().enumerate() {
@@ -318,9 +204,9 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
                 .collect();
             rm(&mut s, RM_MESH_OUT, true, 10, &lines);
         }
-        for n in &ebgp {
-            let map_in = n.map("IN");
-            let map_out = n.map("OUT");
+        for n in ebgp {
+            let map_in = ebgp_map(n, "IN");
+            let map_out = ebgp_map(n, "OUT");
             rm(&mut s, &map_in, false, 5, &deny_default);
             let mut lines = Vec::new();
             if !filter_in.is_empty() {
@@ -381,14 +267,7 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
         }
     }
 
-    if node.ospf.enable {
-        let Some(rid) = ospf_router_id(cfg, node) else {
-            return Err(ValidationError::new(
-                key("ospf/router_id"),
-                "",
-                "required: no bgp/router_id or IPv4 overlay address to derive it from",
-            ));
-        };
+    if let Some(rid) = routing.ospf_router_id {
         if let Some(dev) = mesh_dev(cfg, node) {
             let _ = write!(s, "interface {dev}\n no ip ospf passive\nexit\n!\n");
         }
@@ -407,18 +286,11 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
         s.push_str("exit\n!\n");
     }
 
-    if node.bgp.enable {
-        let asn = node.bgp.asn.unwrap_or_default();
-        let Some(rid) = bgp_router_id(cfg, node) else {
-            return Err(ValidationError::new(
-                key("bgp/router_id"),
-                "",
-                "required: no ospf/router_id or IPv4 overlay address to derive it from",
-            ));
-        };
+    if let Some(bgp) = &routing.bgp {
+        let (asn, rid, ebgp, ibgp) = (bgp.asn, bgp.router_id, &bgp.ebgp, &bgp.ibgp);
         let _ = writeln!(s, "router bgp {asn}");
         let _ = writeln!(s, " bgp router-id {rid}");
-        for n in &ibgp {
+        for n in ibgp {
             let _ = writeln!(s, " neighbor {} remote-as {}", n.addr, n.asn);
             let _ = writeln!(s, " neighbor {} description mesh {}", n.addr, n.node_id);
             let _ = writeln!(
@@ -427,7 +299,7 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
                 n.addr
             );
         }
-        for n in &ebgp {
+        for n in ebgp {
             let ip = n.peer.peer_ip;
             let _ = writeln!(s, " neighbor {ip} remote-as {}", n.peer.peer_asn);
             let _ = writeln!(s, " neighbor {ip} description {} {}", n.kind, n.instance);
@@ -443,21 +315,21 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
         if node.ospf.enable {
             let _ = writeln!(s, "  redistribute ospf route-map {RM_OSPF_TO_BGP}");
         }
-        for n in &ibgp {
+        for n in ibgp {
             let a = n.addr;
             let _ = writeln!(s, "  neighbor {a} activate");
             let _ = writeln!(s, "  neighbor {a} next-hop-self");
             let _ = writeln!(s, "  neighbor {a} route-map {RM_MESH_IN} in");
             let _ = writeln!(s, "  neighbor {a} route-map {RM_MESH_OUT} out");
         }
-        for n in &ebgp {
+        for n in ebgp {
             let a = n.peer.peer_ip;
             let _ = writeln!(s, "  neighbor {a} activate");
             if let Some(w) = n.peer.weight {
                 let _ = writeln!(s, "  neighbor {a} weight {w}");
             }
-            let _ = writeln!(s, "  neighbor {a} route-map {} in", n.map("IN"));
-            let _ = writeln!(s, "  neighbor {a} route-map {} out", n.map("OUT"));
+            let _ = writeln!(s, "  neighbor {a} route-map {} in", ebgp_map(n, "IN"));
+            let _ = writeln!(s, "  neighbor {a} route-map {} out", ebgp_map(n, "OUT"));
         }
         s.push_str(" exit-address-family\nexit\n!\n");
     }
@@ -466,40 +338,18 @@ pub fn frr_conf(cfg: &Config, node: &Node) -> Result<String, ValidationError> {
     while s.contains("!\n!\n") {
         s = s.replace("!\n!\n", "!\n");
     }
-    Ok(s)
-}
-
-/// `/etc/frr/daemons`: which daemons watchfrr starts (zebra, staticd and mgmtd always).
-pub fn daemons(node: &Node) -> String {
-    let yn = |b: bool| if b { "yes" } else { "no" };
-    let mut s = header_hash(&node.id, "frr daemons");
-    let _ = writeln!(s, "zebra=yes");
-    let _ = writeln!(s, "bgpd={}", yn(node.bgp.enable));
-    let _ = writeln!(s, "ospfd={}", yn(node.ospf.enable));
-    for d in [
-        "ospf6d", "ripd", "ripngd", "isisd", "pimd", "ldpd", "nhrpd", "eigrpd", "babeld", "sharpd",
-        "pbrd", "bfdd", "fabricd", "vrrpd", "pathd",
-    ] {
-        let _ = writeln!(s, "{d}=no");
-    }
-    s.push_str("staticd=yes\nvtysh_enable=yes\n");
-    s.push_str("zebra_options=\"  -A 127.0.0.1 -s 90000000\"\n");
-    s.push_str("bgpd_options=\"   -A 127.0.0.1\"\n");
-    s.push_str("ospfd_options=\"  -A 127.0.0.1\"\n");
-    s.push_str("staticd_options=\"-A 127.0.0.1\"\n");
     s
 }
 
 /// The FRR files (no services: FRR's daemons are started by the integrator).
-pub fn render(cfg: &Config, node: &Node) -> Result<DomainOutput, ValidationError> {
-    Ok(DomainOutput {
+pub fn render(cfg: &Config, node: &Node, routing: &FrrRouting<'_>) -> DomainOutput {
+    DomainOutput {
         files: vec![
-            FileOut::new(FRR_CONF, frr_conf(cfg, node)?, MODE_PUBLIC),
-            FileOut::new(DAEMONS, daemons(node), MODE_PUBLIC),
+            FileOut::new(FRR_CONF, frr_conf(cfg, node, routing), MODE_PUBLIC),
             FileOut::new(VTYSH_CONF, "service integrated-vtysh-config\n", MODE_PUBLIC),
         ],
         services: Vec::new(),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -515,7 +365,9 @@ mod tests {
             s.0.insert((*k).to_string(), (*v).to_string());
         }
         let cfg = Config::parse(&s).expect("validates");
-        frr_conf(&cfg, cfg.node(node).expect("node")).expect("renders")
+        let node = cfg.node(node).expect("node");
+        let routing = crate::model::frr_routing(&cfg, node).expect("renders");
+        frr_conf(&cfg, node, &routing)
     }
 
     #[test]
@@ -626,36 +478,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn duplicate_peer_ip_is_refused() {
-        let mut s = Snapshot::from_json(EXAMPLE).expect("example is JSON");
-        for (k, v) in [
-            ("/nodes/gw-a/wireguard/w2/enable", "true"),
-            (
-                "/nodes/gw-a/wireguard/w2/private_key",
-                "YAnz3Pnh6Kc7Xd9xUIpVvf6n7XUqCo3qAwU6qhOb0W8=",
-            ),
-            ("/nodes/gw-a/wireguard/w2/bgp/enable", "true"),
-            ("/nodes/gw-a/wireguard/w2/bgp/peer_asn", "65100"),
-            ("/nodes/gw-a/wireguard/w2/bgp/peer_ip", "172.31.0.2"),
-        ] {
-            s.0.insert(k.into(), v.into());
-        }
-        let cfg = Config::parse(&s).expect("validates");
-        let e = frr_conf(&cfg, cfg.node("gw-a").expect("gw-a")).expect_err("same peer twice");
-        assert_eq!(e.key, "/nodes/gw-a/wireguard/w2/bgp/peer_ip");
-    }
-
-    #[test]
-    fn daemons_follow_the_protocols() {
-        let mut s = Snapshot::from_json(EXAMPLE).expect("example is JSON");
-        s.0.insert("/nodes/gw-c/bgp/enable".into(), "false".into());
-        s.0.insert("/nodes/gw-c/ospf/enable".into(), "true".into());
-        let cfg = Config::parse(&s).expect("validates");
-        let d = daemons(cfg.node("gw-c").expect("gw-c"));
-        assert!(d.contains("\nbgpd=no\n") && d.contains("\nospfd=yes\n"));
-        assert!(d.contains("\nvtysh_enable=yes\n") && d.contains("\nzebra=yes\n"));
     }
 }

@@ -6,7 +6,7 @@
 
 use super::MODE_PUBLIC;
 use crate::model::Config;
-use crate::render::{DomainOutput, FileOut};
+use crate::output::{DomainOutput, FileOut};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;

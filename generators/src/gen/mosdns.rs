@@ -17,9 +17,9 @@
 use super::{apply_service_overrides, service, MODE_PUBLIC};
 use crate::error::ValidationError;
 use crate::model::{Config, Node};
+use crate::output::{DomainOutput, FileOut, MosdnsRuntime, RenderEnv};
 use crate::plan::dns::MOSDNS_ADDR;
 use crate::plan::service::ReloadStrategy;
-use crate::render::{DomainOutput, FileOut, MosdnsRuntime, RenderEnv};
 use serde_norway::{Mapping, Value};
 use std::collections::BTreeMap;
 

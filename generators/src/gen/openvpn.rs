@@ -1,11 +1,12 @@
 //! OpenVPN 2.6: one `/etc/openvpn/<name>.conf` and one `openvpn-<name>` service per
 //! enabled instance.
 //!
-//! Owns: the text of the configuration file, the argv of the child, the management
-//! socket's path, and which standard OpenVPN directives may be passed through from
-//! etcd ([`DIRECTIVES`], checked by [`check_directive`]). Must not: let a value from
-//! etcd add a directive that runs a program, reads or writes a file of its choosing,
-//! or opens another control channel (see `docs/openvpn.md`).
+//! Owns: the text of the configuration file, the argv of the child and the management
+//! socket's path. Which standard OpenVPN directives may be passed through from etcd
+//! ([`DIRECTIVES`], checked by [`check_directive`]) is validation, owned by
+//! [`crate::model::openvpn`] and re-exported here. Must not: let a value from etcd add
+//! a directive that runs a program, reads or writes a file of its choosing, or opens
+//! another control channel (see `docs/openvpn.md`).
 //!
 //! Point-to-point tunnels: a static key (`secret`) or TLS (`ca`+`cert`+`key`, with the
 //! `tcp-server` side, or a `udp` side without `remote`, acting as TLS server). Keys are
@@ -30,10 +31,12 @@
 use super::{apply_service_overrides, header_hash, service, MODE_SECRET};
 use crate::error::ValidationError;
 use crate::model::{Node, OpenVpn, OvpnProto};
+// The directive allowlist is validation, so the model owns it; re-exported here, next
+// to the file whose content it limits.
+pub use crate::model::openvpn::{check_directive, check_inline, DirectiveArg, DIRECTIVES};
+use crate::output::{DomainOutput, FileOut, RenderEnv};
 use crate::plan::service::ReloadStrategy;
-use crate::render::{DomainOutput, FileOut, RenderEnv};
 use std::fmt::Write as _;
-use std::net::IpAddr;
 
 /// Static-key data-channel cipher when `cipher` is not set.
 pub const DEFAULT_STATIC_CIPHER: &str = "AES-256-CBC";
@@ -190,298 +193,6 @@ pub fn render(
     })
 }
 
-/// Check an inline value (`<ca>`, `<secret>`, `<tls-crypt>`, ...): printable ASCII
-/// lines, none starting with `<`. OpenVPN closes the block at the first line that
-/// starts (after blanks) with `</tag>` (`read_inline_file` in `options.c`), so such a
-/// line would end the block early and turn the rest of the value into directives.
-pub fn check_inline(v: &str) -> Result<(), String> {
-    if let Some(c) = v
-        .chars()
-        .find(|c| !(c.is_ascii_graphic() || matches!(c, ' ' | '\t' | '\n' | '\r')))
-    {
-        return Err(format!(
-            "inline content must be printable ASCII (found {c:?})"
-        ));
-    }
-    if v.lines().any(|l| l.trim_start().starts_with('<')) {
-        return Err(
-            "no line of inline content may start with `<` (it would end the \
-                    OpenVPN inline block)"
-                .into(),
-        );
-    }
-    Ok(())
-}
-
-/// How the value of a passed-through directive is checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DirectiveArg {
-    /// `true` writes the bare directive, `false` leaves it out.
-    Flag,
-    /// One whole number in `min..=max`.
-    Uint(u64, u64),
-    /// One of these words.
-    Word(&'static [&'static str]),
-    /// An IP address literal (no host name: nothing is resolved at start).
-    Ip,
-    /// A `:`-separated list of OpenSSL names (`A-Z a-z 0-9 _ - + ! @ = .`).
-    NameList,
-    /// `n [max]` seconds (`connect-retry`).
-    RetrySecs,
-    /// `n` seconds or `infinite` (`resolv-retry`).
-    SecsOrInfinite,
-    /// `1.2|1.3 [or-highest]` (`tls-version-min`): TLS 1.0 and 1.1 are refused.
-    TlsVersion,
-    /// `name [subject|name|name-prefix]` (`verify-x509-name`).
-    X509Name,
-}
-
-/// The standard OpenVPN directives that may be set as
-/// `/nodes/<id>/openvpn/<name>/<directive>` (named exactly as in openvpn(8)). Each only
-/// tunes the link or tightens TLS: none runs a program, names a file, opens a socket
-/// other than the link's, changes routes (FRR owns them) or weakens the crypto. Why
-/// each other kind is left out is in [`refusal`] and `docs/openvpn.md`.
-pub const DIRECTIVES: &[(&str, DirectiveArg)] = &[
-    // The link.
-    ("tun-mtu", DirectiveArg::Uint(576, 9000)),
-    ("mssfix", DirectiveArg::Uint(0, 9000)),
-    ("sndbuf", DirectiveArg::Uint(0, 16 << 20)),
-    ("rcvbuf", DirectiveArg::Uint(0, 16 << 20)),
-    ("txqueuelen", DirectiveArg::Uint(1, 100_000)),
-    ("local", DirectiveArg::Ip),
-    ("float", DirectiveArg::Flag),
-    ("explicit-exit-notify", DirectiveArg::Uint(1, 10)),
-    ("connect-retry", DirectiveArg::RetrySecs),
-    ("resolv-retry", DirectiveArg::SecsOrInfinite),
-    // TLS.
-    ("hand-window", DirectiveArg::Uint(1, 3600)),
-    ("reneg-sec", DirectiveArg::Uint(0, 604_800)),
-    ("tls-version-min", DirectiveArg::TlsVersion),
-    ("tls-cipher", DirectiveArg::NameList),
-    ("tls-ciphersuites", DirectiveArg::NameList),
-    ("tls-groups", DirectiveArg::NameList),
-    ("auth", DirectiveArg::NameList),
-    ("remote-cert-tls", DirectiveArg::Word(&["server", "client"])),
-    ("verify-x509-name", DirectiveArg::X509Name),
-];
-
-/// Why a directive that is not on [`DIRECTIVES`] is refused, for the well-known ones.
-fn refusal(name: &str) -> Option<String> {
-    let owned = |key: &str| Some(format!("set by meduza from the `{key}` key"));
-    match name {
-        "dev" | "dev-type" | "dev-node" => owned("dev"),
-        "proto" => owned("proto"),
-        "port" | "lport" | "bind" | "nobind" => owned("port"),
-        "remote" | "rport" | "remote-random" => owned("remote"),
-        "ifconfig" => owned("ifconfig"),
-        "keepalive" | "ping" | "ping-restart" | "ping-exit" => owned("keepalive"),
-        "cipher" | "data-ciphers" | "data-ciphers-fallback" | "ncp-ciphers" => owned("cipher"),
-        "key-direction" => owned("key_direction"),
-        "secret" | "ca" | "cert" | "key" | "tls-auth" | "tls-crypt" => {
-            owned(&name.replace('-', "_"))
-        }
-        "tls-server" | "tls-client" | "mode" | "server" | "client" | "pull" | "dh" => {
-            Some("meduza runs point-to-point links; the TLS role follows proto and remote".into())
-        }
-        "persist-tun" | "persist-key" | "verb" | "mute" | "status-version" => {
-            Some("set by meduza (supervision and logging)".into())
-        }
-        "route" | "route-ipv6" | "route-gateway" | "redirect-gateway" | "redirect-private"
-        | "route-nopull" | "route-noexec" | "route-metric" | "route-delay" | "ifconfig-ipv6" => {
-            Some("routes over the tunnel come from FRR (openvpn/<name>/bgp/...)".into())
-        }
-        "comp-lzo" | "compress" | "allow-compression" | "comp-noadapt" => Some(
-            "compression before encryption leaks plaintext (VORACLE); OpenVPN 2.6 \
-             disables it by default"
-                .into(),
-        ),
-        "mark" => Some("packet marks belong to meduza's TPROXY rules".into()),
-        "user" | "group" | "chroot" | "daemon" | "nice" | "setcon" => {
-            Some("the supervisor owns the process (user, directory, priority)".into())
-        }
-        _ if name.starts_with("management") => {
-            Some("meduza owns the management interface (status)".into())
-        }
-        "up"
-        | "down"
-        | "route-up"
-        | "route-pre-down"
-        | "ipchange"
-        | "tls-verify"
-        | "learn-address"
-        | "client-connect"
-        | "client-disconnect"
-        | "auth-user-pass-verify"
-        | "plugin"
-        | "script-security"
-        | "iproute"
-        | "cd"
-        | "setenv"
-        | "setenv-safe"
-        | "up-restart"
-        | "down-pre"
-        | "up-delay"
-        | "config"
-        | "log"
-        | "log-append"
-        | "status"
-        | "writepid"
-        | "syslog"
-        | "tmp-dir"
-        | "replay-persist"
-        | "crl-verify"
-        | "capath"
-        | "pkcs12"
-        | "extra-certs"
-        | "askpass"
-        | "auth-user-pass"
-        | "tls-export-cert"
-        | "tls-crypt-v2"
-        | "peer-fingerprint"
-        | "http-proxy"
-        | "socks-proxy"
-        | "ifconfig-pool-persist"
-        | "client-config-dir"
-        | "echo"
-        | "dev-node-file" => Some(
-            "it runs a program or reads or writes a file on the gateway; values from \
-             etcd never do"
-                .into(),
-        ),
-        _ => None,
-    }
-}
-
-/// Check the value of the passed-through directive `name` for an instance using
-/// `proto`. `Ok(None)`: a flag set to `false` (nothing written); `Ok(Some(args))`: the
-/// arguments as written after the name (empty for a flag).
-pub fn check_directive(
-    name: &str,
-    value: &str,
-    proto: OvpnProto,
-) -> Result<Option<String>, String> {
-    let Some((_, arg)) = DIRECTIVES.iter().find(|(n, _)| *n == name) else {
-        let allowed: Vec<&str> = DIRECTIVES.iter().map(|(n, _)| *n).collect();
-        let hyphen = name.replace('_', "-");
-        if hyphen != name && DIRECTIVES.iter().any(|(n, _)| *n == hyphen) {
-            return Err(format!(
-                "not a known key; the OpenVPN directive is spelled `{hyphen}`"
-            ));
-        }
-        return Err(match refusal(name) {
-            Some(why) => format!("OpenVPN directive `{name}` is not passed through: {why}"),
-            None => format!(
-                "not a known key nor an allowed OpenVPN directive (allowed: {})",
-                allowed.join(", ")
-            ),
-        });
-    };
-    // OpenVPN's config parser: `#`/`;` start comments, quotes and `\` escape, `<`/`>`
-    // open inline blocks. None is needed by an allowed directive.
-    if value.contains('\n') {
-        return Err("must be one line".into());
-    }
-    if let Some(c) = value.chars().find(|c| {
-        !(c.is_ascii_graphic() || *c == ' ')
-            || matches!(c, '#' | ';' | '"' | '\'' | '\\' | '<' | '>')
-    }) {
-        return Err(format!(
-            "character {c:?} is not allowed in a directive value"
-        ));
-    }
-    // openvpn(8): explicit-exit-notify is a UDP mechanism (TCP sees the close itself);
-    // float follows a peer whose UDP source address changes.
-    if matches!(name, "explicit-exit-notify" | "float") && proto != OvpnProto::Udp {
-        return Err(format!("`{name}` needs proto udp"));
-    }
-    let words: Vec<&str> = value.split_whitespace().collect();
-    let one = || match words.as_slice() {
-        [w] => Ok(*w),
-        _ => Err(format!("`{name}` takes one value")),
-    };
-    let uint = |w: &str, min: u64, max: u64| match w.parse::<u64>() {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        Ok(_) => Err(format!("out of range {min}-{max}")),
-        Err(_) => Err("not a whole number".to_string()),
-    };
-    let args = match *arg {
-        DirectiveArg::Flag => {
-            return match one()? {
-                "true" => Ok(Some(String::new())),
-                "false" => Ok(None),
-                _ => Err(format!("`{name}` is a flag: \"true\" or \"false\"")),
-            }
-        }
-        DirectiveArg::Uint(min, max) => uint(one()?, min, max)?.to_string(),
-        DirectiveArg::Word(choices) => {
-            let w = one()?;
-            if !choices.contains(&w) {
-                return Err(format!("must be one of: {}", choices.join(", ")));
-            }
-            w.to_string()
-        }
-        DirectiveArg::Ip => one()?
-            .parse::<IpAddr>()
-            .map_err(|_| "not an IP address".to_string())?
-            .to_string(),
-        DirectiveArg::NameList => {
-            let w = one()?;
-            let ok = w.len() <= 256
-                && w.chars().all(|c| {
-                    c.is_ascii_alphanumeric()
-                        || matches!(c, '_' | '-' | '+' | '!' | '@' | '=' | '.' | ':')
-                });
-            if !ok || w.eq_ignore_ascii_case("none") {
-                return Err(
-                    "must be OpenSSL names separated by `:` (A-Z a-z 0-9 _ - + ! @ = .), \
-                     not `none`"
-                        .into(),
-                );
-            }
-            w.to_string()
-        }
-        DirectiveArg::RetrySecs => match words.as_slice() {
-            [n] => uint(n, 1, 3600)?.to_string(),
-            [n, max] => {
-                let n = uint(n, 1, 3600)?;
-                let max = uint(max, n, 86_400)?;
-                format!("{n} {max}")
-            }
-            _ => return Err("`connect-retry` is `seconds [max-seconds]`".into()),
-        },
-        DirectiveArg::SecsOrInfinite => match one()? {
-            "infinite" => "infinite".into(),
-            w => uint(w, 0, 86_400)?.to_string(),
-        },
-        DirectiveArg::TlsVersion => match words.as_slice() {
-            [v] if matches!(*v, "1.2" | "1.3") => (*v).to_string(),
-            [v, "or-highest"] if matches!(*v, "1.2" | "1.3") => format!("{v} or-highest"),
-            _ => return Err("must be `1.2` or `1.3`, optionally followed by `or-highest`".into()),
-        },
-        DirectiveArg::X509Name => {
-            let (n, kind) = match words.as_slice() {
-                [n] => (*n, None),
-                [n, k] => (*n, Some(*k)),
-                _ => return Err("`verify-x509-name` is `name [subject|name|name-prefix]`".into()),
-            };
-            let ok = n.len() <= 256
-                && n.chars().all(|c| {
-                    c.is_ascii_alphanumeric()
-                        || matches!(c, '.' | '_' | '-' | '@' | '=' | ',' | ':')
-                });
-            if !ok {
-                return Err("the name may hold A-Z a-z 0-9 . _ - @ = , : (no spaces)".into());
-            }
-            match kind {
-                None => n.to_string(),
-                Some(k) if matches!(k, "subject" | "name" | "name-prefix") => format!("{n} {k}"),
-                Some(_) => return Err("the type is subject, name or name-prefix".into()),
-            }
-        }
-    };
-    Ok(Some(args))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,7 +288,7 @@ mod tests {
         let env = RenderEnv {
             default_gw: None,
             clash_secret: String::new(),
-            bins: crate::render::Bins::default(),
+            bins: crate::output::Bins::default(),
         };
         let out = render(node, &node.openvpn[0], &env).expect("renders");
         assert_eq!(

@@ -16,9 +16,10 @@
 
 use super::{apply_service_overrides, header_hash, service, MODE_EXEC, MODE_PUBLIC, MODE_SECRET};
 use crate::error::ValidationError;
+use crate::model::active_mesh;
 use crate::model::{Config, MeshType, Node};
+use crate::output::{DomainOutput, FileOut, RenderEnv};
 use crate::plan::service::ReloadStrategy;
-use crate::render::{active_mesh, DomainOutput, FileOut, RenderEnv};
 use ipnet::IpNet;
 use std::fmt::Write as _;
 

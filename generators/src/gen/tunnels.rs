@@ -28,8 +28,8 @@ use crate::model::{
     IcmptunnelSettings, Node, PaqetSettings, Tunnel, TunnelKind as K, TunnelRole as R,
     TunnelSettings, WaterwallSettings,
 };
+use crate::output::{DomainOutput, FileOut};
 use crate::plan::service::{tunnel_preset, TunnelKind, TunnelParams, TunnelRole};
-use crate::render::{DomainOutput, FileOut};
 use serde_json::json;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

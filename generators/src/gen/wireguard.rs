@@ -8,8 +8,8 @@
 
 use super::{header_hash, MODE_SECRET};
 use crate::model::{Node, Wireguard};
+use crate::output::{DomainOutput, FileOut};
 use crate::plan::wireguard::{WgDevice, WgPeer};
-use crate::render::{DomainOutput, FileOut};
 use std::fmt::Write as _;
 
 pub fn config_path(inst: &Wireguard) -> String {
