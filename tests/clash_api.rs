@@ -4,7 +4,7 @@
 mod harness;
 
 use harness::{FakeMihomo, MihomoOpts, SECRET};
-use meduza::clash::api::{ApiError, Health, MihomoApi, PROBE_TIMEOUT};
+use meduza::clash::api::{Health, MihomoApi, MihomoError, PROBE_TIMEOUT};
 use meduza::clash::subscription::{
     hot_reload, ReloadMethod, Signaller, SubscriptionError, VerifyPolicy,
 };
@@ -17,7 +17,7 @@ async fn auth_is_required() {
     for secret in ["", "wrong"] {
         let api = MihomoApi::new(&m.controller, secret, PROBE_TIMEOUT).expect("client");
         let err = api.hello().await.expect_err("must be refused");
-        assert!(matches!(err, ApiError::Unauthorized { .. }), "{err:?}");
+        assert!(matches!(err, MihomoError::Unauthorized { .. }), "{err:?}");
         assert!(
             matches!(api.probe().await, Health::Unhealthy { ref reason } if reason.contains("unauthorized"))
         );
@@ -122,7 +122,7 @@ async fn dead_api_is_unreachable() {
     let api = MihomoApi::new(&m.controller, SECRET, PROBE_TIMEOUT).expect("client");
     m.child.as_mut().expect("child").kill().await.expect("kill");
     let err = api.proxies().await.expect_err("dead");
-    assert!(matches!(err, ApiError::Unreachable { .. }), "{err:?}");
+    assert!(matches!(err, MihomoError::Unreachable { .. }), "{err:?}");
 }
 
 /// Sends SIGHUP to the double, as the supervisor would.
@@ -199,7 +199,7 @@ async fn reload_is_verified_and_falls_back_to_sighup() {
         matches!(
             err,
             SubscriptionError::Rejected {
-                source: ApiError::Status { status: 400, .. },
+                source: MihomoError::Status { status: 400, .. },
                 ..
             }
         ),
@@ -213,7 +213,7 @@ async fn reload_is_verified_and_falls_back_to_sighup() {
         .await
         .expect_err("parse error");
     assert!(
-        matches!(err, ApiError::Status { status: 400, .. }),
+        matches!(err, MihomoError::Status { status: 400, .. }),
         "{err:?}"
     );
     // ...and SIGHUP with a broken file keeps the running config.

@@ -46,7 +46,10 @@ struct RecSink(mpsc::UnboundedSender<String>);
 
 impl ClashHealthSink for RecSink {
     fn health(&self, status: &HealthStatus) {
-        let _ = self.0.send(status.render(0));
+        // The line the daemon publishes as `clash/health`.
+        let _ = self
+            .0
+            .send(meduza::daemon::clash::health_line(status, 0).value());
     }
     fn tproxy(&self, applied: bool, reason: &str) {
         let _ = self.0.send(format!("tproxy {applied} {reason}"));

@@ -60,7 +60,14 @@ async fn failover_within_threshold_times_interval_and_failback() {
     let st = h.upstream_status();
     assert_eq!(st[0].status, Health::Down);
     assert!(st[1].active);
-    assert_eq!(st[0].etcd_value(0).split(' ').next(), Some("down"));
+    // As the daemon publishes it (etcd::status owns the format).
+    let published = meduza::etcd::status::StatusUpdate::DnsUpstream {
+        name: st[0].name.clone(),
+        state: st[0].status.to_string(),
+        ts: st[0].updated.unwrap_or(0),
+        latency_ms: st[0].latency_ms.unwrap_or(0),
+    };
+    assert_eq!(published.value().split(' ').next(), Some("down"));
     for i in 0..5 {
         let m = udp(addr, &format!("y{i}.test."), RecordType::A, None).await;
         assert_eq!(addrs(&m), vec![IpAddr::from([10, 0, 0, 2])]);

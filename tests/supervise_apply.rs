@@ -110,10 +110,13 @@ async fn dependencies_order_startup_and_shutdown_is_reversed() {
         status.iter().all(|s| s.state == ServiceState::Running),
         "{status:?}"
     );
-    assert_eq!(
-        status[0].status_value(),
-        format!("running {}", status[0].since)
-    );
+    // As the daemon publishes it (etcd::status owns the format).
+    let published = meduza::etcd::status::StatusUpdate::Service {
+        name: status[0].name.clone(),
+        state: status[0].state.to_string(),
+        since: status[0].since,
+    };
+    assert_eq!(published.value(), format!("running {}", status[0].since));
 
     sup.shutdown().await;
     assert_eq!(

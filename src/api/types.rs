@@ -271,15 +271,23 @@ pub struct UpstreamMetric {
     pub latency: Histogram,
 }
 
-/// Replace the values of secret keys (and anything that looks like a PEM private key)
-/// so a validation error never carries a secret out of the node.
+/// `value` as it may leave the node: `<redacted>` for a secret key, and for anything
+/// that looks like a PEM private key.
+pub fn redact_value(key: &str, value: String) -> String {
+    if meduza_generators::parse::is_secret_key(key) || value.contains("PRIVATE KEY") {
+        "<redacted>".to_string()
+    } else {
+        value
+    }
+}
+
+/// [`redact_value`] on every error, so a validation error never carries a secret out
+/// of the node.
 pub fn redact_errors(errors: Vec<ConfigError>) -> Vec<ConfigError> {
     errors
         .into_iter()
         .map(|mut e| {
-            if meduza_generators::parse::is_secret_key(&e.key) || e.value.contains("PRIVATE KEY") {
-                e.value = "<redacted>".to_string();
-            }
+            e.value = redact_value(&e.key, std::mem::take(&mut e.value));
             e
         })
         .collect()

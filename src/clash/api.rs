@@ -22,7 +22,7 @@ pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors talking to mihomo's controller. Each names the URL that failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub enum MihomoError {
     #[error("invalid external-controller address {addr:?}: {reason}")]
     BadController { addr: String, reason: String },
     #[error("mihomo API {url}: unauthorized (missing or wrong secret)")]
@@ -46,7 +46,7 @@ pub enum ApiError {
 }
 
 /// Full health: the supervisor's view of the process, then the API, then the verdict.
-pub fn full_health(process_alive: bool, api: Result<&Value, &ApiError>) -> Health {
+pub fn full_health(process_alive: bool, api: Result<&Value, &MihomoError>) -> Health {
     if !process_alive {
         return Health::Unhealthy {
             reason: "mihomo process is not running".to_string(),
@@ -63,8 +63,8 @@ pub fn full_health(process_alive: bool, api: Result<&Value, &ApiError>) -> Healt
 /// The base URL to reach a controller configured as `external-controller`.
 ///
 /// A wildcard listen address (`0.0.0.0`, `::`, empty host) is reached on loopback.
-pub fn controller_url(addr: &str) -> Result<reqwest::Url, ApiError> {
-    let bad = |reason: &str| ApiError::BadController {
+pub fn controller_url(addr: &str) -> Result<reqwest::Url, MihomoError> {
+    let bad = |reason: &str| MihomoError::BadController {
         addr: addr.to_string(),
         reason: reason.to_string(),
     };
@@ -107,14 +107,14 @@ pub struct MihomoApi {
 impl MihomoApi {
     /// `controller` is mihomo's `external-controller` value; `timeout` bounds every
     /// call except reloads ([`RELOAD_TIMEOUT`]).
-    pub fn new(controller: &str, secret: &str, timeout: Duration) -> Result<Self, ApiError> {
+    pub fn new(controller: &str, secret: &str, timeout: Duration) -> Result<Self, MihomoError> {
         let base = controller_url(controller)?;
         let client = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(timeout)
             .timeout(timeout)
             .build()
-            .map_err(|e| ApiError::BadController {
+            .map_err(|e| MihomoError::BadController {
                 addr: controller.to_string(),
                 reason: e.to_string(),
             })?;
@@ -153,15 +153,15 @@ impl MihomoApi {
         req: reqwest::RequestBuilder,
         url: &reqwest::Url,
         timeout: Duration,
-    ) -> Result<reqwest::Response, ApiError> {
+    ) -> Result<reqwest::Response, MihomoError> {
         let resp = req.timeout(timeout).send().await.map_err(|e| {
             if e.is_timeout() {
-                ApiError::Timeout {
+                MihomoError::Timeout {
                     url: url.to_string(),
                     timeout_ms: timeout.as_millis(),
                 }
             } else {
-                ApiError::Unreachable {
+                MihomoError::Unreachable {
                     url: url.to_string(),
                     source: e,
                 }
@@ -169,7 +169,7 @@ impl MihomoApi {
         })?;
         let status = resp.status();
         if status == reqwest::StatusCode::UNAUTHORIZED {
-            return Err(ApiError::Unauthorized {
+            return Err(MihomoError::Unauthorized {
                 url: url.to_string(),
             });
         }
@@ -179,7 +179,7 @@ impl MihomoApi {
                 .ok()
                 .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
                 .unwrap_or(body);
-            return Err(ApiError::Status {
+            return Err(MihomoError::Status {
                 url: url.to_string(),
                 status: status.as_u16(),
                 message,
@@ -188,7 +188,7 @@ impl MihomoApi {
         Ok(resp)
     }
 
-    async fn get_json(&self, segments: &[&str]) -> Result<Value, ApiError> {
+    async fn get_json(&self, segments: &[&str]) -> Result<Value, MihomoError> {
         let url = self.url(segments);
         let resp = self
             .send(
@@ -199,12 +199,12 @@ impl MihomoApi {
             .await?;
         resp.json::<Value>().await.map_err(|e| {
             if e.is_timeout() {
-                ApiError::Timeout {
+                MihomoError::Timeout {
                     url: url.to_string(),
                     timeout_ms: self.timeout.as_millis(),
                 }
             } else {
-                ApiError::BadReply {
+                MihomoError::BadReply {
                     url: url.to_string(),
                     reason: e.to_string(),
                 }
@@ -213,12 +213,12 @@ impl MihomoApi {
     }
 
     /// `GET /` → `{"hello":"mihomo"}`: the controller is up and the secret is right.
-    pub async fn hello(&self) -> Result<(), ApiError> {
+    pub async fn hello(&self) -> Result<(), MihomoError> {
         let v = self.get_json(&[]).await?;
         if v.get("hello").is_some() {
             Ok(())
         } else {
-            Err(ApiError::BadReply {
+            Err(MihomoError::BadReply {
                 url: self.base.to_string(),
                 reason: format!("expected {{\"hello\":...}}, got {v}"),
             })
@@ -226,24 +226,24 @@ impl MihomoApi {
     }
 
     /// `GET /version` → the `version` string.
-    pub async fn version(&self) -> Result<String, ApiError> {
+    pub async fn version(&self) -> Result<String, MihomoError> {
         let v = self.get_json(&["version"]).await?;
         v.get("version")
             .and_then(Value::as_str)
             .map(str::to_string)
-            .ok_or_else(|| ApiError::BadReply {
+            .ok_or_else(|| MihomoError::BadReply {
                 url: self.url(&["version"]).to_string(),
                 reason: "no \"version\" field".to_string(),
             })
     }
 
     /// `GET /proxies`, the whole reply.
-    pub async fn proxies(&self) -> Result<Value, ApiError> {
+    pub async fn proxies(&self) -> Result<Value, MihomoError> {
         self.get_json(&["proxies"]).await
     }
 
     /// `GET /proxies/{name}` (the name is percent-encoded).
-    pub async fn proxy(&self, name: &str) -> Result<Value, ApiError> {
+    pub async fn proxy(&self, name: &str) -> Result<Value, MihomoError> {
         self.get_json(&["proxies", name]).await
     }
 
@@ -255,13 +255,13 @@ impl MihomoApi {
         name: &str,
         test_url: &str,
         timeout: Duration,
-    ) -> Result<u64, ApiError> {
+    ) -> Result<u64, MihomoError> {
         let v = self
             .delay(&["proxies", name, "delay"], test_url, timeout)
             .await?;
         v.get("delay")
             .and_then(Value::as_u64)
-            .ok_or_else(|| ApiError::BadReply {
+            .ok_or_else(|| MihomoError::BadReply {
                 url: self.url(&["proxies", name, "delay"]).to_string(),
                 reason: format!("no \"delay\" in {v}"),
             })
@@ -275,7 +275,7 @@ impl MihomoApi {
         name: &str,
         test_url: &str,
         timeout: Duration,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Value, MihomoError> {
         self.delay(&["group", name, "delay"], test_url, timeout)
             .await
     }
@@ -285,7 +285,7 @@ impl MihomoApi {
         segments: &[&str],
         test_url: &str,
         timeout: Duration,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Value, MihomoError> {
         let mut url = self.url(segments);
         url.query_pairs_mut()
             .append_pair("url", test_url)
@@ -299,43 +299,45 @@ impl MihomoApi {
                 budget,
             )
             .await?;
-        resp.json::<Value>().await.map_err(|e| ApiError::BadReply {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })
+        resp.json::<Value>()
+            .await
+            .map_err(|e| MihomoError::BadReply {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     /// `GET /providers/proxies`: every proxy provider with its `proxies` list.
-    pub async fn providers(&self) -> Result<Value, ApiError> {
+    pub async fn providers(&self) -> Result<Value, MihomoError> {
         self.get_json(&["providers", "proxies"]).await
     }
 
     /// `PUT /providers/proxies/{name}`: mihomo fetches the provider again from its URL.
-    pub async fn update_provider(&self, name: &str) -> Result<(), ApiError> {
+    pub async fn update_provider(&self, name: &str) -> Result<(), MihomoError> {
         let url = self.url(&["providers", "proxies", name]);
         let req = self.request(reqwest::Method::PUT, url.clone());
         self.send(req, &url, RELOAD_TIMEOUT).await.map(|_| ())
     }
 
     /// `GET /configs`: the running general configuration (ports, mode, ...).
-    pub async fn configs(&self) -> Result<Value, ApiError> {
+    pub async fn configs(&self) -> Result<Value, MihomoError> {
         self.get_json(&["configs"]).await
     }
 
     /// `GET /connections` totals.
-    pub async fn totals(&self) -> Result<Totals, ApiError> {
+    pub async fn totals(&self) -> Result<Totals, MihomoError> {
         let v = self.get_json(&["connections"]).await?;
         let field = |k: &str| v.get(k).and_then(Value::as_u64);
         match (field("uploadTotal"), field("downloadTotal")) {
             (Some(upload), Some(download)) => Ok(Totals { upload, download }),
-            _ => Err(ApiError::BadReply {
+            _ => Err(MihomoError::BadReply {
                 url: self.url(&["connections"]).to_string(),
                 reason: "no uploadTotal/downloadTotal".to_string(),
             }),
         }
     }
 
-    async fn put_configs(&self, body: Value) -> Result<(), ApiError> {
+    async fn put_configs(&self, body: Value) -> Result<(), MihomoError> {
         let mut url = self.url(&["configs"]);
         url.set_query(Some("force=true"));
         let req = self.request(reqwest::Method::PUT, url.clone()).json(&body);
@@ -345,13 +347,13 @@ impl MihomoApi {
     /// `PUT /configs?force=true {"path": ...}`. `path` must be absolute (mihomo
     /// answers 400 otherwise) and, for mihomo's safe-path check, inside its home dir.
     /// Success only means mihomo parsed the file: verify the result.
-    pub async fn reload_path(&self, path: &Path) -> Result<(), ApiError> {
+    pub async fn reload_path(&self, path: &Path) -> Result<(), MihomoError> {
         self.put_configs(serde_json::json!({ "path": path.to_string_lossy() }))
             .await
     }
 
     /// `PUT /configs?force=true {"payload": ...}`. Same caveat as [`Self::reload_path`].
-    pub async fn reload_payload(&self, yaml: &str) -> Result<(), ApiError> {
+    pub async fn reload_payload(&self, yaml: &str) -> Result<(), MihomoError> {
         self.put_configs(serde_json::json!({ "payload": yaml }))
             .await
     }
@@ -379,7 +381,7 @@ mod tests {
             Health::Unhealthy { .. }
         ));
         assert_eq!(full_health(true, Ok(&ok)), Health::Healthy);
-        let err = ApiError::Timeout {
+        let err = MihomoError::Timeout {
             url: "http://127.0.0.1:9090/proxies".into(),
             timeout_ms: 700,
         };

@@ -97,13 +97,6 @@ pub struct HealthStatus {
     pub reason: String,
 }
 
-impl HealthStatus {
-    /// The status key's value: `"healthy|waiting|unhealthy <unix-ts> <reason>"`.
-    pub fn render(&self, unix_ts: u64) -> String {
-        format!("{} {unix_ts} {}", self.phase.as_str(), self.reason)
-    }
-}
-
 /// Inputs of the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -490,7 +483,11 @@ mod tests {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Publish(s) => Some(s.render(0)),
+                // As published (`clash/health`, etcd::status owns the format).
+                Action::Publish(s) => Some(
+                    crate::etcd::status::StateLine::new(s.phase.as_str(), 0, s.reason.clone())
+                        .value(),
+                ),
                 _ => None,
             })
             .collect()

@@ -11,7 +11,7 @@
 //! integrator writes it), send signals itself (the supervisor does, via [`Signaller`]),
 //! or publish status (the integrator does, from the [`RefreshOutcome`]).
 
-use crate::clash::api::{ApiError, MihomoApi};
+use crate::clash::api::{MihomoApi, MihomoError};
 use crate::clash::monitor::{HealthStatus, Phase};
 use crate::clash::rules::{write_if_changed, Fetcher, Route, RulesError};
 use serde_norway::Value as Yaml;
@@ -34,7 +34,7 @@ pub enum SubscriptionError {
     Rejected {
         path: PathBuf,
         #[source]
-        source: ApiError,
+        source: MihomoError,
     },
     #[error("mihomo did not apply {path} (API and SIGHUP tried); missing: {missing:?}")]
     NotApplied { path: PathBuf, missing: Vec<String> },
@@ -266,7 +266,7 @@ pub async fn hot_reload_expecting<S: Signaller>(
             tracing::warn!(path = %config_path.display(), ?missing,
                 "[clash] mihomo answered 204 but did not apply the config, sending SIGHUP");
         }
-        Err(err @ ApiError::Status { status: 400, .. }) => {
+        Err(err @ MihomoError::Status { status: 400, .. }) => {
             return Err(SubscriptionError::Rejected {
                 path: config_path.to_path_buf(),
                 source: err,

@@ -65,7 +65,7 @@ pub async fn load_config(
 /// Every key except the status tree `/updated/`, for `meduza snapshot`.
 pub async fn dump_snapshot(kv: &dyn Kv) -> Result<BTreeMap<String, String>, EtcdError> {
     let (mut keys, _) = kv.get_prefix("").await?;
-    keys.retain(|k, _| !k.starts_with("/updated/"));
+    keys.retain(|k, _| !k.starts_with(super::status::STATUS_ROOT));
     Ok(keys)
 }
 

@@ -19,6 +19,7 @@ use crate::api::upstream_store::{self, Apply, Scope};
 use crate::api::upstreams;
 use crate::api::{body_bytes, ApiError, ConfigStore};
 use crate::commit::{self, CommitArgs};
+use crate::etcd::status::{self, StatusKey};
 use crate::etcd::EtcdConfig;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -199,31 +200,29 @@ async fn node_config(
         .await?
         .into_iter()
         .map(|(k, v)| {
-            let v = if meduza_generators::parse::is_secret_key(&k) || v.contains("PRIVATE KEY") {
-                "<redacted>".to_string()
-            } else {
-                v
-            };
+            let v = crate::api::redact_value(&k, v);
             (k, v)
         })
         .collect();
-    let updated = store.get_prefix(&format!("/updated/{id}/")).await?;
-    let reported = |name: &str| -> serde_json::Value {
-        match updated.get(&format!("/updated/{id}/{name}")) {
-            None => serde_json::Value::Null,
-            Some(v) => serde_json::from_str(v).unwrap_or_else(|_| v.clone().into()),
-        }
+    let updated = store.get_prefix(&status::node_prefix(&id)).await?;
+    let reported = |key: StatusKey| updated.get(&key.key(&id));
+    // Warnings and the rollback entry are JSON documents; shown as they are.
+    let json = |key: StatusKey| -> serde_json::Value {
+        reported(key)
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or(serde_json::Value::Null)
     };
-    let errors: Vec<crate::api::ConfigError> =
-        serde_json::from_value(reported("errors")).unwrap_or_default();
+    let errors = reported(StatusKey::Errors)
+        .and_then(|v| status::parse_errors(v).ok())
+        .unwrap_or_default();
     Ok(Json(serde_json::json!({
         "id": id,
         "keys": keys,
         "errors": crate::api::redact_errors(errors),
-        "warnings": reported("warnings"),
-        "rollback": reported("rollback"),
-        "applied": reported("applied"),
-        "online": updated.contains_key(&format!("/updated/{id}/online")),
+        "warnings": json(StatusKey::Warnings),
+        "rollback": json(StatusKey::Rollback),
+        "applied": reported(StatusKey::Applied).and_then(|v| status::parse_applied(v)),
+        "online": reported(StatusKey::Online).is_some(),
     })))
 }
 

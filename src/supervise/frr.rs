@@ -31,8 +31,8 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-/// The integrated config inside the root.
-pub const FRR_CONF: &str = "/etc/frr/frr.conf";
+/// The integrated config inside the root (the generator that writes it owns the path).
+pub use meduza_generators::gen::frr::FRR_CONF;
 
 /// The FRR daemons meduza supervises (as services `frr-<name>`).
 pub const DAEMONS: [&str; 4] = ["zebra", "staticd", "bgpd", "ospfd"];

@@ -50,13 +50,6 @@ pub struct ServiceStatus {
     pub last_exit: Option<ExitInfo>,
 }
 
-impl ServiceStatus {
-    /// The value of `/updated/<id>/services/<svc>/status`: `"<state> <unix-ts>"`.
-    pub fn status_value(&self) -> String {
-        format!("{} {}", self.state, self.since)
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServiceEvent {
     pub name: String,

@@ -92,8 +92,8 @@ impl Supervisor {
         self.shared.events.subscribe()
     }
 
-    /// Status of every service, updated on each change (publish
-    /// `ServiceStatus::status_value` to `/updated/<id>/services/<svc>/status`).
+    /// Status of every service, updated on each change (the daemon publishes each to
+    /// `/updated/<id>/services/<svc>/status`, format owned by `etcd::status`).
     pub fn watch_status(&self) -> watch::Receiver<BTreeMap<String, ServiceStatus>> {
         self.shared.status.subscribe()
     }
