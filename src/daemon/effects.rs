@@ -1,11 +1,16 @@
 //! The reconciler's effects on the running daemon: services, FRR, WireGuard, the
 //! Clash/MosDNS orchestration and the DNS frontend.
+//!
+//! Must not: publish its own failures or flatten them to strings: each step returns an
+//! [`ApplyError`] in its domain with the supervisor's or WireGuard's typed error as the
+//! cause, and the reconciler publishes it.
 
 use super::clash::ClashOrchestrator;
 use super::Shared;
 use crate::etcd::status::StatusUpdate;
-use crate::reconcile::Effects;
+use crate::reconcile::{ApplyDomain, ApplyError, Effects};
 use crate::supervise::frr::FrrControl;
+use crate::supervise::SuperviseError;
 use meduza_generators::model::ApiTls;
 use meduza_generators::plan::dns::DnsPlan;
 use meduza_generators::plan::service::ServiceSpec;
@@ -70,7 +75,7 @@ impl DaemonEffects {
 
     /// Hand the supervisor the full desired set: the pass's services, FRR's daemons
     /// while enabled, and MosDNS only once the startup chain released it.
-    async fn sync(&mut self, changed: &BTreeSet<String>) -> Result<(), String> {
+    async fn sync(&mut self, changed: &BTreeSet<String>) -> Result<(), SuperviseError> {
         let mut specs: Vec<ServiceSpec> = self
             .desired
             .iter()
@@ -85,12 +90,7 @@ impl DaemonEffects {
                 reroot(spec, root);
             }
         }
-        let ops = self
-            .shared
-            .supervisor
-            .apply(specs, changed)
-            .await
-            .map_err(|e| e.to_string())?;
+        let ops = self.shared.supervisor.apply(specs, changed).await?;
         for op in &ops {
             info!(?op, "supervisor");
         }
@@ -103,33 +103,43 @@ impl Effects for DaemonEffects {
         &mut self,
         specs: Vec<ServiceSpec>,
         changed: BTreeSet<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ApplyError> {
         self.clash
             .set_mosdns_spec(specs.iter().find(|s| s.name == MOSDNS_SERVICE).cloned());
         self.clash.before_services(&specs).await;
         self.desired = specs;
-        self.sync(&changed).await
+        self.sync(&changed)
+            .await
+            .map_err(|e| ApplyError::new(ApplyDomain::Services, e))
     }
 
-    async fn apply_frr(&mut self, enabled: bool) -> Result<(), String> {
+    async fn apply_frr(&mut self, enabled: bool) -> Result<(), ApplyError> {
         let was = self.frr_enabled;
         self.frr_enabled = enabled;
         if was != enabled {
             // The daemons start empty: `keep_frr_loaded` pushes the config once they
             // all run. Later changes go through the FrrReload strategy of frr-zebra.
-            self.sync(&BTreeSet::new()).await?;
+            self.sync(&BTreeSet::new())
+                .await
+                .map_err(|e| ApplyError::new(ApplyDomain::Frr, e))?;
         }
         Ok(())
     }
 
-    async fn apply_wireguard(&mut self, devices: Vec<WgDevice>) -> Result<(), String> {
+    async fn apply_wireguard(&mut self, devices: Vec<WgDevice>) -> Result<(), ApplyError> {
         let Some(wg) = &self.shared.wireguard else {
             if devices.is_empty() {
                 return Ok(());
             }
-            return Err("WireGuard is not available on this system".into());
+            return Err(ApplyError::new(
+                ApplyDomain::Wireguard,
+                "WireGuard is not available on this system",
+            ));
         };
-        let reports = wg.apply_all(&devices).await.map_err(|e| e.to_string())?;
+        let reports = wg
+            .apply_all(&devices)
+            .await
+            .map_err(|e| ApplyError::new(ApplyDomain::Wireguard, e))?;
         for r in reports {
             info!(report = ?r, "wireguard");
         }
@@ -146,12 +156,12 @@ impl Effects for DaemonEffects {
         clash: Option<ClashRuntime>,
         mosdns: Option<MosdnsRuntime>,
         tproxy: Option<TproxyPlan>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ApplyError> {
         self.clash.apply(clash, mosdns, tproxy).await;
         Ok(())
     }
 
-    async fn apply_dns(&mut self, plan: DnsPlan) -> Result<(), String> {
+    async fn apply_dns(&mut self, plan: DnsPlan) -> Result<(), ApplyError> {
         self.shared.dns.update_plan(plan);
         Ok(())
     }

@@ -25,7 +25,7 @@ use crate::etcd::{
     load_config, spawn_watcher, EtcdConfig, EtcdKv, Kv, StatusPublisher, WatchEvent, WatcherConfig,
 };
 use crate::files::{write_atomic, RootFs};
-use crate::reconcile::{rollback, ConfigSource, Reconciler, Trigger};
+use crate::reconcile::{rollback, ConfigSource, Reconciler, SourceError, Trigger};
 use crate::supervise::frr::FrrControl;
 use crate::supervise::{reaper, RealSpawner, Supervisor, SystemClock};
 use anyhow::Context as _;
@@ -204,11 +204,11 @@ impl ConfigSource for EtcdSource {
     /// The snapshot and `/commit`'s mod revision as of that snapshot (what
     /// `/updated/<id>/applied` reports, docs/etcd-schema.md), not the store revision,
     /// which every status write of every node moves.
-    async fn load(&mut self) -> Result<(Snapshot, i64), String> {
+    async fn load(&mut self) -> Result<(Snapshot, i64), SourceError> {
         self.pass.start();
         let (keys, commit) = load_config(&*self.kv, &self.node_id)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(SourceError::unreachable)?;
         let mut seen = self
             .shared
             .commit_revision
@@ -220,28 +220,32 @@ impl ConfigSource for EtcdSource {
         Ok((Snapshot(keys), commit))
     }
 
-    async fn probe(&mut self) -> Result<Option<i64>, String> {
+    async fn probe(&mut self) -> Result<Option<i64>, SourceError> {
         let entry = self
             .kv
             .get(rollback::CONFIRMED_KEY)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(SourceError::unreachable)?;
         Ok(entry.and_then(|e| rollback::parse_confirmed(&e.value)))
     }
 
     /// `/commit_confirm` counts only when written in `/commit`'s transaction.
-    async fn commit_confirm(&mut self, revision: i64) -> Result<Option<u64>, String> {
+    async fn commit_confirm(&mut self, revision: i64) -> Result<Option<u64>, SourceError> {
         let entry = self
             .kv
             .get(rollback::COMMIT_CONFIRM_KEY)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(SourceError::unreachable)?;
         let Some(entry) = entry.filter(|e| e.mod_revision == revision) else {
             return Ok(None);
         };
         rollback::parse_commit_confirm(&entry.value)
             .map(Some)
-            .map_err(|reason| format!("{}: {reason}", rollback::COMMIT_CONFIRM_KEY))
+            .map_err(|reason| SourceError::BadValue {
+                key: rollback::COMMIT_CONFIRM_KEY,
+                value: entry.value.clone(),
+                reason,
+            })
     }
 }
 

@@ -4,7 +4,8 @@
 //! Owns: pass sequencing (never overlapping; triggers arriving during a pass coalesce
 //! into one more pass), per-domain change detection, file writes through [`Fs`], and
 //! the `applied`/`errors`/`last`/`warnings` status (as typed
-//! [`StatusUpdate`]s; `etcd::status` renders them). `confirm.rs` keeps the last-good
+//! [`StatusUpdate`]s; `etcd::status` renders them; an apply failure becomes its
+//! `errors` entry through [`ApplyError::entry`] only). `confirm.rs` keeps the last-good
 //! and previous-good snapshots in `MEDUZA_STATE_DIR` and rolls back a commit that cut
 //! the gateway off etcd ([`rollback`] decides when), publishing `rollback`.
 //! Must not: talk to etcd, processes, netlink or sockets directly — those are behind
@@ -12,6 +13,7 @@
 
 mod confirm;
 mod effects;
+mod error;
 pub mod plan;
 pub mod rollback;
 
@@ -20,7 +22,7 @@ use crate::etcd::status::{unix_now, ErrorEntry, StatusUpdate};
 use crate::files::Fs;
 use meduza_generators::plan::service::ServiceSpec;
 use meduza_generators::render::{self, Domain, DomainOutput, RenderEnv};
-use meduza_generators::{Config, Snapshot, ValidationError};
+use meduza_generators::{Config, Snapshot};
 use plan::Op;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -59,6 +61,7 @@ pub fn retry_backoff() -> Backoff {
 }
 
 pub use effects::{ConfigSource, Effects};
+pub use error::{ApplyDomain, ApplyError, Cause, SourceError, APPLY_KEY};
 
 /// What a pass did, for logs, tests and the benchmark.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -66,7 +69,9 @@ pub struct PassReport {
     pub revision: i64,
     pub applied: bool,
     pub from_last_good: bool,
-    pub errors: Vec<ValidationError>,
+    /// What `errors` was published as: the refused snapshot's validation errors, or
+    /// one entry per failed apply step ([`ApplyError::entry`]).
+    pub errors: Vec<ErrorEntry>,
     pub changed: BTreeSet<String>,
     /// The snapshot could not be loaded (and nothing was applied): the run loop
     /// retries the pass.
@@ -326,7 +331,8 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
                 for e in &errors {
                     warn!(key = %e.key, reason = %e.reason, "invalid key");
                 }
-                self.effects.publish(errors_update(&errors));
+                let errors: Vec<ErrorEntry> = errors.iter().map(ErrorEntry::from).collect();
+                self.effects.publish(StatusUpdate::Errors(errors.clone()));
                 self.effects
                     .publish(last(format!("refused revision {revision}")));
                 report.errors = errors;
@@ -339,7 +345,7 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
         let observed = move |p: &str| fs.observe(p);
         let ops = plan::plan(&self.applied, &rendered.domains, &observed);
         let mut changed_files = BTreeSet::new();
-        let mut failures = Vec::new();
+        let mut failures: Vec<ApplyError> = Vec::new();
         for op in &ops {
             match op {
                 Op::WriteFile { domain, path, mode } => {
@@ -353,12 +359,14 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
                         Ok(_) => {
                             changed_files.insert(path.clone());
                         }
-                        Err(e) => failures.push(format!("{path}: {e}")),
+                        Err(e) => {
+                            failures.push(ApplyError::new(ApplyDomain::File(path.clone()), e))
+                        }
                     }
                 }
                 Op::RemoveFile { path, .. } => {
                     if let Err(e) = self.fs.remove(path) {
-                        failures.push(format!("{path}: {e}"));
+                        failures.push(ApplyError::new(ApplyDomain::File(path.clone()), e));
                     }
                     changed_files.insert(path.clone());
                 }
@@ -380,12 +388,12 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             .apply_services(specs, changed_files.clone())
             .await
         {
-            failures.push(format!("services: {e}"));
+            failures.push(e);
         }
         let frr_changed = changed.contains(&Domain::Frr);
         if frr_changed || !self.first_pass_done {
             if let Err(e) = self.effects.apply_frr(rendered.frr_enabled).await {
-                failures.push(format!("frr: {e}"));
+                failures.push(e);
             }
         }
         if let Err(e) = self
@@ -393,7 +401,7 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             .apply_wireguard(rendered.wireguard.clone())
             .await
         {
-            failures.push(format!("wireguard: {e}"));
+            failures.push(e);
         }
         if let Err(e) = self
             .effects
@@ -404,12 +412,12 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
             )
             .await
         {
-            failures.push(format!("clash: {e}"));
+            failures.push(e);
         }
         self.effects.apply_api_token(rendered.api_token.clone());
         self.effects.apply_api_tls(rendered.api_tls.clone());
         if let Err(e) = self.effects.apply_dns(rendered.dns.clone()).await {
-            failures.push(format!("dns: {e}"));
+            failures.push(e);
         }
 
         self.applied = rendered.domains;
@@ -440,14 +448,11 @@ impl<S: ConfigSource, E: Effects> Reconciler<S, E> {
                 .publish(last(format!("applied revision {revision}")));
             report.applied = true;
         } else {
-            let errors: Vec<ValidationError> = failures
-                .iter()
-                .map(|f| ValidationError::new("<apply>", "", f.clone()))
-                .collect();
             for f in &failures {
                 warn!(failure = %f, "apply step failed; will retry on the next pass");
             }
-            self.effects.publish(errors_update(&errors));
+            let errors: Vec<ErrorEntry> = failures.iter().map(ApplyError::entry).collect();
+            self.effects.publish(StatusUpdate::Errors(errors.clone()));
             self.effects
                 .publish(last(format!("apply failed for revision {revision}")));
             report.errors = errors;
@@ -472,11 +477,6 @@ fn last(reason: String) -> StatusUpdate {
     }
 }
 
-/// `errors` = the pass's validation (or apply) errors.
-fn errors_update(errors: &[ValidationError]) -> StatusUpdate {
-    StatusUpdate::Errors(errors.iter().map(ErrorEntry::from).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,14 +496,16 @@ mod tests {
     }
 
     impl ConfigSource for FakeSource {
-        async fn load(&mut self) -> Result<(Snapshot, i64), String> {
-            self.next.clone()
+        async fn load(&mut self) -> Result<(Snapshot, i64), SourceError> {
+            self.next.clone().map_err(SourceError::unreachable)
         }
-        async fn probe(&mut self) -> Result<Option<i64>, String> {
-            self.next.as_ref().map_err(Clone::clone)?;
+        async fn probe(&mut self) -> Result<Option<i64>, SourceError> {
+            self.next
+                .as_ref()
+                .map_err(|e| SourceError::unreachable(e.clone()))?;
             Ok(self.confirmed)
         }
-        async fn commit_confirm(&mut self, _revision: i64) -> Result<Option<u64>, String> {
+        async fn commit_confirm(&mut self, _revision: i64) -> Result<Option<u64>, SourceError> {
             Ok(self.confirm_secs)
         }
     }
@@ -523,18 +525,21 @@ mod tests {
             &mut self,
             specs: Vec<ServiceSpec>,
             changed: BTreeSet<String>,
-        ) -> Result<(), String> {
+        ) -> Result<(), ApplyError> {
             self.service_calls
                 .push((specs.into_iter().map(|s| s.name).collect(), changed));
             Ok(())
         }
-        async fn apply_frr(&mut self, enabled: bool) -> Result<(), String> {
+        async fn apply_frr(&mut self, enabled: bool) -> Result<(), ApplyError> {
             self.frr_calls.push(enabled);
             Ok(())
         }
-        async fn apply_wireguard(&mut self, _d: Vec<WgDevice>) -> Result<(), String> {
+        async fn apply_wireguard(&mut self, _d: Vec<WgDevice>) -> Result<(), ApplyError> {
             if self.fail_wireguard {
-                return Err("wireguard-go exited".into());
+                return Err(ApplyError::new(
+                    ApplyDomain::Wireguard,
+                    "wireguard-go exited",
+                ));
             }
             Ok(())
         }
@@ -543,11 +548,11 @@ mod tests {
             _c: Option<ClashRuntime>,
             _m: Option<MosdnsRuntime>,
             t: Option<TproxyPlan>,
-        ) -> Result<(), String> {
+        ) -> Result<(), ApplyError> {
             self.tproxy.push(t);
             Ok(())
         }
-        async fn apply_dns(&mut self, _p: DnsPlan) -> Result<(), String> {
+        async fn apply_dns(&mut self, _p: DnsPlan) -> Result<(), ApplyError> {
             Ok(())
         }
         fn apply_api_token(&mut self, _token: Option<String>) {}
@@ -653,6 +658,67 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_failed_step_is_published_as_an_apply_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, _) = reconciler(dir.path(), Ok((example(), 1)));
+        r.effects().fail_wireguard = true;
+        let report = r.pass(&Trigger::Boot).await;
+        assert!(!report.applied);
+        let entry = ErrorEntry {
+            key: "<apply>".into(),
+            value: String::new(),
+            reason: "wireguard: wireguard-go exited".into(),
+        };
+        assert_eq!(report.errors, vec![entry]);
+        assert_eq!(
+            r.effects().published["errors"],
+            r#"[{"key":"<apply>","value":"","reason":"wireguard: wireguard-go exited"}]"#
+        );
+        assert!(r.effects().published["last"].ends_with(" apply failed for revision 1"));
+        // The next pass succeeds and clears the entry.
+        r.effects().fail_wireguard = false;
+        assert!(r.pass(&Trigger::Periodic).await.applied);
+        assert_eq!(r.effects().published["errors"], "[]");
+    }
+
+    #[tokio::test]
+    async fn a_file_that_cannot_be_written_is_published_under_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        // `/etc` is a regular file: nothing under it can be written.
+        std::fs::write(root.path().join("etc"), b"").unwrap();
+        let (r, _) = reconciler(dir.path(), Ok((example(), 1)));
+        let mut r = Reconciler::new(
+            "gw-a".into(),
+            r.source,
+            FakeEffects::default(),
+            Arc::new(crate::files::RootFs::new(root.path())) as Arc<dyn Fs>,
+            dir.path().to_path_buf(),
+            r.env,
+        );
+        let report = r.pass(&Trigger::Boot).await;
+        assert!(!report.applied);
+        let frr = report
+            .errors
+            .iter()
+            .find(|e| e.reason.starts_with("/etc/frr/frr.conf: "))
+            .expect("frr.conf failed");
+        assert_eq!((frr.key.as_str(), frr.value.as_str()), ("<apply>", ""));
+        assert!(
+            frr.reason.starts_with(&format!(
+                "/etc/frr/frr.conf: writing {}/etc/frr/frr.conf: ",
+                root.path().display()
+            )),
+            "{frr:?}"
+        );
+        assert!(report.errors.iter().all(|e| e.key == "<apply>"));
+        assert_eq!(
+            r.effects().published["errors"],
+            crate::etcd::status::errors_value(&report.errors)
+        );
+    }
+
     /// A source failing a given number of loads, then answering.
     struct FlakySource {
         failures: usize,
@@ -660,10 +726,10 @@ mod tests {
     }
 
     impl ConfigSource for FlakySource {
-        async fn load(&mut self) -> Result<(Snapshot, i64), String> {
+        async fn load(&mut self) -> Result<(Snapshot, i64), SourceError> {
             let n = self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if n < self.failures {
-                Err("connection refused".into())
+                Err(SourceError::unreachable("connection refused"))
             } else {
                 Ok((example(), 9))
             }
