@@ -8,6 +8,7 @@
 //! Must not: let [`RootFs`] write outside the root, or follow a configuration value
 //! into a path that escapes it (generators produce absolute paths; `..` is refused here).
 
+#[cfg(any(test, feature = "test-util"))]
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{self, Write as _};
@@ -15,6 +16,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(any(test, feature = "test-util"))]
 use std::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
@@ -231,12 +233,14 @@ impl Fs for RootFs {
 }
 
 /// An in-memory file system for tests: path → (content, mode), plus a write count.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 pub struct MemFs {
     pub files: Mutex<BTreeMap<String, (Vec<u8>, u32)>>,
     pub writes: Mutex<Vec<String>>,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl Fs for MemFs {
     fn observe(&self, path: &str) -> Option<(Vec<u8>, u32)> {
         self.files.lock().ok()?.get(path).cloned()

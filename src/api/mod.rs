@@ -17,8 +17,12 @@ pub mod types;
 pub mod upstream_store;
 pub mod upstreams;
 
-pub use stats::{FakeIfaces, IfaceCounter, IfaceCounters, ProcNetDev};
-pub use store::{ConfigStore, KvStore, MemStore, StoreError, WriteOp};
+#[cfg(any(test, feature = "test-util"))]
+pub use stats::FakeIfaces;
+pub use stats::{IfaceCounter, IfaceCounters, ProcNetDev};
+#[cfg(any(test, feature = "test-util"))]
+pub use store::MemStore;
+pub use store::{ConfigStore, KvStore, StoreError, WriteOp};
 pub use types::*;
 
 use axum::body::Bytes;

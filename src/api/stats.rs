@@ -1,12 +1,14 @@
 //! `/v1/stats`: the predecessor's `[{name, value}]` counters.
 //!
 //! Owns: reading interface byte counters (behind [`IfaceCounters`]: `/proc/net/dev`
-//! for real, a settable fake for tests) and the pure assembly of the stat list from
-//! those and the daemon's [`StatsSources`]. Must not: reset or keep counters; every
-//! value is the source's running total, so a consumer computes deltas.
+//! for real, a settable fake for tests, built only for them and the `test-util`
+//! feature) and the pure assembly of the stat list from those and the daemon's
+//! [`StatsSources`]. Must not: reset or keep counters; every value is the source's
+//! running total, so a consumer computes deltas.
 
 use super::types::{Stat, StatsSources};
 use std::path::PathBuf;
+#[cfg(any(test, feature = "test-util"))]
 use std::sync::Mutex;
 
 /// Byte counters of one network interface since it was created.
@@ -81,9 +83,11 @@ pub fn parse_proc_net_dev(text: &str) -> Vec<IfaceCounter> {
 }
 
 /// A fake whose counters tests set.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 pub struct FakeIfaces(Mutex<Vec<IfaceCounter>>);
 
+#[cfg(any(test, feature = "test-util"))]
 impl FakeIfaces {
     pub fn new(counters: Vec<IfaceCounter>) -> Self {
         Self(Mutex::new(counters))
@@ -94,6 +98,7 @@ impl FakeIfaces {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl IfaceCounters for FakeIfaces {
     fn read(&self) -> Result<Vec<IfaceCounter>, StatsError> {
         Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).clone())

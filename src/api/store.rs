@@ -1,16 +1,19 @@
 //! Key-value access for the node API's upstream CRUD and for the fleet manager.
 //!
 //! Owns: the small [`ConfigStore`] trait (prefix reads, single puts, atomic write sets,
-//! with or without a bump of `/commit`), an in-memory fake ([`MemStore`]) and the real implementation
-//! [`KvStore`] on the etcd layer's [`Kv`] (so TLS, user/password, timeouts and
-//! re-authentication are `crate::etcd`'s, configured by the global `--etcd-*` flags).
+//! with or without a bump of `/commit`), an in-memory fake (`MemStore`, built for tests
+//! and the `test-util` feature only) and the real implementation [`KvStore`] on the
+//! etcd layer's [`Kv`] (so TLS, user/password, timeouts and re-authentication are
+//! `crate::etcd`'s, configured by the global `--etcd-*` flags).
 //! Must not: interpret keys (callers build and parse them) or open its own etcd
 //! connection.
 
 use crate::etcd::Kv;
 use futures::future::BoxFuture;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+#[cfg(any(test, feature = "test-util"))]
+use std::sync::Mutex;
 
 pub use crate::etcd::{EtcdError as StoreError, WriteOp};
 
@@ -59,11 +62,13 @@ fn commit_value() -> String {
 
 /// In-memory store with etcd's revision semantics (one revision per write or
 /// transaction). `set_failing(true)` makes every call fail, as an unreachable etcd.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default, Clone)]
 pub struct MemStore {
     inner: Arc<Mutex<MemInner>>,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 struct MemInner {
     revision: i64,
@@ -71,6 +76,7 @@ struct MemInner {
     failing: bool,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl MemStore {
     pub fn new() -> Self {
         Self::default()
@@ -111,6 +117,7 @@ impl MemStore {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl ConfigStore for MemStore {
     fn get_prefix(
         &self,
@@ -182,7 +189,7 @@ impl ConfigStore for MemStore {
 }
 
 /// [`ConfigStore`] on the etcd layer ([`crate::etcd::EtcdKv`] in the daemon and the
-/// CLI, [`crate::etcd::MemKv`] in tests).
+/// CLI, `crate::etcd::MemKv` in tests).
 #[derive(Clone)]
 pub struct KvStore {
     pub kv: Arc<dyn Kv>,

@@ -3,6 +3,7 @@
 //! and that a second run changes nothing.
 //!
 //! Owns: the model only. Must not: touch the real machine.
+//! Built only for tests and the `test-util` feature (docs/testing.md, "Test support").
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};

@@ -11,6 +11,7 @@
 //! nftables rules, or child processes.
 
 pub mod cmdline;
+#[cfg(any(test, feature = "test-util"))]
 pub mod fake;
 pub mod os;
 pub mod settings;
@@ -19,6 +20,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use cmdline::{parse_cmdline, KernelCmdline};
+#[cfg(any(test, feature = "test-util"))]
 pub use fake::{FakeBootOs, FakeState};
 pub use os::{BootOs, MountOpts, MountRequest, RealBootOs};
 pub use settings::{

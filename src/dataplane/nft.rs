@@ -200,6 +200,8 @@ pub struct FakeNftState {
 }
 
 impl FakeNft {
+    /// A silent model (tests); the `off` mode uses [`FakeNft::logging`].
+    #[cfg(any(test, feature = "test-util"))]
     pub fn new() -> Self {
         Self::default()
     }
@@ -220,11 +222,13 @@ impl FakeNft {
     }
 
     /// A copy of the modelled state.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn state(&self) -> FakeNftState {
         self.lock().clone()
     }
 
     /// Something else deletes our table (`nft delete table inet meduza`).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn delete_table_externally(&self) {
         let mut st = self.lock();
         st.table = None;
@@ -232,6 +236,7 @@ impl FakeNft {
     }
 
     /// Something else changes an unrelated table (bumps the generation only).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn touch_foreign(&self, name: &str) {
         let mut st = self.lock();
         if !st.foreign_tables.iter().any(|t| t == name) {

@@ -323,6 +323,8 @@ pub struct FakeRoutingState {
 }
 
 impl FakeRouting {
+    /// A silent model (tests); the `off` mode uses [`FakeRouting::logging`].
+    #[cfg(any(test, feature = "test-util"))]
     pub fn new() -> Self {
         Self::default()
     }
@@ -340,11 +342,13 @@ impl FakeRouting {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     pub fn state(&self) -> FakeRoutingState {
         self.lock().clone()
     }
 
     /// Something else deletes one of our items.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn delete_externally(&self, item: RouteItem) {
         self.lock().items.retain(|(_, i)| *i != item);
     }

@@ -6,6 +6,7 @@
 //! is a response; a query is only forwarded when its question was read in full; a
 //! packet taken as an upstream answer round-trips through the cache).
 //! Must not: touch the network or the clock beyond `Instant::now()`.
+//! Built only for tests and the `test-util` feature (docs/testing.md, "Test support").
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

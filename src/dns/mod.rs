@@ -21,6 +21,7 @@ pub mod cli;
 pub mod exchange;
 pub mod failover;
 pub mod frontend;
+#[cfg(any(test, feature = "test-util"))]
 pub mod fuzzing;
 pub mod health_checks;
 pub mod hosts;

@@ -1,5 +1,6 @@
 //! The [`Kv`] trait: the part of etcd the daemon uses, small enough for an in-memory
-//! fake ([`super::MemKv`]) that models revisions, leases, compaction and watches.
+//! fake (`MemKv`, built for tests and the `test-util` feature only) that models
+//! revisions, leases, compaction and watches.
 
 use std::collections::BTreeMap;
 

@@ -6,6 +6,7 @@
 //! ([`MemKv::set_down`]: every call fails, open watches break) and a stall
 //! ([`MemKv::set_stalled`]: watches stop answering, like a SIGSTOPped server).
 //! Leases do not expire by time; tests expire them explicitly.
+//! Built only for tests and the `test-util` feature (docs/testing.md, "Test support").
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -4,10 +4,11 @@
 //! Owns: turning `ETCD_*` settings into a connected client (TLS, user/password with
 //! token refresh and re-authentication, failover between the members of a cluster),
 //! the [`Kv`] trait every other module uses to read and write etcd (with the real
-//! [`EtcdKv`] and the in-memory [`MemKv`]), loading a consistent snapshot at one
-//! revision, the watch on `/commit` and `/dns/hosts/` that survives disconnects,
-//! compaction, stalls and the loss of its member, the `/updated/<id>/...` status keys
-//! (DESIGN §4), and the `meduza status` / `meduza snapshot` commands.
+//! [`EtcdKv`] and the in-memory `MemKv`, built for tests and the `test-util` feature
+//! only), loading a consistent snapshot at one revision, the watch on `/commit` and
+//! `/dns/hosts/` that survives disconnects, compaction, stalls and the loss of its
+//! member, the `/updated/<id>/...` status keys (DESIGN §4), and the `meduza status` /
+//! `meduza snapshot` commands.
 //!
 //! Must not: parse configuration values (that is `meduza-generators`), decide what a
 //! change means (the reconciler does; the watcher only *triggers*), or block a caller
@@ -18,6 +19,7 @@ mod config;
 mod error;
 mod failover;
 mod kv;
+#[cfg(any(test, feature = "test-util"))]
 mod mem;
 mod real;
 mod snapshot;
@@ -28,6 +30,7 @@ pub use cli::{run_command, EtcdCommand};
 pub use config::{EtcdArgs, EtcdConfig, EtcdTimeouts, CLUSTER_ATTEMPT_TIMEOUT};
 pub use error::{is_auth_error, EtcdError};
 pub use kv::{EventKind, KeyRange, Kv, KvEntry, KvEvent, WatchConn, WatchMsg, WriteOp};
+#[cfg(any(test, feature = "test-util"))]
 pub use mem::MemKv;
 pub use real::EtcdKv;
 pub use snapshot::{dump_snapshot, load_config, load_snapshot, SNAPSHOT_PREFIXES};

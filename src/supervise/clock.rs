@@ -28,12 +28,14 @@ impl Clock for SystemClock {
 /// A clock that starts at `base` and advances with tokio's timer. Under
 /// `tokio::time::pause()` it moves only when the test advances time, so timers and
 /// timestamps stay consistent.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Clone, Copy)]
 pub struct FakeClock {
     base: u64,
     start: tokio::time::Instant,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl FakeClock {
     /// Must be called inside a tokio runtime.
     pub fn new(base: u64) -> Self {
@@ -44,6 +46,7 @@ impl FakeClock {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl Clock for FakeClock {
     fn now(&self) -> u64 {
         self.base + self.start.elapsed().as_secs()

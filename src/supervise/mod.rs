@@ -31,11 +31,15 @@ pub mod state_file;
 pub mod status;
 pub mod supervisor;
 
-pub use clock::{Clock, FakeClock, SystemClock};
+#[cfg(any(test, feature = "test-util"))]
+pub use clock::FakeClock;
+pub use clock::{Clock, SystemClock};
 pub use config::{FrrReloader, SupervisorConfig};
 pub use plan::{plan, Op};
 pub use policy::{decide, BackoffPolicy, Decision, Event, RestartSource, RestartState};
-pub use spawn::{ExitInfo, FakeSpawner, RealSpawner, Spawner};
+#[cfg(any(test, feature = "test-util"))]
+pub use spawn::FakeSpawner;
+pub use spawn::{ExitInfo, RealSpawner, Spawner};
 pub use status::{EventKind, ServiceEvent, ServiceState, ServiceStatus};
 pub use supervisor::Supervisor;
 

@@ -11,7 +11,8 @@
 //! are not its own children (that is `reaper`).
 //!
 //! `RealSpawner` is the one real implementation; `FakeSpawner` models processes in
-//! memory (exit on SIGTERM/SIGKILL, recorded calls) for tests of the supervisor.
+//! memory (exit on SIGTERM/SIGKILL, recorded calls) for tests of the supervisor; it is
+//! built only for tests and the `test-util` feature.
 
 use super::logbuf::LogBuffer;
 use super::SuperviseError;
@@ -21,12 +22,15 @@ use meduza_generators::plan::service::{Redact, ServiceSpec};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::{Gid, Pid, Uid, User};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+#[cfg(any(test, feature = "test-util"))]
+use std::collections::HashMap;
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fmt;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+#[cfg(any(test, feature = "test-util"))]
 use tokio::sync::oneshot;
 
 /// How a child ended.
@@ -391,6 +395,7 @@ async fn pump(
 }
 
 /// One call the fake recorded.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FakeCall {
     Spawn {
@@ -404,6 +409,7 @@ pub enum FakeCall {
     },
 }
 
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Default)]
 struct FakeState {
     next_pid: u32,
@@ -418,11 +424,13 @@ struct FakeState {
 /// In-memory processes. SIGTERM, SIGINT and SIGKILL end a fake process (SIGTERM is
 /// ignored by services marked with [`FakeSpawner::ignore_sigterm`]); other signals
 /// are only recorded.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Clone, Default)]
 pub struct FakeSpawner {
     state: Arc<Mutex<FakeState>>,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl FakeSpawner {
     pub fn new() -> Self {
         Self::default()
@@ -516,6 +524,7 @@ impl FakeSpawner {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl Spawner for FakeSpawner {
     fn spawn(&self, spec: &ServiceSpec, log: Arc<LogBuffer>) -> Result<Spawned, SuperviseError> {
         parse_caps(&spec.name, &spec.caps)?;

@@ -5,10 +5,10 @@
 //! reports ([`plan_device`]), the status decision ([`decide_status`]), the
 //! [`WgBackend`] trait with its implementations — kernel generic netlink
 //! ([`genl::KernelWg`]), wireguard-go's UAPI socket ([`uapi::UserspaceWg`]), the
-//! runtime choice between them ([`AutoWg`]) and a model ([`FakeWg`]) — and
-//! [`WgManager`], which applies a list of devices. Must not: recreate a device to
-//! change its peers, touch devices it was not given, or route `allowed_ips` (routing
-//! is FRR's job).
+//! runtime choice between them ([`AutoWg`]) and a model (`FakeWg`, built for tests
+//! and the `test-util` feature only) — and [`WgManager`], which applies a list of
+//! devices. Must not: recreate a device to change its peers, touch devices it was not
+//! given, or route `allowed_ips` (routing is FRR's job).
 
 pub mod genl;
 pub mod uapi;
@@ -17,7 +17,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+#[cfg(any(test, feature = "test-util"))]
+use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -627,11 +629,13 @@ impl<B: WgBackend> WgManager<B> {
 
 /// A model of WireGuard devices: applies [`WgSet`]s with the kernel's semantics and
 /// counts creations, so tests can check that peers change without recreation.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Clone, Default)]
 pub struct FakeWg {
     inner: Arc<Mutex<FakeWgState>>,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Clone, Default)]
 pub struct FakeWgState {
     pub devices: BTreeMap<String, WgState>,
@@ -639,6 +643,7 @@ pub struct FakeWgState {
     pub sets: usize,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl FakeWg {
     pub fn new() -> Self {
         Self::default()
@@ -663,6 +668,7 @@ impl FakeWg {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 fn missing(dev: &str) -> WgError {
     WgError::Uapi {
         dev: dev.to_string(),
@@ -673,6 +679,7 @@ fn missing(dev: &str) -> WgError {
 
 /// Apply a set to a state with WireGuard's semantics (shared by the fake and the
 /// UAPI tests).
+#[cfg(any(test, feature = "test-util"))]
 pub fn apply_set(state: &mut WgState, set: &WgSet) {
     if let Some(k) = set.private_key {
         state.private_key = Some(k);
@@ -716,6 +723,7 @@ pub fn apply_set(state: &mut WgState, set: &WgSet) {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl WgBackend for FakeWg {
     async fn create(&self, dev: &str) -> Result<(), WgError> {
         let mut st = self.lock();
