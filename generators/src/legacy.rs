@@ -111,6 +111,22 @@ fn args_json(d: &DomainOutput) -> Value {
         .unwrap_or_else(|| json!([]))
 }
 
+/// The domain's main file (its first), as the text field of the legacy output.
+fn first_file_text(d: &DomainOutput) -> String {
+    d.files
+        .first()
+        .map(|f| f.content.clone())
+        .unwrap_or_default()
+}
+
+/// The fields every legacy domain object has: the main file's text under
+/// `text_field`, then `args` and `files`.
+fn insert_domain_fields(o: &mut Map<String, Value>, text_field: &str, d: &DomainOutput) {
+    o.insert(text_field.into(), json!(first_file_text(d)));
+    o.insert("args".into(), args_json(d));
+    o.insert("files".into(), files_json(d));
+}
+
 fn disabled() -> Value {
     json!({"enabled": false})
 }
@@ -121,16 +137,7 @@ fn single(r: &Rendered, domain: &Domain, text_field: &str) -> Value {
     };
     let mut o = Map::new();
     o.insert("enabled".into(), Value::Bool(true));
-    o.insert(
-        text_field.into(),
-        json!(d
-            .files
-            .first()
-            .map(|f| f.content.clone())
-            .unwrap_or_default()),
-    );
-    o.insert("args".into(), args_json(d));
-    o.insert("files".into(), files_json(d));
+    insert_domain_fields(&mut o, text_field, d);
     Value::Object(o)
 }
 
@@ -148,16 +155,7 @@ fn instances(
         };
         let mut o = Map::new();
         o.insert("name".into(), json!(name));
-        o.insert(
-            "config_text".into(),
-            json!(d
-                .files
-                .first()
-                .map(|f| f.content.clone())
-                .unwrap_or_default()),
-        );
-        o.insert("args".into(), args_json(d));
-        o.insert("files".into(), files_json(d));
+        insert_domain_fields(&mut o, "config_text", d);
         if let Some(Value::Object(x)) = extra(&name) {
             // The device plan, without its private key.
             for (k, v) in x {
@@ -181,7 +179,7 @@ fn clash(r: &Rendered) -> Value {
     let t = r.tproxy.clone().unwrap_or_default();
     json!({
         "enabled": true,
-        "config_yaml": d.files.first().map(|f| f.content.clone()).unwrap_or_default(),
+        "config_yaml": first_file_text(d),
         "args": args_json(d),
         "files": files_json(d),
         "mode": c.mode,
@@ -202,7 +200,7 @@ fn mosdns(r: &Rendered) -> Value {
     };
     json!({
         "enabled": true,
-        "config_yaml": d.files.first().map(|f| f.content.clone()).unwrap_or_default(),
+        "config_yaml": first_file_text(d),
         "args": args_json(d),
         "files": files_json(d),
         "rule_files": m.rule_files,

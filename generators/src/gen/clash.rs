@@ -20,6 +20,7 @@
 //! else the per-node secret the daemon generated ([`RenderEnv::clash_secret`]); there is
 //! no public default.
 
+use super::yaml::{map, s};
 use super::{apply_service_overrides, service, MODE_SECRET};
 use crate::error::ValidationError;
 use crate::model::{Config, Node};
@@ -61,18 +62,6 @@ pub fn subscription(cfg: &Config, node: &Node) -> Option<(String, String)> {
 
 fn provider_rel(name: &str) -> String {
     format!("./providers/{name}.yaml")
-}
-
-fn s(v: &str) -> Value {
-    Value::String(v.to_string())
-}
-
-fn map(entries: Vec<(&str, Value)>) -> Value {
-    let mut m = Mapping::new();
-    for (k, v) in entries {
-        m.insert(s(k), v);
-    }
-    Value::Mapping(m)
 }
 
 /// The merged configuration as a YAML mapping.

@@ -14,6 +14,7 @@ pub mod openvpn;
 pub mod tinc;
 pub mod tunnels;
 pub mod wireguard;
+mod yaml;
 
 use crate::error::ValidationError;
 use crate::model::{Node, ProbeKind, ServiceOverrides};
@@ -107,9 +108,13 @@ pub fn apply_overrides(
         return Ok(());
     }
     let kind = o.health_kind.unwrap_or(ProbeKind::Process);
+    // An error on `<base>health/<leaf>`.
+    let error = |leaf: &str, value: &str, reason: String| {
+        ValidationError::new(format!("{base}health/{leaf}"), value, reason)
+    };
     let need = |what: &str| {
-        ValidationError::new(
-            format!("{base}health/target"),
+        error(
+            "target",
             "",
             format!("health/kind {what} needs health/target"),
         )
@@ -119,9 +124,7 @@ pub fn apply_overrides(
         ProbeKind::Process => Probe::Process,
         ProbeKind::Tcp => {
             let addr = target.ok_or_else(|| need("tcp"))?;
-            parse::parse_host_port(&addr).map_err(|reason| {
-                ValidationError::new(format!("{base}health/target"), &addr, reason)
-            })?;
+            parse::parse_host_port(&addr).map_err(|reason| error("target", &addr, reason))?;
             Probe::Tcp { addr }
         }
         ProbeKind::Http => Probe::Http {
@@ -130,19 +133,18 @@ pub fn apply_overrides(
         },
         ProbeKind::Socks5 => Probe::Socks5 {
             proxy: o.health_proxy.clone().ok_or_else(|| {
-                ValidationError::new(
-                    format!("{base}health/proxy"),
+                error(
+                    "proxy",
                     "",
-                    "health/kind socks5 needs health/proxy (host:port)",
+                    "health/kind socks5 needs health/proxy (host:port)".into(),
                 )
             })?,
             url: target.ok_or_else(|| need("socks5"))?,
         },
         ProbeKind::Dns => {
             let server = target.ok_or_else(|| need("dns"))?;
-            let addr = parse::parse_dns_addr(&server).map_err(|reason| {
-                ValidationError::new(format!("{base}health/target"), &server, reason)
-            })?;
+            let addr = parse::parse_dns_addr(&server)
+                .map_err(|reason| error("target", &server, reason))?;
             Probe::Dns {
                 server: addr.to_string(),
                 name: "example.com".into(),
@@ -158,11 +160,7 @@ pub fn apply_overrides(
         }
         ProbeKind::Log => Probe::LogScan {
             pattern: o.health_pattern.clone().ok_or_else(|| {
-                ValidationError::new(
-                    format!("{base}health/pattern"),
-                    "",
-                    "health/kind log needs health/pattern",
-                )
+                error("pattern", "", "health/kind log needs health/pattern".into())
             })?,
             lines: LOG_PROBE_LINES,
         },

@@ -14,31 +14,20 @@
 //! relative to the working directory `/etc/mosdns`). MosDNS has no reload signal, so
 //! any change restarts it.
 
+use super::yaml::{map, s};
 use super::{apply_service_overrides, service, MODE_PUBLIC};
 use crate::error::ValidationError;
 use crate::model::{Config, Node};
 use crate::output::{DomainOutput, FileOut, MosdnsRuntime, RenderEnv};
 use crate::plan::dns::MOSDNS_ADDR;
 use crate::plan::service::ReloadStrategy;
-use serde_norway::{Mapping, Value};
+use serde_norway::Value;
 use std::collections::BTreeMap;
 
 pub const SERVICE: &str = "mosdns";
 pub const WORK_DIR: &str = "/etc/mosdns";
 pub const CONFIG_PATH: &str = "/etc/mosdns/config.yaml";
 const KEY_PLUGINS: &str = "/global/mosdns/plugins";
-
-fn s(v: &str) -> Value {
-    Value::String(v.to_string())
-}
-
-fn map(entries: Vec<(&str, Value)>) -> Value {
-    let mut m = Mapping::new();
-    for (k, v) in entries {
-        m.insert(s(k), v);
-    }
-    Value::Mapping(m)
-}
 
 fn plugin_str<'a>(p: &'a Value, field: &str) -> Option<&'a str> {
     p.get(field).and_then(Value::as_str)

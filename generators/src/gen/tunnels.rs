@@ -29,7 +29,7 @@ use crate::model::{
     TunnelSettings, WaterwallSettings,
 };
 use crate::output::{DomainOutput, FileOut};
-use crate::plan::service::{tunnel_preset, TunnelKind, TunnelParams, TunnelRole};
+use crate::plan::service::{tunnel_preset, TunnelParams};
 use serde_json::json;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -80,7 +80,7 @@ pub fn render(node: &Node, t: &Tunnel) -> Result<DomainOutput, ValidationError> 
         },
         ..TunnelParams::default()
     };
-    let mut spec = tunnel_preset(kind(t.kind), role(t.role), &params);
+    let mut spec = tunnel_preset(t.kind, t.role, &params);
     spec.config_files = files.iter().map(|f| f.path.clone()).collect();
     apply_overrides(&base, &t.overrides, &mut spec)?;
     if spec.argv.first().is_none_or(|p| p.is_empty()) {
@@ -94,22 +94,6 @@ pub fn render(node: &Node, t: &Tunnel) -> Result<DomainOutput, ValidationError> 
         files,
         services: vec![spec],
     })
-}
-
-fn kind(k: K) -> TunnelKind {
-    match k {
-        K::Paqet => TunnelKind::Paqet,
-        K::Icmptunnel => TunnelKind::Icmptunnel,
-        K::Waterwall => TunnelKind::Waterwall,
-        K::Generic => TunnelKind::Generic,
-    }
-}
-
-fn role(r: R) -> TunnelRole {
-    match r {
-        R::Client => TunnelRole::Client,
-        R::Server => TunnelRole::Server,
-    }
 }
 
 /// Where the TCP probe connects to a listener bound to `listen`: the loopback of the
