@@ -111,18 +111,11 @@ fn args_json(d: &DomainOutput) -> Value {
         .unwrap_or_else(|| json!([]))
 }
 
-/// The domain's main file (its first), as the text field of the legacy output.
-fn first_file_text(d: &DomainOutput) -> String {
-    d.files
-        .first()
-        .map(|f| f.content.clone())
-        .unwrap_or_default()
-}
-
-/// The fields every legacy domain object has: the main file's text under
+/// The fields every legacy domain object has: the main file's (the first) text under
 /// `text_field`, then `args` and `files`.
 fn insert_domain_fields(o: &mut Map<String, Value>, text_field: &str, d: &DomainOutput) {
-    o.insert(text_field.into(), json!(first_file_text(d)));
+    let text = d.files.first().map(|f| f.content.clone());
+    o.insert(text_field.into(), json!(text.unwrap_or_default()));
     o.insert("args".into(), args_json(d));
     o.insert("files".into(), files_json(d));
 }
@@ -135,9 +128,18 @@ fn single(r: &Rendered, domain: &Domain, text_field: &str) -> Value {
     let Some(d) = r.domains.get(domain) else {
         return disabled();
     };
+    enabled(d, text_field, json!({}))
+}
+
+/// An enabled single-instance domain: `enabled`, the main file's text under
+/// `text_field`, `args`, `files`, then the fields of `extra` (an object).
+fn enabled(d: &DomainOutput, text_field: &str, extra: Value) -> Value {
     let mut o = Map::new();
     o.insert("enabled".into(), Value::Bool(true));
     insert_domain_fields(&mut o, text_field, d);
+    if let Value::Object(extra) = extra {
+        o.extend(extra);
+    }
     Value::Object(o)
 }
 
@@ -177,11 +179,7 @@ fn clash(r: &Rendered) -> Value {
         return disabled();
     };
     let t = r.tproxy.clone().unwrap_or_default();
-    json!({
-        "enabled": true,
-        "config_yaml": first_file_text(d),
-        "args": args_json(d),
-        "files": files_json(d),
+    let extra = json!({
         "mode": c.mode,
         "refresh_enable": c.refresh_minutes.is_some(),
         "refresh_interval_minutes": c.refresh_minutes,
@@ -191,21 +189,19 @@ fn clash(r: &Rendered) -> Value {
         "tproxy_exclude": t.exclude_src,
         "tproxy_exclude_ifaces": t.exclude_ifaces,
         "tproxy_exclude_ports": t.exclude_ports,
-    })
+    });
+    enabled(d, "config_yaml", extra)
 }
 
 fn mosdns(r: &Rendered) -> Value {
     let (Some(d), Some(m)) = (r.domains.get(&Domain::Mosdns), &r.mosdns) else {
         return disabled();
     };
-    json!({
-        "enabled": true,
-        "config_yaml": first_file_text(d),
-        "args": args_json(d),
-        "files": files_json(d),
+    let extra = json!({
         "rule_files": m.rule_files,
         "refresh_minutes": m.refresh_minutes,
-    })
+    });
+    enabled(d, "config_yaml", extra)
 }
 
 #[cfg(test)]

@@ -397,15 +397,19 @@ pub fn parse_port(v: &str) -> Result<u16, String> {
 }
 
 pub fn parse_u32_in(v: &str, min: u32, max: u32) -> Result<u32, String> {
-    match v.parse::<u32>() {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        Ok(_) => Err(format!("out of range {min}-{max}")),
-        Err(_) => Err("not a whole number".into()),
-    }
+    parse_whole_in(v, min, max)
 }
 
 pub fn parse_u64_in(v: &str, min: u64, max: u64) -> Result<u64, String> {
-    match v.parse::<u64>() {
+    parse_whole_in(v, min, max)
+}
+
+/// A whole number within `min..=max`.
+fn parse_whole_in<T>(v: &str, min: T, max: T) -> Result<T, String>
+where
+    T: FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    match v.parse::<T>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         Ok(_) => Err(format!("out of range {min}-{max}")),
         Err(_) => Err("not a whole number".into()),
