@@ -111,6 +111,15 @@ fn args_json(d: &DomainOutput) -> Value {
         .unwrap_or_else(|| json!([]))
 }
 
+/// The fields every legacy domain object has: the main file's (the first) text under
+/// `text_field`, then `args` and `files`.
+fn insert_domain_fields(o: &mut Map<String, Value>, text_field: &str, d: &DomainOutput) {
+    let text = d.files.first().map(|f| f.content.clone());
+    o.insert(text_field.into(), json!(text.unwrap_or_default()));
+    o.insert("args".into(), args_json(d));
+    o.insert("files".into(), files_json(d));
+}
+
 fn disabled() -> Value {
     json!({"enabled": false})
 }
@@ -119,18 +128,18 @@ fn single(r: &Rendered, domain: &Domain, text_field: &str) -> Value {
     let Some(d) = r.domains.get(domain) else {
         return disabled();
     };
+    enabled(d, text_field, json!({}))
+}
+
+/// An enabled single-instance domain: `enabled`, the main file's text under
+/// `text_field`, `args`, `files`, then the fields of `extra` (an object).
+fn enabled(d: &DomainOutput, text_field: &str, extra: Value) -> Value {
     let mut o = Map::new();
     o.insert("enabled".into(), Value::Bool(true));
-    o.insert(
-        text_field.into(),
-        json!(d
-            .files
-            .first()
-            .map(|f| f.content.clone())
-            .unwrap_or_default()),
-    );
-    o.insert("args".into(), args_json(d));
-    o.insert("files".into(), files_json(d));
+    insert_domain_fields(&mut o, text_field, d);
+    if let Value::Object(extra) = extra {
+        o.extend(extra);
+    }
     Value::Object(o)
 }
 
@@ -148,16 +157,7 @@ fn instances(
         };
         let mut o = Map::new();
         o.insert("name".into(), json!(name));
-        o.insert(
-            "config_text".into(),
-            json!(d
-                .files
-                .first()
-                .map(|f| f.content.clone())
-                .unwrap_or_default()),
-        );
-        o.insert("args".into(), args_json(d));
-        o.insert("files".into(), files_json(d));
+        insert_domain_fields(&mut o, "config_text", d);
         if let Some(Value::Object(x)) = extra(&name) {
             // The device plan, without its private key.
             for (k, v) in x {
@@ -179,11 +179,7 @@ fn clash(r: &Rendered) -> Value {
         return disabled();
     };
     let t = r.tproxy.clone().unwrap_or_default();
-    json!({
-        "enabled": true,
-        "config_yaml": d.files.first().map(|f| f.content.clone()).unwrap_or_default(),
-        "args": args_json(d),
-        "files": files_json(d),
+    let extra = json!({
         "mode": c.mode,
         "refresh_enable": c.refresh_minutes.is_some(),
         "refresh_interval_minutes": c.refresh_minutes,
@@ -193,21 +189,19 @@ fn clash(r: &Rendered) -> Value {
         "tproxy_exclude": t.exclude_src,
         "tproxy_exclude_ifaces": t.exclude_ifaces,
         "tproxy_exclude_ports": t.exclude_ports,
-    })
+    });
+    enabled(d, "config_yaml", extra)
 }
 
 fn mosdns(r: &Rendered) -> Value {
     let (Some(d), Some(m)) = (r.domains.get(&Domain::Mosdns), &r.mosdns) else {
         return disabled();
     };
-    json!({
-        "enabled": true,
-        "config_yaml": d.files.first().map(|f| f.content.clone()).unwrap_or_default(),
-        "args": args_json(d),
-        "files": files_json(d),
+    let extra = json!({
         "rule_files": m.rule_files,
         "refresh_minutes": m.refresh_minutes,
-    })
+    });
+    enabled(d, "config_yaml", extra)
 }
 
 #[cfg(test)]

@@ -135,6 +135,14 @@ impl<'a> Reader<'a> {
         self.snap.get(key).map(str::trim).filter(|v| !v.is_empty())
     }
 
+    /// A required key: when it is absent or blank, report it with an empty value and
+    /// `reason`. (A present but invalid value has been reported by its parser.)
+    pub fn require(&mut self, key: &str, reason: &str) {
+        if self.str(key).is_none() {
+            self.error(key, "", reason);
+        }
+    }
+
     /// The raw value untrimmed (certificates, YAML), `None` when absent or blank.
     pub fn text(&self, key: &str) -> Option<String> {
         self.note(key);
@@ -389,15 +397,19 @@ pub fn parse_port(v: &str) -> Result<u16, String> {
 }
 
 pub fn parse_u32_in(v: &str, min: u32, max: u32) -> Result<u32, String> {
-    match v.parse::<u32>() {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        Ok(_) => Err(format!("out of range {min}-{max}")),
-        Err(_) => Err("not a whole number".into()),
-    }
+    parse_whole_in(v, min, max)
 }
 
 pub fn parse_u64_in(v: &str, min: u64, max: u64) -> Result<u64, String> {
-    match v.parse::<u64>() {
+    parse_whole_in(v, min, max)
+}
+
+/// A whole number within `min..=max`.
+fn parse_whole_in<T>(v: &str, min: T, max: T) -> Result<T, String>
+where
+    T: FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    match v.parse::<T>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         Ok(_) => Err(format!("out of range {min}-{max}")),
         Err(_) => Err("not a whole number".into()),
@@ -602,6 +614,13 @@ mod tests {
         crate::Config::parse_checked(&snap).1
     }
 
+    /// Each warning's key and its suggestion.
+    fn suggestions(w: &[Warning]) -> Vec<(&str, Option<&str>)> {
+        w.iter()
+            .map(|w| (w.key.as_str(), w.did_you_mean.as_deref()))
+            .collect()
+    }
+
     #[test]
     fn misspelled_node_key_warns_with_did_you_mean() {
         let w = warnings_of(&[
@@ -641,12 +660,8 @@ mod tests {
             ("/nodes/a/asn", "65000"),
             ("/nodes/a/totally/unrelated", "x"),
         ]);
-        let got: Vec<(&str, Option<&str>)> = w
-            .iter()
-            .map(|w| (w.key.as_str(), w.did_you_mean.as_deref()))
-            .collect();
         assert_eq!(
-            got,
+            suggestions(&w),
             vec![
                 ("/global/mesh_typ", Some("/global/mesh_type")),
                 ("/nodes/a/asn", Some("/nodes/a/bgp/asn")),
@@ -667,12 +682,8 @@ mod tests {
             ("/nodes/a/wireguard/wg1/peer/p1/public_key", "x"),
             ("/nodes/a/wireguard/wg1/peer/p1/publickey", "x"),
         ]);
-        let keys: Vec<(&str, Option<&str>)> = w
-            .iter()
-            .map(|w| (w.key.as_str(), w.did_you_mean.as_deref()))
-            .collect();
         assert_eq!(
-            keys,
+            suggestions(&w),
             vec![(
                 "/nodes/a/wireguard/wg1/peer/p1/publickey",
                 Some("/nodes/a/wireguard/wg1/peer/p1/public_key")

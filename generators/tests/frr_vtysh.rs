@@ -5,9 +5,20 @@
 mod common;
 
 use meduza_generators::render::{render_node, Domain};
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
 const VTYSH: &str = "/usr/bin/vtysh";
+
+/// `vtysh -C -f path`: the dry run of one configuration file.
+fn vtysh_check(path: &Path) -> Output {
+    Command::new(VTYSH)
+        .arg("-C")
+        .arg("-f")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {VTYSH} (install Debian's frr): {e}"))
+}
 
 fn check_snapshot(snap: &meduza_generators::Snapshot, label: &str) -> usize {
     let cfg = common::parse(snap);
@@ -25,12 +36,7 @@ fn check_snapshot(snap: &meduza_generators::Snapshot, label: &str) -> usize {
             .expect("frr domain has frr.conf");
         let path = dir.path().join(format!("{label}-{id}.conf"));
         std::fs::write(&path, &conf.content).expect("write frr.conf");
-        let out = Command::new(VTYSH)
-            .arg("-C")
-            .arg("-f")
-            .arg(&path)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {VTYSH} (install Debian's frr): {e}"));
+        let out = vtysh_check(&path);
         assert!(
             out.status.success(),
             "vtysh -C refused {label}/{id} frr.conf ({}):\n{}{}\n--- file ---\n{}",
@@ -57,11 +63,5 @@ fn vtysh_check_can_fail() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad.conf");
     std::fs::write(&path, "router bgp 65010\n neighbor 10.0.0.1 remote-ass 1\n").expect("write");
-    let st = Command::new(VTYSH)
-        .arg("-C")
-        .arg("-f")
-        .arg(&path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {VTYSH}: {e}"));
-    assert!(!st.status.success());
+    assert!(!vtysh_check(&path).status.success());
 }

@@ -10,7 +10,7 @@ mod common;
 use meduza_generators::render::{render_node, Domain, DomainOutput};
 use meduza_generators::Config;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const IP: &str = "/usr/sbin/ip";
@@ -88,6 +88,15 @@ impl Drop for Netns {
             let _ = Command::new(IP).args(["netns", "del", ns]).status();
         }
     }
+}
+
+/// `argv` run to completion inside the namespace `ns`.
+fn in_netns(ns: &str, argv: &[&str]) -> Output {
+    Command::new(IP)
+        .args(["netns", "exec", ns])
+        .args(argv)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {argv:?} in {ns}: {e}"))
 }
 
 /// Write a domain's files under `root` (the daemon's MEDUZA_ROOT).
@@ -270,21 +279,15 @@ fn wg_setconf_accepts_generated_config() {
     while !sock.0.exists() && start.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let setconf = Command::new(IP)
-        .args(["netns", "exec", &ns.a, WG, "setconf", &dev])
-        .arg(&conf)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {WG}: {e}"));
+    let conf_arg = conf.display().to_string();
+    let setconf = in_netns(&ns.a, &[WG, "setconf", &dev, &conf_arg]);
     assert!(
         setconf.status.success(),
         "wg setconf refused the file: {}\n{}",
         String::from_utf8_lossy(&setconf.stderr),
         std::fs::read_to_string(&conf).unwrap_or_default()
     );
-    let show = Command::new(IP)
-        .args(["netns", "exec", &ns.a, WG, "show", &dev, "dump"])
-        .output()
-        .expect("wg show");
+    let show = in_netns(&ns.a, &[WG, "show", &dev, "dump"]);
     let dump = String::from_utf8_lossy(&show.stdout);
     let plan = &render_node(&cfg, "gw-b", &common::env())
         .expect("renders")

@@ -4,7 +4,7 @@
 mod common;
 
 use meduza_generators::render::render_node;
-use meduza_generators::{Config, Snapshot};
+use meduza_generators::{Config, Snapshot, ValidationErrors};
 
 /// (key, bad value, words the reason must contain)
 const CASES: &[(&str, &str, &str)] = &[
@@ -102,10 +102,33 @@ const CASES: &[(&str, &str, &str)] = &[
     ("/nodes/gw-a/tunnels/backup/kind", "ssh", "paqet"),
 ];
 
-fn with(key: &str, value: &str) -> Snapshot {
+/// The example snapshot with the keys `set` to these values and the keys in `remove`
+/// taken out.
+fn example_with(set: &[(&str, &str)], remove: &[&str]) -> Snapshot {
     let mut s = common::example_snapshot();
-    s.0.insert(key.to_string(), value.to_string());
+    for (k, v) in set {
+        s.0.insert(k.to_string(), v.to_string());
+    }
+    for k in remove {
+        s.0.remove(*k);
+    }
     s
+}
+
+fn with(key: &str, value: &str) -> Snapshot {
+    example_with(&[(key, value)], &[])
+}
+
+/// `s` must be refused (`why` says why) with an error on each of `keys`.
+fn assert_refused_on(s: &Snapshot, keys: &[&str], why: &str) -> ValidationErrors {
+    let errs = Config::parse(s).expect_err(why);
+    for k in keys {
+        assert!(
+            errs.0.iter().any(|e| e.key == *k),
+            "no error for {k}: {errs}"
+        );
+    }
+    errs
 }
 
 #[test]
@@ -137,7 +160,6 @@ fn every_bad_value_is_refused_naming_its_key() {
 
 #[test]
 fn several_errors_are_all_reported() {
-    let mut s = common::example_snapshot();
     let bad = [
         ("/nodes/gw-a/lan", "not-a-cidr"),
         ("/nodes/gw-b/tinc/port", "70000"),
@@ -146,16 +168,8 @@ fn several_errors_are_all_reported() {
         ("/global/mosdns/plugins", "- tag: [x"),
         ("/nodes/gw-a/clash/enable", "yes"),
     ];
-    for (k, v) in bad {
-        s.0.insert(k.into(), v.into());
-    }
-    let errs = Config::parse(&s).expect_err("six bad keys");
-    for (k, _) in bad {
-        assert!(
-            errs.0.iter().any(|e| e.key == k),
-            "no error for {k}: {errs}"
-        );
-    }
+    let keys: Vec<&str> = bad.iter().map(|(k, _)| *k).collect();
+    let errs = assert_refused_on(&example_with(&bad, &[]), &keys, "six bad keys");
     // Errors come in key order, so the report is stable.
     let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
     let mut sorted = keys.clone();
@@ -165,27 +179,18 @@ fn several_errors_are_all_reported() {
 
 #[test]
 fn a_mesh_without_mesh_type_is_refused() {
-    let mut s = common::example_snapshot();
-    s.0.remove("/global/mesh_type");
-    let errs = Config::parse(&s).expect_err("mesh enabled without a type");
-    assert!(
-        errs.0.iter().any(|e| e.key == "/global/mesh_type"),
-        "{errs}"
-    );
+    let key = ["/global/mesh_type"];
+    let s = example_with(&[], &key);
+    assert_refused_on(&s, &key, "mesh enabled without a type");
 }
 
 #[test]
 fn enabled_tinc_needs_both_keys() {
-    let mut s = common::example_snapshot();
-    s.0.remove("/nodes/gw-b/tinc/public_key");
-    s.0.remove("/nodes/gw-b/tinc/private_key");
-    let errs = Config::parse(&s).expect_err("keys missing");
-    for k in [
+    let keys = [
         "/nodes/gw-b/tinc/public_key",
         "/nodes/gw-b/tinc/private_key",
-    ] {
-        assert!(errs.0.iter().any(|e| e.key == k), "{k}: {errs}");
-    }
+    ];
+    assert_refused_on(&example_with(&[], &keys), &keys, "keys missing");
 }
 
 #[test]
@@ -205,8 +210,7 @@ fn render_errors_name_the_key() {
     );
 
     // A health override of a kind that needs a target.
-    let s = with("/nodes/gw-a/services/mihomo/health/kind", "tcp");
-    let cfg = common::parse(&s);
+    let cfg = common::parse(&with("/nodes/gw-a/services/mihomo/health/kind", "tcp"));
     let e = render_node(&cfg, "gw-a", &common::env()).expect_err("tcp probe needs a target");
     assert_eq!(e.key, "/nodes/gw-a/services/mihomo/health/target");
 

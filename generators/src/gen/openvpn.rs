@@ -247,6 +247,13 @@ mod tests {
         );
     }
 
+    /// [`refused`] for each `(key, value, reason part)`, the key set alone.
+    fn refused_each(cases: &[(&str, &str, &str)]) {
+        for (key, value, reason_part) in cases {
+            refused(&[(key, value)], key, reason_part);
+        }
+    }
+
     #[test]
     fn tls_server_with_tls_auth_gets_key_direction_0_and_inline_blocks() {
         let t = text(&[("tls_auth", STATIC)]);
@@ -379,63 +386,39 @@ mod tests {
         for name in ["management", "management-client-auth", "management-hold"] {
             refused(&[(name, "/tmp/m.sock unix")], name, "management interface");
         }
-        refused(&[("route", "10.0.0.0 255.0.0.0")], "route", "come from FRR");
-        refused(&[("redirect-gateway", "def1")], "redirect-gateway", "FRR");
-        refused(&[("compress", "lz4")], "compress", "VORACLE");
-        refused(&[("comp-lzo", "yes")], "comp-lzo", "VORACLE");
-        refused(&[("mark", "1")], "mark", "TPROXY");
-        refused(&[("user", "nobody")], "user", "supervisor");
-        refused(&[("verb", "9")], "verb", "set by meduza");
-        refused(&[("dev-type", "tap")], "dev-type", "`dev` key");
-        refused(&[("tls-auth", "x")], "tls-auth", "`tls_auth` key");
-        refused(
-            &[("data-ciphers", "AES-128-GCM")],
-            "data-ciphers",
-            "`cipher` key",
-        );
-        refused(&[("mode", "server")], "mode", "point-to-point");
-        refused(
-            &[("frobnicate", "1")],
-            "frobnicate",
-            "allowed: tun-mtu, mssfix",
-        );
-        refused(&[("tun_mtu", "1400")], "tun_mtu", "spelled `tun-mtu`");
+        refused_each(&[
+            ("route", "10.0.0.0 255.0.0.0", "come from FRR"),
+            ("redirect-gateway", "def1", "FRR"),
+            ("compress", "lz4", "VORACLE"),
+            ("comp-lzo", "yes", "VORACLE"),
+            ("mark", "1", "TPROXY"),
+            ("user", "nobody", "supervisor"),
+            ("verb", "9", "set by meduza"),
+            ("dev-type", "tap", "`dev` key"),
+            ("tls-auth", "x", "`tls_auth` key"),
+            ("data-ciphers", "AES-128-GCM", "`cipher` key"),
+            ("mode", "server", "point-to-point"),
+            ("frobnicate", "1", "allowed: tun-mtu, mssfix"),
+            ("tun_mtu", "1400", "spelled `tun-mtu`"),
+        ]);
     }
 
     #[test]
     fn directive_values_are_checked() {
-        refused(&[("tun-mtu", "99")], "tun-mtu", "out of range 576-9000");
-        refused(&[("tun-mtu", "1400 1500")], "tun-mtu", "takes one value");
-        refused(&[("tun-mtu", "big")], "tun-mtu", "not a whole number");
-        refused(&[("float", "yes")], "float", "\"true\" or \"false\"");
-        refused(&[("local", "gw.example")], "local", "not an IP address");
-        refused(
-            &[("remote-cert-tls", "peer")],
-            "remote-cert-tls",
-            "server, client",
-        );
-        refused(
-            &[("tls-version-min", "1.0")],
-            "tls-version-min",
-            "`1.2` or `1.3`",
-        );
-        refused(&[("auth", "none")], "auth", "not `none`");
-        refused(&[("tls-cipher", "A:B C")], "tls-cipher", "takes one value");
-        refused(
-            &[("connect-retry", "30 5")],
-            "connect-retry",
-            "out of range 30-86400",
-        );
-        refused(
-            &[("verify-x509-name", "CN=a b c")],
-            "verify-x509-name",
-            "name [subject",
-        );
-        refused(
-            &[("verify-x509-name", "gw-b cn")],
-            "verify-x509-name",
-            "subject, name",
-        );
+        refused_each(&[
+            ("tun-mtu", "99", "out of range 576-9000"),
+            ("tun-mtu", "1400 1500", "takes one value"),
+            ("tun-mtu", "big", "not a whole number"),
+            ("float", "yes", "\"true\" or \"false\""),
+            ("local", "gw.example", "not an IP address"),
+            ("remote-cert-tls", "peer", "server, client"),
+            ("tls-version-min", "1.0", "`1.2` or `1.3`"),
+            ("auth", "none", "not `none`"),
+            ("tls-cipher", "A:B C", "takes one value"),
+            ("connect-retry", "30 5", "out of range 30-86400"),
+            ("verify-x509-name", "CN=a b c", "name [subject"),
+            ("verify-x509-name", "gw-b cn", "subject, name"),
+        ]);
         // Characters OpenVPN's parser gives a meaning: comments, quotes, escapes,
         // inline blocks; and a second line.
         for v in [

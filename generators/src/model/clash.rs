@@ -161,8 +161,7 @@ pub(super) fn parse_clash_global(r: &mut Reader<'_>) -> ClashGlobal {
             Some(url) => {
                 subscriptions.insert(name, url);
             }
-            None if r.str(&key).is_none() => r.error(&key, "", "subscription needs a url"),
-            None => {}
+            None => r.require(&key, "subscription needs a url"),
         }
     }
     ClashGlobal {

@@ -131,10 +131,9 @@ pub(super) fn parse_upstreams(r: &mut Reader<'_>, prefix: &str) -> BTreeMap<Stri
     for (name, base) in r.named_children(prefix, "addresses", "upstream") {
         let k = |s: &str| format!("{base}{s}");
         let addresses = r.list(&k("addresses"), parse::parse_dns_addr);
-        if addresses.is_empty() && r.str(&k("addresses")).is_none() {
-            r.error(
+        if addresses.is_empty() {
+            r.require(
                 &k("addresses"),
-                "",
                 "an upstream group needs at least one address",
             );
         }

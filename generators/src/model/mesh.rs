@@ -206,20 +206,13 @@ pub(super) fn parse_tinc(r: &mut Reader<'_>, id: &str, p: &str) -> Tinc {
             parse::parse_inline_pem(v, "PRIVATE KEY")
         }),
     };
-    if tinc.enable && tinc.private_key.is_none() && r.str(&k("tinc/private_key")).is_none() {
-        r.error(
-            &k("tinc/private_key"),
-            "",
-            "required when tinc/enable is true (RSA, PEM)",
-        );
-    }
-    if tinc.enable && r.str(&k("tinc/public_key")).is_none() {
+    if tinc.enable {
+        let required = "required when tinc/enable is true (RSA, PEM)";
+        if tinc.private_key.is_none() {
+            r.require(&k("tinc/private_key"), required);
+        }
         // Every node's hosts/<name> file carries it; peers cannot authenticate without.
-        r.error(
-            &k("tinc/public_key"),
-            "",
-            "required when tinc/enable is true (RSA, PEM)",
-        );
+        r.require(&k("tinc/public_key"), required);
     }
     tinc
 }

@@ -132,6 +132,29 @@ impl Config {
     }
 }
 
+/// The interface of a VPN instance `<base>` named `name`: `<base>dev`, default
+/// `<default_prefix><name>`; `None`, reported on `dev`, when that default is too long
+/// for an interface name.
+fn instance_dev(
+    r: &mut Reader<'_>,
+    base: &str,
+    default_prefix: &str,
+    name: &str,
+) -> Option<String> {
+    let key = format!("{base}dev");
+    let dev = r
+        .iface(&key)
+        .or_else(|| parse::parse_iface(&format!("{default_prefix}{name}")).ok());
+    if dev.is_none() {
+        r.error(
+            &key,
+            "",
+            format!("default {default_prefix}<name> is too long; set dev"),
+        );
+    }
+    dev
+}
+
 /// Checks that need more than one key.
 fn cross_checks(r: &mut Reader<'_>, global: &Global, nodes: &BTreeMap<String, Node>) {
     mesh::cross_check(r, global, nodes);

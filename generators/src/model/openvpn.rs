@@ -7,6 +7,7 @@
 //! [`check_directive`]; why the others are refused is in `docs/openvpn.md`).
 //! Must not: write the configuration file (`gen::openvpn`).
 
+use super::instance_dev;
 use super::routing::{parse_bgp_peer, BgpPeer};
 use crate::parse::{self, Reader};
 use serde::Serialize;
@@ -68,15 +69,7 @@ pub(super) fn parse_openvpn(r: &mut Reader<'_>, prefix: &str) -> Vec<OpenVpn> {
             )
             .unwrap_or(OvpnProto::Udp);
         let port = r.port(&format!("{b}port")).unwrap_or(1194);
-        let dev = r
-            .iface(&format!("{b}dev"))
-            .or_else(|| parse::parse_iface(&format!("ovpn-{name}")).ok());
-        let Some(dev) = dev else {
-            r.error(
-                &format!("{b}dev"),
-                "",
-                "default ovpn-<name> is too long; set dev",
-            );
+        let Some(dev) = instance_dev(r, &b, "ovpn-", &name) else {
             continue;
         };
         let remotes = r.list(&format!("{b}remote"), |line| {

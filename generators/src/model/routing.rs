@@ -83,8 +83,8 @@ pub(super) fn parse_bgp_ospf(r: &mut Reader<'_>, p: &str) -> (Bgp, Ospf) {
         asn: r.u32_in(&k("bgp/asn"), 1, u32::MAX),
         router_id: r.ipv4(&k("bgp/router_id")),
     };
-    if bgp.enable && r.str(&k("bgp/asn")).is_none() {
-        r.error(&k("bgp/asn"), "", "required when bgp/enable is true");
+    if bgp.enable {
+        r.require(&k("bgp/asn"), "required when bgp/enable is true");
     }
     let ospf = Ospf {
         enable: r.bool(&k("ospf/enable"), false),
@@ -153,12 +153,8 @@ pub(super) fn parse_bgp_peer(r: &mut Reader<'_>, base: &str) -> Option<BgpPeer> 
     }
     let peer_asn = r.u32_in(&k("peer_asn"), 1, u32::MAX);
     let peer_ip = r.ip(&k("peer_ip"));
-    if r.str(&k("peer_asn")).is_none() {
-        r.error(&k("peer_asn"), "", "required when bgp/enable is true");
-    }
-    if r.str(&k("peer_ip")).is_none() {
-        r.error(&k("peer_ip"), "", "required when bgp/enable is true");
-    }
+    r.require(&k("peer_asn"), "required when bgp/enable is true");
+    r.require(&k("peer_ip"), "required when bgp/enable is true");
     let update_source = r.parsed(&k("update_source"), |v| {
         parse::parse_iface(v).or_else(|_| {
             v.parse::<IpAddr>()

@@ -19,6 +19,21 @@ fn health(keys: &[(&str, &str)], node: &str) -> ClashHealthCheck {
     cfg.node(node).expect("node").clash.health.clone()
 }
 
+/// The settings `url`, `interval_secs`, `probe_interval_secs`, `timeout_ms`.
+fn health_check(
+    url: &str,
+    interval: u64,
+    probe_interval: u64,
+    timeout_ms: u64,
+) -> ClashHealthCheck {
+    ClashHealthCheck {
+        url: url.into(),
+        interval_secs: interval,
+        probe_interval_secs: probe_interval,
+        timeout_ms,
+    }
+}
+
 #[test]
 fn clash_health_defaults() {
     let d = ClashHealthCheck::default();
@@ -76,12 +91,7 @@ fn clash_health_global_keys_apply_to_every_node() {
         ("/global/clash/health/probe_interval", "2"),
         ("/global/clash/health/timeout", "1500"),
     ];
-    let want = ClashHealthCheck {
-        url: "http://cp.cloudflare.com/".into(),
-        interval_secs: 600,
-        probe_interval_secs: 2,
-        timeout_ms: 1500,
-    };
+    let want = health_check("http://cp.cloudflare.com/", 600, 2, 1500);
     assert_eq!(health(&keys, "a"), want);
     assert_eq!(health(&keys, "b"), want);
 }
@@ -97,12 +107,7 @@ fn clash_health_node_keys_are_parsed() {
         ("/nodes/a/clash/health/probe_interval", "3600"),
         ("/nodes/a/clash/health/timeout", "60000"),
     ];
-    let want = ClashHealthCheck {
-        url: "https://[2001:db8::1]:8443/204?x=1".into(),
-        interval_secs: 5,
-        probe_interval_secs: 3600,
-        timeout_ms: 60_000,
-    };
+    let want = health_check("https://[2001:db8::1]:8443/204?x=1", 5, 3600, 60_000);
     assert_eq!(health(&keys, "a"), want);
     assert_eq!(health(&keys, "b"), ClashHealthCheck::default());
 }
@@ -120,12 +125,7 @@ fn clash_health_node_key_wins_over_global_key() {
     // Key by key: the node's keys win, its absent keys take the global values.
     assert_eq!(
         health(&keys, "a"),
-        ClashHealthCheck {
-            url: "http://captive.apple.com".into(),
-            interval_secs: 600,
-            probe_interval_secs: 20,
-            timeout_ms: 800,
-        }
+        health_check("http://captive.apple.com", 600, 20, 800)
     );
     assert_eq!(health(&keys, "b").url, "http://cp.cloudflare.com/");
     assert_eq!(health(&keys, "b").timeout_ms, 3000);

@@ -5,25 +5,11 @@
 //! Must not: write a preset's file or the service (`gen::tunnels`).
 
 use super::services::{parse_overrides, ServiceOverrides};
+// The kind and role are the service plan's own types: one owner for their names.
 use crate::parse::{self, Reader};
+pub use crate::plan::service::{TunnelKind, TunnelRole};
 use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TunnelKind {
-    Paqet,
-    Icmptunnel,
-    Waterwall,
-    Generic,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TunnelRole {
-    Client,
-    Server,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Tunnel {
@@ -124,13 +110,10 @@ pub(super) fn parse_tunnels(r: &mut Reader<'_>, p: &str) -> Vec<Tunnel> {
             ],
             None,
         );
-        if r.str(&format!("{b}kind")).is_none() {
-            r.error(
-                &format!("{b}kind"),
-                "",
-                "required: paqet, icmptunnel, waterwall or generic",
-            );
-        }
+        r.require(
+            &format!("{b}kind"),
+            "required: paqet, icmptunnel, waterwall or generic",
+        );
         let role = r
             .choice(
                 &format!("{b}role"),
@@ -148,15 +131,8 @@ pub(super) fn parse_tunnels(r: &mut Reader<'_>, p: &str) -> Vec<Tunnel> {
                 Err("command must be an absolute path without spaces (arguments go in args)".into())
             }
         });
-        if kind == Some(TunnelKind::Generic)
-            && command.is_none()
-            && r.str(&format!("{b}command")).is_none()
-        {
-            r.error(
-                &format!("{b}command"),
-                "",
-                "a generic tunnel needs a command",
-            );
+        if kind == Some(TunnelKind::Generic) && command.is_none() {
+            r.require(&format!("{b}command"), "a generic tunnel needs a command");
         }
         let args = r.list(&format!("{b}args"), |l| Ok(l.to_string()));
         let enable = r.bool(&format!("{b}enable"), false);
@@ -213,9 +189,8 @@ fn parse_tunnel_settings(r: &mut Reader<'_>, t: &TunnelPreset<'_>) -> Option<Tun
     // A required value: reported when absent (a present but invalid value has been
     // reported by its parser already).
     let need = |r: &mut Reader<'_>, leaf: &str, present: bool, why: &str| {
-        let k = key(leaf);
-        if !present && t.enable && r.str(&k).is_none() {
-            r.error(&k, "", why);
+        if !present && t.enable {
+            r.require(&key(leaf), why);
         }
     };
     match t.kind {

@@ -3,6 +3,7 @@
 //! Owns: the instance's types, defaults and validation. Must not: write the
 //! configuration file or the device plan (`gen::wireguard`).
 
+use super::instance_dev;
 use super::routing::{parse_bgp_peer, BgpPeer};
 use crate::parse::{self, Reader};
 use ipnet::IpNet;
@@ -37,37 +38,19 @@ pub struct Wireguard {
 pub(super) fn parse_wireguard(r: &mut Reader<'_>, prefix: &str) -> Vec<Wireguard> {
     let mut wireguard = Vec::new();
     for (name, b) in r.named_children(prefix, "enable", "instance") {
-        let dev = r
-            .iface(&format!("{b}dev"))
-            .or_else(|| parse::parse_iface(&format!("wg-{name}")).ok());
-        let Some(dev) = dev else {
-            r.error(
-                &format!("{b}dev"),
-                "",
-                "default wg-<name> is too long; set dev",
-            );
+        let Some(dev) = instance_dev(r, &b, "wg-", &name) else {
             continue;
         };
         let enable = r.bool(&format!("{b}enable"), false);
         let private_key = r.parsed(&format!("{b}private_key"), parse::parse_wg_key);
-        if enable && private_key.is_none() && r.str(&format!("{b}private_key")).is_none() {
-            r.error(
-                &format!("{b}private_key"),
-                "",
-                "required when enable is true",
-            );
+        if enable && private_key.is_none() {
+            r.require(&format!("{b}private_key"), "required when enable is true");
         }
         let mut peers = Vec::new();
         for peer in r.snap.children(&format!("{b}peer/")) {
             let pb = format!("{b}peer/{peer}/");
             let public_key = r.parsed(&format!("{pb}public_key"), parse::parse_wg_key);
-            if r.str(&format!("{pb}public_key")).is_none() {
-                r.error(
-                    &format!("{pb}public_key"),
-                    "",
-                    "every peer needs a public_key",
-                );
-            }
+            r.require(&format!("{pb}public_key"), "every peer needs a public_key");
             let endpoint = r.parsed(&format!("{pb}endpoint"), |v| {
                 v.parse::<SocketAddr>()
                     .map_err(|_| "endpoint must be ip:port ([v6]:port)".to_string())
