@@ -66,10 +66,7 @@ TMP="$(mktemp -d /tmp/meduza-qemu.XXXXXX)"
 trap qemu_cleanup EXIT
 trap 'exit 130' INT TERM
 
-start_etcd "$TMP"
-start_proxy_node "$TMP"
-start_subscription_server "$TMP"
-start_dns_upstream "$TMP"
+start_host_side "$TMP"
 seed_config
 qlog "etcd on 127.0.0.1:$ETCD_PORT (guest: 10.0.2.2:$ETCD_PORT), /commit revision $COMMIT_REV"
 WG_APPEND=""

@@ -63,6 +63,55 @@ free_port() {
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
+# wait_ready WHAT PID LOG CMD...: run CMD every 0.1 s until it succeeds, for 10 s at
+# most; if PID exits first, show LOG. Either failure names WHAT.
+wait_ready() {
+	local what=$1 pid=$2 log=$3
+	shift 3
+	for _ in $(seq 1 100); do
+		"$@" >/dev/null 2>&1 && return 0
+		kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; qdie "$what exited"; }
+		sleep 0.1
+	done
+	qdie "$what was not ready within 10 s"
+}
+
+# tcp_open PORT: something accepts TCP connections on 127.0.0.1:PORT.
+tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# parse_image_args ARGS... -> sets BUILD_IMAGE, KEEP: the two flags of the tests that
+# boot the x86_64 image (--no-build reuses tests/qemu/build/, --keep keeps the
+# temporary directory).
+parse_image_args() {
+	BUILD_IMAGE=1
+	KEEP=0
+	for a in "$@"; do
+		case "$a" in
+		--no-build) BUILD_IMAGE=0 ;;
+		--keep) KEEP=1 ;;
+		*) qdie "unknown argument $a" ;;
+		esac
+	done
+}
+
+# ensure_image: build the image unless --no-build, then check that it is there.
+ensure_image() {
+	if [ "$BUILD_IMAGE" = 1 ]; then
+		"$HERE/build-image.sh"
+	fi
+	[ -f "$QEMU_BUILD/vmlinuz" ] && [ -f "$QEMU_BUILD/initrd.cpio.gz" ] ||
+		qdie "no image in $QEMU_BUILD (run tests/qemu/build-image.sh)"
+}
+
+# start_host_side DIR: what the guest reaches on the host (etcd, the proxy node, the
+# subscription server, the DNS upstream), in the order they need each other.
+start_host_side() {
+	start_etcd "$1"
+	start_proxy_node "$1"
+	start_subscription_server "$1"
+	start_dns_upstream "$1"
+}
+
 # start_etcd DIR -> sets ETCD_PORT, ETCD_PID, ETCDCTL (array)
 start_etcd() {
 	local dir="$1" peer
@@ -77,12 +126,7 @@ start_etcd() {
 		> "$dir/etcd.log" 2>&1 &
 	ETCD_PID=$!
 	ETCDCTL=(env ETCDCTL_API=3 etcdctl --endpoints "http://127.0.0.1:$ETCD_PORT")
-	for _ in $(seq 1 100); do
-		"${ETCDCTL[@]}" endpoint health >/dev/null 2>&1 && return 0
-		kill -0 "$ETCD_PID" 2>/dev/null || { cat "$dir/etcd.log" >&2; qdie "etcd exited"; }
-		sleep 0.1
-	done
-	qdie "etcd did not become healthy on 127.0.0.1:$ETCD_PORT"
+	wait_ready "etcd on 127.0.0.1:$ETCD_PORT" "$ETCD_PID" "$dir/etcd.log" "${ETCDCTL[@]}" endpoint health
 }
 
 # start_proxy_node DIR -> sets NODE_PORT, NODE_PID. The subscription's one proxy
@@ -109,12 +153,7 @@ rules:
 YAML
 	"${MEDUZA_TEST_MIHOMO:-$MIHOMO_BIN}" -d "$dir" -f "$dir/config.yaml" > "$1/proxy-node.log" 2>&1 &
 	NODE_PID=$!
-	for _ in $(seq 1 100); do
-		(exec 3<>"/dev/tcp/127.0.0.1/$NODE_PORT") 2>/dev/null && return 0
-		kill -0 "$NODE_PID" 2>/dev/null || { cat "$1/proxy-node.log" >&2; qdie "proxy node (mihomo) exited"; }
-		sleep 0.1
-	done
-	qdie "proxy node (mihomo) did not listen on 127.0.0.1:$NODE_PORT within 10 s"
+	wait_ready "proxy node (mihomo) on 127.0.0.1:$NODE_PORT" "$NODE_PID" "$1/proxy-node.log" tcp_open "$NODE_PORT"
 }
 
 # start_subscription_server DIR -> sets SUB_PORT, SUB_PID, HEALTH_URL. Serves a

@@ -47,23 +47,11 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=state-disk.sh
 . "$HERE/state-disk.sh"
 
-BUILD_IMAGE=1
-KEEP=0
-for a in "$@"; do
-	case "$a" in
-	--no-build) BUILD_IMAGE=0 ;;
-	--keep) KEEP=1 ;;
-	*) qdie "unknown argument $a" ;;
-	esac
-done
+parse_image_args "$@"
 
 require_programs etcd etcdctl qemu-system-x86_64 dig jq python3 mkfifo curl dnsmasq \
 	socat truncate mkfs.ext4 debugfs e2fsck
-if [ "$BUILD_IMAGE" = 1 ]; then
-	"$HERE/build-image.sh"
-fi
-[ -f "$QEMU_BUILD/vmlinuz" ] && [ -f "$QEMU_BUILD/initrd.cpio.gz" ] ||
-	qdie "no image in $QEMU_BUILD (run tests/qemu/build-image.sh)"
+ensure_image
 
 T_START="$(now)"
 TMP="$(mktemp -d /tmp/meduza-powercut.XXXXXX)"
@@ -74,10 +62,7 @@ STATE=/var/lib/meduza
 BUDGET="$STATE/restart/tunnel-keepalive.state"
 DISK="$TMP/state.img"
 
-start_etcd "$TMP"
-start_proxy_node "$TMP"
-start_subscription_server "$TMP"
-start_dns_upstream "$TMP"
+start_host_side "$TMP"
 seed_config
 REV1="$COMMIT_REV"
 make_state_disk "$DISK" 64

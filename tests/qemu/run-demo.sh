@@ -53,10 +53,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-start_etcd "$TMP"
-start_proxy_node "$TMP"
-start_subscription_server "$TMP"
-start_dns_upstream "$TMP"
+start_host_side "$TMP"
 qlog "loading docs/examples/three-nodes.json"
 ETCDCTL_ENDPOINTS="http://127.0.0.1:$ETCD_PORT" "$REPO/docs/examples/etcd-load.sh" \
 	"$REPO/docs/examples/three-nodes.json"

@@ -35,32 +35,17 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib.sh
 . "$HERE/lib.sh"
 
-BUILD_IMAGE=1
-KEEP=0
-for a in "$@"; do
-	case "$a" in
-	--no-build) BUILD_IMAGE=0 ;;
-	--keep) KEEP=1 ;;
-	*) qdie "unknown argument $a" ;;
-	esac
-done
+parse_image_args "$@"
 
 require_programs etcd etcdctl qemu-system-x86_64 jq python3 mkfifo curl dnsmasq
-if [ "$BUILD_IMAGE" = 1 ]; then
-	"$HERE/build-image.sh"
-fi
-[ -f "$QEMU_BUILD/vmlinuz" ] && [ -f "$QEMU_BUILD/initrd.cpio.gz" ] ||
-	qdie "no image in $QEMU_BUILD (run tests/qemu/build-image.sh)"
+ensure_image
 
 T_START="$(now)"
 TMP="$(mktemp -d /tmp/meduza-watchdog.XXXXXX)"
 trap qemu_cleanup EXIT
 trap 'exit 130' INT TERM
 
-start_etcd "$TMP"
-start_proxy_node "$TMP"
-start_subscription_server "$TMP"
-start_dns_upstream "$TMP"
+start_host_side "$TMP"
 seed_config
 REV="$COMMIT_REV"
 QEMU_EXTRA=(-device i6300esb -action watchdog=reset)
