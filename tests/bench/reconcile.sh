@@ -164,20 +164,14 @@ spid=$!; pids+=($spid)
 sleep 5
 [[ $(pgrep -P "$spid" -c sleep || true) == 6 ]] || { echo "supervisord runs $(pgrep -P "$spid" -c sleep) children" >&2; exit 1; }
 
-ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-rss()   { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-pss()   { awk '/^Pss:/ { print $2 }' "/proc/$1/smaps_rollup"; }
-anon()  { awk '/^RssAnon:/ { print $2 }' "/proc/$1/status"; }
-file()  { awk '/^RssFile:/ { print $2 }' "/proc/$1/status"; }
-hz=$(getconf CLK_TCK)
+# shellcheck source=proc-stats.sh
+. "$here/tests/bench/proc-stats.sh"
 m0=$(ticks "$mpid"); s0=$(ticks "$spid")
 sleep "$DURATION"
 m1=$(ticks "$mpid"); s1=$(ticks "$spid")
 m_rss=$(rss "$mpid"); s_rss=$(rss "$spid"); m_pss=$(pss "$mpid"); s_pss=$(pss "$spid")
 m_anon=$(anon "$mpid"); s_anon=$(anon "$spid"); m_file=$(file "$mpid"); s_file=$(file "$spid")
-cpu() { awk -v d="$1" -v hz="$hz" -v t="$DURATION" 'BEGIN { printf "%.3f", d / hz / t * 100 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
-m_cpu=$(cpu $((m1 - m0))); s_cpu=$(cpu $((s1 - s0)))
+m_cpu=$(cpu_percent $((m1 - m0)) "$DURATION"); s_cpu=$(cpu_percent $((s1 - s0)) "$DURATION")
 
 echo "footprint, 6 idle children, CPU over ${DURATION}s"
 printf '%-14s %10s %10s %10s %10s %10s %12s\n' "" "RSS kB" "anon kB" "file kB" "PSS kB" "CPU %" "CPU ticks"

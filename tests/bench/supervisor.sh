@@ -78,10 +78,8 @@ children() { pgrep -P "$1" -c sleep || true; }
 [[ $(children "$mpid") == "$CHILDREN" ]] || { echo "meduza runs $(children "$mpid") children" >&2; cat "$work/meduza.log" >&2; exit 1; }
 [[ $(children "$spid") == "$CHILDREN" ]] || { echo "supervisord runs $(children "$spid") children" >&2; exit 1; }
 
-ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-rss()   { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-pss()   { awk '/^Pss:/ { print $2 }' "/proc/$1/smaps_rollup"; }
-hz=$(getconf CLK_TCK)
+# shellcheck source=proc-stats.sh
+. "$here/tests/bench/proc-stats.sh"
 
 m0=$(ticks "$mpid"); s0=$(ticks "$spid")
 sleep "$DURATION"
@@ -89,9 +87,7 @@ m1=$(ticks "$mpid"); s1=$(ticks "$spid")
 m_rss=$(rss "$mpid"); s_rss=$(rss "$spid")
 m_pss=$(pss "$mpid"); s_pss=$(pss "$spid")
 
-cpu() { awk -v d="$1" -v hz="$hz" -v t="$DURATION" 'BEGIN { printf "%.3f", d / hz / t * 100 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
-m_cpu=$(cpu $((m1 - m0))); s_cpu=$(cpu $((s1 - s0)))
+m_cpu=$(cpu_percent $((m1 - m0)) "$DURATION"); s_cpu=$(cpu_percent $((s1 - s0)) "$DURATION")
 
 echo "supervisor footprint, $CHILDREN idle children${PROBE_SECS:+ (meduza: process probe every ${PROBE_SECS}s each)}, CPU over ${DURATION}s ($(date -u +%Y-%m-%dT%H:%MZ), $(uname -r), $(nproc) CPUs)"
 printf '%-14s %10s %10s %10s %12s\n' "" "RSS kB" "PSS kB" "CPU %" "CPU ticks"
