@@ -10,7 +10,7 @@
 //! ([`Registered::tls_refusal`]).
 
 pub use super::client::{origin, HttpNodeClient, NodeClient, NodeTrust, PullError};
-pub use super::registry::{load_registry, Published, Registered, Registry};
+pub use super::registry::{load_node, load_registry, NodeAccess, Published, Registered, Registry};
 
 use super::status::{
     pull_status, push_status, usage_total, NodeFacts, PullStatus, PushStatus, Route, Usage,
@@ -123,34 +123,71 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| format!("{url}: not the expected JSON: {e}"))
 }
 
+/// Why a request failed by both routes, or by the one it was allowed.
+struct RouteFailure<E> {
+    direct: E,
+    /// The attempt through the proxy, when one was made.
+    proxy: Option<E>,
+}
+
+/// The route choice of every request to a node: `attempt(None)` directly, then, when
+/// that fails, a proxy is configured and `falls_back(&error)`, `attempt(Some(proxy))`.
+/// On success, the proxy the answer came through (`None`: direct).
+///
+/// `falls_back` is the caller's on purpose; the two differ. The pull round only reads
+/// (`GET`), so any failure — refused, timed out, an HTTP error, an answer that is not
+/// the expected JSON — is worth one more try by the other route. A console action may
+/// change the node (fail over, test an upstream): once the node has answered, even with
+/// an error, the request reached it, and sending it again through the proxy could act
+/// twice; only a transport error leaves the proxy to try.
+async fn direct_then_proxy<T, E, Fut>(
+    proxy: Option<String>,
+    falls_back: impl Fn(&E) -> bool,
+    attempt: impl Fn(Option<String>) -> Fut,
+) -> Result<(T, Option<String>), RouteFailure<E>>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let direct = match attempt(None).await {
+        Ok(v) => return Ok((v, None)),
+        Err(e) => e,
+    };
+    let Some(p) = proxy.filter(|_| falls_back(&direct)) else {
+        return Err(RouteFailure {
+            direct,
+            proxy: None,
+        });
+    };
+    match attempt(Some(p.clone())).await {
+        Ok(v) => Ok((v, Some(p))),
+        Err(e) => Err(RouteFailure {
+            direct,
+            proxy: Some(e),
+        }),
+    }
+}
+
 async fn pull_node(
     client: Arc<dyn NodeClient>,
     node: Registered,
     proxy: Option<String>,
 ) -> Result<PullOutcome, String> {
     let stats_url = format!("{}/v1/stats", node.api_url);
-    let (route, via, stats) = match fetch_json::<Vec<Stat>>(
-        &*client,
-        stats_url.clone(),
-        node.token.clone(),
-        None,
+    let (stats, via) = direct_then_proxy(
+        proxy,
+        // Any failure: see [`direct_then_proxy`].
+        |_| true,
+        |via| fetch_json::<Vec<Stat>>(&*client, stats_url.clone(), node.token.clone(), via),
     )
     .await
-    {
-        Ok(s) => (Route::Direct, None, s),
-        Err(direct_err) => {
-            let Some(p) = proxy else {
-                return Err(direct_err);
-            };
-            match fetch_json::<Vec<Stat>>(&*client, stats_url, node.token.clone(), Some(p.clone()))
-                .await
-            {
-                Ok(s) => (Route::Proxy, Some(p), s),
-                Err(proxy_err) => {
-                    return Err(format!("direct: {direct_err}; through proxy: {proxy_err}"))
-                }
-            }
-        }
+    .map_err(|f| match f.proxy {
+        None => f.direct,
+        Some(proxy_err) => format!("direct: {}; through proxy: {proxy_err}", f.direct),
+    })?;
+    let route = if via.is_some() {
+        Route::Proxy
+    } else {
+        Route::Direct
     };
     let (status, failover_log) = futures::join!(
         fetch_json::<NodeStatus>(
@@ -221,7 +258,8 @@ impl Manager {
     /// One request to node `id`'s API for the console (test an upstream, fail over,
     /// read the failover log): its registered URL and its token, by the route its pulls
     /// take (direct, else through `/fleet/proxy` when the direct attempt fails to
-    /// connect). The token goes only to that node; the answer's body on 2xx.
+    /// connect; [`direct_then_proxy`]). Reads only that node's keys
+    /// ([`load_node`]). The token goes only to that node; the answer's body on 2xx.
     pub async fn call_node(
         &self,
         id: &str,
@@ -229,34 +267,32 @@ impl Manager {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Vec<u8>, NodeCallError> {
-        let registry = load_registry(&*self.store).await?;
-        self.client.set_trust(registry.trust());
-        let node = registry
-            .nodes
-            .into_iter()
-            .find(|n| n.id == id)
+        let access = load_node(&*self.store, id)
+            .await?
             .ok_or_else(|| NodeCallError::Unknown { id: id.to_string() })?;
+        self.client.set_trust(access.trust);
+        let node = access.node;
         let url = format!("{}{path}", node.api_url);
         if let Some(reason) = node.tls_refusal() {
             return Err(PullError::Transport { url, reason }.into());
         }
-        let direct = self
-            .client
-            .request(
-                method.clone(),
-                url.clone(),
-                node.token.clone(),
-                body.clone(),
-                None,
-            )
-            .await;
-        match (direct, registry.proxy) {
-            (Err(PullError::Transport { .. }), Some(proxy)) => Ok(self
-                .client
-                .request(method, url, node.token, body, Some(proxy))
-                .await?),
-            (r, _) => Ok(r?),
-        }
+        let (answer, _via) = direct_then_proxy(
+            access.proxy,
+            // A transport error only: see [`direct_then_proxy`].
+            |e| matches!(e, PullError::Transport { .. }),
+            |via| {
+                self.client.request(
+                    method.clone(),
+                    url.clone(),
+                    node.token.clone(),
+                    body.clone(),
+                    via,
+                )
+            },
+        )
+        .await
+        .map_err(|f| f.proxy.unwrap_or(f.direct))?;
+        Ok(answer)
     }
 
     fn threshold_ms(&self) -> u64 {
