@@ -434,35 +434,8 @@ impl<B: WgBackend> WgManager<B> {
 
 #[cfg(test)]
 mod tests {
+    use super::plan::tests::{device, peer};
     use super::*;
-    use base64::Engine as _;
-    use meduza_generators::plan::wireguard::WgPeer;
-
-    fn key(b: u8) -> String {
-        base64::engine::general_purpose::STANDARD.encode([b; 32])
-    }
-
-    fn device(peers: Vec<WgPeer>) -> WgDevice {
-        WgDevice {
-            name: "a".into(),
-            dev: "wg-a".into(),
-            private_key: key(1),
-            listen_port: Some(51820),
-            addresses: vec!["10.9.0.1/24".parse().unwrap()],
-            peers,
-        }
-    }
-
-    fn peer(b: u8, ip: &str) -> WgPeer {
-        WgPeer {
-            name: format!("p{b}"),
-            public_key: key(b),
-            preshared_key: None,
-            allowed_ips: vec![ip.parse().unwrap()],
-            endpoint: Some("10.0.0.2:51820".parse().unwrap()),
-            persistent_keepalive: Some(25),
-        }
-    }
 
     #[tokio::test]
     async fn manager_changes_peers_without_recreating_and_drops_gone_devices() {

@@ -232,7 +232,7 @@ pub fn status_of(state: Option<&WgState>, now: SystemTime) -> WgLinkStatus {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::apply_set;
     use super::*;
     use meduza_generators::plan::wireguard::WgPeer;
@@ -241,7 +241,8 @@ mod tests {
         base64::engine::general_purpose::STANDARD.encode([b; 32])
     }
 
-    fn device(peers: Vec<WgPeer>) -> WgDevice {
+    /// A device as a plan gives it (shared with the manager's tests).
+    pub(crate) fn device(peers: Vec<WgPeer>) -> WgDevice {
         WgDevice {
             name: "a".into(),
             dev: "wg-a".into(),
@@ -252,7 +253,7 @@ mod tests {
         }
     }
 
-    fn peer(b: u8, ip: &str) -> WgPeer {
+    pub(crate) fn peer(b: u8, ip: &str) -> WgPeer {
         WgPeer {
             name: format!("p{b}"),
             public_key: key(b),
