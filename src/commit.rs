@@ -2,7 +2,7 @@
 //!
 //! Owns: reading the live configuration keys with their mod revisions at one store
 //! revision and the snapshot at the previous `/commit`, handing both to the report
-//! ([`report`]: validation with the gateways' own model, rendering and diffing each
+//! (`report`: validation with the gateways' own model, rendering and diffing each
 //! node), and bumping `/commit` in one conditional etcd
 //! transaction that fails if any configuration key was added, changed or deleted since
 //! the read ([`guard_txn`]). Two operators cannot interleave, and nothing unvalidated

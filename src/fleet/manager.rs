@@ -175,7 +175,7 @@ async fn pull_node(
     let stats_url = format!("{}/v1/stats", node.api_url);
     let (stats, via) = direct_then_proxy(
         proxy,
-        // Any failure: see [`direct_then_proxy`].
+        // Any failure: see `direct_then_proxy`.
         |_| true,
         |via| fetch_json::<Vec<Stat>>(&*client, stats_url.clone(), node.token.clone(), via),
     )
@@ -258,7 +258,7 @@ impl Manager {
     /// One request to node `id`'s API for the console (test an upstream, fail over,
     /// read the failover log): its registered URL and its token, by the route its pulls
     /// take (direct, else through `/fleet/proxy` when the direct attempt fails to
-    /// connect; [`direct_then_proxy`]). Reads only that node's keys
+    /// connect; `direct_then_proxy`). Reads only that node's keys
     /// ([`load_node`]). The token goes only to that node; the answer's body on 2xx.
     pub async fn call_node(
         &self,
@@ -278,7 +278,7 @@ impl Manager {
         }
         let (answer, _via) = direct_then_proxy(
             access.proxy,
-            // A transport error only: see [`direct_then_proxy`].
+            // A transport error only: see `direct_then_proxy`.
             |e| matches!(e, PullError::Transport { .. }),
             |via| {
                 self.client.request(

@@ -1,9 +1,9 @@
 //! Local (image-level) settings of meduza itself: DESIGN §2.
 //!
 //! Owns: the [`Settings`] type, the four input layers — command-line flags (built by
-//! the CLI from [`SettingsLayer`]'s fields), the environment ([`env`]),
-//! `/etc/meduza/meduza.toml` ([`toml_file`]) and the kernel command line
-//! ([`kernel_cmdline`]), each parsing its values with the rules of [`values`] — and
+//! the CLI from [`SettingsLayer`]'s fields), the environment (`env`),
+//! `/etc/meduza/meduza.toml` (`toml_file`) and the kernel command line
+//! (`kernel_cmdline`), each parsing its values with the rules of `values` — and
 //! their merge in priority order `flags > env > toml > cmdline > defaults`
 //! ([`resolve_settings`], here).
 //! Must not: read the environment, files or `/proc` itself; callers pass what they read,

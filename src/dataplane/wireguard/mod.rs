@@ -3,7 +3,7 @@
 //!
 //! Owns: the pure diff of desired device configuration against what the device
 //! reports ([`plan_device`]) and the status decision ([`decide_status`]), both in
-//! [`plan`]; the [`WgBackend`] trait with its implementations — kernel generic netlink
+//! `plan`; the [`WgBackend`] trait with its implementations — kernel generic netlink
 //! ([`genl::KernelWg`]), wireguard-go's UAPI socket ([`uapi::UserspaceWg`]), the
 //! runtime choice between them ([`AutoWg`]) and a model (`FakeWg` in `fake`, built
 //! for tests and the `test-util` feature only) — and [`WgManager`], which applies a list of
