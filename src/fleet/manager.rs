@@ -267,11 +267,11 @@ impl Manager {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Vec<u8>, NodeCallError> {
-        let access = load_node(&*self.store, id)
-            .await?
-            .ok_or_else(|| NodeCallError::Unknown { id: id.to_string() })?;
+        let access = load_node(&*self.store, id).await?;
         self.client.set_trust(access.trust);
-        let node = access.node;
+        let node = access
+            .node
+            .ok_or_else(|| NodeCallError::Unknown { id: id.to_string() })?;
         let url = format!("{}{path}", node.api_url);
         if let Some(reason) = node.tls_refusal() {
             return Err(PullError::Transport { url, reason }.into());
@@ -593,6 +593,65 @@ mod tests {
                 }
             })
         }
+    }
+
+    #[tokio::test]
+    async fn one_nodes_read_agrees_with_the_whole_registry() {
+        let (store, commit) = committed_store().await;
+        seed(&store, "a", Some(commit), "[]").await;
+        seed(&store, "b", Some(commit - 1), "[]").await;
+        let reg = load_registry(&store).await.unwrap();
+        let one = load_node(&store, "b").await.unwrap();
+        assert_eq!(one.node.as_ref(), reg.nodes.iter().find(|n| n.id == "b"));
+        assert_eq!((one.trust, one.proxy), (reg.trust(), reg.proxy));
+        assert_eq!(load_node(&store, "z").await.unwrap().node, None);
+    }
+
+    /// Direct fails with `direct`; the proxy answers unless `proxy_fails`.
+    async fn route(
+        proxy: Option<&str>,
+        falls_back: fn(&String) -> bool,
+        direct: &str,
+        proxy_fails: bool,
+    ) -> Result<(String, Option<String>), (String, Option<String>)> {
+        direct_then_proxy(proxy.map(str::to_string), falls_back, |via| async move {
+            match via {
+                None => Err(direct.to_string()),
+                Some(_) if proxy_fails => Err("proxy: refused".to_string()),
+                Some(p) => Ok(format!("answer via {p}")),
+            }
+        })
+        .await
+        .map_err(|f| (f.direct, f.proxy))
+    }
+
+    #[tokio::test]
+    async fn the_route_choice_follows_each_callers_fallback_rule() {
+        let any: fn(&String) -> bool = |_| true;
+        let transport: fn(&String) -> bool = |e| e.starts_with("transport");
+        let p = Some("http://proxy:3128");
+        let via = |s: &str| Ok((format!("answer via {s}"), Some(s.to_string())));
+        assert_eq!(
+            route(p, any, "HTTP 500", false).await,
+            via("http://proxy:3128")
+        );
+        assert_eq!(
+            route(p, transport, "HTTP 500", false).await,
+            Err(("HTTP 500".to_string(), None)),
+            "an answering node is not asked again"
+        );
+        assert_eq!(
+            route(p, transport, "transport: refused", false).await,
+            via("http://proxy:3128")
+        );
+        assert_eq!(
+            route(None, any, "transport: refused", false).await,
+            Err(("transport: refused".to_string(), None))
+        );
+        assert_eq!(
+            route(p, any, "HTTP 500", true).await,
+            Err(("HTTP 500".to_string(), Some("proxy: refused".to_string())))
+        );
     }
 
     async fn seed(store: &MemStore, id: &str, rev_applied: Option<i64>, errors: &str) {

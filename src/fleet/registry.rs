@@ -1,6 +1,7 @@
 //! The fleet registry: `/fleet/` (registered nodes, their pins, the proxy, the CA and
 //! what `--publish` wrote), `/commit`, and per node its status keys (read through
-//! [`crate::etcd::status`]) and its API token.
+//! [`crate::etcd::status`]) and its API token — for every node ([`load_registry`], the
+//! pull round) or for one ([`load_node`], a console action).
 //!
 //! Owns: [`Registered::tls_refusal`], the rule that no token is sent in clear to a node
 //! that serves HTTPS. Must not: write anything, or show a token (it is only handed to
@@ -94,7 +95,8 @@ fn trust_of<'a>(
 /// One node to act on ([`load_node`]): the node, with what reaching it takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeAccess {
-    pub node: Registered,
+    /// `None` when the id is not registered.
+    pub node: Option<Registered>,
     /// `/fleet/proxy`.
     pub proxy: Option<String>,
     /// The same trust a whole-registry read gives ([`Registry::trust`]): the client's
@@ -238,22 +240,20 @@ pub async fn load_registry(store: &dyn ConfigStore) -> Result<Registry, FleetErr
 }
 
 /// Read `/fleet/` and only node `id`'s `/updated/<id>/` keys and token (a console
-/// action on one node); `None` when `id` is not registered.
-pub async fn load_node(
-    store: &dyn ConfigStore,
-    id: &str,
-) -> Result<Option<NodeAccess>, FleetError> {
+/// action on one node).
+pub async fn load_node(store: &dyn ConfigStore, id: &str) -> Result<NodeAccess, FleetError> {
     let fleet = read_fleet(store).await?;
     let trust = trust_of(
         fleet.ca,
         fleet.nodes.iter().map(|n| (n.api_url.as_str(), &n.pin)),
     );
-    let Some(n) = fleet.nodes.into_iter().find(|n| n.id == id) else {
-        return Ok(None);
+    let node = match fleet.nodes.into_iter().find(|n| n.id == id) {
+        Some(n) => Some(read_node(store, n).await?),
+        None => None,
     };
-    Ok(Some(NodeAccess {
-        node: read_node(store, n).await?,
+    Ok(NodeAccess {
+        node,
         proxy: fleet.proxy,
         trust,
-    }))
+    })
 }
