@@ -345,16 +345,14 @@ fn none() -> SettingsLayer {
     SettingsLayer::default()
 }
 
-/// The environment layer of `pairs`, for the layers' tests.
-#[cfg(test)]
-fn env(pairs: &[(&str, &str)]) -> SettingsLayer {
-    SettingsLayer::from_env(pairs.iter().copied()).expect("valid env")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::boot::cmdline::parse_cmdline;
+
+    fn env(pairs: &[(&str, &str)]) -> SettingsLayer {
+        SettingsLayer::from_env(pairs.iter().copied()).expect("valid env")
+    }
 
     #[test]
     fn api_tls_files_come_in_pairs() {
