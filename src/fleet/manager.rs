@@ -1,5 +1,6 @@
 //! The fleet manager's loop: read the registry ([`super::registry`]), pull every
-//! node's `/v1/stats` over [`super::client`] (directly, else through `/fleet/proxy`),
+//! node's `/v1/stats` over [`super::client`] (directly, else through `/fleet/proxy`:
+//! the route choice, `direct_then_proxy`, is the client's),
 //! fetch its `/v1/status` and failover log for the web page, and compute push/pull
 //! status.
 //!
@@ -10,6 +11,8 @@
 //! ([`Registered::tls_refusal`]).
 
 pub use super::client::{origin, HttpNodeClient, NodeClient, NodeTrust, PullError};
+
+use super::client::direct_then_proxy;
 pub use super::registry::{load_node, load_registry, NodeAccess, Published, Registered, Registry};
 
 use super::status::{
@@ -121,50 +124,6 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(
         .await
         .map_err(|e| e.to_string())?;
     serde_json::from_slice(&body).map_err(|e| format!("{url}: not the expected JSON: {e}"))
-}
-
-/// Why a request failed by both routes, or by the one it was allowed.
-struct RouteFailure<E> {
-    direct: E,
-    /// The attempt through the proxy, when one was made.
-    proxy: Option<E>,
-}
-
-/// The route choice of every request to a node: `attempt(None)` directly, then, when
-/// that fails, a proxy is configured and `falls_back(&error)`, `attempt(Some(proxy))`.
-/// On success, the proxy the answer came through (`None`: direct).
-///
-/// `falls_back` is the caller's on purpose; the two differ. The pull round only reads
-/// (`GET`), so any failure — refused, timed out, an HTTP error, an answer that is not
-/// the expected JSON — is worth one more try by the other route. A console action may
-/// change the node (fail over, test an upstream): once the node has answered, even with
-/// an error, the request reached it, and sending it again through the proxy could act
-/// twice; only a transport error leaves the proxy to try.
-async fn direct_then_proxy<T, E, Fut>(
-    proxy: Option<String>,
-    falls_back: impl Fn(&E) -> bool,
-    attempt: impl Fn(Option<String>) -> Fut,
-) -> Result<(T, Option<String>), RouteFailure<E>>
-where
-    Fut: std::future::Future<Output = Result<T, E>>,
-{
-    let direct = match attempt(None).await {
-        Ok(v) => return Ok((v, None)),
-        Err(e) => e,
-    };
-    let Some(p) = proxy.filter(|_| falls_back(&direct)) else {
-        return Err(RouteFailure {
-            direct,
-            proxy: None,
-        });
-    };
-    match attempt(Some(p.clone())).await {
-        Ok(v) => Ok((v, Some(p))),
-        Err(e) => Err(RouteFailure {
-            direct,
-            proxy: Some(e),
-        }),
-    }
 }
 
 async fn pull_node(
@@ -605,53 +564,6 @@ mod tests {
         assert_eq!(one.node.as_ref(), reg.nodes.iter().find(|n| n.id == "b"));
         assert_eq!((one.trust, one.proxy), (reg.trust(), reg.proxy));
         assert_eq!(load_node(&store, "z").await.unwrap().node, None);
-    }
-
-    /// Direct fails with `direct`; the proxy answers unless `proxy_fails`.
-    async fn route(
-        proxy: Option<&str>,
-        falls_back: fn(&String) -> bool,
-        direct: &str,
-        proxy_fails: bool,
-    ) -> Result<(String, Option<String>), (String, Option<String>)> {
-        direct_then_proxy(proxy.map(str::to_string), falls_back, |via| async move {
-            match via {
-                None => Err(direct.to_string()),
-                Some(_) if proxy_fails => Err("proxy: refused".to_string()),
-                Some(p) => Ok(format!("answer via {p}")),
-            }
-        })
-        .await
-        .map_err(|f| (f.direct, f.proxy))
-    }
-
-    #[tokio::test]
-    async fn the_route_choice_follows_each_callers_fallback_rule() {
-        let any: fn(&String) -> bool = |_| true;
-        let transport: fn(&String) -> bool = |e| e.starts_with("transport");
-        let p = Some("http://proxy:3128");
-        let via = |s: &str| Ok((format!("answer via {s}"), Some(s.to_string())));
-        assert_eq!(
-            route(p, any, "HTTP 500", false).await,
-            via("http://proxy:3128")
-        );
-        assert_eq!(
-            route(p, transport, "HTTP 500", false).await,
-            Err(("HTTP 500".to_string(), None)),
-            "an answering node is not asked again"
-        );
-        assert_eq!(
-            route(p, transport, "transport: refused", false).await,
-            via("http://proxy:3128")
-        );
-        assert_eq!(
-            route(None, any, "transport: refused", false).await,
-            Err(("transport: refused".to_string(), None))
-        );
-        assert_eq!(
-            route(p, any, "HTTP 500", true).await,
-            Err(("HTTP 500".to_string(), Some("proxy: refused".to_string())))
-        );
     }
 
     async fn seed(store: &MemStore, id: &str, rev_applied: Option<i64>, errors: &str) {
