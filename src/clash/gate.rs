@@ -499,6 +499,20 @@ mod tests {
         }
     }
 
+    fn exited(detail: &str) -> Input {
+        Input::ProcessExited {
+            detail: detail.into(),
+        }
+    }
+
+    /// The default configuration, its start time and [`applied`]'s monitor.
+    fn applied_default() -> (MonitorConfig, Instant, MonitorState) {
+        let cfg = MonitorConfig::default();
+        let t0 = Instant::now();
+        let s = applied(&cfg, t0);
+        (cfg, t0, s)
+    }
+
     /// A monitor that is armed, healthy and has TPROXY applied at t=400 ms.
     fn applied(cfg: &MonitorConfig, t0: Instant) -> MonitorState {
         let (s, actions) = run(
@@ -581,17 +595,8 @@ mod tests {
 
     #[test]
     fn process_exit_removes_at_once() {
-        let cfg = MonitorConfig::default();
-        let t0 = Instant::now();
-        let s = applied(&cfg, t0);
-        let (s, actions) = step(
-            &cfg,
-            s,
-            Input::ProcessExited {
-                detail: "signal 9".into(),
-            },
-            t0 + ms(5000),
-        );
+        let (cfg, t0, s) = applied_default();
+        let (s, actions) = step(&cfg, s, exited("signal 9"), t0 + ms(5000));
         assert!(!s.applied);
         assert_eq!(
             actions,
@@ -625,9 +630,7 @@ mod tests {
 
     #[test]
     fn first_failed_probe_removes_and_recovery_reapplies() {
-        let cfg = MonitorConfig::default();
-        let t0 = Instant::now();
-        let s = applied(&cfg, t0);
+        let (cfg, t0, s) = applied_default();
         let (s, actions) = step(&cfg, s, failed("no answer within 700 ms"), t0 + ms(60_000));
         assert_eq!(gate_actions(&actions), ["remove"]);
         assert_eq!(published(&actions), ["unhealthy 0 no answer within 700 ms"]);
@@ -648,9 +651,7 @@ mod tests {
 
     #[test]
     fn hold_down_defers_reapply_until_tick() {
-        let cfg = MonitorConfig::default();
-        let t0 = Instant::now();
-        let s = applied(&cfg, t0);
+        let (cfg, t0, s) = applied_default();
         let (s, _) = step(&cfg, s, failed("refused"), t0 + ms(60_000));
         let (s, actions) = run(
             &cfg,
@@ -700,9 +701,7 @@ mod tests {
 
     #[test]
     fn degraded_keeps_tproxy_but_blocks_reapply() {
-        let cfg = MonitorConfig::default();
-        let t0 = Instant::now();
-        let s = applied(&cfg, t0);
+        let (cfg, t0, s) = applied_default();
         let degraded = Input::ProbeDegraded {
             reason: "1 of 2 URLTest groups down: hk=REJECT".into(),
         };
@@ -739,9 +738,7 @@ mod tests {
 
     #[test]
     fn gate_failures_are_retried() {
-        let cfg = MonitorConfig::default();
-        let t0 = Instant::now();
-        let s = applied(&cfg, t0);
+        let (cfg, t0, s) = applied_default();
         let (s, actions) = step(
             &cfg,
             s,
@@ -758,14 +755,7 @@ mod tests {
             ["apply"],
             "retried on the next healthy probe"
         );
-        let (s, _) = step(
-            &cfg,
-            s,
-            Input::ProcessExited {
-                detail: "exit 2".into(),
-            },
-            t0 + ms(2000),
-        );
+        let (s, _) = step(&cfg, s, exited("exit 2"), t0 + ms(2000));
         let (s, actions) = step(
             &cfg,
             s,
@@ -783,9 +773,7 @@ mod tests {
 
     #[test]
     fn disarm_removes_without_hold_down_and_stays_off() {
-        let cfg = MonitorConfig::default();
-        let t0 = Instant::now();
-        let s = applied(&cfg, t0);
+        let (cfg, t0, s) = applied_default();
         let (s, actions) = step(
             &cfg,
             s,
@@ -838,20 +826,13 @@ mod tests {
 
     #[test]
     fn restart_goes_back_to_waiting() {
-        let cfg = MonitorConfig::default();
-        let t0 = Instant::now();
-        let s = applied(&cfg, t0);
+        let (cfg, t0, s) = applied_default();
         let (_, actions) = run(
             &cfg,
             s,
             t0,
             vec![
-                (
-                    1000,
-                    Input::ProcessExited {
-                        detail: "exit status 1".into(),
-                    },
-                ),
+                (1000, exited("exit status 1")),
                 (2000, Input::ProcessStarted),
                 (2100, failed("refused")),
                 (4000, Input::ProbeOk),

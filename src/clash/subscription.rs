@@ -14,6 +14,7 @@
 use crate::clash::api::{MihomoApi, MihomoError};
 use crate::clash::monitor::{HealthStatus, Phase};
 use crate::clash::rules::{write_if_changed, Fetcher, Route, RulesError};
+use crate::etcd::status::StateLine;
 use serde_norway::Value as Yaml;
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -319,24 +320,28 @@ pub enum RefreshOutcome {
 }
 
 impl RefreshOutcome {
-    /// `ok|failed <unix-ts> <detail>`.
-    pub fn status(&self, now: u64) -> String {
+    /// The `clash/subscription` line, `ok|failed <unix-ts> <detail>` (the key and its
+    /// rendering are [`crate::etcd::status`]'s).
+    pub fn status(&self, now: u64) -> StateLine {
         match self {
             Self::Reloaded { summary, method } => {
                 let via = match method {
                     ReloadMethod::Api => "api",
                     ReloadMethod::Sighup => "sighup",
                 };
-                format!("ok {now} {} proxies, reloaded via {via}", summary.proxies)
+                let detail = format!("{} proxies, reloaded via {via}", summary.proxies);
+                StateLine::new("ok", now, detail)
             }
             Self::Unchanged { summary } => {
-                format!("ok {now} {} proxies, unchanged", summary.proxies)
+                StateLine::new("ok", now, format!("{} proxies, unchanged", summary.proxies))
             }
-            Self::DownloadFailed { reason } => {
-                format!("failed {now} {reason}; keeping the last good subscription")
-            }
+            Self::DownloadFailed { reason } => StateLine::new(
+                "failed",
+                now,
+                format!("{reason}; keeping the last good subscription"),
+            ),
             Self::ReloadFailed { reason, .. } => {
-                format!("failed {now} {reason}; retrying next refresh")
+                StateLine::new("failed", now, format!("{reason}; retrying next refresh"))
             }
         }
     }
@@ -459,6 +464,7 @@ pub async fn refresh_loop<S: Signaller, R: Fn(&RefreshOutcome) + Send>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::etcd::status::StatusUpdate;
 
     #[test]
     fn validate_table() {
@@ -552,7 +558,11 @@ mod tests {
             ),
         ];
         for (outcome, want) in cases {
-            assert_eq!(outcome.status(7), want);
+            assert_eq!(outcome.status(7).value(), want);
+            assert_eq!(
+                StatusUpdate::ClashSubscription(outcome.status(7)).value(),
+                want
+            );
         }
     }
 

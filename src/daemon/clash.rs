@@ -599,12 +599,9 @@ impl ClashOrchestrator {
             health,
             target,
             move |outcome: &RefreshOutcome| {
-                // The outcome renders its own line (clash::subscription); read back
-                // into the typed value so the key and its shape stay this module's.
-                let line = StateLine::parse(&outcome.status(unix_now()));
                 shared
                     .publisher
-                    .publish(StatusUpdate::ClashSubscription(line));
+                    .publish(StatusUpdate::ClashSubscription(outcome.status(unix_now())));
             },
         ));
         self.refresh = Some((key, task));

@@ -1,6 +1,8 @@
 //! The HTTP edge of the fleet manager: one authenticated request to a node's API
-//! ([`NodeClient`]; the real one is [`HttpNodeClient`]), and the TLS policy toward
-//! nodes (trust from a node's pin, `--node-ca` and `/fleet/ca`: [`NodeTrust`]).
+//! ([`NodeClient`]; the real one is [`HttpNodeClient`]), the route every request to a
+//! node takes (directly, else through `/fleet/proxy`: `direct_then_proxy`, with each
+//! caller's fallback rule), and the TLS policy toward nodes (trust from a node's pin,
+//! `--node-ca` and `/fleet/ca`: [`NodeTrust`]).
 //!
 //! Must not: follow redirects (they could carry the token elsewhere), use the
 //! `*_PROXY` variables for a direct request, or echo a proxy URL (it may carry
@@ -57,6 +59,50 @@ pub trait NodeClient: Send + Sync + 'static {
     /// The trust in node certificates read from etcd this round; clients that do not
     /// speak TLS ignore it.
     fn set_trust(&self, _trust: NodeTrust) {}
+}
+
+/// Why a request failed by both routes, or by the one it was allowed.
+pub(super) struct RouteFailure<E> {
+    pub direct: E,
+    /// The attempt through the proxy, when one was made.
+    pub proxy: Option<E>,
+}
+
+/// The route choice of every request to a node: `attempt(None)` directly, then, when
+/// that fails, a proxy is configured and `falls_back(&error)`, `attempt(Some(proxy))`.
+/// On success, the proxy the answer came through (`None`: direct).
+///
+/// `falls_back` is the caller's on purpose; the two differ. The pull round only reads
+/// (`GET`), so any failure — refused, timed out, an HTTP error, an answer that is not
+/// the expected JSON — is worth one more try by the other route. A console action may
+/// change the node (fail over, test an upstream): once the node has answered, even with
+/// an error, the request reached it, and sending it again through the proxy could act
+/// twice; only a transport error leaves the proxy to try.
+pub(super) async fn direct_then_proxy<T, E, Fut>(
+    proxy: Option<String>,
+    falls_back: impl Fn(&E) -> bool,
+    attempt: impl Fn(Option<String>) -> Fut,
+) -> Result<(T, Option<String>), RouteFailure<E>>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let direct = match attempt(None).await {
+        Ok(v) => return Ok((v, None)),
+        Err(e) => e,
+    };
+    let Some(p) = proxy.filter(|_| falls_back(&direct)) else {
+        return Err(RouteFailure {
+            direct,
+            proxy: None,
+        });
+    };
+    match attempt(Some(p.clone())).await {
+        Ok(v) => Ok((v, Some(p))),
+        Err(e) => Err(RouteFailure {
+            direct,
+            proxy: Some(e),
+        }),
+    }
 }
 
 /// Trust in node certificates learned from etcd (docs/fleet.md, "HTTPS"), handed to
@@ -248,4 +294,56 @@ fn describe(e: &reqwest::Error) -> String {
         parts.push(e.to_string());
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct fails with `direct`; the proxy answers unless `proxy_fails`.
+    async fn route(
+        proxy: Option<&str>,
+        falls_back: fn(&String) -> bool,
+        direct: &str,
+        proxy_fails: bool,
+    ) -> Result<(String, Option<String>), (String, Option<String>)> {
+        direct_then_proxy(proxy.map(str::to_string), falls_back, |via| async move {
+            match via {
+                None => Err(direct.to_string()),
+                Some(_) if proxy_fails => Err("proxy: refused".to_string()),
+                Some(p) => Ok(format!("answer via {p}")),
+            }
+        })
+        .await
+        .map_err(|f| (f.direct, f.proxy))
+    }
+
+    #[tokio::test]
+    async fn the_route_choice_follows_each_callers_fallback_rule() {
+        let any: fn(&String) -> bool = |_| true;
+        let transport: fn(&String) -> bool = |e| e.starts_with("transport");
+        let p = Some("http://proxy:3128");
+        let via = |s: &str| Ok((format!("answer via {s}"), Some(s.to_string())));
+        assert_eq!(
+            route(p, any, "HTTP 500", false).await,
+            via("http://proxy:3128")
+        );
+        assert_eq!(
+            route(p, transport, "HTTP 500", false).await,
+            Err(("HTTP 500".to_string(), None)),
+            "an answering node is not asked again"
+        );
+        assert_eq!(
+            route(p, transport, "transport: refused", false).await,
+            via("http://proxy:3128")
+        );
+        assert_eq!(
+            route(None, any, "transport: refused", false).await,
+            Err(("transport: refused".to_string(), None))
+        );
+        assert_eq!(
+            route(p, any, "HTTP 500", true).await,
+            Err(("HTTP 500".to_string(), Some("proxy: refused".to_string())))
+        );
+    }
 }

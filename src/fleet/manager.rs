@@ -1,5 +1,6 @@
 //! The fleet manager's loop: read the registry ([`super::registry`]), pull every
-//! node's `/v1/stats` over [`super::client`] (directly, else through `/fleet/proxy`),
+//! node's `/v1/stats` over [`super::client`] (directly, else through `/fleet/proxy`:
+//! the route choice, `direct_then_proxy`, is the client's),
 //! fetch its `/v1/status` and failover log for the web page, and compute push/pull
 //! status.
 //!
@@ -10,7 +11,9 @@
 //! ([`Registered::tls_refusal`]).
 
 pub use super::client::{origin, HttpNodeClient, NodeClient, NodeTrust, PullError};
-pub use super::registry::{load_registry, Published, Registered, Registry};
+
+use super::client::direct_then_proxy;
+pub use super::registry::{load_node, load_registry, NodeAccess, Published, Registered, Registry};
 
 use super::status::{
     pull_status, push_status, usage_total, NodeFacts, PullStatus, PushStatus, Route, Usage,
@@ -129,28 +132,21 @@ async fn pull_node(
     proxy: Option<String>,
 ) -> Result<PullOutcome, String> {
     let stats_url = format!("{}/v1/stats", node.api_url);
-    let (route, via, stats) = match fetch_json::<Vec<Stat>>(
-        &*client,
-        stats_url.clone(),
-        node.token.clone(),
-        None,
+    let (stats, via) = direct_then_proxy(
+        proxy,
+        // Any failure: see `direct_then_proxy`.
+        |_| true,
+        |via| fetch_json::<Vec<Stat>>(&*client, stats_url.clone(), node.token.clone(), via),
     )
     .await
-    {
-        Ok(s) => (Route::Direct, None, s),
-        Err(direct_err) => {
-            let Some(p) = proxy else {
-                return Err(direct_err);
-            };
-            match fetch_json::<Vec<Stat>>(&*client, stats_url, node.token.clone(), Some(p.clone()))
-                .await
-            {
-                Ok(s) => (Route::Proxy, Some(p), s),
-                Err(proxy_err) => {
-                    return Err(format!("direct: {direct_err}; through proxy: {proxy_err}"))
-                }
-            }
-        }
+    .map_err(|f| match f.proxy {
+        None => f.direct,
+        Some(proxy_err) => format!("direct: {}; through proxy: {proxy_err}", f.direct),
+    })?;
+    let route = if via.is_some() {
+        Route::Proxy
+    } else {
+        Route::Direct
     };
     let (status, failover_log) = futures::join!(
         fetch_json::<NodeStatus>(
@@ -221,7 +217,8 @@ impl Manager {
     /// One request to node `id`'s API for the console (test an upstream, fail over,
     /// read the failover log): its registered URL and its token, by the route its pulls
     /// take (direct, else through `/fleet/proxy` when the direct attempt fails to
-    /// connect). The token goes only to that node; the answer's body on 2xx.
+    /// connect; `direct_then_proxy`). Reads only that node's keys
+    /// ([`load_node`]). The token goes only to that node; the answer's body on 2xx.
     pub async fn call_node(
         &self,
         id: &str,
@@ -229,34 +226,32 @@ impl Manager {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Vec<u8>, NodeCallError> {
-        let registry = load_registry(&*self.store).await?;
-        self.client.set_trust(registry.trust());
-        let node = registry
-            .nodes
-            .into_iter()
-            .find(|n| n.id == id)
+        let access = load_node(&*self.store, id).await?;
+        self.client.set_trust(access.trust);
+        let node = access
+            .node
             .ok_or_else(|| NodeCallError::Unknown { id: id.to_string() })?;
         let url = format!("{}{path}", node.api_url);
         if let Some(reason) = node.tls_refusal() {
             return Err(PullError::Transport { url, reason }.into());
         }
-        let direct = self
-            .client
-            .request(
-                method.clone(),
-                url.clone(),
-                node.token.clone(),
-                body.clone(),
-                None,
-            )
-            .await;
-        match (direct, registry.proxy) {
-            (Err(PullError::Transport { .. }), Some(proxy)) => Ok(self
-                .client
-                .request(method, url, node.token, body, Some(proxy))
-                .await?),
-            (r, _) => Ok(r?),
-        }
+        let (answer, _via) = direct_then_proxy(
+            access.proxy,
+            // A transport error only: see `direct_then_proxy`.
+            |e| matches!(e, PullError::Transport { .. }),
+            |via| {
+                self.client.request(
+                    method.clone(),
+                    url.clone(),
+                    node.token.clone(),
+                    body.clone(),
+                    via,
+                )
+            },
+        )
+        .await
+        .map_err(|f| f.proxy.unwrap_or(f.direct))?;
+        Ok(answer)
     }
 
     fn threshold_ms(&self) -> u64 {
@@ -557,6 +552,18 @@ mod tests {
                 }
             })
         }
+    }
+
+    #[tokio::test]
+    async fn one_nodes_read_agrees_with_the_whole_registry() {
+        let (store, commit) = committed_store().await;
+        seed(&store, "a", Some(commit), "[]").await;
+        seed(&store, "b", Some(commit - 1), "[]").await;
+        let reg = load_registry(&store).await.unwrap();
+        let one = load_node(&store, "b").await.unwrap();
+        assert_eq!(one.node.as_ref(), reg.nodes.iter().find(|n| n.id == "b"));
+        assert_eq!((one.trust, one.proxy), (reg.trust(), reg.proxy));
+        assert_eq!(load_node(&store, "z").await.unwrap().node, None);
     }
 
     async fn seed(store: &MemStore, id: &str, rev_applied: Option<i64>, errors: &str) {

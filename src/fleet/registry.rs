@@ -1,6 +1,7 @@
 //! The fleet registry: `/fleet/` (registered nodes, their pins, the proxy, the CA and
 //! what `--publish` wrote), `/commit`, and per node its status keys (read through
-//! [`crate::etcd::status`]) and its API token.
+//! [`crate::etcd::status`]) and its API token — for every node ([`load_registry`], the
+//! pull round) or for one ([`load_node`], a console action).
 //!
 //! Owns: [`Registered::tls_refusal`], the rule that no token is sent in clear to a node
 //! that serves HTTPS. Must not: write anything, or show a token (it is only handed to
@@ -71,15 +72,36 @@ pub struct Registry {
 impl Registry {
     /// What the client needs to check node certificates.
     pub fn trust(&self) -> NodeTrust {
-        NodeTrust {
-            ca_pem: self.ca.clone(),
-            pins: self
-                .nodes
-                .iter()
-                .filter_map(|n| Some((origin(&n.api_url)?, *n.pin.as_ref()?.as_ref().ok()?)))
-                .collect(),
-        }
+        trust_of(
+            self.ca.clone(),
+            self.nodes.iter().map(|n| (n.api_url.as_str(), &n.pin)),
+        )
     }
+}
+
+/// The CA and every registered node's pin, keyed by the origin of its api_url.
+fn trust_of<'a>(
+    ca: Option<String>,
+    nodes: impl Iterator<Item = (&'a str, &'a Option<Result<Fingerprint, String>>)>,
+) -> NodeTrust {
+    NodeTrust {
+        ca_pem: ca,
+        pins: nodes
+            .filter_map(|(url, pin)| Some((origin(url)?, *pin.as_ref()?.as_ref().ok()?)))
+            .collect(),
+    }
+}
+
+/// One node to act on ([`load_node`]): the node, with what reaching it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAccess {
+    /// `None` when the id is not registered.
+    pub node: Option<Registered>,
+    /// `/fleet/proxy`.
+    pub proxy: Option<String>,
+    /// The same trust a whole-registry read gives ([`Registry::trust`]): the client's
+    /// trust is shared with the pull round, so it keeps every node's pin.
+    pub trust: NodeTrust,
 }
 
 /// `/fleet/status/<id>`.
@@ -108,13 +130,24 @@ fn read_errors(key: &str, v: &str) -> Vec<ConfigError> {
     })
 }
 
-/// Read `/fleet/`, `/commit` and, per registered node, `/updated/<id>/` and its token.
-pub async fn load_registry(store: &dyn ConfigStore) -> Result<Registry, FleetError> {
+/// What `/fleet/` says, read in one get: the shared keys, each valid node's entry
+/// (in key order) and what `--publish` wrote.
+struct FleetKeys {
+    proxy: Option<String>,
+    ca: Option<String>,
+    nodes: Vec<FleetNode>,
+    published: BTreeMap<String, Published>,
+}
+
+/// `/fleet/nodes/<id>/api_url` and `/fleet/nodes/<id>/cert_sha256`.
+struct FleetNode {
+    id: String,
+    api_url: String,
+    pin: Option<Result<Fingerprint, String>>,
+}
+
+async fn read_fleet(store: &dyn ConfigStore) -> Result<FleetKeys, FleetError> {
     let fleet = store.get_prefix("/fleet/").await?;
-    let commit_revision = store
-        .get(crate::api::store::COMMIT_KEY)
-        .await?
-        .map(|v| v.mod_revision);
     let proxy = fleet
         .get("/fleet/proxy")
         .map(|p| p.trim().to_string())
@@ -142,37 +175,85 @@ pub async fn load_registry(store: &dyn ConfigStore) -> Result<Registry, FleetErr
             warn!(key = %k, %reason, "skipping fleet node with an invalid id");
             continue;
         }
-        let updated = store.get_prefix(&status::node_prefix(id)).await?;
-        let reported = |key: &StatusKey| updated.get(&key.key(id));
-        let token = store
-            .get(&format!("/nodes/{id}/api/token"))
-            .await?
-            .map(|v| v.value.trim().to_string())
-            .filter(|t| !t.is_empty());
-        let errors_key = StatusKey::Errors.key(id);
-        nodes.push(Registered {
+        nodes.push(FleetNode {
             id: id.to_string(),
             api_url: v.trim().trim_end_matches('/').to_string(),
-            token,
-            online: reported(&StatusKey::Online).is_some(),
-            applied_revision: reported(&StatusKey::Applied).and_then(|a| status::parse_applied(a)),
-            errors: redact_errors(
-                reported(&StatusKey::Errors)
-                    .map(|e| read_errors(&errors_key, e))
-                    .unwrap_or_default(),
-            ),
             pin: fleet
                 .get(&format!("/fleet/nodes/{id}/cert_sha256"))
                 .filter(|p| !p.trim().is_empty())
                 .map(|p| p.parse::<Fingerprint>()),
-            serves_https: reported(&StatusKey::ApiTls).is_some(),
         });
     }
-    Ok(Registry {
-        commit_revision,
+    Ok(FleetKeys {
         proxy,
         ca,
         nodes,
         published,
+    })
+}
+
+/// One node's `/updated/<id>/` keys and its token, with its `/fleet/` entry.
+async fn read_node(store: &dyn ConfigStore, n: FleetNode) -> Result<Registered, FleetError> {
+    let id = n.id.as_str();
+    let updated = store.get_prefix(&status::node_prefix(id)).await?;
+    let reported = |key: &StatusKey| updated.get(&key.key(id));
+    let token = store
+        .get(&format!("/nodes/{id}/api/token"))
+        .await?
+        .map(|v| v.value.trim().to_string())
+        .filter(|t| !t.is_empty());
+    let errors_key = StatusKey::Errors.key(id);
+    Ok(Registered {
+        online: reported(&StatusKey::Online).is_some(),
+        applied_revision: reported(&StatusKey::Applied).and_then(|a| status::parse_applied(a)),
+        errors: redact_errors(
+            reported(&StatusKey::Errors)
+                .map(|e| read_errors(&errors_key, e))
+                .unwrap_or_default(),
+        ),
+        serves_https: reported(&StatusKey::ApiTls).is_some(),
+        token,
+        pin: n.pin,
+        api_url: n.api_url,
+        id: n.id,
+    })
+}
+
+/// Read `/fleet/`, `/commit` and, per registered node, `/updated/<id>/` and its token.
+pub async fn load_registry(store: &dyn ConfigStore) -> Result<Registry, FleetError> {
+    let fleet = read_fleet(store).await?;
+    let commit_revision = store
+        .get(crate::api::store::COMMIT_KEY)
+        .await?
+        .map(|v| v.mod_revision);
+    let mut nodes = Vec::new();
+    for n in fleet.nodes {
+        nodes.push(read_node(store, n).await?);
+    }
+    Ok(Registry {
+        commit_revision,
+        proxy: fleet.proxy,
+        ca: fleet.ca,
+        nodes,
+        published: fleet.published,
+    })
+}
+
+/// Read `/fleet/` and only node `id`'s `/updated/<id>/` keys and token (a console
+/// action on one node).
+pub async fn load_node(store: &dyn ConfigStore, id: &str) -> Result<NodeAccess, FleetError> {
+    let fleet = read_fleet(store).await?;
+    let trust = trust_of(
+        fleet.ca,
+        fleet.nodes.iter().map(|n| (n.api_url.as_str(), &n.pin)),
+    );
+    let node = match fleet.nodes.into_iter().find(|n| n.id == id) {
+        Some(n) => Some(read_node(store, n).await?),
+        None => None,
+    };
+    Ok(NodeAccess {
+        node,
+        proxy: fleet.proxy,
+        trust,
     })
 }

@@ -103,16 +103,7 @@ pub fn absorb_reply(state: &mut WgState, attrs: &[WireguardAttribute]) {
             WireguardAttribute::ListenPort(p) => state.listen_port = *p,
             WireguardAttribute::Peers(peers) => {
                 for WireguardPeer(pa) in peers {
-                    let mut p = WgPeerState {
-                        public_key: [0; 32],
-                        preshared_key: None,
-                        endpoint: None,
-                        persistent_keepalive: 0,
-                        allowed_ips: Vec::new(),
-                        last_handshake: None,
-                        rx_bytes: 0,
-                        tx_bytes: 0,
-                    };
+                    let mut p = WgPeerState::new([0; 32]);
                     for x in pa {
                         match x {
                             WireguardPeerAttribute::PublicKey(k) => p.public_key = *k,

@@ -130,16 +130,7 @@ pub fn parse_get(text: &str) -> Result<WgState, String> {
                 hs_sec = 0;
                 hs_nsec = 0;
                 let key = unhex(v).ok_or_else(|| format!("bad key in {line:?}"))?;
-                st.peers.push(WgPeerState {
-                    public_key: key,
-                    preshared_key: None,
-                    endpoint: None,
-                    persistent_keepalive: 0,
-                    allowed_ips: Vec::new(),
-                    last_handshake: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                });
+                st.peers.push(WgPeerState::new(key));
             }
             "errno" => errno = Some(num()?),
             _ => {

@@ -1,19 +1,25 @@
 //! Local (image-level) settings of meduza itself: DESIGN §2.
 //!
-//! Owns: the [`Settings`] type, the four input layers (command-line flags, environment,
-//! `/etc/meduza/meduza.toml`, kernel command line) and their merge in priority order
-//! `flags > env > toml > cmdline > defaults` ([`resolve_settings`]).
+//! Owns: the [`Settings`] type, the four input layers — command-line flags (built by
+//! the CLI from [`SettingsLayer`]'s fields), the environment (`env`),
+//! `/etc/meduza/meduza.toml` (`toml_file`) and the kernel command line
+//! (`kernel_cmdline`), each parsing its values with the rules of `values` — and
+//! their merge in priority order `flags > env > toml > cmdline > defaults`
+//! ([`resolve_settings`], here).
 //! Must not: read the environment, files or `/proc` itself; callers pass what they read,
 //! so every rule here is tested as data.
+
+mod env;
+mod kernel_cmdline;
+mod toml_file;
+mod values;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
-use super::cmdline::KernelCmdline;
+use values::parse_node_id;
 
 /// Path of the defaults file inside the image (relative to `MEDUZA_ROOT`).
 pub const TOML_PATH: &str = "etc/meduza/meduza.toml";
@@ -159,24 +165,6 @@ impl Tool {
     }
 }
 
-/// Tools an older meduza.toml or environment may still name, accepted with a warning
-/// so that an upgrade does not stop the gateway: `watchfrr` (meduza starts and watches
-/// the FRR daemons itself, src/supervise/frr.rs).
-const RETIRED_TOOLS: [&str; 1] = ["watchfrr"];
-
-/// Whether `name` (a `[bin]` key, or a `MEDUZA_BIN_` suffix in lower case) is a retired
-/// tool: then `key` is warned about and ignored.
-fn retired_tool(name: &str, key: &str) -> bool {
-    let retired = RETIRED_TOOLS.contains(&name);
-    if retired {
-        tracing::warn!(
-            setting = key,
-            "{name} is no longer used (meduza supervises the FRR daemons itself); the setting is ignored"
-        );
-    }
-    retired
-}
-
 /// One layer of optional settings. Flags are built by the CLI directly from these
 /// public fields; the other layers come from the `from_*` constructors.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -250,395 +238,6 @@ impl Settings {
             None => Path::new(tool.image_path()),
         }
     }
-}
-
-fn invalid(origin: Origin, key: &str, value: &str, reason: impl Into<String>) -> SettingsError {
-    SettingsError::Invalid {
-        origin,
-        key: key.to_string(),
-        value: value.to_string(),
-        reason: reason.into(),
-    }
-}
-
-fn parse_node_id(origin: Origin, key: &str, v: &str) -> Result<String, SettingsError> {
-    // The node id becomes an etcd path segment and the hostname (≤ 64 bytes, no '/').
-    let ok = !v.is_empty()
-        && v.len() <= 64
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(v.to_string())
-    } else {
-        Err(invalid(
-            origin,
-            key,
-            v,
-            "expected 1-64 characters of [A-Za-z0-9_.-]",
-        ))
-    }
-}
-
-fn parse_endpoint(origin: Origin, key: &str, v: &str) -> Result<String, SettingsError> {
-    let v = v.trim();
-    let rest = v
-        .strip_prefix("http://")
-        .or_else(|| v.strip_prefix("https://"))
-        .ok_or_else(|| invalid(origin, key, v, "expected http(s)://host:port"))?;
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| invalid(origin, key, v, "missing :port"))?;
-    if host.is_empty() || host.contains('/') {
-        return Err(invalid(origin, key, v, "missing host"));
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p != 0 => Ok(v.to_string()),
-        _ => Err(invalid(origin, key, v, "port must be 1-65535")),
-    }
-}
-
-fn parse_endpoints<'a>(
-    origin: Origin,
-    key: &str,
-    items: impl IntoIterator<Item = &'a str>,
-) -> Result<Vec<String>, SettingsError> {
-    let list: Vec<String> = items
-        .into_iter()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| parse_endpoint(origin, key, s))
-        .collect::<Result<_, _>>()?;
-    if list.is_empty() {
-        return Err(invalid(origin, key, "", "no endpoint given"));
-    }
-    Ok(list)
-}
-
-fn parse_sockets<'a>(
-    origin: Origin,
-    key: &str,
-    items: impl IntoIterator<Item = &'a str>,
-) -> Result<Vec<SocketAddr>, SettingsError> {
-    let list: Vec<SocketAddr> = items
-        .into_iter()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<SocketAddr>()
-                .map_err(|e| invalid(origin, key, s, e.to_string()))
-        })
-        .collect::<Result<_, _>>()?;
-    if list.is_empty() {
-        return Err(invalid(origin, key, "", "no socket address given"));
-    }
-    Ok(list)
-}
-
-fn parse_socket(origin: Origin, key: &str, v: &str) -> Result<SocketAddr, SettingsError> {
-    v.trim()
-        .parse()
-        .map_err(|e: std::net::AddrParseError| invalid(origin, key, v, e.to_string()))
-}
-
-fn parse_ip(origin: Origin, key: &str, v: &str) -> Result<IpAddr, SettingsError> {
-    v.trim()
-        .parse()
-        .map_err(|e: std::net::AddrParseError| invalid(origin, key, v, e.to_string()))
-}
-
-fn parse_bool(origin: Origin, key: &str, v: &str) -> Result<bool, SettingsError> {
-    match v.trim() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(invalid(origin, key, v, "expected 1/0, true/false, yes/no")),
-    }
-}
-
-fn parse_abs_path(origin: Origin, key: &str, v: &str) -> Result<PathBuf, SettingsError> {
-    if v.starts_with('/') {
-        Ok(PathBuf::from(v))
-    } else {
-        Err(invalid(origin, key, v, "expected an absolute path"))
-    }
-}
-
-fn parse_dataplane(origin: Origin, key: &str, v: &str) -> Result<Dataplane, SettingsError> {
-    Dataplane::parse(v.trim()).map_err(|r| invalid(origin, key, v, r))
-}
-
-fn parse_watchdog(origin: Origin, key: &str, v: &str) -> Result<String, SettingsError> {
-    let v = v.trim();
-    if v == "off" || (v.starts_with("/dev/") && v.len() > "/dev/".len()) {
-        Ok(v.to_string())
-    } else {
-        Err(invalid(origin, key, v, "expected /dev/... or off"))
-    }
-}
-
-fn parse_resolv_conf(origin: Origin, key: &str, v: &str) -> Result<String, SettingsError> {
-    let v = v.trim();
-    if v == "off" {
-        return Ok(v.to_string());
-    }
-    parse_abs_path(origin, key, v).map(|p| p.display().to_string())
-}
-
-fn parse_watchdog_timeout(origin: Origin, key: &str, v: &str) -> Result<u32, SettingsError> {
-    match v.trim().parse::<u32>() {
-        Ok(n) if WATCHDOG_TIMEOUT_RANGE.contains(&n) => Ok(n),
-        _ => Err(invalid(
-            origin,
-            key,
-            v,
-            format!(
-                "expected whole seconds in {}..={}",
-                WATCHDOG_TIMEOUT_RANGE.start(),
-                WATCHDOG_TIMEOUT_RANGE.end()
-            ),
-        )),
-    }
-}
-
-fn parse_state_device(origin: Origin, key: &str, v: &str) -> Result<String, SettingsError> {
-    let v = v.trim();
-    let ok = v == "none"
-        || v.starts_with("/dev/")
-        || v.strip_prefix("LABEL=").is_some_and(|l| !l.is_empty())
-        || v.strip_prefix("PARTLABEL=").is_some_and(|l| !l.is_empty());
-    if ok {
-        Ok(v.to_string())
-    } else {
-        Err(invalid(
-            origin,
-            key,
-            v,
-            "expected /dev/..., LABEL=..., PARTLABEL=... or none",
-        ))
-    }
-}
-
-impl SettingsLayer {
-    /// The environment layer (DESIGN §2's table plus `MEDUZA_BOOT` and
-    /// `MEDUZA_STATE_DEVICE`). Unset and empty variables are ignored; others are ignored
-    /// unless they are meduza's.
-    pub fn from_env<K, V, I>(vars: I) -> Result<Self, SettingsError>
-    where
-        K: AsRef<str>,
-        V: AsRef<str>,
-        I: IntoIterator<Item = (K, V)>,
-    {
-        let o = Origin::Env;
-        let mut l = SettingsLayer::default();
-        for (k, v) in vars {
-            let (k, v) = (k.as_ref(), v.as_ref());
-            if v.is_empty() {
-                continue;
-            }
-            match k {
-                "NODE_ID" => l.node_id = Some(parse_node_id(o, k, v)?),
-                "ETCD_ENDPOINTS" => l.etcd_endpoints = Some(parse_endpoints(o, k, v.split(','))?),
-                "ETCD_CA" => l.etcd_ca = Some(parse_abs_path(o, k, v)?),
-                "ETCD_CERT" => l.etcd_cert = Some(parse_abs_path(o, k, v)?),
-                "ETCD_KEY" => l.etcd_key = Some(parse_abs_path(o, k, v)?),
-                "ETCD_USER" => l.etcd_user = Some(v.to_string()),
-                "ETCD_PASS" => l.etcd_pass = Some(v.to_string()),
-                "DEFAULT_GW" => l.default_gw = Some(parse_ip(o, k, v)?),
-                "MEDUZA_ROOT" => l.root = Some(parse_abs_path(o, k, v)?),
-                "MEDUZA_STATE_DIR" => l.state_dir = Some(parse_abs_path(o, k, v)?),
-                "MEDUZA_STATE_DEVICE" => l.state_device = Some(parse_state_device(o, k, v)?),
-                "MEDUZA_DNS_LISTEN" => l.dns_listen = Some(parse_sockets(o, k, v.split(','))?),
-                "MEDUZA_API_LISTEN" => l.api_listen = Some(parse_socket(o, k, v)?),
-                "MEDUZA_API_TLS_CERT" => l.api_tls_cert = Some(parse_abs_path(o, k, v)?),
-                "MEDUZA_API_TLS_KEY" => l.api_tls_key = Some(parse_abs_path(o, k, v)?),
-                "MEDUZA_DATAPLANE" => l.dataplane = Some(parse_dataplane(o, k, v)?),
-                "MEDUZA_BOOT" => l.boot = Some(parse_bool(o, k, v)?),
-                "MEDUZA_WATCHDOG" => l.watchdog = Some(parse_watchdog(o, k, v)?),
-                "MEDUZA_WATCHDOG_TIMEOUT" => {
-                    l.watchdog_timeout = Some(parse_watchdog_timeout(o, k, v)?)
-                }
-                "MEDUZA_RESOLV_CONF" => l.resolv_conf = Some(parse_resolv_conf(o, k, v)?),
-                _ => {
-                    if let Some(suffix) = k.strip_prefix("MEDUZA_BIN_") {
-                        if retired_tool(suffix.to_ascii_lowercase().as_str(), k) {
-                            continue;
-                        }
-                        let tool = Tool::ALL
-                            .into_iter()
-                            .find(|t| t.env_suffix() == suffix)
-                            .ok_or_else(|| invalid(o, k, v, "unknown tool"))?;
-                        l.bins.insert(tool, parse_abs_path(o, k, v)?);
-                    }
-                }
-            }
-        }
-        Ok(l)
-    }
-
-    /// The `/etc/meduza/meduza.toml` layer. Unknown keys are errors (a typo must not
-    /// silently fall back to a default). `path` only labels errors.
-    pub fn from_toml(text: &str, path: &str) -> Result<Self, SettingsError> {
-        let raw: TomlFile = toml::from_str(text).map_err(|e| SettingsError::Toml {
-            path: path.to_string(),
-            reason: e.to_string(),
-        })?;
-        let o = Origin::Toml;
-        let mut l = SettingsLayer::default();
-        if let Some(v) = raw.node_id {
-            l.node_id = Some(parse_node_id(o, "node_id", &v)?);
-        }
-        if let Some(v) = raw.etcd_endpoints {
-            l.etcd_endpoints = Some(match &v {
-                StringOrList::One(s) => parse_endpoints(o, "etcd_endpoints", s.split(','))?,
-                StringOrList::Many(items) => {
-                    parse_endpoints(o, "etcd_endpoints", items.iter().map(String::as_str))?
-                }
-            });
-        }
-        for (key, src, dst) in [
-            ("etcd_ca", raw.etcd_ca, &mut l.etcd_ca),
-            ("etcd_cert", raw.etcd_cert, &mut l.etcd_cert),
-            ("etcd_key", raw.etcd_key, &mut l.etcd_key),
-            ("root", raw.root, &mut l.root),
-            ("state_dir", raw.state_dir, &mut l.state_dir),
-        ] {
-            if let Some(v) = src {
-                *dst = Some(parse_abs_path(o, key, &v)?);
-            }
-        }
-        l.etcd_user = raw.etcd_user;
-        l.etcd_pass = raw.etcd_pass;
-        if let Some(v) = raw.default_gw {
-            l.default_gw = Some(parse_ip(o, "default_gw", &v)?);
-        }
-        if let Some(v) = raw.state_device {
-            l.state_device = Some(parse_state_device(o, "state_device", &v)?);
-        }
-        if let Some(v) = raw.dns_listen {
-            l.dns_listen = Some(match &v {
-                StringOrList::One(s) => parse_sockets(o, "dns_listen", s.split(','))?,
-                StringOrList::Many(items) => {
-                    parse_sockets(o, "dns_listen", items.iter().map(String::as_str))?
-                }
-            });
-        }
-        if let Some(v) = raw.api_listen {
-            l.api_listen = Some(parse_socket(o, "api_listen", &v)?);
-        }
-        if let Some(v) = raw.api_tls_cert {
-            l.api_tls_cert = Some(parse_abs_path(o, "api_tls_cert", &v)?);
-        }
-        if let Some(v) = raw.api_tls_key {
-            l.api_tls_key = Some(parse_abs_path(o, "api_tls_key", &v)?);
-        }
-        if let Some(v) = raw.dataplane {
-            l.dataplane = Some(parse_dataplane(o, "dataplane", &v)?);
-        }
-        l.boot = raw.boot;
-        if let Some(v) = raw.watchdog {
-            l.watchdog = Some(parse_watchdog(o, "watchdog", &v)?);
-        }
-        if let Some(v) = raw.watchdog_timeout {
-            l.watchdog_timeout = Some(parse_watchdog_timeout(
-                o,
-                "watchdog_timeout",
-                &v.to_string(),
-            )?);
-        }
-        if let Some(v) = raw.resolv_conf {
-            l.resolv_conf = Some(parse_resolv_conf(o, "resolv_conf", &v)?);
-        }
-        for (name, path) in raw.bin {
-            let key = format!("bin.{name}");
-            if retired_tool(&name, &key) {
-                continue;
-            }
-            let tool = Tool::ALL
-                .into_iter()
-                .find(|t| t.toml_key() == name)
-                .ok_or_else(|| invalid(o, &key, &path, "unknown tool"))?;
-            l.bins.insert(tool, parse_abs_path(o, &key, &path)?);
-        }
-        Ok(l)
-    }
-
-    /// The kernel command line layer (`meduza.node_id=`, `meduza.etcd=`, ...). Unknown
-    /// `meduza.*` keys are not errors here (see [`KernelCmdline::unknown_keys`]): a typo
-    /// on a provisioning line must not stop a remote box from coming up.
-    pub fn from_cmdline(c: &KernelCmdline) -> Result<Self, SettingsError> {
-        /// `meduza.<key>` through `parse`, or `None` when the key is absent.
-        fn field<T>(
-            c: &KernelCmdline,
-            key: &str,
-            parse: impl Fn(Origin, &str, &str) -> Result<T, SettingsError>,
-        ) -> Result<Option<T>, SettingsError> {
-            c.get(key)
-                .map(|v| parse(Origin::Cmdline, &format!("meduza.{key}"), v))
-                .transpose()
-        }
-        let text = |_: Origin, _: &str, v: &str| Ok(v.to_string());
-        Ok(SettingsLayer {
-            node_id: field(c, "node_id", parse_node_id)?,
-            etcd_endpoints: field(c, "etcd", |o, k, v| parse_endpoints(o, k, v.split(',')))?,
-            etcd_ca: field(c, "etcd_ca", parse_abs_path)?,
-            etcd_cert: field(c, "etcd_cert", parse_abs_path)?,
-            etcd_key: field(c, "etcd_key", parse_abs_path)?,
-            etcd_user: field(c, "etcd_user", text)?,
-            etcd_pass: field(c, "etcd_pass", text)?,
-            default_gw: field(c, "default_gw", parse_ip)?,
-            root: field(c, "root", parse_abs_path)?,
-            state_dir: field(c, "state_dir", parse_abs_path)?,
-            state_device: field(c, "state", parse_state_device)?,
-            dns_listen: field(c, "dns_listen", |o, k, v| parse_sockets(o, k, v.split(',')))?,
-            api_listen: field(c, "api_listen", parse_socket)?,
-            api_tls_cert: None,
-            api_tls_key: None,
-            dataplane: field(c, "dataplane", parse_dataplane)?,
-            // A bare `meduza.boot` means yes.
-            boot: field(
-                c,
-                "boot",
-                |o, k, v| Ok(v.is_empty() || parse_bool(o, k, v)?),
-            )?,
-            bins: BTreeMap::new(),
-            watchdog: field(c, "watchdog", parse_watchdog)?,
-            watchdog_timeout: field(c, "watchdog_timeout", parse_watchdog_timeout)?,
-            resolv_conf: field(c, "resolv_conf", parse_resolv_conf)?,
-        })
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum StringOrList {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TomlFile {
-    node_id: Option<String>,
-    etcd_endpoints: Option<StringOrList>,
-    etcd_ca: Option<String>,
-    etcd_cert: Option<String>,
-    etcd_key: Option<String>,
-    etcd_user: Option<String>,
-    etcd_pass: Option<String>,
-    default_gw: Option<String>,
-    root: Option<String>,
-    state_dir: Option<String>,
-    state_device: Option<String>,
-    dns_listen: Option<StringOrList>,
-    api_listen: Option<String>,
-    api_tls_cert: Option<String>,
-    api_tls_key: Option<String>,
-    dataplane: Option<String>,
-    boot: Option<bool>,
-    watchdog: Option<String>,
-    watchdog_timeout: Option<u32>,
-    resolv_conf: Option<String>,
-    #[serde(default)]
-    bin: BTreeMap<String, String>,
 }
 
 /// Merge the layers: flags > env > toml > cmdline > built-in defaults. A field takes the
@@ -740,14 +339,16 @@ fn api_tls_files(
     }
 }
 
+/// An empty layer, for the layers' tests.
+#[cfg(test)]
+fn none() -> SettingsLayer {
+    SettingsLayer::default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::boot::cmdline::parse_cmdline;
-
-    fn none() -> SettingsLayer {
-        SettingsLayer::default()
-    }
 
     fn env(pairs: &[(&str, &str)]) -> SettingsLayer {
         SettingsLayer::from_env(pairs.iter().copied()).expect("valid env")
@@ -770,7 +371,6 @@ mod tests {
         let s = resolve_settings(&none(), &none(), &none(), &none(), Some("b")).unwrap();
         assert_eq!(s.api_tls_files, None);
     }
-
     #[test]
     fn defaults_match_design_table() {
         let s = resolve_settings(&none(), &none(), &none(), &none(), Some("box1")).unwrap();
@@ -794,7 +394,6 @@ mod tests {
         assert_eq!(s.etcd_ca, None);
         assert_eq!(s.default_gw, None);
     }
-
     #[test]
     fn every_design_env_var_is_read() {
         let e = env(&[
@@ -854,7 +453,6 @@ mod tests {
         }
         assert!(s.boot);
     }
-
     #[test]
     fn state_dir_follows_meduza_root() {
         let s = resolve_settings(
@@ -867,7 +465,6 @@ mod tests {
         .unwrap();
         assert_eq!(s.state_dir, PathBuf::from("/tmp/x/var/lib/meduza"));
     }
-
     #[test]
     fn priority_is_flags_env_toml_cmdline_defaults() {
         let flags = SettingsLayer {
@@ -908,7 +505,6 @@ mod tests {
         assert_eq!(s.node_id, "from-cmdline", "cmdline beats hostname");
         assert_eq!(s.etcd_endpoints, vec!["http://cmdline:2379"]);
     }
-
     #[test]
     fn bins_merge_per_tool() {
         let e = env(&[("MEDUZA_BIN_MIHOMO", "/env/mihomo")]);
@@ -922,7 +518,6 @@ mod tests {
         assert_eq!(s.bin(Tool::Mosdns), Path::new("/toml/mosdns"));
         assert_eq!(s.bin(Tool::Tincd), Path::new("/usr/sbin/tincd"));
     }
-
     #[test]
     fn no_node_id_anywhere_is_an_error() {
         assert_eq!(
@@ -934,95 +529,6 @@ mod tests {
             Err(SettingsError::NoNodeId)
         );
     }
-
-    #[test]
-    fn bad_values_name_origin_key_and_value() {
-        let err = SettingsLayer::from_env([("ETCD_ENDPOINTS", "10.0.0.1:2379")]).unwrap_err();
-        assert_eq!(
-            err,
-            SettingsError::Invalid {
-                origin: Origin::Env,
-                key: "ETCD_ENDPOINTS".into(),
-                value: "10.0.0.1:2379".into(),
-                reason: "expected http(s)://host:port".into()
-            }
-        );
-        let err =
-            SettingsLayer::from_cmdline(&parse_cmdline("meduza.etcd=http://e:99999")).unwrap_err();
-        assert!(matches!(
-            err,
-            SettingsError::Invalid { origin: Origin::Cmdline, ref key, ref value, .. }
-                if key == "meduza.etcd" && value == "http://e:99999"
-        ));
-        assert!(SettingsLayer::from_env([("MEDUZA_DATAPLANE", "iptables")]).is_err());
-        assert!(SettingsLayer::from_env([("MEDUZA_DNS_LISTEN", "0.0.0.0")]).is_err());
-        assert!(SettingsLayer::from_env([("NODE_ID", "a/b")]).is_err());
-        assert!(SettingsLayer::from_env([("MEDUZA_ROOT", "relative")]).is_err());
-        assert!(SettingsLayer::from_env([("MEDUZA_BIN_NGINX", "/x")]).is_err());
-        assert!(SettingsLayer::from_env([("DEFAULT_GW", "gw")]).is_err());
-        assert!(SettingsLayer::from_env([("MEDUZA_BOOT", "maybe")]).is_err());
-        assert!(SettingsLayer::from_cmdline(&parse_cmdline("meduza.state=sda3")).is_err());
-    }
-
-    #[test]
-    fn empty_env_values_are_unset() {
-        let l = SettingsLayer::from_env([("NODE_ID", ""), ("ETCD_ENDPOINTS", "")]).unwrap();
-        assert_eq!(l, SettingsLayer::default());
-    }
-
-    /// `watchfrr` (never run) is accepted with a warning, from both layers.
-    #[test]
-    fn the_retired_watchfrr_setting_is_ignored_not_an_error() {
-        let l = SettingsLayer::from_env([("MEDUZA_BIN_WATCHFRR", "/usr/sbin/watchfrr")]).unwrap();
-        assert!(l.bins.is_empty());
-        let l = SettingsLayer::from_toml(
-            "[bin]\nwatchfrr = \"/usr/sbin/watchfrr\"\n",
-            "/etc/meduza/meduza.toml",
-        )
-        .unwrap();
-        assert!(l.bins.is_empty());
-    }
-
-    #[test]
-    fn toml_rejects_unknown_keys_and_bad_types() {
-        let err =
-            SettingsLayer::from_toml("nodeid = \"x\"\n", "/etc/meduza/meduza.toml").unwrap_err();
-        assert!(matches!(err, SettingsError::Toml { ref path, ref reason }
-            if path == "/etc/meduza/meduza.toml" && reason.contains("nodeid")));
-        assert!(SettingsLayer::from_toml("api_listen = 9100\n", "t").is_err());
-        assert!(SettingsLayer::from_toml("[bin]\nnginx = \"/x\"\n", "t").is_err());
-    }
-
-    #[test]
-    fn toml_accepts_strings_or_lists() {
-        let t = SettingsLayer::from_toml(
-            "etcd_endpoints = \"http://a:2379,http://b:2379\"\n\
-             dns_listen = [\"0.0.0.0:53\", \"[::]:5353\"]\nstate_device = \"none\"\nboot = true\n",
-            "t",
-        )
-        .unwrap();
-        let s = resolve_settings(&none(), &none(), &t, &none(), Some("h")).unwrap();
-        assert_eq!(s.etcd_endpoints, vec!["http://a:2379", "http://b:2379"]);
-        assert_eq!(s.dns_listen.len(), 2);
-        assert_eq!(
-            s.state_device, None,
-            "\"none\" disables the state partition"
-        );
-        assert!(s.boot);
-    }
-
-    #[test]
-    fn shipped_defaults_file_parses() {
-        let text = include_str!("../../overlay/etc/meduza/meduza.toml");
-        let t = SettingsLayer::from_toml(text, "overlay/etc/meduza/meduza.toml").unwrap();
-        let s = resolve_settings(&none(), &none(), &t, &none(), Some("h")).unwrap();
-        assert_eq!(s.state_dir, PathBuf::from("/var/lib/meduza"));
-        assert_eq!(s.dataplane, Dataplane::Nft);
-        assert_eq!(s.watchdog, Some(PathBuf::from("/dev/watchdog")));
-        assert_eq!(s.watchdog_timeout, DEFAULT_WATCHDOG_TIMEOUT);
-        assert_eq!(s.resolv_conf, Some(PathBuf::from("/etc/resolv.conf")));
-    }
-
     #[test]
     fn resolv_conf_is_left_alone_by_default_and_set_per_layer() {
         let s = resolve_settings(&none(), &none(), &none(), &none(), Some("h")).unwrap();
@@ -1040,7 +546,6 @@ mod tests {
         let err = SettingsLayer::from_env([("MEDUZA_RESOLV_CONF", "resolv.conf")]).unwrap_err();
         assert!(err.to_string().contains("MEDUZA_RESOLV_CONF"), "{err}");
     }
-
     #[test]
     fn watchdog_is_off_by_default_and_set_per_layer() {
         let s = resolve_settings(&none(), &none(), &none(), &none(), Some("h")).unwrap();
@@ -1074,16 +579,5 @@ mod tests {
             assert!(err.to_string().contains(bad), "{err}");
         }
         assert!(SettingsLayer::from_toml("watchdog_timeout = 3\n", "t").is_err());
-    }
-
-    #[test]
-    fn cmdline_state_and_bare_boot() {
-        let c = SettingsLayer::from_cmdline(&parse_cmdline(
-            "meduza.state=PARTLABEL=state meduza.boot meduza.state_dir=/data",
-        ))
-        .unwrap();
-        assert_eq!(c.state_device.as_deref(), Some("PARTLABEL=state"));
-        assert_eq!(c.boot, Some(true));
-        assert_eq!(c.state_dir, Some(PathBuf::from("/data")));
     }
 }
