@@ -307,6 +307,13 @@ etcd_value() {
 	"${ETCDCTL[@]}" get "$1" --print-value-only 2>/dev/null
 }
 
+# applied_is REV: the node's `/updated/<id>/applied` reports revision REV.
+applied_is() {
+	local v
+	v="$(etcd_value "/updated/$NODE_ID/applied")"
+	[ "${v%% *}" = "$1" ]
+}
+
 # qemu_cmd EXTRA_APPEND: sets QEMU_CMD (array) and picks DNS_PORT, API_PORT.
 # The guest: q35 (x86_64) or virt with a Cortex-A53 (aarch64), 512 MiB, software
 # emulation (TCG), serial console on stdio,

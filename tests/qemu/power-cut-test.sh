@@ -75,11 +75,6 @@ start_qemu "$TMP" ""
 qlog "QEMU started (pid $QEMU_PID) with state disk $DISK; etcd 127.0.0.1:$ETCD_PORT, /commit revision $REV1"
 
 # --- 1. first boot: provisioned from etcd, one restart recorded ---------------------
-applied_is() {
-	local v
-	v="$(etcd_value "/updated/$NODE_ID/applied")"
-	[ "${v%% *}" = "$1" ]
-}
 T="$(wait_for 120 "/updated/$NODE_ID/applied = $REV1" applied_is "$REV1")"
 qlog "first boot: applied revision $REV1 at ${T}s"
 console_has 'boot duty done.*state partition.*/dev/vda' ||

@@ -59,11 +59,6 @@ since() { tail -c +"$((FROM + 1))" "$CONSOLE" | sed 's/\x1b\[[0-9;]*m//g'; }
 since_has() { since | grep -Eq "$1"; }
 
 # --- 1. first boot: provisioned, watchdog armed ------------------------------------------
-applied_is() {
-	local v
-	v="$(etcd_value "/updated/$NODE_ID/applied")"
-	[ "${v%% *}" = "$1" ]
-}
 T="$(wait_for 120 "/updated/$NODE_ID/applied = $REV" applied_is "$REV")"
 qlog "first boot: applied revision $REV at ${T}s"
 wait_for 30 "meduza arms the watchdog" since_has 'watchdog armed' >/dev/null
