@@ -83,8 +83,8 @@ pub struct RetryPolicy {
     pub first_delay: Duration,
 }
 
-/// The old name of [`RetryPolicy`], kept while `tests/clash_rules.rs` and
-/// `tests/clash_chain.rs` still use it; [`crate::backoff::Backoff`] is the backoff.
+/// The old name of [`RetryPolicy`], kept while `tests/loopback/clash_rules.rs` and
+/// `tests/loopback/clash_chain.rs` still use it; [`crate::backoff::Backoff`] is the backoff.
 pub type Backoff = RetryPolicy;
 
 impl Default for RetryPolicy {

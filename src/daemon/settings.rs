@@ -86,7 +86,7 @@ pub fn prepare(args: &RunArgs, etcd: &EtcdArgs) -> anyhow::Result<Settings> {
 /// [`super::clash::minute_from`]), its one reader. Unset, a minute is 60 s; set, the
 /// Clash and MosDNS refresh intervals, the scheduled restarts, the 120 s cooldown and
 /// the rolling hour all shrink by the same factor (docs/supervision.md,
-/// `tests/gateway_cron.rs`). Operators leave it unset.
+/// `tests/gateway/gateway_cron.rs`). Operators leave it unset.
 pub fn minute() -> Duration {
     let raw = std::env::var(super::clash::MINUTE_MS_ENV).ok();
     let minute = super::clash::minute_from(raw.as_deref()).unwrap_or_else(|reason| {

@@ -15,7 +15,7 @@
 //! `no_transit` turned off, a `neighbor ... weight`) stays in the running daemons. So
 //! the fallback first undoes, with `no <line>` inside its contexts, every line of the
 //! config it last pushed that the new one lacks (`undo_script`), as
-//! `frr-reload.py` would, then pushes the new config (tests/frr_policy.rs shows a
+//! `frr-reload.py` would, then pushes the new config (tests/gateway/frr_policy.rs shows a
 //! policy turned off through the fallback taking effect).
 
 use super::config::FrrReloader;

@@ -144,7 +144,7 @@ mod tests {
 
     /// The scheduled-restart timer itself (not `restart(Cron)`), on a 600 ms minute:
     /// a restart every 10 minutes (6 s) until the sixth in the hour is denied by the
-    /// budget, measured on the scaled clock. `tests/gateway_cron.rs` shows the same
+    /// budget, measured on the scaled clock. `tests/gateway/gateway_cron.rs` shows the same
     /// with the real `meduza run`.
     #[tokio::test(start_paused = true)]
     async fn cron_timer_runs_on_the_scaled_minute_until_the_budget_denies() {

@@ -22,7 +22,7 @@
 # from Debian's arm64 packages (`dpkg --add-architecture arm64` once, then
 # `apt-get download`, cached in build/aarch64/debs/): the arm64 kernel and its
 # modules, busybox-static, nft and wg with their shared libraries, and, as mihomo, the
-# mihomo double (tests/doubles/fake_mihomo.py, with Debian's arm64 python3.11 and
+# mihomo double (tests/support/doubles/fake_mihomo.py, with Debian's arm64 python3.11 and
 # python3-yaml): the real mihomo here is amd64 only. meduza is
 # `cargo build --profile qemu --target aarch64-unknown-linux-musl` (.cargo/config.toml
 # links it with gcc-aarch64-linux-gnu). Output in tests/qemu/build/aarch64/.
@@ -169,7 +169,7 @@ if [ "$ARCH" = x86_64 ]; then
 	[ -n "${MEDUZA_TEST_MIHOMO:-}" ] || [ "$MIHOMO_REPORTS" = "$MIHOMO_VERSION" ] ||
 		die "$MIHOMO reports $MIHOMO_REPORTS, want $MIHOMO_VERSION (rerun scripts/install-deps)"
 else
-	MIHOMO="$REPO/tests/doubles/fake_mihomo.py"
+	MIHOMO="$REPO/tests/support/doubles/fake_mihomo.py"
 	MIHOMO_REPORTS="$(python3 "$MIHOMO" -v | sed -n '1s/^Mihomo Meta \(v[^ ]*\) .*/\1/p')"
 	[ -n "$MIHOMO_REPORTS" ] || die "the mihomo double's -v does not print 'Mihomo Meta v<version> ...'"
 fi
@@ -284,7 +284,7 @@ if [ "$ARCH" = x86_64 ]; then
 	install -D -m 0644 "$MIHOMO_MMDB" "$ROOTFS/etc/mihomo/Country.mmdb"
 else
 	install -D -m 0644 "$MIHOMO" "$ROOTFS/usr/lib/meduza-test/fake_mihomo.py"
-	printf '#!/bin/sh\n# The mihomo double (tests/doubles/fake_mihomo.py): no arm64 mihomo here.\nexport FAKE_MIHOMO_FETCH_PROVIDERS=1\nexec /usr/bin/python3.11 /usr/lib/meduza-test/fake_mihomo.py "$@"\n' \
+	printf '#!/bin/sh\n# The mihomo double (tests/support/doubles/fake_mihomo.py): no arm64 mihomo here.\nexport FAKE_MIHOMO_FETCH_PROVIDERS=1\nexec /usr/bin/python3.11 /usr/lib/meduza-test/fake_mihomo.py "$@"\n' \
 		> "$ROOTFS/usr/bin/mihomo"
 	chmod 0755 "$ROOTFS/usr/bin/mihomo"
 fi

@@ -40,7 +40,7 @@
 //!   tunnels and the overlay, and a first connection attempt that fails (the
 //!   `update_source` address not yet on its interface: "Socket Error") otherwise
 //!   leaves the session down for FRR's traditional ConnectRetry of 120 s
-//!   (tests/frr_policy.rs met it; docs/routing.md).
+//!   (tests/gateway/frr_policy.rs met it; docs/routing.md).
 
 use super::{header_hash, MODE_PUBLIC};
 use crate::model::{mesh_addr, mesh_dev, Config, EbgpNeighbor, FrrRouting, Node, PrefixRule};
