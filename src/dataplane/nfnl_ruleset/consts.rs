@@ -71,15 +71,14 @@ pub(super) const TYPE_FIB_ADDR: u32 = 38;
 pub(super) const TYPE_IFNAME: u32 = 41;
 pub(super) const IFNAMSIZ: usize = 16;
 
-/// libnftnl's set user data (`NFTNL_UDATA_SET_*`): TLVs of one-byte type and
-/// one-byte length, integers in host byte order. Only the key byte order is sent:
-/// `nft list` needs it to print host-order keys (interface names, `fib` address
-/// types); see docs/dataplane.md "User data".
+/// libnftnl's user data: TLVs of one-byte type and one-byte length, integers in
+/// host byte order. We send only what `nft list` needs to print the table as nft
+/// would: the key byte order of the interface-name set (`NFTNL_UDATA_SET_KEYBYTEORDER`)
+/// and each rule's comment (`NFTNL_UDATA_RULE_COMMENT`); docs/dataplane.md "User data".
 pub(super) const UDATA_SET_KEYBYTEORDER: u8 = 0;
 pub(super) const UDATA_RULE_COMMENT: u8 = 0;
 /// nft's `enum byteorder`.
 pub(super) const BYTEORDER_HOST_ENDIAN: u32 = 1;
-pub(super) const BYTEORDER_BIG_ENDIAN: u32 = 2;
 
 // Expression attributes.
 pub(super) const NFTA_CMP_SREG: u16 = 1;

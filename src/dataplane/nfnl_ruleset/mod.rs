@@ -328,11 +328,11 @@ impl Encoder {
     }
 
     fn named_set(&mut self, set: &NamedSet) -> Result<(), EncodeError> {
-        let (key_type, key_len, byteorder) = match set.kind {
-            SetKind::Ipv4Addr => (TYPE_IPADDR, 4, BYTEORDER_BIG_ENDIAN),
-            SetKind::Ipv6Addr => (TYPE_IP6ADDR, 16, BYTEORDER_BIG_ENDIAN),
-            SetKind::Ifname => (TYPE_IFNAME, IFNAMSIZ as u32, BYTEORDER_HOST_ENDIAN),
-            SetKind::InetService => (TYPE_INET_SERVICE, 2, BYTEORDER_BIG_ENDIAN),
+        let (key_type, key_len) = match set.kind {
+            SetKind::Ipv4Addr => (TYPE_IPADDR, 4),
+            SetKind::Ipv6Addr => (TYPE_IP6ADDR, 16),
+            SetKind::Ifname => (TYPE_IFNAME, IFNAMSIZ as u32),
+            SetKind::InetService => (TYPE_INET_SERVICE, 2),
         };
         let elems = named_set_elems(set)?;
         let id = self.set_id();
@@ -354,10 +354,16 @@ impl Encoder {
         self.w.put_be32(NFTA_SET_KEY_TYPE, key_type);
         self.w.put_be32(NFTA_SET_KEY_LEN, key_len);
         self.w.put_be32(NFTA_SET_ID, id);
-        self.w.put(
-            NFTA_SET_USERDATA,
-            &udata_u32(UDATA_SET_KEYBYTEORDER, byteorder),
-        );
+        // Without the host byte order `nft list` prints an interface name key
+        // byte-swapped (`""` for "mesh0"); big-endian keys and anonymous sets list
+        // the same without user data (tests/dataplane_nfnl.rs; docs/dataplane.md
+        // "User data").
+        if set.kind == SetKind::Ifname {
+            self.w.put(
+                NFTA_SET_USERDATA,
+                &udata_u32(UDATA_SET_KEYBYTEORDER, BYTEORDER_HOST_ENDIAN),
+            );
+        }
         self.w.finish_message();
         self.elements(
             &SetRef { name: set.name, id },
@@ -386,11 +392,6 @@ impl Encoder {
         let desc = self.w.nest(NFTA_SET_DESC);
         self.w.put_be32(NFTA_SET_DESC_SIZE, elems.len() as u32);
         self.w.end_nest(desc);
-        // Keys of anonymous sets are host-order integers (or single bytes).
-        self.w.put(
-            NFTA_SET_USERDATA,
-            &udata_u32(UDATA_SET_KEYBYTEORDER, BYTEORDER_HOST_ENDIAN),
-        );
         self.w.finish_message();
         let set = SetRef {
             name: ANON_SET_NAME,

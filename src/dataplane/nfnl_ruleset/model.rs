@@ -211,7 +211,7 @@ pub fn apply(table: &mut Option<TableModel>, msgs: &[NftMessage]) -> Result<(), 
                     if name != ANON_SET_NAME
                         || *flags != NFT_SET_ANONYMOUS | NFT_SET_CONSTANT
                         || size.is_none()
-                        || *key_byteorder != Some(BYTEORDER_HOST_ENDIAN)
+                        || key_byteorder.is_some()
                     {
                         return Err(err(format!("{what}: anonymous set not as nft sends it")));
                     }
@@ -293,20 +293,22 @@ pub fn apply(table: &mut Option<TableModel>, msgs: &[NftMessage]) -> Result<(), 
     Ok(())
 }
 
+/// The kind of a named set as we create it (key type and length, flags, and the
+/// key byte order user data only for interface names).
 fn set_kind(key_type: u32, key_len: u32, flags: u32, order: Option<u32>) -> Option<SetKind> {
-    let want = |kind, len, f, o| ((key_len, flags, order) == (len, f, Some(o))).then_some(kind);
-    match key_type {
-        TYPE_IPADDR => want(SetKind::Ipv4Addr, 4, NFT_SET_INTERVAL, BYTEORDER_BIG_ENDIAN),
-        TYPE_IP6ADDR => want(
-            SetKind::Ipv6Addr,
-            16,
-            NFT_SET_INTERVAL,
-            BYTEORDER_BIG_ENDIAN,
+    let (kind, len, f, o) = match key_type {
+        TYPE_IPADDR => (SetKind::Ipv4Addr, 4, NFT_SET_INTERVAL, None),
+        TYPE_IP6ADDR => (SetKind::Ipv6Addr, 16, NFT_SET_INTERVAL, None),
+        TYPE_IFNAME => (
+            SetKind::Ifname,
+            IFNAMSIZ as u32,
+            0,
+            Some(BYTEORDER_HOST_ENDIAN),
         ),
-        TYPE_IFNAME => want(SetKind::Ifname, IFNAMSIZ as u32, 0, BYTEORDER_HOST_ENDIAN),
-        TYPE_INET_SERVICE => want(SetKind::InetService, 2, 0, BYTEORDER_BIG_ENDIAN),
-        _ => None,
-    }
+        TYPE_INET_SERVICE => (SetKind::InetService, 2, 0, None),
+        _ => return None,
+    };
+    ((key_len, flags, order) == (len, f, o)).then_some(kind)
 }
 
 fn addr_of(key: &[u8], family: Family) -> Option<u128> {

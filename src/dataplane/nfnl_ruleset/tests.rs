@@ -177,7 +177,6 @@ fn named_sets_carry_type_flags_id_and_key_byte_order() {
             be(NFTA_SET_KEY_TYPE, TYPE_IPADDR),
             be(NFTA_SET_KEY_LEN, 4),
             be(NFTA_SET_ID, 1),
-            v(NFTA_SET_USERDATA, &udata(2)),
         ]
     );
     let ifaces = &set_msg(&msgs, "exclude_ifaces").attrs;
@@ -186,6 +185,9 @@ fn named_sets_carry_type_flags_id_and_key_byte_order() {
     assert!(ifaces.contains(&be(NFTA_SET_KEY_LEN, 16)));
     assert!(ifaces.contains(&v(NFTA_SET_USERDATA, &udata(1))));
     let ports = &set_msg(&msgs, "exclude_ports").attrs;
+    assert!(!ports
+        .iter()
+        .any(|a| matches!(a, A::V(NFTA_SET_USERDATA, _))));
     assert!(ports.contains(&be(NFTA_SET_KEY_TYPE, TYPE_INET_SERVICE)));
     assert!(ports.contains(&be(NFTA_SET_KEY_LEN, 2)));
     assert!(ports.contains(&be(NFTA_SET_ID, 8)));
@@ -538,4 +540,134 @@ fn impossible_elements_are_errors_naming_the_set() {
         ),
         "{err}"
     );
+}
+
+/// Plans covering every match and action: the test plan; DNS hijack with bypass
+/// blocking; fake-IP mode while down; prefixes at both ends of the address spaces,
+/// adjacent ones, the largest port and mark.
+fn plans() -> Vec<TproxyPlan> {
+    let mut hijack = plan();
+    hijack.dns_hijack_port = Some(5353);
+    hijack.block_quic = true;
+    hijack.block_dot = true;
+    hijack.block_doh = vec![
+        "1.1.1.1".parse().unwrap(),
+        "2606:4700::1111".parse().unwrap(),
+    ];
+    let mut down = hijack.clone();
+    down.fake_ip = vec![
+        "198.18.0.1/16".parse().unwrap(),
+        "fc00::/18".parse().unwrap(),
+    ];
+    down.proxy_down = true;
+    let mut edge = plan();
+    edge.proxy_src = [
+        "0.0.0.0/8",
+        "10.0.1.0/24",
+        "10.0.2.0/24",
+        "255.255.255.0/24",
+        "::/0",
+    ]
+    .iter()
+    .map(|c| c.parse().unwrap())
+    .collect();
+    edge.bypass_dst = ["0.0.0.0/0", "fd00::/8", "ffff::/16"]
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    edge.exclude_ifaces = vec!["mesh0".into(), "wg-abcdefghijkl".into()];
+    edge.exclude_ports = vec![1, 5555, 65535];
+    edge.port = 65535;
+    edge.mark = u32::MAX;
+    vec![plan(), hijack, down, edge]
+}
+
+fn applied(table: Option<TableModel>, b: &Batch) -> Result<Option<TableModel>, DecodeError> {
+    let mut table = table;
+    model::apply(&mut table, &decode_batch(&b.bytes)?)?;
+    Ok(table)
+}
+
+#[test]
+fn decoded_create_and_replace_batches_hold_exactly_the_ruleset() {
+    for p in plans() {
+        let rs = build(&p);
+        let want = Some(TableModel::of(&rs));
+        let created = applied(None, &create(&rs).unwrap()).unwrap();
+        assert_eq!(created, want, "{p:?}");
+        // Replace over another table, and over the same one, gives the same.
+        let other = applied(None, &create(&build(&plan())).unwrap()).unwrap();
+        assert_eq!(applied(other, &replace(&rs).unwrap()).unwrap(), want);
+        assert_eq!(applied(want.clone(), &replace(&rs).unwrap()).unwrap(), want);
+        assert_eq!(applied(want.clone(), &delete().unwrap()).unwrap(), None);
+        assert_eq!(applied(None, &delete().unwrap()).unwrap(), None);
+    }
+}
+
+#[test]
+fn ten_thousand_prefixes_decode_back_across_element_messages() {
+    let mut p = plan();
+    p.proxy_src = (0..10_000u32)
+        .map(|i| IpNet::new(Ipv4Addr::from(0x0a00_0000 + (i << 9)).into(), 24).unwrap())
+        .collect();
+    let rs = build(&p);
+    let table = applied(None, &create(&rs).unwrap()).unwrap().unwrap();
+    assert_eq!(table, TableModel::of(&rs));
+    assert_eq!(table.sets[0].elements.len(), 10_000);
+}
+
+#[test]
+fn replace_and_delete_batches_name_only_our_table() {
+    let rs = build(&plan());
+    let msgs = decode_batch(&replace(&rs).unwrap().bytes).unwrap();
+    assert_eq!(
+        msgs[..2],
+        [
+            NftMessage::NewTable {
+                name: "meduza".into(),
+                flags: 0
+            },
+            NftMessage::DelTable {
+                name: "meduza".into()
+            }
+        ]
+    );
+    assert!(msgs.iter().all(|m| m.table() == "meduza"));
+    let created = decode_batch(&create(&rs).unwrap().bytes).unwrap();
+    assert_eq!(created, msgs[2..]);
+    assert_eq!(decode_batch(&delete().unwrap().bytes).unwrap(), msgs[..2]);
+}
+
+#[test]
+fn the_decoder_refuses_a_damaged_batch() {
+    let bytes = create(&build(&plan())).unwrap().bytes;
+    // Truncated: the last message (BATCH_END) is cut.
+    assert!(decode_batch(&bytes[..bytes.len() - 4]).is_err());
+    // No BATCH_END at all.
+    assert!(decode_batch(&bytes[..bytes.len() - 20]).is_err());
+    // A message's family changed from inet (1) to ip (2).
+    let mut other_family = bytes.clone();
+    other_family[20 + 16] = 2;
+    assert!(decode_batch(&other_family).is_err());
+    // An attribute length one past the message.
+    let mut bad_attr = bytes.clone();
+    bad_attr[40] = 200;
+    assert!(decode_batch(&bad_attr).is_err());
+}
+
+#[test]
+fn the_model_refuses_what_the_kernel_refuses() {
+    let rs = build(&plan());
+    let create_msgs = decode_batch(&create(&rs).unwrap().bytes).unwrap();
+    // Creating the table's objects again: a set that exists with another type.
+    let mut table = applied(None, &create(&rs).unwrap()).unwrap();
+    if let Some(t) = table.as_mut() {
+        t.sets[0].kind = SetKind::Ipv6Addr;
+        t.sets[0].elements.clear();
+    }
+    let err = model::apply(&mut table.clone(), &create_msgs).unwrap_err();
+    assert!(err.0.contains("EEXIST"), "{err}");
+    // Elements, chains or rules without their table.
+    let err = model::apply(&mut None, &create_msgs[1..]).unwrap_err();
+    assert!(err.0.contains("ENOENT"), "{err}");
 }
