@@ -151,8 +151,9 @@ fn addr_key(addr: u128, family: Family) -> Vec<u8> {
 /// `set_to_intervals`): a closing element at 0 when the first interval does not
 /// start there, then per interval its start and its end + 1 flagged
 /// `NFT_SET_ELEM_INTERVAL_END`; an interval reaching the top of the space has no end.
-/// (nft also marks that start with `NFTNL_SET_ELEM_F_INTERVAL_OPEN` user data, which
-/// neither the kernel nor `nft list` reads back: not sent.)
+/// (nft also marks that start with `NFTNL_SET_ELEM_F_INTERVAL_OPEN` user data; the
+/// kernel never reads it and `nft list` prints the table the same without it: not
+/// sent, docs/dataplane.md "User data".)
 fn interval_elems(family: Family, nets: &[IpNet]) -> Vec<Elem> {
     let max: u128 = match family {
         Family::V4 => u128::from(u32::MAX),
