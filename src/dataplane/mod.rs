@@ -482,6 +482,26 @@ mod tests {
         assert_eq!(dp.nft().state().generation, generation);
         assert_eq!(dp.nft().state().applies, 1);
         assert_eq!(dp.routing().state().items.len(), 4);
+        // What the kernel would hold, decoded from the netlink bytes, is the ruleset.
+        let rs = ruleset::build(&plan());
+        assert_eq!(
+            dp.nft().state().table,
+            Some(nfnl_ruleset::TableModel::of(&rs))
+        );
+        let sent = dp.nft().state().last_batch;
+        assert_eq!(
+            sent.first(),
+            Some(&nfnl_ruleset::NftMessage::NewTable {
+                name: ruleset::TABLE.into(),
+                flags: 0
+            })
+        );
+        assert_eq!(
+            sent.iter()
+                .filter(|m| matches!(m, nfnl_ruleset::NftMessage::NewRule { .. }))
+                .count(),
+            rs.rules.len()
+        );
     }
 
     #[tokio::test]
@@ -494,6 +514,18 @@ mod tests {
         assert_eq!(r.nft, NftChange::Replaced);
         assert!(r.routing.is_empty());
         assert_eq!(dp.nft().state().applies, 2);
+        // One batch: add table, delete table, then the whole new table.
+        assert!(matches!(
+            dp.nft().state().last_batch[..2],
+            [
+                nfnl_ruleset::NftMessage::NewTable { .. },
+                nfnl_ruleset::NftMessage::DelTable { .. }
+            ]
+        ));
+        assert_eq!(
+            dp.nft().state().table,
+            Some(nfnl_ruleset::TableModel::of(&ruleset::build(&p2)))
+        );
         assert_eq!(dp.apply(&p2).await.unwrap().nft, NftChange::Unchanged);
     }
 

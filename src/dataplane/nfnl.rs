@@ -2,22 +2,34 @@
 //! ruleset generation (`NFT_MSG_GETGEN`), the "does table `inet <name>` exist?" probe
 //! (`NFT_MSG_GETTABLE`) and the sending of one batch as one kernel transaction.
 //!
-//! Owns: the netlink framing (headers, attributes, the `NFNL_MSG_BATCH_BEGIN … END`
-//! envelope) and the reading of acknowledgements. Must not: decide what a batch
-//! contains (that is `nfnl_ruleset`), or run `nft`.
+//! Owns: the nfnetlink envelope (`struct nfgenmsg`, the `NFNL_MSG_BATCH_BEGIN … END`
+//! batch, sequence numbers and the names of acknowledged messages), the writing of
+//! messages and attributes into one buffer, and the reading of acknowledgements.
+//! Must not: decide what a batch contains (that is `nfnl_ruleset`), or run `nft`.
 //!
-//! Hand-written because neither `nftables` (a wrapper around the `nft` binary) nor
-//! `netlink-packet-*` has nf_tables message types, and the pure-Rust nf_tables crates
-//! do not write the set and rule user data `nft list` reads back (key byte order,
-//! `typeof`, comments), so a table they create would list differently from the one
-//! `nft -f` creates. Constants from `include/uapi/linux/netfilter/nf_tables.h`,
-//! `nfnetlink.h` and `netlink.h`.
+//! The netlink framing itself — `nlmsghdr`, attribute TLVs, nesting flags, 4-byte
+//! alignment, `NLMSG_ERROR` — is `netlink-packet-core`'s (`NetlinkHeader`,
+//! `NetlinkBuffer`, `NlaBuffer`, `NlasIterator`, `ErrorBuffer`), the crate rtnetlink
+//! already brings. What is ours: the nfnetlink and nf_tables numbers (no crate has
+//! nf_tables message types: `nftables` wraps the `nft` binary, and the pure-Rust
+//! nf_tables crates do not write the rule comments and set key byte order `nft list`
+//! reads back) and a streaming writer, so 10,000 prefixes are written in place
+//! without building a tree of attribute values first. Constants from
+//! `include/uapi/linux/netfilter/nf_tables.h`, `nfnetlink.h` and `netlink.h`.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
 
+use netlink_packet_core::{
+    Emitable, ErrorBuffer, NetlinkBuffer, NetlinkHeader, NlaBuffer, NlasIterator, NLA_ALIGNTO,
+    NLA_F_NET_BYTEORDER, NLA_HEADER_SIZE, NLMSG_DONE, NLMSG_ERROR,
+};
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+
+pub use netlink_packet_core::{
+    NLA_F_NESTED, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
+};
 
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub const NFNL_MSG_BATCH_BEGIN: u16 = 16;
@@ -36,20 +48,11 @@ pub const NFT_MSG_GETGEN: u16 = 16;
 pub const NFPROTO_UNSPEC: u8 = 0;
 pub const NFPROTO_INET: u8 = 1;
 
-pub const NLM_F_REQUEST: u16 = 0x1;
-pub const NLM_F_ACK: u16 = 0x4;
-pub const NLM_F_CREATE: u16 = 0x400;
-pub const NLM_F_APPEND: u16 = 0x800;
-/// In a reply: extended-ack attributes follow the error.
-const NLM_F_ACK_TLVS: u16 = 0x200;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 /// `NLMSGERR_ATTR_MSG` and `NLMSGERR_ATTR_OFFS` of an extended ack.
 const NLMSGERR_ATTR_MSG: u16 = 1;
 const NLMSGERR_ATTR_OFFS: u16 = 2;
-
-pub const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
+/// `sizeof(struct nlmsghdr)`.
+const NLMSG_HDRLEN: usize = 16;
 
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_GEN_ID: u16 = 1;
@@ -156,11 +159,13 @@ impl Writer {
 
     fn header(&mut self, msg_type: u16, flags: u16, family: u8, res_id: u16) {
         self.msg_start = self.buf.len();
-        self.buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set at the end
-        self.buf.extend_from_slice(&msg_type.to_ne_bytes());
-        self.buf.extend_from_slice(&flags.to_ne_bytes());
-        self.buf.extend_from_slice(&self.seq.to_ne_bytes());
-        self.buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+        let mut header = NetlinkHeader::default();
+        header.message_type = msg_type;
+        header.flags = flags;
+        header.sequence_number = self.seq;
+        // Length set by `finish_message`; port id 0: the kernel's.
+        self.buf.resize(self.msg_start + header.buffer_len(), 0);
+        header.emit(&mut self.buf[self.msg_start..]);
         self.seq = self.seq.wrapping_add(1);
         // struct nfgenmsg { nfgen_family, version = NFNETLINK_V0, res_id (be16) }
         self.buf.push(family);
@@ -184,8 +189,8 @@ impl Writer {
     /// Close the current message (set its length).
     pub fn finish_message(&mut self) {
         let len = self.buf.len() - self.msg_start;
-        let len32 = u32::try_from(len).unwrap_or(u32::MAX);
-        self.buf[self.msg_start..self.msg_start + 4].copy_from_slice(&len32.to_ne_bytes());
+        NetlinkBuffer::new(&mut self.buf[self.msg_start..])
+            .set_length(u32::try_from(len).unwrap_or(u32::MAX));
     }
 
     /// Close the batch.
@@ -207,22 +212,19 @@ impl Writer {
         })
     }
 
-    fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
-            self.buf.push(0);
-        }
-    }
-
-    /// One attribute with raw `data`.
+    /// One attribute with raw `data`, zero-padded to the netlink alignment.
     pub fn put(&mut self, kind: u16, data: &[u8]) {
-        let len = 4 + data.len();
+        let len = NLA_HEADER_SIZE + data.len();
         if len > NLA_MAX_LEN {
             self.note_too_long(len);
         }
-        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.buf.extend_from_slice(&kind.to_ne_bytes());
-        self.buf.extend_from_slice(data);
-        self.pad();
+        let at = self.buf.len();
+        self.buf.resize(at + nla_align(len), 0);
+        let mut nla = NlaBuffer::new(&mut self.buf[at..at + len]);
+        nla.set_kind(kind);
+        // An oversized length wraps here; `into_batch` refuses the batch.
+        nla.set_length(len as u16);
+        self.buf[at + NLA_HEADER_SIZE..at + len].copy_from_slice(data);
     }
 
     /// A NUL-terminated string attribute (`NLA_STRING`/`NLA_NUL_STRING`).
@@ -238,12 +240,18 @@ impl Writer {
         self.put(kind, &value.to_be_bytes());
     }
 
-    /// Open a nested attribute; close it with [`end_nest`](Self::end_nest).
+    /// Open a nested attribute; close it with [`end_nest`](Self::end_nest). Bit 14
+    /// of `kind` is kept (as `NLA_F_NET_BYTEORDER`): the elements of a set list are
+    /// numbered past 16,383 as libnftnl numbers them.
     pub fn nest(&mut self, kind: u16) -> usize {
         let at = self.buf.len();
-        self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf
-            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        self.buf.resize(at + NLA_HEADER_SIZE, 0);
+        let mut nla = NlaBuffer::new(&mut self.buf[at..]);
+        nla.set_kind(kind);
+        if kind & NLA_F_NET_BYTEORDER != 0 {
+            nla.set_network_byte_order_flag();
+        }
+        nla.set_nested_flag();
         at
     }
 
@@ -252,7 +260,8 @@ impl Writer {
         if len > NLA_MAX_LEN {
             self.note_too_long(len);
         }
-        self.buf[at..at + 2].copy_from_slice(&(len as u16).to_ne_bytes());
+        // Everything inside is aligned, so the nest is too.
+        NlaBuffer::new(&mut self.buf[at..]).set_length(len as u16);
     }
 
     /// Bytes written since `at` (the length a nest opened there has so far).
@@ -271,20 +280,14 @@ impl Writer {
     }
 }
 
-fn read4(buf: &[u8], off: usize) -> [u8; 4] {
-    let mut b = [0u8; 4];
-    if let Some(s) = buf.get(off..off + 4) {
-        b.copy_from_slice(s);
-    }
-    b
+/// `NLA_ALIGN`: attributes (and messages) start on 4-byte boundaries.
+fn nla_align(len: usize) -> usize {
+    (len + NLA_ALIGNTO - 1) & !(NLA_ALIGNTO - 1)
 }
 
-fn read2(buf: &[u8], off: usize) -> [u8; 2] {
-    let mut b = [0u8; 2];
-    if let Some(s) = buf.get(off..off + 2) {
-        b.copy_from_slice(s);
-    }
-    b
+/// The value of an attribute (its length field, not the padding, bounds it).
+fn nla_value<'a>(nla: &NlaBuffer<&'a [u8]>) -> &'a [u8] {
+    &nla.into_inner()[NLA_HEADER_SIZE..usize::from(nla.length())]
 }
 
 /// One message of a reply datagram.
@@ -298,51 +301,51 @@ struct Reply {
 fn parse_replies(buf: &[u8]) -> Result<Vec<Reply>, NfnlError> {
     let mut out = Vec::new();
     let mut off = 0;
-    while off + 16 <= buf.len() {
-        let len = u32::from_ne_bytes(read4(buf, off)) as usize;
-        if len < 16 || off + len > buf.len() {
-            return Err(NfnlError::BadReply {
-                reason: "short netlink message",
-            });
-        }
+    while off + NLMSG_HDRLEN <= buf.len() {
+        let msg = NetlinkBuffer::new_checked(&buf[off..]).map_err(|_| NfnlError::BadReply {
+            reason: "short netlink message",
+        })?;
         out.push(Reply {
-            msg_type: u16::from_ne_bytes(read2(buf, off + 4)),
-            flags: u16::from_ne_bytes(read2(buf, off + 6)),
-            seq: u32::from_ne_bytes(read4(buf, off + 8)),
-            body: buf[off + 16..off + len].to_vec(),
+            msg_type: msg.message_type(),
+            flags: msg.flags(),
+            seq: msg.sequence_number(),
+            body: msg.payload().to_vec(),
         });
-        off += (len + 3) & !3;
+        off += nla_align(msg.length() as usize);
     }
     Ok(out)
+}
+
+/// The error code of an `NLMSG_ERROR` body (0: an acknowledgement).
+fn error_code(body: &[u8]) -> Result<i32, NfnlError> {
+    ErrorBuffer::new_checked(body)
+        .map(|e| e.code().map_or(0, i32::from))
+        .map_err(|_| NfnlError::BadReply {
+            reason: "short NLMSG_ERROR",
+        })
 }
 
 /// An `NLMSG_ERROR` body: the error code (0 = ack) and the extended-ack text and
 /// attribute offset when present. The socket has `NETLINK_CAP_ACK` set, so only the
 /// header of the original message is echoed.
 fn parse_error(r: &Reply) -> (i32, Option<String>, Option<u32>) {
-    let code = i32::from_ne_bytes(read4(&r.body, 0));
+    let code = error_code(&r.body).unwrap_or(-libc::EBADMSG);
     let (mut message, mut offset) = (None, None);
     if r.flags & NLM_F_ACK_TLVS != 0 {
         // struct nlmsgerr { int error; struct nlmsghdr msg; } then attributes.
-        let mut off = 4 + 16;
-        while off + 4 <= r.body.len() {
-            let alen = u16::from_ne_bytes(read2(&r.body, off)) as usize;
-            let akind = u16::from_ne_bytes(read2(&r.body, off + 2)) & NLA_TYPE_MASK;
-            if alen < 4 || off + alen > r.body.len() {
-                break;
-            }
-            let data = &r.body[off + 4..off + alen];
-            match akind {
+        let tlvs = r.body.get(4 + NLMSG_HDRLEN..).unwrap_or_default();
+        for nla in NlasIterator::new(tlvs).map_while(Result::ok) {
+            let data = nla_value(&nla);
+            match nla.kind() {
                 NLMSGERR_ATTR_MSG => {
                     let text = data.split(|b| *b == 0).next().unwrap_or_default();
                     message = Some(String::from_utf8_lossy(text).into_owned());
                 }
-                NLMSGERR_ATTR_OFFS if data.len() >= 4 => {
-                    offset = Some(u32::from_ne_bytes(read4(data, 0)));
+                NLMSGERR_ATTR_OFFS => {
+                    offset = <[u8; 4]>::try_from(data).ok().map(u32::from_ne_bytes);
                 }
                 _ => {}
             }
-            off += (alen + 3) & !3;
         }
     }
     (code, message, offset)
@@ -515,7 +518,8 @@ fn request(msg: &[u8]) -> io::Result<Vec<(u16, Vec<u8>)>> {
         let mut done = false;
         for r in replies {
             if r.msg_type == NLMSG_ERROR {
-                let code = i32::from_ne_bytes(read4(&r.body, 0));
+                let code = error_code(&r.body)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 if code != 0 {
                     return Err(io::Error::from_raw_os_error(-code));
                 }
@@ -561,18 +565,12 @@ pub fn generation() -> io::Result<u32> {
             continue;
         }
         // nfgenmsg, then attributes.
-        let mut off = 4;
-        while off + 4 <= body.len() {
-            let alen = u16::from_ne_bytes(read2(&body, off)) as usize;
-            let akind = u16::from_ne_bytes(read2(&body, off + 2)) & NLA_TYPE_MASK;
-            if alen < 4 {
-                break;
-            }
-            if akind == NFTA_GEN_ID && alen >= 8 {
+        let attrs = body.get(4..).unwrap_or_default();
+        for nla in NlasIterator::new(attrs).map_while(Result::ok) {
+            if let (NFTA_GEN_ID, Ok(id)) = (nla.kind(), <[u8; 4]>::try_from(nla_value(&nla))) {
                 // NLA_U32 in network byte order (nla_put_be32).
-                return Ok(u32::from_be_bytes(read4(&body, off + 4)));
+                return Ok(u32::from_be_bytes(id));
             }
-            off += (alen + 3) & !3;
         }
     }
     Err(io::Error::new(
@@ -601,10 +599,10 @@ mod tests {
     use super::*;
 
     fn u16_at(b: &[u8], off: usize) -> u16 {
-        u16::from_ne_bytes(read2(b, off))
+        u16::from_ne_bytes(b[off..off + 2].try_into().unwrap())
     }
     fn u32_at(b: &[u8], off: usize) -> u32 {
-        u32::from_ne_bytes(read4(b, off))
+        u32::from_ne_bytes(b[off..off + 4].try_into().unwrap())
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! the `nft` binary; every change as one nfnetlink batch encoded by
 //! [`nfnl_ruleset`](super::nfnl_ruleset), so no `nft` process and no parser is in the
 //! apply path) and the in-memory [`FakeNft`] that models a kernel table so repeated
-//! passes can be checked to converge. Must not: decide what to install (that is
-//! `ruleset`), or name any table but `inet meduza`.
+//! passes can be checked to converge. The fake receives the very batch bytes
+//! `NetlinkNft` would send and decodes them ([`nfnl_ruleset::decode`]), so the unit
+//! tests check the encoding the kernel gets. Must not: decide what to install (that
+//! is `ruleset`), or name any table but `inet meduza`.
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -17,12 +19,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::supervise::spawn::clean_command;
 use nftables::helper::NftablesError;
-use nftables::schema::Nftables;
 use serde_json::Value;
 
 use super::nfnl::{self, NfnlError};
-use super::nfnl_ruleset;
-use super::ruleset::{self, Ruleset, TABLE};
+use super::nfnl_ruleset::{self, model, NftMessage, TableModel};
+use super::ruleset::{Ruleset, TABLE};
 use super::DataplaneError;
 
 /// Environment variable naming the `nft` binary.
@@ -32,7 +33,7 @@ pub const ENV_BIN_NFT: &str = "MEDUZA_BIN_NFT";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transaction<'a> {
     /// Create the table, known to be absent (no delete: see
-    /// [`ruleset::create_batch`]).
+    /// [`nfnl_ruleset::create`]).
     Create(&'a Ruleset),
     /// Make the table exactly this: add, delete and re-create it in one transaction.
     Replace(&'a Ruleset),
@@ -41,16 +42,6 @@ pub enum Transaction<'a> {
 }
 
 impl Transaction<'_> {
-    /// The same transaction as an `nft -j` JSON batch (libnftables-json(5)): what the
-    /// fake models and the `off` mode logs.
-    pub fn json_batch(&self) -> Nftables<'static> {
-        match self {
-            Transaction::Create(rs) => ruleset::create_batch(rs),
-            Transaction::Replace(rs) => ruleset::replace_batch(rs),
-            Transaction::Delete => ruleset::delete_batch(),
-        }
-    }
-
     /// The same transaction as one nf_tables netlink batch.
     pub fn netlink_batch(&self) -> Result<nfnl::Batch, nfnl_ruleset::EncodeError> {
         match self {
@@ -74,7 +65,7 @@ pub trait Nft: Send + Sync + 'static {
 
 /// The real implementation: nf_tables netlink for transactions, the generation and a
 /// cheap "does the table exist?" probe; the `nft` binary only to list the table
-/// (its JSON is what [`ruleset::view_of_listing`] compares).
+/// (its JSON is what [`view_of_listing`](super::ruleset::view_of_listing) compares).
 #[derive(Debug, Clone)]
 pub struct NetlinkNft {
     program: OsString,
@@ -180,8 +171,10 @@ impl Nft for NetlinkNft {
 }
 
 /// A model of the kernel's view of table `inet meduza` (plus foreign tables, which a
-/// correct caller never touches). Applies batches atomically, lists the table in the
-/// shape `nft -j list` prints, and counts generations.
+/// correct caller never touches). Encodes each transaction to the netlink batch
+/// `NetlinkNft` would send, decodes those bytes and applies the messages atomically
+/// ([`model::apply`]); lists the table in the shape `nft -j list` prints, and counts
+/// generations.
 #[derive(Debug, Clone, Default)]
 pub struct FakeNft {
     inner: Arc<Mutex<FakeNftState>>,
@@ -190,8 +183,10 @@ pub struct FakeNft {
 
 #[derive(Debug, Clone, Default)]
 pub struct FakeNftState {
-    /// Our table's objects (sets, chains, rules) when it exists.
-    pub table: Option<Vec<Value>>,
+    /// Our table as the decoded batches left it, when it exists.
+    pub table: Option<TableModel>,
+    /// The messages of the last batch applied, decoded from its netlink bytes.
+    pub last_batch: Vec<NftMessage>,
     /// Names of other tables present; any batch command naming them is an error.
     pub foreign_tables: Vec<String>,
     pub generation: u32,
@@ -258,73 +253,35 @@ impl Nft for FakeNft {
     async fn list_table(&self) -> Result<Option<Value>, DataplaneError> {
         let mut st = self.lock();
         st.lists += 1;
-        let Some(objs) = &st.table else {
-            return Ok(None);
-        };
-        let mut out = vec![
-            serde_json::json!({"metainfo": {"version": "fake", "json_schema_version": 1}}),
-            serde_json::json!({"table": {"family": "inet", "name": TABLE, "handle": 1}}),
-        ];
-        for (i, o) in objs.iter().enumerate() {
-            let mut o = o.clone();
-            if let Some(Value::Object(inner)) =
-                o.as_object_mut().and_then(|m| m.values_mut().next())
-            {
-                inner.insert("handle".into(), Value::from(i + 2));
-            }
-            out.push(o);
-        }
-        Ok(Some(serde_json::json!({ "nftables": out })))
+        Ok(st.table.as_ref().map(TableModel::listing))
     }
 
     async fn apply(&self, tx: Transaction<'_>) -> Result<(), DataplaneError> {
-        let doc = serde_json::to_value(tx.json_batch()).map_err(|e| fake_err(e.to_string()))?;
+        let batch = tx.netlink_batch()?;
+        let msgs = nfnl_ruleset::decode_batch(&batch.bytes).map_err(|e| fake_err(e.to_string()))?;
         if self.log_batches {
-            tracing::info!(batch = %doc, "dataplane off: would apply nftables batch");
+            tracing::info!(
+                bytes = batch.bytes.len(),
+                messages = batch.messages.len(),
+                first = ?batch.messages.first().map(|m| &m.what),
+                "dataplane off: would apply nftables batch"
+            );
         }
         let mut st = self.lock();
-        // Work on a copy: a failing command aborts the whole batch, as in the kernel.
-        let mut table = st.table.clone();
-        let cmds = doc["nftables"]
-            .as_array()
-            .ok_or_else(|| fake_err("no nftables array"))?;
-        for cmd in cmds {
-            let (verb, obj) = cmd
-                .as_object()
-                .and_then(|m| m.iter().next())
-                .ok_or_else(|| fake_err("empty command"))?;
-            let (kind, inner) = obj
-                .as_object()
-                .and_then(|m| m.iter().next())
-                .ok_or_else(|| fake_err("empty object"))?;
-            let table_name = if kind == "table" {
-                inner["name"].as_str()
-            } else {
-                inner["table"].as_str()
-            }
-            .unwrap_or_default();
-            if table_name != TABLE || inner["family"] != "inet" {
-                return Err(fake_err(format!(
-                    "batch touches foreign table {table_name}"
-                )));
-            }
-            match (verb.as_str(), kind.as_str()) {
-                ("add", "table") => {
-                    table.get_or_insert_with(Vec::new);
-                }
-                ("delete", "table") => {
-                    if table.take().is_none() {
-                        return Err(fake_err("delete of absent table"));
-                    }
-                }
-                ("add", _) => match table.as_mut() {
-                    Some(objs) => objs.push(obj.clone()),
-                    None => return Err(fake_err(format!("add {kind} to absent table"))),
-                },
-                (verb, kind) => return Err(fake_err(format!("unsupported {verb} {kind}"))),
-            }
+        if let Some(foreign) = msgs
+            .iter()
+            .find(|m| st.foreign_tables.iter().any(|t| t == m.table()))
+        {
+            return Err(fake_err(format!(
+                "batch touches foreign table {}",
+                foreign.table()
+            )));
         }
+        // Work on a copy: a failing message aborts the whole batch, as in the kernel.
+        let mut table = st.table.clone();
+        model::apply(&mut table, &msgs).map_err(|e| fake_err(e.to_string()))?;
         st.table = table;
+        st.last_batch = msgs;
         st.generation += 1;
         st.applies += 1;
         Ok(())
