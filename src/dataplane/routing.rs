@@ -210,13 +210,13 @@ fn is_our_route(r: &RouteMessage, spec: RoutingSpec, lo: u32) -> bool {
 
 impl Routing for RtnlRouting {
     async fn present(&self, spec: RoutingSpec) -> Result<BTreeSet<RouteItem>, DataplaneError> {
-        // The four dumps share one rtnetlink connection; issue them together.
-        let (r4, r6, l4, l6) = tokio::try_join!(
-            self.rules(IpVersion::V4, spec),
-            self.rules(IpVersion::V6, spec),
-            self.routes(IpVersion::V4, spec),
-            self.routes(IpVersion::V6, spec),
-        )?;
+        // One dump at a time: the four share one rtnetlink socket, and the kernel
+        // refuses a dump on a socket whose previous dump is still running
+        // (`netlink_dump_start`: EBUSY), which a dump longer than one reply does.
+        let r4 = self.rules(IpVersion::V4, spec).await?;
+        let r6 = self.rules(IpVersion::V6, spec).await?;
+        let l4 = self.routes(IpVersion::V4, spec).await?;
+        let l6 = self.routes(IpVersion::V6, spec).await?;
         let found = [
             (RouteItem::RuleV4, r4.is_empty()),
             (RouteItem::RuleV6, r6.is_empty()),

@@ -17,9 +17,10 @@
 use meduza::supervise::spawn::CHILD_PATH;
 use meduza_test_support::etcd::TestEtcd;
 use meduza_test_support::ports::unique_free_port;
+use meduza_test_support::process;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 const NODE: &str = "envgw";
@@ -232,39 +233,20 @@ fn recorded(dir: &Path) -> Vec<(String, Vec<String>)> {
 
 fn start_meduza(etcd: &TestEtcd, dir: &Path) -> Meduza {
     let log = dir.join("meduza.log");
-    let out = std::fs::File::create(&log).expect("log file");
-    let err = out.try_clone().expect("log fd");
-    let child = Command::new(env!("CARGO_BIN_EXE_meduza"))
-        .arg("run")
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("NODE_ID", NODE)
-        .env("ETCD_ENDPOINTS", etcd.endpoint())
-        .env("ETCD_USER", USER)
+    let mut cmd = process::meduza_run(NODE, &etcd.endpoint(), dir, true);
+    cmd.env("ETCD_USER", USER)
         .env("ETCD_PASS", PASS)
         .env("MEDUZA_FLEET_TOKEN", FLEET_TOKEN)
         .env("MEDUZA_TEST_INHERITED", INHERITED)
-        .env("MEDUZA_ROOT", dir.join("root"))
-        .env("MEDUZA_STATE_DIR", dir.join("state"))
-        .env(
-            "MEDUZA_DNS_LISTEN",
-            format!("127.0.0.1:{}", unique_free_port()),
-        )
         .env(
             "MEDUZA_API_LISTEN",
             format!("127.0.0.1:{}", unique_free_port()),
         )
-        .env("MEDUZA_DATAPLANE", "off")
         .env("MEDUZA_LEASE_TTL", "5")
-        .env("MEDUZA_LOG", "info")
         .env("MEDUZA_FRR_DIR", dir.join("frr"))
         .env("MEDUZA_BIN_VTYSH", dir.join("bin/vtysh"))
-        .env("MEDUZA_BIN_FRR_RELOAD", dir.join("bin/frr-reload.py"))
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("spawn meduza run");
+        .env("MEDUZA_BIN_FRR_RELOAD", dir.join("bin/frr-reload.py"));
+    let child = process::spawn_logged(&mut cmd, &log);
     Meduza {
         child: Some(child),
         log,

@@ -13,6 +13,7 @@
 
 use meduza_test_support::etcd::TestEtcd;
 use meduza_test_support::ports::unique_free_port;
+use meduza_test_support::process;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -408,28 +409,12 @@ fn a_gateway_publishes_unknown_keys_as_warnings_and_still_applies() {
         out.contains("warning: /nodes/gw-b/lann: unknown key; did you mean /nodes/gw-b/lan?"),
         "{out}"
     );
-    let log = std::fs::File::create(dir.path().join("meduza.log")).expect("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_meduza"))
-        .arg("run")
-        .env("NODE_ID", "gw-b")
-        .env("ETCD_ENDPOINTS", etcd.endpoint())
-        .env("MEDUZA_ROOT", dir.path().join("root"))
-        .env("MEDUZA_STATE_DIR", dir.path().join("state"))
-        .env(
-            "MEDUZA_DNS_LISTEN",
-            format!("127.0.0.1:{}", unique_free_port()),
-        )
-        .env(
-            "MEDUZA_API_LISTEN",
-            format!("127.0.0.1:{}", unique_free_port()),
-        )
-        .env("MEDUZA_DATAPLANE", "off")
-        .env("MEDUZA_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log fd"))
-        .stderr(log)
-        .spawn()
-        .expect("spawn meduza run");
+    let mut cmd = process::meduza_run("gw-b", &etcd.endpoint(), dir.path(), false);
+    cmd.env(
+        "MEDUZA_API_LISTEN",
+        format!("127.0.0.1:{}", unique_free_port()),
+    );
+    let child = process::spawn_logged(&mut cmd, &dir.path().join("meduza.log"));
     let _gw = Gateway(child);
 
     let (rev, _) = commit_key(&etcd);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meduza::backoff::Jitter;
-use meduza::etcd::{spawn_watcher, EtcdKv, Kv, WatchEvent, WatcherConfig};
+use meduza::etcd::{spawn_watcher, EtcdKv, Kv, WatchEvent, Watcher, WatcherConfig};
 use meduza_test_support::etcd::{CutProxy, TestEtcd};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -109,8 +109,10 @@ async fn restart_mid_watch_replays_without_missing_events() {
     assert_eq!(commits(&mut rx, 1).await[0].1, "7");
 }
 
-#[tokio::test]
-async fn events_while_cut_off_are_replayed() {
+/// A watcher that reaches etcd through a proxy the test can cut, past its first
+/// commit ("1").
+async fn watching_through_a_proxy() -> (TestEtcd, CutProxy, Watcher, UnboundedReceiver<WatchEvent>)
+{
     let etcd = TestEtcd::start();
     let proxy = CutProxy::start(etcd.addr()).await;
     let kv: Arc<dyn Kv> = Arc::new(
@@ -119,9 +121,15 @@ async fn events_while_cut_off_are_replayed() {
             .unwrap(),
     );
     let start = kv.put("/commit", "0").await.unwrap();
-    let (_w, mut rx) = spawn_watcher(kv.clone(), config(), start);
+    let (w, mut rx) = spawn_watcher(kv, config(), start);
     etcd.put("/commit", "1");
     assert_eq!(commits(&mut rx, 1).await[0].1, "1");
+    (etcd, proxy, w, rx)
+}
+
+#[tokio::test]
+async fn events_while_cut_off_are_replayed() {
+    let (etcd, proxy, _w, mut rx) = watching_through_a_proxy().await;
 
     proxy.set_cut(true);
     // Made while the watcher is disconnected: etcd must replay them on resume.
@@ -146,17 +154,7 @@ async fn events_while_cut_off_are_replayed() {
 
 #[tokio::test]
 async fn compaction_while_disconnected_forces_resync() {
-    let etcd = TestEtcd::start();
-    let proxy = CutProxy::start(etcd.addr()).await;
-    let kv: Arc<dyn Kv> = Arc::new(
-        EtcdKv::connect(etcd.config_for(&proxy.endpoint("http")))
-            .await
-            .unwrap(),
-    );
-    let start = kv.put("/commit", "0").await.unwrap();
-    let (_w, mut rx) = spawn_watcher(kv.clone(), config(), start);
-    etcd.put("/commit", "1");
-    assert_eq!(commits(&mut rx, 1).await[0].1, "1");
+    let (etcd, proxy, _w, mut rx) = watching_through_a_proxy().await;
 
     proxy.set_cut(true);
     etcd.put("/commit", "2");

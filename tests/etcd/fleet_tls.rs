@@ -30,8 +30,9 @@ use meduza::fleet::status::{PullStatus, Route};
 use meduza::tls::{Fingerprint, ServerTrust};
 use meduza_test_support::etcd::{EtcdOptions, TestEtcd};
 use meduza_test_support::ports::unique_free_port;
+use meduza_test_support::process;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt as _;
@@ -64,32 +65,13 @@ impl Meduza {
 fn start_meduza(etcd: &TestEtcd, dir: &Path, api_port: u16) -> Meduza {
     let pki = etcd.tls_files().expect("a TLS etcd");
     let log = dir.join("meduza.log");
-    let out = std::fs::File::create(&log).expect("log file");
-    let err = out.try_clone().expect("log fd");
-    let child = Command::new(env!("CARGO_BIN_EXE_meduza"))
-        .arg("run")
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("NODE_ID", NODE)
-        .env("ETCD_ENDPOINTS", etcd.endpoint())
-        .env("ETCD_CA", &pki.ca)
+    let mut cmd = process::meduza_run(NODE, &etcd.endpoint(), dir, true);
+    cmd.env("ETCD_CA", &pki.ca)
         .env("ETCD_CERT", &pki.client_cert)
         .env("ETCD_KEY", &pki.client_key)
-        .env("MEDUZA_ROOT", dir.join("root"))
-        .env("MEDUZA_STATE_DIR", dir.join("state"))
-        .env(
-            "MEDUZA_DNS_LISTEN",
-            format!("127.0.0.1:{}", unique_free_port()),
-        )
         .env("MEDUZA_API_LISTEN", format!("127.0.0.1:{api_port}"))
-        .env("MEDUZA_DATAPLANE", "off")
-        .env("MEDUZA_LEASE_TTL", "5")
-        .env("MEDUZA_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("spawn meduza run");
+        .env("MEDUZA_LEASE_TTL", "5");
+    let child = process::spawn_logged(&mut cmd, &log);
     Meduza { child, log }
 }
 

@@ -17,7 +17,7 @@
 //!
 //! Needs root, etcd, dnsmasq, chromium and chromedriver; a missing one fails the test.
 
-use meduza_test_support::{gateway, mesh, pki, webdriver};
+use meduza_test_support::{gateway, mesh, pki, process, webdriver};
 
 use gateway::{commit, mod_revision, Gateway};
 use mesh::{ns_try, wait_for, Mesh, NsEtcd};
@@ -103,30 +103,14 @@ fn pki(dir: &Path) -> Pki {
 }
 
 fn serve(hub: &str, etcd: &str, hash: &Path, pki: &Pki, log: &Path) -> Proc {
-    let out = std::fs::File::create(log).expect("manager log");
-    let err = out.try_clone().expect("log fd");
-    let child = Command::new("ip")
-        .args(["netns", "exec", hub, env!("CARGO_BIN_EXE_meduza")])
-        .args(["--etcd-endpoints", etcd, "fleet", "serve"])
-        .arg("--listen")
-        .arg(format!("{}:{WEB_PORT}", Mesh::HUB_IP))
-        .args(["--pull-interval", "2", "--timeout", "3"])
+    let listen = format!("{}:{WEB_PORT}", Mesh::HUB_IP);
+    let page = (pki.page.0.as_path(), pki.page.1.as_path());
+    let mut cmd = process::fleet_serve(hub, etcd, &listen, page, &pki.ca, ADMIN_TOKEN);
+    cmd.args(["--pull-interval", "2"])
         .arg("--password-hash-file")
         .arg(hash)
-        .arg("--tls-cert")
-        .arg(&pki.page.0)
-        .arg("--tls-key")
-        .arg(&pki.page.1)
-        .arg("--node-ca")
-        .arg(&pki.ca.cert)
-        .env("MEDUZA_FLEET_TOKEN", ADMIN_TOKEN)
-        .env("MEDUZA_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("spawn meduza fleet serve");
-    Proc(child)
+        .env("MEDUZA_LOG", "info");
+    Proc(process::spawn_logged(&mut cmd, log))
 }
 
 /// Where the screenshots go (and, with UPDATE_SCREENSHOT=1, docs/).

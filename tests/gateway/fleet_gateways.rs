@@ -33,7 +33,7 @@
 //! Needs root, etcd, nft, curl, openssl and FRR's user (the gateway harness); a
 //! missing one fails the test.
 
-use meduza_test_support::{fleet_proxy, gateway, mesh, pki};
+use meduza_test_support::{fleet_proxy, gateway, mesh, pki, process};
 
 use fleet_proxy::NsProxy;
 use gateway::{commit, Gateway};
@@ -43,7 +43,7 @@ use meduza::tls::Fingerprint;
 use mesh::{ns_sh, ns_try, wait_for, Mesh, NsEtcd};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 const ADMIN: &str = "fleet-admin-7c41d09e5b2a";
@@ -130,26 +130,12 @@ struct FleetServe {
 
 impl FleetServe {
     fn start(hub: &str, etcd: &str, pki: &Pki, log: &Path) -> Self {
-        let out = std::fs::File::create(log).expect("manager log");
-        let err = out.try_clone().expect("manager log fd");
         let listen = SocketAddr::from((Mesh::HUB_IP, WEB_PORT)).to_string();
-        let child = Command::new("ip")
-            .args(["netns", "exec", hub, env!("CARGO_BIN_EXE_meduza")])
-            .args(["--etcd-endpoints", etcd, "fleet", "serve"])
-            .args(["--listen", &listen, "--timeout", "3", "--publish"])
-            .arg("--tls-cert")
-            .arg(&pki.page.0)
-            .arg("--tls-key")
-            .arg(&pki.page.1)
-            .arg("--node-ca")
-            .arg(&pki.ca.cert)
-            .env("MEDUZA_FLEET_TOKEN", ADMIN)
-            .env("MEDUZA_LOG", "info,meduza::fleet=debug")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn meduza fleet serve");
+        let page = (pki.page.0.as_path(), pki.page.1.as_path());
+        let mut cmd = process::fleet_serve(hub, etcd, &listen, page, &pki.ca, ADMIN);
+        cmd.arg("--publish")
+            .env("MEDUZA_LOG", "info,meduza::fleet=debug");
+        let child = process::spawn_logged(&mut cmd, log);
         Self {
             child,
             log: log.to_path_buf(),

@@ -19,7 +19,7 @@
 use meduza_test_support::{gateway, mesh};
 
 use gateway::{commit, field, Gateway};
-use mesh::{ns_try, wait_for, Mesh, NsEtcd};
+use mesh::{wait_for, Mesh, NsEtcd};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
@@ -47,25 +47,6 @@ fn tunnel(etcd: &NsEtcd, name: &str, seconds: &str, extra: &[(&str, &str)]) {
     }
 }
 
-/// A per-service counter from the node API's `/metrics`.
-fn metric(gw: &Gateway, name: &str, svc: &str) -> Option<u64> {
-    let out = ns_try(
-        &gw.ns,
-        &[
-            "curl",
-            "-sf",
-            "-H",
-            &format!("Authorization: Bearer {TOKEN}"),
-            "http://127.0.0.1:9100/metrics",
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let prefix = format!("{name}{{service=\"{svc}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Wait until the counters of `svc` in `/metrics` are `(last_hour, total)`.
 fn wait_counters(gw: &Gateway, svc: &str, want: (u64, u64)) {
     wait_for(
@@ -73,8 +54,8 @@ fn wait_counters(gw: &Gateway, svc: &str, want: (u64, u64)) {
         Duration::from_secs(5),
         || {
             let got = (
-                metric(gw, "meduza_service_restarts_last_hour", svc)?,
-                metric(gw, "meduza_service_restarts_total", svc)?,
+                gw.service_metric(TOKEN, "meduza_service_restarts_last_hour", svc)?,
+                gw.service_metric(TOKEN, "meduza_service_restarts_total", svc)?,
             );
             (got == want).then_some(())
         },

@@ -192,13 +192,7 @@ fn easytier_mesh_carries_ospf_and_lan_traffic() {
             g
         })
         .collect();
-    for g in &mut gws {
-        g.start();
-    }
-    for g in &gws {
-        g.wait_applied(&etcd, rev, Duration::from_secs(20));
-        assert_eq!(g.status(&etcd, "errors").as_deref(), Some("[]"));
-    }
+    gateway::start_all(&mut gws, &etcd, rev);
     let (g0, g1) = (&gws[0], &gws[1]);
 
     // The generated file is what easytier-core runs with (one process, `-c`).
@@ -395,10 +389,7 @@ fn easytier_mesh_carries_ospf_and_lan_traffic() {
     // taking the first address at once is a 2.0.3 bug that strands both).
     etcd.put("/nodes/gw1/easytier/dhcp", "true");
     let rev = commit(&etcd);
-    for g in &gws {
-        g.wait_applied(&etcd, rev, Duration::from_secs(20));
-        assert_eq!(g.status(&etcd, "errors").as_deref(), Some("[]"));
-    }
+    gateway::wait_all_applied(&gws, &etcd, rev);
     let conf = std::fs::read_to_string(g1.file("/etc/easytier/config.toml")).expect("config");
     assert!(
         conf.contains("dhcp = true") && !conf.contains("ipv4 ="),

@@ -74,9 +74,7 @@ fn gateway_rides_out_etcd_outages_compaction_and_its_own_crash() {
         tunnel(&etcd, "gw0", name, args);
     }
     let rev = commit(&etcd);
-    let mut gw = Gateway::new(&mesh, 0, &etcd.endpoint);
-    gw.start();
-    gw.wait_applied(&etcd, rev, Duration::from_secs(20));
+    let mut gw = Gateway::applied(&mesh, 0, &etcd, rev);
     let ta = gw.wait_pid("sleep 3600", Duration::from_secs(5));
     let tb = gw.wait_pid("sleep 3700", Duration::from_secs(5));
     let tc = gw.wait_pid("sleep 3800", Duration::from_secs(5));

@@ -8,41 +8,15 @@
 //! commit that keeps etcd reachable is confirmed and stays. Needs root, etcd, `wg` and
 //! `wireguard-go`; a missing one fails the test.
 
+use meduza_test_support::process::wg_keypair;
 use meduza_test_support::{gateway, mesh};
 
 use gateway::{commit, Gateway};
 use mesh::{ns_try, wait_for, Mesh, NsEtcd};
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// `confirm_timeout` of the gateway under test (the smallest accepted value).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `wg genkey`, and its public key through `wg pubkey`.
-fn wg_keypair() -> (String, String) {
-    let out = Command::new("wg")
-        .arg("genkey")
-        .output()
-        .expect("wg must be installed (scripts/install-deps)");
-    assert!(out.status.success(), "wg genkey failed");
-    let private = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let mut child = Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("wg pubkey");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(private.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    (private, public)
-}
 
 /// WireGuard instance `name` on gw0 with `address`, one peer at an endpoint that
 /// never answers (TEST-NET-1 has no route here).
@@ -95,9 +69,7 @@ fn started(mesh: &Mesh, etcd: &NsEtcd) -> (Gateway, i64) {
     );
     tunnel(etcd, "3600");
     let rev = commit(etcd);
-    let mut gw = Gateway::new(mesh, 0, &etcd.endpoint);
-    gw.start();
-    gw.wait_applied(etcd, rev, Duration::from_secs(20));
+    let gw = Gateway::applied(mesh, 0, etcd, rev);
     gw.wait_pid("sleep 3600", Duration::from_secs(5));
     (gw, rev)
 }

@@ -6,7 +6,7 @@
 use meduza_test_support::{gateway, mesh};
 
 use gateway::{commit, start_order, stop_order, Gateway};
-use mesh::{ns_try, wait_for, Mesh, NsEtcd};
+use mesh::{wait_for, Mesh, NsEtcd};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
@@ -22,22 +22,8 @@ fn tunnel(etcd: &NsEtcd, name: &str, command: &str, args: &str) {
 }
 
 /// `meduza_service_restarts_last_hour` of `svc` from the node API's `/metrics`.
-fn restarts_last_hour(gw: &Gateway, svc: &str) -> Option<u32> {
-    let out = ns_try(
-        &gw.ns,
-        &[
-            "curl",
-            "-sf",
-            "-H",
-            &format!("Authorization: Bearer {TOKEN}"),
-            "http://127.0.0.1:9100/metrics",
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let prefix = format!("meduza_service_restarts_last_hour{{service=\"{svc}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
+fn restarts_last_hour(gw: &Gateway, svc: &str) -> Option<u64> {
+    gw.service_metric(TOKEN, "meduza_service_restarts_last_hour", svc)
 }
 
 fn started_count(log: &str, svc: &str) -> usize {
@@ -57,9 +43,7 @@ fn crash_loop_backs_off_budget_survives_restart_and_shutdown_is_ordered() {
     tunnel(&etcd, "tb", "/bin/sleep", "3700");
     tunnel(&etcd, "crash", "/bin/false", "");
     let rev = commit(&etcd);
-    let mut gw = Gateway::new(&mesh, 0, &etcd.endpoint);
-    gw.start();
-    gw.wait_applied(&etcd, rev, Duration::from_secs(20));
+    let mut gw = Gateway::applied(&mesh, 0, &etcd, rev);
     let ta = gw.wait_pid("sleep 3600", Duration::from_secs(5));
     let tb = gw.wait_pid("sleep 3700", Duration::from_secs(5));
 
@@ -132,7 +116,7 @@ fn crash_loop_backs_off_budget_survives_restart_and_shutdown_is_ordered() {
         || restarts_last_hour(&gw, "tunnel-crash"),
     );
     assert!(
-        first >= lines.len() as u32,
+        first >= lines.len() as u64,
         "restarts_last_hour {first} after a restart of meduza, {} before",
         lines.len()
     );

@@ -334,13 +334,7 @@ fn presets_run_from_etcd_keys_and_pass_meduzas_probes() {
     let keys = keys(&mac(&gws[0].ns, "wan0"), &mac(&gws[1].ns, "wan0"));
     etcd.load(&keys);
     let rev = commit(&etcd);
-    for g in &mut gws {
-        g.start();
-    }
-    for g in &gws {
-        g.wait_applied(&etcd, rev, Duration::from_secs(20));
-        assert_eq!(g.status(&etcd, "errors").as_deref(), Some("[]"));
-    }
+    gateway::start_all(&mut gws, &etcd, rev);
     let (g0, g1) = (&gws[0], &gws[1]);
 
     // meduza wrote exactly what the generator renders, secrets in 0600 files.

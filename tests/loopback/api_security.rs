@@ -195,36 +195,27 @@ async fn no_configured_token_means_401_and_token_changes_apply_live() {
     assert_401("empty configured token", st, &h, &b);
 
     s.token_tx.send_replace(Some(TOKEN.into()));
-    let (st, _, _) = call(
-        &s,
-        &Method::GET,
-        "/v1/status",
-        None,
-        Some(&format!("Bearer {TOKEN}")),
-    )
-    .await;
+    let (st, _, _) = status_with(&s, TOKEN).await;
     assert_eq!(st, StatusCode::OK);
 
     // Rotation: the old token stops working at once.
     s.token_tx.send_replace(Some(OTHER_TOKEN.into()));
-    let (st, h, b) = call(
-        &s,
-        &Method::GET,
-        "/v1/status",
-        None,
-        Some(&format!("Bearer {TOKEN}")),
-    )
-    .await;
+    let (st, h, b) = status_with(&s, TOKEN).await;
     assert_401("rotated-out token", st, &h, &b);
-    let (st, _, _) = call(
-        &s,
+    let (st, _, _) = status_with(&s, OTHER_TOKEN).await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+/// `GET /v1/status` with `Authorization: Bearer TOKEN`.
+async fn status_with(s: &Setup, token: &str) -> (StatusCode, HashMap<String, String>, String) {
+    call(
+        s,
         &Method::GET,
         "/v1/status",
         None,
-        Some(&format!("Bearer {OTHER_TOKEN}")),
+        Some(&format!("Bearer {token}")),
     )
-    .await;
-    assert_eq!(st, StatusCode::OK);
+    .await
 }
 
 #[tokio::test]

@@ -145,14 +145,7 @@ async fn reload_is_verified_and_falls_back_to_sighup() {
     let hup = Hup(m.pid());
 
     // A new group through the API.
-    let cfg = doubles::mihomo_config(
-        &["auto", "second"],
-        m.mixed_port,
-        m.tproxy_port,
-        m.dns_port,
-        &m.controller,
-        false,
-    );
+    let cfg = m.config_with_groups(&["auto", "second"]);
     std::fs::write(&m.config_path, &cfg).expect("write");
     assert_eq!(
         hot_reload(&api, &hup, &m.config_path, &cfg, policy)
@@ -167,14 +160,7 @@ async fn reload_is_verified_and_falls_back_to_sighup() {
 
     // mihomo answers 204 but applies nothing: verification catches it, SIGHUP applies.
     m.control(json!({"fail_apply": true})).await;
-    let cfg = doubles::mihomo_config(
-        &["auto", "third"],
-        m.mixed_port,
-        m.tproxy_port,
-        m.dns_port,
-        &m.controller,
-        false,
-    );
+    let cfg = m.config_with_groups(&["auto", "third"]);
     std::fs::write(&m.config_path, &cfg).expect("write");
     assert_eq!(
         hot_reload(&api, &hup, &m.config_path, &cfg, policy)
@@ -228,14 +214,7 @@ async fn reload_is_verified_and_falls_back_to_sighup() {
 async fn payload_reload_and_totals() {
     let m = FakeMihomo::start(MihomoOpts::default()).await;
     let api = MihomoApi::new(&m.controller, SECRET, PROBE_TIMEOUT).expect("client");
-    let cfg = doubles::mihomo_config(
-        &["payload-group"],
-        m.mixed_port,
-        m.tproxy_port,
-        m.dns_port,
-        &m.controller,
-        false,
-    );
+    let cfg = m.config_with_groups(&["payload-group"]);
     api.reload_payload(&cfg).await.expect("payload");
     assert!(api.proxy("payload-group").await.is_ok());
     let before = api.totals().await.expect("totals");

@@ -5,7 +5,9 @@
 use meduza_test_support::doubles;
 
 use doubles::{FakeMihomo, MihomoOpts, Origin};
-use meduza::clash::rules::{download_rule_files, parse_rule_files, Backoff, Fetcher, Route};
+use meduza::clash::rules::{
+    download_rule_files, parse_rule_files, Backoff, Fetcher, Route, RuleFile, RulesReport,
+};
 use meduza::clash::subscription::SubscriptionStore;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -18,6 +20,44 @@ fn fast_fetcher(attempts: u32, first_delay_ms: u64) -> Fetcher {
         },
         timeout: Duration::from_secs(5),
         ..Fetcher::default()
+    }
+}
+
+/// One rule file, /etc/mosdns/r.txt, that an origin serves at /r.txt, downloaded into
+/// a scratch root.
+struct OneFile {
+    origin: Origin,
+    root: tempfile::TempDir,
+    files: Vec<RuleFile>,
+}
+
+impl OneFile {
+    async fn serving(body: &str) -> Self {
+        let origin = Origin::start().await;
+        origin.route("/r.txt", body);
+        let root = tempfile::tempdir().expect("root");
+        let files = parse_rule_files(&format!(
+            r#"{{"/etc/mosdns/r.txt": "{}"}}"#,
+            origin.url("/r.txt")
+        ))
+        .expect("files");
+        Self {
+            origin,
+            root,
+            files,
+        }
+    }
+
+    async fn download(&self, fetcher: Fetcher, route: &Route) -> RulesReport {
+        download_rule_files(
+            &fetcher,
+            self.root.path(),
+            "/etc/mosdns",
+            &self.files,
+            route,
+        )
+        .await
+        .expect("download")
     }
 }
 
@@ -81,23 +121,11 @@ async fn rules_go_through_the_proxy_and_report_changes() {
 
 #[tokio::test]
 async fn clash_disabled_downloads_directly() {
-    let origin = Origin::start().await;
-    origin.route("/r.txt", "domain:b.example\n");
-    let root = tempfile::tempdir().expect("root");
-    let files = parse_rule_files(&format!(
-        r#"{{"/etc/mosdns/r.txt": "{}"}}"#,
-        origin.url("/r.txt")
-    ))
-    .expect("files");
-    let report = download_rule_files(
-        &fast_fetcher(5, 10),
-        root.path(),
-        "/etc/mosdns",
-        &files,
-        &Route::for_clash(false),
-    )
-    .await
-    .expect("download");
+    let one = OneFile::serving("domain:b.example\n").await;
+    let origin = &one.origin;
+    let report = one
+        .download(fast_fetcher(5, 10), &Route::for_clash(false))
+        .await;
     assert_eq!(report.changed.len(), 1);
     let seen = origin.seen();
     assert_eq!(seen.len(), 1);
@@ -111,27 +139,13 @@ async fn clash_disabled_downloads_directly() {
 #[tokio::test]
 async fn five_attempts_with_backoff_then_failure_keeps_previous_file() {
     let m = FakeMihomo::start(MihomoOpts::default()).await;
-    let origin = Origin::start().await;
-    origin.route("/r.txt", "full:c.example\n");
+    let one = OneFile::serving("full:c.example\n").await;
+    let (origin, root) = (&one.origin, &one.root);
     *origin.fail_first.lock().expect("lock") = 1000;
-    let root = tempfile::tempdir().expect("root");
-    let files = parse_rule_files(&format!(
-        r#"{{"/etc/mosdns/r.txt": "{}"}}"#,
-        origin.url("/r.txt")
-    ))
-    .expect("files");
     let route = Route::Proxy { url: m.proxy_url() };
 
     let t = Instant::now();
-    let report = download_rule_files(
-        &fast_fetcher(5, 40),
-        root.path(),
-        "/etc/mosdns",
-        &files,
-        &route,
-    )
-    .await
-    .expect("round");
+    let report = one.download(fast_fetcher(5, 40), &route).await;
     let took = t.elapsed();
     assert_eq!(origin.seen().len(), 5, "exactly 5 attempts");
     // Waits of 40 + 80 + 160 + 320 ms between them.
@@ -149,29 +163,13 @@ async fn five_attempts_with_backoff_then_failure_keeps_previous_file() {
 
     // Succeeds on the 3rd attempt.
     *origin.fail_first.lock().expect("lock") = 2;
-    let report = download_rule_files(
-        &fast_fetcher(5, 10),
-        root.path(),
-        "/etc/mosdns",
-        &files,
-        &route,
-    )
-    .await
-    .expect("round");
+    let report = one.download(fast_fetcher(5, 10), &route).await;
     assert_eq!(report.changed.len(), 1);
     assert_eq!(origin.seen().len(), 8);
 
     // All attempts fail again: the previous copy is kept and reported stale.
     *origin.fail_first.lock().expect("lock") = 1000;
-    let report = download_rule_files(
-        &fast_fetcher(2, 10),
-        root.path(),
-        "/etc/mosdns",
-        &files,
-        &route,
-    )
-    .await
-    .expect("round");
+    let report = one.download(fast_fetcher(2, 10), &route).await;
     assert_eq!(report.stale.len(), 1);
     assert!(report.complete());
     assert_eq!(
@@ -198,23 +196,9 @@ async fn never_direct_while_clash_is_enabled() {
 
 #[tokio::test]
 async fn html_body_is_rejected() {
-    let origin = Origin::start().await;
-    origin.route("/r.txt", "<html><body>captive portal</body></html>");
-    let root = tempfile::tempdir().expect("root");
-    let files = parse_rule_files(&format!(
-        r#"{{"/etc/mosdns/r.txt": "{}"}}"#,
-        origin.url("/r.txt")
-    ))
-    .expect("files");
-    let report = download_rule_files(
-        &fast_fetcher(1, 10),
-        root.path(),
-        "/etc/mosdns",
-        &files,
-        &Route::Direct,
-    )
-    .await
-    .expect("round");
+    let one = OneFile::serving("<html><body>captive portal</body></html>").await;
+    let root = &one.root;
+    let report = one.download(fast_fetcher(1, 10), &Route::Direct).await;
     assert_eq!(report.missing.len(), 1);
     assert!(report.missing[0].1.contains("HTML"));
     assert!(!root.path().join("etc/mosdns/r.txt").exists());

@@ -79,15 +79,14 @@ fn tproxy_follows_real_mihomo_end_to_end() {
     );
     lab.put("/global/mosdns/plugins", PLUGINS);
     lab.serve("/rules/proxy.txt", RULES);
-    lab.put(
-        &node("lan"),
-        &format!("{}\n{}", Topology::LAN4, Topology::LAN6),
-    );
-    lab.put(&node("api/token"), API_TOKEN);
-    lab.put(&node("clash/enable"), "true");
-    lab.put(&node("clash/mode"), "tproxy");
-    lab.put(&node("clash/active_subscription"), "sub");
-    lab.put(&node("mosdns/enable"), "true");
+    lab.put_node(&[
+        ("lan", &format!("{}\n{}", Topology::LAN4, Topology::LAN6)),
+        ("api/token", API_TOKEN),
+        ("clash/enable", "true"),
+        ("clash/mode", "tproxy"),
+        ("clash/active_subscription", "sub"),
+        ("mosdns/enable", "true"),
+    ]);
     lab.put("/commit", "1");
     lab.start_meduza(Mihomo::Real, &[]);
 

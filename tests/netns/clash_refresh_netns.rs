@@ -143,7 +143,6 @@ const REFUSED: &str = "[clash-refresh] refresh failed, keeping last good subscri
 /// `mihomo` and healthy, running the first subscription (`hk1`, `jp1`).
 fn healthy_lab(mihomo: Mihomo) -> Lab {
     let mut lab = Lab::new();
-    let node = |k: &str| format!("/nodes/{NODE}/{k}");
     let url = |p: &str| format!("http://{}:{HTTP_PORT}{p}", Topology::SERVER4);
 
     if mihomo == Mihomo::Double {
@@ -158,15 +157,17 @@ fn healthy_lab(mihomo: Mihomo) -> Lab {
         &format!(r#"{{"rules/proxy.txt": "{}"}}"#, url("/rules/proxy.txt")),
     );
     lab.put("/global/mosdns/plugins", PLUGINS);
-    lab.put(&node("lan"), Topology::LAN4);
-    lab.put(&node("clash/enable"), "true");
-    lab.put(&node("clash/mode"), "mixed");
-    lab.put(&node("clash/secret"), SECRET);
-    lab.put(&node("clash/active_subscription"), "sub");
-    lab.put(&node("clash/refresh/enable"), "true");
-    lab.put(&node("clash/refresh/interval_minutes"), "5");
-    lab.put(&node("mosdns/enable"), "true");
-    lab.put(&node("mosdns/refresh"), "5");
+    lab.put_node(&[
+        ("lan", Topology::LAN4),
+        ("clash/enable", "true"),
+        ("clash/mode", "mixed"),
+        ("clash/secret", SECRET),
+        ("clash/active_subscription", "sub"),
+        ("clash/refresh/enable", "true"),
+        ("clash/refresh/interval_minutes", "5"),
+        ("mosdns/enable", "true"),
+        ("mosdns/refresh", "5"),
+    ]);
     lab.put("/commit", "1");
     lab.start_meduza(
         mihomo,

@@ -7,6 +7,7 @@
 //! topology.
 
 use meduza_test_support::netns;
+use meduza_test_support::process::wg_keypair;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -674,27 +675,6 @@ fn cli_applies_shows_and_off_mode_touches_nothing() {
 // ---------------------------------------------------------------------------
 // WireGuard
 // ---------------------------------------------------------------------------
-
-fn wg_keypair() -> (String, String) {
-    let private = netns::run(&["wg", "genkey"]).trim().to_string();
-    let mut child = std::process::Command::new("wg")
-        .arg("pubkey")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(private.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        private,
-        String::from_utf8(out.stdout).unwrap().trim().to_string(),
-    )
-}
 
 fn wg_device(
     dev: &str,

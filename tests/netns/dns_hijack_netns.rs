@@ -88,14 +88,13 @@ fn lan_dns_is_hijacked_and_bypasses_are_rejected_at_once() {
     lab.put("/global/clash/subscriptions/sub/url", &url("/sub.yaml"));
     lab.put_health_keys(1, 1000);
     lab.put(&format!("/dns/hosts/{HOST}"), HOST_ADDR);
-    lab.put(
-        &node("lan"),
-        &format!("{}\n{}", Topology::LAN4, Topology::LAN6),
-    );
-    lab.put(&node("api/token"), API_TOKEN);
-    lab.put(&node("clash/enable"), "true");
-    lab.put(&node("clash/mode"), "tproxy");
-    lab.put(&node("clash/active_subscription"), "sub");
+    lab.put_node(&[
+        ("lan", &format!("{}\n{}", Topology::LAN4, Topology::LAN6)),
+        ("api/token", API_TOKEN),
+        ("clash/enable", "true"),
+        ("clash/mode", "tproxy"),
+        ("clash/active_subscription", "sub"),
+    ]);
     lab.put("/commit", "1");
     lab.topo
         .lan

@@ -20,7 +20,7 @@
 use meduza_test_support::{gateway_lab, netns};
 
 use gateway_lab::{
-    dig, figure, node_proxy, spawn_in, wait_for, Lab, Mihomo, ECHO_PORT, FAR_NAME, HTTP_PORT, NODE,
+    dig, figure, node_proxy, spawn_in, wait_for, Lab, Mihomo, ECHO_PORT, FAR_NAME, HTTP_PORT,
     NODE_PORT, UDP_ECHO_PORT,
 };
 use ipnet::Ipv4Net;
@@ -96,7 +96,6 @@ fn is_fake(a: Ipv4Addr) -> bool {
 fn fake_ip_connections_fail_fast_while_mihomo_is_down() {
     let mut lab = Lab::new();
     let _upstream = start_upstream(&lab);
-    let node = |k: &str| format!("/nodes/{NODE}/{k}");
     lab.serve(
         "/sub.yaml",
         &format!("proxies:\n  - {}\n", node_proxy("node-a", NODE_PORT)),
@@ -114,10 +113,12 @@ fn fake_ip_connections_fail_fast_while_mihomo_is_down() {
         "/global/dns/upstreams/lab/addresses",
         &Topology::SERVER4.to_string(),
     );
-    lab.put(&node("lan"), Topology::LAN4);
-    lab.put(&node("clash/enable"), "true");
-    lab.put(&node("clash/mode"), "tproxy");
-    lab.put(&node("clash/active_subscription"), "sub");
+    lab.put_node(&[
+        ("lan", Topology::LAN4),
+        ("clash/enable", "true"),
+        ("clash/mode", "tproxy"),
+        ("clash/active_subscription", "sub"),
+    ]);
     lab.put("/commit", "1");
     lab.start_meduza(Mihomo::Real, &[("MEDUZA_DNS_LISTEN", "0.0.0.0:53")]);
 

@@ -99,6 +99,19 @@ pub fn mihomo_config(
 }
 
 impl FakeMihomo {
+    /// A configuration for this instance's ports and controller with proxy groups
+    /// `groups` (LAN access off), as a test writes it for a reload.
+    pub fn config_with_groups(&self, groups: &[&str]) -> String {
+        mihomo_config(
+            groups,
+            self.mixed_port,
+            self.tproxy_port,
+            self.dns_port,
+            &self.controller,
+            false,
+        )
+    }
+
     pub async fn start(opts: MihomoOpts) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mixed_port, tproxy_port, dns_port, api_port) =

@@ -64,7 +64,8 @@ pub struct TestEtcd {
     user: Option<(String, String)>,
 }
 
-fn require(program: &str) {
+/// Fails the test with the way to install `program` when it is not on `PATH`.
+pub(crate) fn require(program: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
         .unwrap_or(false);

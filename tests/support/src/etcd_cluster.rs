@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 
+use crate::etcd::require;
+
 /// One member: its process and where it lives.
 struct Member {
     name: String,
@@ -57,16 +59,6 @@ pub struct Cluster {
     /// Replacement members get fresh names.
     generation: usize,
     rt: tokio::runtime::Runtime,
-}
-
-fn require(program: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "`{program}` is not installed; run scripts/test (it installs etcd-server, etcd-client)"
-    );
 }
 
 /// A runtime for the test's own etcd calls (the tests themselves are synchronous).

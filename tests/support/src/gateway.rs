@@ -95,6 +95,35 @@ impl Gateway {
     }
 
     /// Start `meduza run` (appending to the log, after a `=== run N ===` marker).
+    /// Gateway `i` started against `etcd`, once it has applied revision `rev`
+    /// (within 20 s).
+    pub fn applied(mesh: &Mesh, i: usize, etcd: &NsEtcd, rev: i64) -> Self {
+        let mut gw = Self::new(mesh, i, &etcd.endpoint);
+        gw.start();
+        gw.wait_applied(etcd, rev, Duration::from_secs(20));
+        gw
+    }
+
+    /// A per-service counter from the node API's `/metrics`, read inside the
+    /// gateway's namespace with the API token `token`.
+    pub fn service_metric(&self, token: &str, name: &str, svc: &str) -> Option<u64> {
+        let out = ns_try(
+            &self.ns,
+            &[
+                "curl",
+                "-sf",
+                "-H",
+                &format!("Authorization: Bearer {token}"),
+                "http://127.0.0.1:9100/metrics",
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let prefix = format!("{name}{{service=\"{svc}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "{} already running", self.node);
         self.runs += 1;
@@ -384,4 +413,27 @@ pub fn field(line: &str, name: &str) -> Option<String> {
 /// Seconds since `t`, for progress messages.
 pub fn secs(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
+}
+
+/// Starts every gateway of `gws`, then waits until each has applied revision `rev`
+/// with no errors ([`wait_all_applied`]).
+pub fn start_all(gws: &mut [Gateway], etcd: &NsEtcd, rev: i64) {
+    for g in gws.iter_mut() {
+        g.start();
+    }
+    wait_all_applied(gws, etcd, rev);
+}
+
+/// Waits until each of `gws` has applied revision `rev` (20 s each) and publishes
+/// `errors` = `[]`.
+pub fn wait_all_applied(gws: &[Gateway], etcd: &NsEtcd, rev: i64) {
+    for g in gws {
+        g.wait_applied(etcd, rev, Duration::from_secs(20));
+        assert_eq!(
+            g.status(etcd, "errors").as_deref(),
+            Some("[]"),
+            "{} applied {rev} with errors",
+            g.node
+        );
+    }
 }

@@ -352,6 +352,13 @@ impl Lab {
         etcd_args::etcdctl_put_in_netns(self.etcd_ns.name(), &Self::endpoint(), key, value);
     }
 
+    /// Writes the lab node's keys, `/nodes/<NODE>/<key>` = value, in order.
+    pub fn put_node(&self, keys: &[(&str, &str)]) {
+        for (key, value) in keys {
+            self.put(&format!("/nodes/{NODE}/{key}"), value);
+        }
+    }
+
     /// Point mihomo's and meduza's delay tests at the lab's `/generate_204` (through the
     /// node): the default URL is on the internet, which the lab has none of.
     pub fn put_health_keys(&self, probe_interval_s: u64, timeout_ms: u64) {

@@ -24,6 +24,7 @@ pub mod mesh;
 pub mod netns;
 pub mod pki;
 pub mod ports;
+pub mod process;
 pub mod real_mihomo;
 pub mod webdriver;
 

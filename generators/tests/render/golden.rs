@@ -1,9 +1,9 @@
 //! Golden files: every node of the example snapshot (with tinc, and switched to
 //! EasyTier) rendered by every generator, compared byte for byte with
 //! `tests/golden/<scenario>/<node>/<domain>.txt` and `plans.json`.
-//! `UPDATE_GOLDEN=1 cargo test -p meduza-generators --test golden` rewrites them.
+//! `UPDATE_GOLDEN=1 cargo test -p meduza-generators --test render golden::` rewrites them.
 
-mod common;
+use crate::common;
 
 use meduza_generators::render::{render_node, DomainOutput, Rendered};
 use meduza_generators::Snapshot;

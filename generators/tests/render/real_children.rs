@@ -5,7 +5,7 @@
 //! complete their initialization. Needs root; fails, never skips, when a program is
 //! missing. Namespaces carry the pid and are removed by a guard even on failure.
 
-mod common;
+use crate::common;
 
 use meduza_generators::render::{render_node, Domain, DomainOutput};
 use meduza_generators::Config;

@@ -2,7 +2,7 @@
 //! `vtysh -C -f FILE` (dry run: parses every line against vtysh's command tree, no
 //! daemons needed) exits 0. Fails, never skips, when vtysh is missing.
 
-mod common;
+use crate::common;
 
 use meduza_generators::render::{render_node, Domain};
 use std::path::Path;

@@ -1,5 +1,4 @@
 //! Shared fixtures: the documented example snapshot and a fixed render environment.
-#![allow(dead_code)] // each test binary uses a subset
 
 use meduza_generators::render::{Bins, RenderEnv};
 use meduza_generators::{Config, Snapshot};

@@ -1,7 +1,7 @@
 //! Bad inputs per key type: each is refused with an error naming the key, and a
 //! snapshot with several bad keys reports every one of them.
 
-mod common;
+use crate::common;
 
 use meduza_generators::render::render_node;
 use meduza_generators::{Config, Snapshot, ValidationErrors};
