@@ -55,20 +55,7 @@ impl Meduza {
 
     /// SIGTERM and wait for the exit.
     fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("meduza running");
-        signal(child.id(), nix::sys::signal::Signal::SIGTERM);
-        let start = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().expect("wait meduza") {
-                return st;
-            }
-            if start.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("meduza did not stop within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        process::terminate(self.child.take().expect("meduza running"), timeout)
     }
 }
 

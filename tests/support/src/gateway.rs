@@ -164,20 +164,7 @@ impl Gateway {
 
     /// SIGTERM and wait for the exit (panics after `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("meduza running");
-        sh(&["kill", "-TERM", &child.id().to_string()]);
-        let start = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().expect("wait meduza") {
-                return st;
-            }
-            if start.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("meduza did not exit within {timeout:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::process::terminate(self.child.take().expect("meduza running"), timeout)
     }
 
     /// SIGKILL meduza (its children are left running, as after a crash).

@@ -1,14 +1,15 @@
 //! Starting meduza (and other programs) as a child of a test: the log file every
 //! test reads after a failure, the command line of `meduza run` on the loopback and
 //! of `meduza fleet serve` in a namespace, whose common part each test used to write
-//! out again, and a WireGuard key pair from `wg`.
+//! out again, stopping a child with SIGTERM, and a WireGuard key pair from `wg`.
 //! Must not: wait for readiness or assert; the tests do, each for what it checks.
 
 use crate::pki::Ca;
 use crate::ports::unique_free_port;
 use std::io::Write as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// Starts `cmd` with no stdin, and its stdout and stderr in a new file `log`.
 pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
@@ -20,6 +21,25 @@ pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
         .stderr(err)
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_args().collect::<Vec<_>>()))
+}
+
+/// Sends SIGTERM to `child` and waits for its exit; kills it and panics when it has
+/// not exited within `timeout`.
+pub fn terminate(mut child: Child, timeout: Duration) -> ExitStatus {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return st;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pid {pid} did not exit within {timeout:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `meduza run` as node `node` of the etcd at `endpoint`, on the loopback: its root
